@@ -1,0 +1,148 @@
+//! Types shared by the eBPF programs and the userspace daemon.
+//!
+//! Every type here is `#[repr(C)]`, has no implicit padding and is read by both sides, so a change
+//! here is a change of the kernel/userspace ABI: the daemon reuses pinned maps across restarts.
+#![no_std]
+
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps, as pinned under the bpffs directory.
+pub const MAP_CONFIG: &str = "GUARD_CONFIG";
+pub const MAP_GUARDED_CGROUPS: &str = "GUARDED_CGROUPS";
+pub const MAP_GUARDED_UIDS: &str = "GUARDED_UIDS";
+pub const MAP_ORIGIN_BY_COOKIE: &str = "ORIGIN_BY_COOKIE";
+pub const MAP_ORIGIN_BY_CLIENT: &str = "ORIGIN_BY_CLIENT";
+pub const MAP_EXEMPT_V4: &str = "EXEMPT_V4";
+pub const MAP_EXEMPT_V6: &str = "EXEMPT_V6";
+pub const MAP_COUNTERS: &str = "COUNTERS";
+
+/// Capacity of the origin maps (LRU: an entry a guarded socket, and one a connection not yet
+/// accepted by the proxy).
+pub const ORIGIN_MAP_ENTRIES: u32 = 65_536;
+pub const GUARDED_CGROUP_ENTRIES: u32 = 4_096;
+pub const GUARDED_UID_ENTRIES: u32 = 1_024;
+pub const EXEMPT_ENTRIES: u32 = 1_024;
+/// Deepest cgroup level checked for a guarded ancestor.
+pub const MAX_CGROUP_DEPTH: u32 = 32;
+
+/// `scope.udp`.
+pub const UDP_DNS_ONLY: u32 = 0;
+pub const UDP_ALLOW: u32 = 1;
+pub const UDP_DENY: u32 = 2;
+
+/// Indexes into the per-CPU counter array.
+pub const CTR_REDIRECTED: u32 = 0;
+pub const CTR_EXEMPT: u32 = 1;
+pub const CTR_REFUSED_NETNS: u32 = 2;
+pub const CTR_REFUSED_UDP: u32 = 3;
+pub const CTR_REFUSED_BIND: u32 = 4;
+pub const CTR_REFUSED_PROXY_DIRECT: u32 = 5;
+pub const CTR_REFUSED_NO_ROOM: u32 = 6;
+pub const CTR_ESTABLISHED: u32 = 7;
+pub const CTR_REFUSED_OTHER_PROTO: u32 = 8;
+pub const COUNTERS: u32 = 9;
+pub const COUNTER_NAMES: [&str; COUNTERS as usize] = [
+    "redirected",
+    "exempt",
+    "refused_netns",
+    "refused_udp",
+    "refused_bind",
+    "refused_proxy_direct",
+    "refused_no_room",
+    "established",
+    "refused_other_protocol",
+];
+
+/// The one entry of the config array. Written by the daemon before programs are attached and on
+/// every start.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// Netns cookie of the host (the daemon's) network namespace.
+    pub host_netns_cookie: u64,
+    /// The daemon's own cgroup: never guarded, so the proxy's upstream connects escape.
+    pub daemon_cgroup_id: u64,
+    /// Proxy port, host byte order.
+    pub proxy_port: u16,
+    pub _pad0: u16,
+    /// One of `UDP_*`.
+    pub udp_mode: u32,
+    /// Level of the attach cgroup below the cgroup v2 root (root = 0): ancestors above it are not
+    /// checked, since programs only run below it.
+    pub attach_level: u32,
+    /// Non-zero once the daemon wrote this entry; the programs do nothing guarded before.
+    pub ready: u32,
+}
+
+/// Where a guarded socket wanted to go and who asked, at `connect()` time.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Origin {
+    /// Original destination as the socket saw it: IPv4 in `dst_addr[0]`, or the 16 bytes of an
+    /// IPv6 address (possibly IPv4-mapped); network byte order.
+    pub dst_addr: [u32; 4],
+    /// Original destination port, network byte order.
+    pub dst_port: u16,
+    /// `AF_INET` or `AF_INET6`: the socket's family.
+    pub family: u16,
+    pub tgid: u32,
+    pub pid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub _pad0: u32,
+    pub cgroup_id: u64,
+    pub netns_cookie: u64,
+    pub comm: [u8; 16],
+}
+
+/// The client side of a redirected connection as the proxy sees it from `accept()`: canonical
+/// family (IPv4-mapped IPv6 is stored as IPv4), address (network byte order) and port (host byte
+/// order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ClientKey {
+    pub family: u16,
+    pub port: u16,
+    pub addr: [u32; 4],
+}
+
+/// Value of the exempt LPM tries: which ports of the prefix are exempt. The daemon folds the
+/// ports of every broader prefix into each narrower one, because an LPM lookup returns only the
+/// longest match.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExemptPorts {
+    /// Non-zero: every port.
+    pub all: u32,
+    pub count: u32,
+    /// Host byte order; the first `count` are used.
+    pub ports: [u16; EXEMPT_MAX_PORTS],
+}
+pub const EXEMPT_MAX_PORTS: usize = 16;
+
+impl ExemptPorts {
+    #[inline(always)]
+    pub fn contains(&self, port: u16) -> bool {
+        if self.all != 0 {
+            return true;
+        }
+        let mut i = 0;
+        while i < EXEMPT_MAX_PORTS {
+            if (i as u32) < self.count && self.ports[i] == port {
+                return true;
+            }
+            i += 1;
+        }
+        false
+    }
+}
+
+#[cfg(feature = "user")]
+mod user {
+    // SAFETY: all are repr(C), Copy, with explicit padding fields and no pointers.
+    unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::Origin {}
+    unsafe impl aya::Pod for super::ClientKey {}
+    unsafe impl aya::Pod for super::ExemptPorts {}
+}

@@ -1,0 +1,201 @@
+//! The audit trail (SPEC §8): one JSON object per line, written and flushed before the decision it
+//! records takes effect on the wire.
+
+use std::{
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    os::unix::fs::OpenOptionsExt as _,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::identify::Identity;
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub ts: String,
+    pub id: String,
+    pub event: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_id: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_sha256: Option<String>,
+    pub decision: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Who asked for a control-plane action (uid), for `exec`, `disable`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentRef {
+    pub name: Option<String>,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+impl From<&Identity> for AgentRef {
+    fn from(i: &Identity) -> Self {
+        AgentRef {
+            name: i.agent.clone(),
+            pid: i.pid,
+            tgid: i.tgid,
+            uid: i.uid,
+            gid: i.gid,
+            comm: i.comm.clone(),
+            exe: i.exe.clone(),
+            cgroup: i.cgroup.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServerRef {
+    pub name: Option<String>,
+    pub host: String,
+    pub port: u16,
+}
+
+pub struct Audit {
+    path: PathBuf,
+    file: Mutex<File>,
+    seq: AtomicU64,
+}
+
+impl Audit {
+    /// Opens (creating, mode 0640) the append-only log at `path`.
+    pub fn open(path: &Path) -> Result<Audit> {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .mode(0o640)
+            .open(path)
+            .with_context(|| format!("opening the audit log {}", path.display()))?;
+        Ok(Audit {
+            path: path.to_path_buf(),
+            file: Mutex::new(file),
+            seq: AtomicU64::new(0),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// A new record with its time and a unique id filled in.
+    pub fn record(&self, event: &str, decision: &str) -> Record {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        Record {
+            ts: rfc3339(now.as_secs(), now.subsec_micros()),
+            id: format!("{:x}-{:x}-{seq:x}", now.as_micros(), std::process::id()),
+            event: event.into(),
+            decision: decision.into(),
+            ..Default::default()
+        }
+    }
+
+    /// Appends `record` as one line; returns once the kernel has it (one `write`), so a crash
+    /// after a decision never loses that decision's record.
+    pub fn write(&self, record: &Record) -> Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        let mut f = self.file.lock().unwrap();
+        f.write_all(&line)
+            .with_context(|| format!("writing the audit log {}", self.path.display()))
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without a date library (civil-from-days, Howard Hinnant).
+pub fn rfc3339(secs: u64, micros: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(rfc3339(1_795_000_000, 12), "2026-11-18T11:06:40.000012Z");
+        assert_eq!(rfc3339(951_782_400, 0), "2000-02-29T00:00:00.000000Z");
+    }
+
+    #[test]
+    fn records_are_lines_with_unique_ids() {
+        let dir = std::env::temp_dir().join(format!("guard-audit-test-{}", std::process::id()));
+        let path = dir.join("audit.jsonl");
+        let audit = Audit::open(&path).unwrap();
+        let mut a = audit.record("connection", "pass");
+        a.original_dst = Some("127.0.0.2:80".into());
+        let b = audit.record("connection", "pass");
+        assert_ne!(a.id, b.id);
+        audit.write(&a).unwrap();
+        audit.write(&b).unwrap();
+        let text = fs::read_to_string(&path).unwrap();
+        let lines: Vec<Record> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        assert_eq!(lines, vec![a, b]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+}

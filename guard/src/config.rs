@@ -1,0 +1,638 @@
+//! The daemon's configuration (`guard.toml`, SPEC §2): every key optional, unknown keys refused,
+//! errors located at `file:line:col`.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr},
+    path::{Path, PathBuf},
+};
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+/// Where the CLI and the daemon look when neither `--config` nor `GUARD_CONFIG` is given.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/guard/guard.toml";
+
+/// The configuration `cargo xtask run` and a config-less start use: every default of SPEC §2.
+pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
+
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub scope: Scope,
+    pub proxy: Proxy,
+    pub paths: Paths,
+    pub policy: PolicySection,
+    pub tls: Tls,
+    pub guard: GuardSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Scope {
+    /// Where the programs attach, relative to the cgroup v2 mount.
+    pub attach_cgroup: String,
+    /// Cgroups (relative to the cgroup v2 mount) guarded with their descendants.
+    pub guarded_cgroups: Vec<String>,
+    pub guarded_uids: Vec<u32>,
+    pub exempt: Vec<ExemptRule>,
+    pub udp: UdpMode,
+}
+
+impl Default for Scope {
+    fn default() -> Self {
+        Scope {
+            attach_cgroup: "guard.slice".into(),
+            guarded_cgroups: vec![],
+            guarded_uids: vec![],
+            exempt: vec![],
+            udp: UdpMode::DnsOnly,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UdpMode {
+    DnsOnly,
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Proxy {
+    pub listen_port: u16,
+    pub max_body: ByteSize,
+    pub other: OtherTraffic,
+}
+
+impl Default for Proxy {
+    fn default() -> Self {
+        Proxy {
+            listen_port: 15001,
+            max_body: ByteSize(4 << 20),
+            other: OtherTraffic::Pass,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtherTraffic {
+    Pass,
+    Deny,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Paths {
+    pub bpffs: PathBuf,
+    pub control_socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub audit_log: PathBuf,
+    pub policies: PathBuf,
+}
+
+impl Default for Paths {
+    fn default() -> Self {
+        Paths {
+            bpffs: "/sys/fs/bpf/guard".into(),
+            control_socket: "/run/guard/guard.sock".into(),
+            state_dir: "/var/lib/guard".into(),
+            audit_log: "/var/log/guard/audit.jsonl".into(),
+            policies: "/etc/guard/policies".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PolicySection {
+    pub unknown_servers: UnknownServers,
+    pub denial: Denial,
+}
+
+impl Default for PolicySection {
+    fn default() -> Self {
+        PolicySection {
+            unknown_servers: UnknownServers::Deny,
+            denial: Denial::Error,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownServers {
+    Deny,
+    Allow,
+    Audit,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Denial {
+    Error,
+    ToolResult,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Tls {
+    pub intercept: Intercept,
+    pub extra_roots: Vec<PathBuf>,
+}
+
+impl Default for Tls {
+    fn default() -> Self {
+        Tls {
+            intercept: Intercept::Mcp,
+            extra_roots: vec![],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Intercept {
+    Mcp,
+    All,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct GuardSection {
+    pub approvers_group: String,
+}
+
+impl Default for GuardSection {
+    fn default() -> Self {
+        GuardSection {
+            approvers_group: "guard-approvers".into(),
+        }
+    }
+}
+
+/// A size such as `4MiB`, `512KiB`, `100kB` or a plain number of bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteSize(pub u64);
+
+impl ByteSize {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+        let (num, unit) = s.split_at(split);
+        let n: u64 = num.parse().map_err(|_| {
+            format!("`{s}` is not a size: write a number with an optional unit, like \"4MiB\"")
+        })?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "kB" | "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            u => {
+                return Err(format!(
+                    "unknown size unit `{u}` (use B, KiB, MiB, GiB, kB, MB or GB)"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("size `{s}` is too large"))
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            N(u64),
+            S(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::N(n) => Ok(ByteSize(n)),
+            Raw::S(s) => ByteSize::parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+/// One `scope.exempt` entry: `CIDR` or `CIDR:port` (IPv6 with a port: `[CIDR]:port`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExemptRule {
+    pub addr: IpAddr,
+    pub prefix: u8,
+    /// None: every port.
+    pub port: Option<u16>,
+}
+
+impl ExemptRule {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| format!("`{s}` is not \"CIDR\" or \"CIDR:port\": {why}");
+        let (cidr, port) = if let Some(rest) = s.strip_prefix('[') {
+            let (inner, after) = rest.split_once(']').ok_or_else(|| bad("missing `]`"))?;
+            let port = match after {
+                "" => None,
+                p => Some(
+                    p.strip_prefix(':')
+                        .ok_or_else(|| bad("expected `:port` after `]`"))?,
+                ),
+            };
+            (inner, port)
+        } else if s.matches(':').count() == 1 {
+            let (c, p) = s.split_once(':').unwrap();
+            (c, Some(p))
+        } else {
+            (s, None)
+        };
+        let (addr, prefix) = match cidr.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (cidr, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| bad("the address does not parse"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            Some(p) => p
+                .parse::<u8>()
+                .ok()
+                .filter(|p| *p <= max)
+                .ok_or_else(|| bad(&format!("the prefix length must be 0 to {max}")))?,
+            None => max,
+        };
+        let port = match port {
+            Some(p) => Some(
+                p.parse::<u16>()
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| bad("the port must be 1 to 65535"))?,
+            ),
+            None => None,
+        };
+        // Canonical form: host bits cleared, IPv4-mapped IPv6 as IPv4.
+        let (addr, prefix) = match addr {
+            IpAddr::V6(a) if a.to_ipv4_mapped().is_some() && prefix >= 96 => {
+                (IpAddr::V4(a.to_ipv4_mapped().unwrap()), prefix - 96)
+            }
+            a => (a, prefix),
+        };
+        Ok(ExemptRule {
+            addr: mask(addr, prefix),
+            prefix,
+            port,
+        })
+    }
+
+    /// Whether `self`'s prefix contains all of `other`'s.
+    pub fn covers(&self, other: &ExemptRule) -> bool {
+        self.addr.is_ipv4() == other.addr.is_ipv4()
+            && self.prefix <= other.prefix
+            && mask(other.addr, self.prefix) == self.addr
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u32::MAX << (32 - prefix as u32)
+            };
+            IpAddr::V4(Ipv4Addr::from(u32::from(a) & m))
+        }
+        IpAddr::V6(a) => {
+            let m = if prefix == 0 {
+                0
+            } else {
+                u128::MAX << (128 - prefix as u32)
+            };
+            IpAddr::V6(Ipv6Addr::from(u128::from(a) & m))
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for ExemptRule {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        ExemptRule::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+impl fmt::Display for ExemptRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match (self.addr, self.port) {
+            (IpAddr::V6(a), Some(p)) => write!(f, "[{a}/{}]:{p}", self.prefix),
+            (a, Some(p)) => write!(f, "{a}/{}:{p}", self.prefix),
+            (a, None) => write!(f, "{a}/{}", self.prefix),
+        }
+    }
+}
+
+/// A configuration error, located in its file.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read the configuration: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}:{line}:{col}: {message}")]
+    Invalid {
+        path: String,
+        line: usize,
+        col: usize,
+        message: String,
+    },
+}
+
+/// 1-based line and column of byte `offset` in `text`.
+pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Raw form used only to find where a semantically bad value sits.
+#[derive(Deserialize, Default)]
+struct Located {
+    #[serde(default)]
+    scope: Option<LocatedScope>,
+}
+
+#[derive(Deserialize, Default)]
+struct LocatedScope {
+    #[serde(default)]
+    attach_cgroup: Option<Spanned<String>>,
+    #[serde(default)]
+    guarded_cgroups: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    exempt: Option<Vec<Spanned<String>>>,
+}
+
+impl Config {
+    /// Parses `text`; `path` only names the file in errors.
+    pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
+        let at = |offset: usize, message: String| {
+            let (line, col) = line_col(text, offset);
+            ConfigError::Invalid {
+                path: path.to_string(),
+                line,
+                col,
+                message,
+            }
+        };
+        // Values serde accepts but guard does not, reported at the value itself (serde alone
+        // would point at the enclosing array).
+        let located: Located = toml::from_str(text).unwrap_or_default();
+        let scope = located.scope.unwrap_or_default();
+        if let Some(a) = &scope.attach_cgroup {
+            check_cgroup_path(a.get_ref(), true)
+                .map_err(|m| at(a.span().start, format!("scope.attach_cgroup: {m}")))?;
+        }
+        for g in scope.guarded_cgroups.iter().flatten() {
+            check_cgroup_path(g.get_ref(), false)
+                .map_err(|m| at(g.span().start, format!("scope.guarded_cgroups: {m}")))?;
+        }
+        for e in scope.exempt.iter().flatten() {
+            ExemptRule::parse(e.get_ref())
+                .map_err(|m| at(e.span().start, format!("scope.exempt: {m}")))?;
+        }
+        let config: Config = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map_or(0, |s| s.start);
+            at(offset, e.message().trim_end().to_string())
+        })?;
+        Ok(config)
+    }
+
+    /// Loads `path`, or the default file, or the embedded defaults when neither exists.
+    pub fn load(path: Option<&Path>) -> Result<(Config, String), ConfigError> {
+        let (path, explicit) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_CONFIG_PATH), false),
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let name = path.display().to_string();
+                Ok((Config::parse(&name, &text)?, name))
+            }
+            Err(e) if !explicit && e.kind() == std::io::ErrorKind::NotFound => Ok((
+                Config::parse("<embedded default config>", EMBEDDED_DEFAULT)?,
+                "<embedded default config>".into(),
+            )),
+            Err(source) => Err(ConfigError::Read {
+                path: path.display().to_string(),
+                source,
+            }),
+        }
+    }
+
+    pub fn attach_cgroup_rel(&self) -> &str {
+        self.scope.attach_cgroup.trim_matches('/')
+    }
+}
+
+/// A cgroup path relative to the cgroup v2 mount: no `..`, no empty components.
+fn check_cgroup_path(p: &str, allow_root: bool) -> Result<(), String> {
+    let trimmed = p.trim_matches('/');
+    if trimmed.is_empty() {
+        return if allow_root {
+            Ok(())
+        } else {
+            Err("`/` (the whole host) cannot be a guarded cgroup; list the cgroups to guard".into())
+        };
+    }
+    for c in trimmed.split('/') {
+        if c.is_empty() || c == "." || c == ".." {
+            return Err(format!(
+                "`{p}` is not a cgroup path below the cgroup v2 mount (no `..`, `.` or `//`)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embedded_default_is_the_spec_default() {
+        let c = Config::parse("default.toml", EMBEDDED_DEFAULT).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.scope.attach_cgroup, "guard.slice");
+        assert_eq!(c.proxy.listen_port, 15001);
+        assert_eq!(c.proxy.max_body, ByteSize(4 * 1024 * 1024));
+        assert_eq!(c.scope.udp, UdpMode::DnsOnly);
+        assert_eq!(c.paths.bpffs, PathBuf::from("/sys/fs/bpf/guard"));
+        assert_eq!(c.policy.unknown_servers, UnknownServers::Deny);
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("x.toml", "").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let text = r#"
+[scope]
+attach_cgroup = "/"
+guarded_cgroups = ["user.slice/user-1000.slice"]
+guarded_uids = [1000, 1001]
+exempt = ["10.0.0.0/8", "192.168.1.1:5432", "[fd00::/8]:443", "::1"]
+udp = "deny"
+
+[proxy]
+listen_port = 16001
+max_body = "512KiB"
+other = "deny"
+
+[paths]
+bpffs = "/sys/fs/bpf/g2"
+
+[policy]
+unknown_servers = "audit"
+denial = "tool_result"
+
+[tls]
+intercept = "all"
+extra_roots = ["/etc/ssl/extra.pem"]
+
+[guard]
+approvers_group = "sec"
+"#;
+        let c = Config::parse("g.toml", text).unwrap();
+        assert_eq!(c.attach_cgroup_rel(), "");
+        assert_eq!(c.scope.guarded_uids, vec![1000, 1001]);
+        assert_eq!(c.scope.udp, UdpMode::Deny);
+        assert_eq!(c.proxy.max_body, ByteSize(512 * 1024));
+        assert_eq!(c.proxy.other, OtherTraffic::Deny);
+        assert_eq!(c.policy.denial, Denial::ToolResult);
+        assert_eq!(c.tls.intercept, Intercept::All);
+        assert_eq!(c.scope.exempt.len(), 4);
+        assert_eq!(c.scope.exempt[1].port, Some(5432));
+        assert_eq!(c.scope.exempt[2].prefix, 8);
+        assert_eq!(c.scope.exempt[2].port, Some(443));
+        assert_eq!(c.scope.exempt[3].prefix, 128);
+    }
+
+    fn err(text: &str) -> String {
+        Config::parse("guard.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let e = err("[scope]\nudp = \"allow\"\nattach = \"x\"\n");
+        assert!(
+            e.starts_with("guard.toml:3:1: unknown field `attach`"),
+            "{e}"
+        );
+        assert!(e.contains("attach_cgroup"), "names the valid keys: {e}");
+    }
+
+    #[test]
+    fn unknown_section_is_located() {
+        let e = err("[proxy]\nlisten_port = 1\n\n[proxxy]\n");
+        assert!(
+            e.starts_with("guard.toml:4:2: unknown field `proxxy`"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn bad_enum_value_is_located() {
+        let e = err("[scope]\n  udp = \"quic\"\n");
+        assert!(e.starts_with("guard.toml:2:9:"), "{e}");
+        assert!(e.contains("dns-only"), "{e}");
+    }
+
+    #[test]
+    fn wrong_type_is_located() {
+        let e = err("[proxy]\nlisten_port = \"15001\"\n");
+        assert!(e.starts_with("guard.toml:2:15:"), "{e}");
+        let e = err("[proxy]\nlisten_port = 70000\n");
+        assert!(e.starts_with("guard.toml:2:15:"), "{e}");
+    }
+
+    #[test]
+    fn bad_exempt_is_located() {
+        let e = err("[scope]\nexempt = [\"10.0.0.0/8\", \"10.0.0.0/33\"]\n");
+        assert!(e.starts_with("guard.toml:2:25: scope.exempt:"), "{e}");
+        assert!(e.contains("prefix length"), "{e}");
+        let e = err("[scope]\nexempt = [\"example.com\"]\n");
+        assert!(e.contains("does not parse"), "{e}");
+    }
+
+    #[test]
+    fn bad_size_is_located() {
+        let e = err("[proxy]\nmax_body = \"4 parsecs\"\n");
+        assert!(e.starts_with("guard.toml:2:12:"), "{e}");
+        assert!(e.contains("unknown size unit"), "{e}");
+    }
+
+    #[test]
+    fn bad_cgroup_path_is_located() {
+        let e = err("[scope]\nguarded_cgroups = [\"a\", \"../etc\"]\n");
+        assert!(
+            e.starts_with("guard.toml:2:25: scope.guarded_cgroups:"),
+            "{e}"
+        );
+        let e = err("[scope]\nguarded_cgroups = [\"/\"]\n");
+        assert!(e.contains("whole host"), "{e}");
+    }
+
+    #[test]
+    fn syntax_error_is_located() {
+        let e = err("[scope\n");
+        assert!(e.starts_with("guard.toml:1:"), "{e}");
+    }
+
+    #[test]
+    fn missing_explicit_file_is_an_error() {
+        let e = Config::load(Some(Path::new("/nonexistent/guard.toml")))
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("/nonexistent/guard.toml: cannot read"), "{e}");
+    }
+
+    #[test]
+    fn exempt_rules() {
+        let r = ExemptRule::parse("10.1.2.3/8").unwrap();
+        assert_eq!(r.addr, "10.0.0.0".parse::<IpAddr>().unwrap());
+        assert_eq!(r.port, None);
+        let r = ExemptRule::parse("::ffff:10.0.0.1").unwrap();
+        assert_eq!(r.addr, "10.0.0.1".parse::<IpAddr>().unwrap());
+        assert_eq!(r.prefix, 32);
+        assert!(ExemptRule::parse("10.0.0.0/8:0").is_err());
+        assert!(ExemptRule::parse("[::1]:x").is_err());
+        let wide = ExemptRule::parse("10.0.0.0/8").unwrap();
+        let narrow = ExemptRule::parse("10.1.0.0/16:80").unwrap();
+        assert!(wide.covers(&narrow));
+        assert!(!narrow.covers(&wide));
+        assert_eq!(narrow.to_string(), "10.1.0.0/16:80");
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(ByteSize::parse("4MiB").unwrap(), ByteSize(4 << 20));
+        assert_eq!(ByteSize::parse("100").unwrap(), ByteSize(100));
+        assert_eq!(ByteSize::parse("2kB").unwrap(), ByteSize(2000));
+        assert!(ByteSize::parse("MiB").is_err());
+        assert!(ByteSize::parse("99999999999999GiB").is_err());
+    }
+
+    #[test]
+    fn line_col_counts_chars() {
+        assert_eq!(line_col("ab\ncd", 0), (1, 1));
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("é\nx", 3), (2, 1));
+    }
+}

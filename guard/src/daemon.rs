@@ -1,0 +1,470 @@
+//! `guard daemon`: sets up the kernel side, runs the proxy and the control socket, keeps agent
+//! cgroups tidy.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use crate::{
+    audit::{AgentRef, Audit},
+    cgroup,
+    config::{Config, UdpMode},
+    control::{self, Handler, Peer, Request, Response},
+    identify::{AgentCgroup, Agents, Identity},
+    proxy::{self, Proxy, Stats},
+    redirect::{self, Kernel, Settings},
+};
+
+const REAP_INTERVAL: Duration = Duration::from_millis(200);
+
+pub struct Daemon {
+    config: Config,
+    config_source: String,
+    cgroup_mount: PathBuf,
+    attach_rel: String,
+    attach_path: PathBuf,
+    daemon_cgroup: String,
+    kernel: Arc<Kernel>,
+    agents: Arc<Agents>,
+    audit: Arc<Audit>,
+    stats: Arc<Stats>,
+    listen: Vec<SocketAddr>,
+    disabled: AtomicBool,
+    next_agent: AtomicU64,
+    started: Instant,
+}
+
+/// Agent names end up in cgroup names, audit records and policy grants.
+pub fn valid_agent_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `agent-NAME-N` -> (NAME, N)
+pub fn parse_agent_dir(dir: &str) -> Option<(String, u64)> {
+    let rest = dir.strip_prefix("agent-")?;
+    let (name, n) = rest.rsplit_once('-')?;
+    let n = n.parse().ok()?;
+    valid_agent_name(name).then(|| (name.to_string(), n))
+}
+
+pub fn run(config: Config, config_source: String) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("guard daemon must run as root: it loads eBPF programs and manages cgroups");
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (daemon, control_listener) = start(config, config_source).await?;
+        Arc::new(daemon).serve(control_listener).await
+    })
+}
+
+async fn start(
+    config: Config,
+    config_source: String,
+) -> Result<(Daemon, tokio::net::UnixListener)> {
+    let cgroup_mount = cgroup::cgroup2_mount()?;
+    let attach_rel = config.attach_cgroup_rel().to_string();
+    let attach_path = cgroup_mount.join(&attach_rel);
+    if attach_rel.is_empty() {
+        tracing::warn!(
+            "attaching at the cgroup v2 root ({}): every process on this host runs guard's programs",
+            cgroup_mount.display()
+        );
+    }
+    cgroup::create(&attach_path)?;
+    let daemon_cgroup = cgroup::cgroup_of(std::process::id())?;
+    let daemon_cgroup_id = cgroup::cgroup_id(&cgroup_mount.join(&daemon_cgroup))?;
+    if under(&daemon_cgroup, &attach_rel) {
+        let procs = std::fs::read_to_string(cgroup_mount.join(&daemon_cgroup).join("cgroup.procs"))
+            .unwrap_or_default();
+        if procs.lines().count() > 1 {
+            tracing::warn!(
+                "the daemon's cgroup /{daemon_cgroup} holds other processes; they are never guarded. Run the daemon in a cgroup of its own (systemd does)"
+            );
+        }
+    }
+    let audit = Arc::new(Audit::open(&config.paths.audit_log)?);
+    let listeners = proxy::bind(config.proxy.listen_port).await?;
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let control_listener = control::bind(&config.paths.control_socket)?;
+
+    let settings = Settings {
+        proxy_port: config.proxy.listen_port,
+        udp_mode: match config.scope.udp {
+            UdpMode::DnsOnly => guard_common::UDP_DNS_ONLY,
+            UdpMode::Allow => guard_common::UDP_ALLOW,
+            UdpMode::Deny => guard_common::UDP_DENY,
+        },
+        daemon_cgroup_id,
+        host_netns_cookie: redirect::own_netns_cookie()?,
+        attach_level: cgroup::level(&attach_rel),
+    };
+    let mut kernel = Kernel::load(&config.paths.bpffs, settings)?;
+    kernel.set_uids(&config.scope.guarded_uids)?;
+    kernel.set_exempt(&config.scope.exempt)?;
+
+    // The guarded-cgroup map becomes: configured cgroups + agent cgroups still in use.
+    let agents = Arc::new(Agents::default());
+    let mut want: Vec<u64> = Vec::new();
+    for g in &config.scope.guarded_cgroups {
+        let rel = g.trim_matches('/');
+        if !under(rel, &attach_rel) {
+            tracing::warn!(
+                "guarded cgroup /{rel} is outside the attach point /{attach_rel}: its processes run no guard program (set scope.attach_cgroup = \"/\" for host-wide enrolment)"
+            );
+        }
+        match cgroup::cgroup_id(&cgroup_mount.join(rel)) {
+            Ok(id) => want.push(id),
+            Err(e) => tracing::warn!("guarded cgroup /{rel} is not usable: {e:#}"),
+        }
+    }
+    let mut next_agent = 1;
+    for entry in std::fs::read_dir(&attach_path)?.flatten() {
+        let dir = entry.file_name().to_string_lossy().into_owned();
+        let Some((name, n)) = parse_agent_dir(&dir) else {
+            continue;
+        };
+        next_agent = next_agent.max(n + 1);
+        let path = entry.path();
+        if cgroup::populated(&path).unwrap_or(false) {
+            let id = cgroup::cgroup_id(&path)?;
+            want.push(id);
+            agents.insert(AgentCgroup {
+                name,
+                cgroup: format!("{attach_rel}/{dir}")
+                    .trim_start_matches('/')
+                    .to_string(),
+                id,
+            });
+        } else if let Err(e) = cgroup::remove(&path) {
+            tracing::warn!("removing empty agent cgroup {}: {e}", path.display());
+        }
+    }
+    for id in kernel.guarded_cgroups() {
+        if !want.contains(&id) {
+            kernel.unguard_cgroup(id)?;
+        }
+    }
+    for id in &want {
+        kernel.guard_cgroup(*id)?;
+    }
+
+    let newly = kernel.attach(&attach_path)?;
+    let kernel = Arc::new(kernel);
+    tracing::info!(
+        attach = %attach_path.display(),
+        newly_attached = newly,
+        reused = redirect::PROGRAMS.len() - newly,
+        proxy = ?listen,
+        "guard is enforcing"
+    );
+    let mut r = audit.record("daemon_start", "enforce");
+    r.detail = Some(json!({
+        "config": config_source,
+        "attach_cgroup": attach_path.display().to_string(),
+        "programs_attached": newly,
+        "programs_reused": redirect::PROGRAMS.len() - newly,
+        "pid": std::process::id(),
+    }));
+    audit.write(&r)?;
+
+    let stats = Arc::new(Stats::default());
+    let proxy = Arc::new(Proxy {
+        kernel: kernel.clone(),
+        agents: agents.clone(),
+        audit: audit.clone(),
+        stats: stats.clone(),
+    });
+    for l in listeners {
+        tokio::spawn(proxy.clone().serve(l));
+    }
+    let daemon = Daemon {
+        config,
+        config_source,
+        cgroup_mount,
+        attach_rel,
+        attach_path,
+        daemon_cgroup,
+        kernel,
+        agents,
+        audit,
+        stats,
+        listen,
+        disabled: AtomicBool::new(false),
+        next_agent: AtomicU64::new(next_agent),
+        started: Instant::now(),
+    };
+    Ok((daemon, control_listener))
+}
+
+/// Whether cgroup `rel` is `base` or below it (both relative to the mount).
+fn under(rel: &str, base: &str) -> bool {
+    let rel = rel.trim_matches('/');
+    let base = base.trim_matches('/');
+    base.is_empty() || rel == base || rel.starts_with(&format!("{base}/"))
+}
+
+impl Daemon {
+    async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) -> Result<()> {
+        tokio::spawn(control::serve(listener, self.clone()));
+        tokio::spawn(self.clone().reap());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let sig = tokio::select! {
+            _ = term.recv() => "SIGTERM",
+            _ = int.recv() => "SIGINT",
+        };
+        tracing::info!("{sig}: stopping; the pinned programs keep guarded connects away from the network until the daemon is back");
+        let mut r = self.audit.record("daemon_stop", "enforce");
+        r.reason = Some(sig.into());
+        let _ = self.audit.write(&r);
+        let _ = std::fs::remove_file(&self.config.paths.control_socket);
+        Ok(())
+    }
+
+    /// Removes agent cgroups once their last process is gone.
+    async fn reap(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        loop {
+            tick.tick().await;
+            for a in self.agents.all() {
+                let path = self.cgroup_mount.join(&a.cgroup);
+                if cgroup::populated(&path).unwrap_or(false) {
+                    continue;
+                }
+                self.agents.remove(a.id);
+                if let Err(e) = self.kernel.unguard_cgroup(a.id) {
+                    tracing::warn!("unguarding {}: {e:#}", a.cgroup);
+                }
+                if let Err(e) = cgroup::remove(&path) {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+                let mut r = self.audit.record("agent_exit", "enforce");
+                r.detail = Some(json!({"agent": a.name, "cgroup": format!("/{}", a.cgroup)}));
+                let _ = self.audit.write(&r);
+            }
+        }
+    }
+
+    fn exec(&self, peer: Peer, agent: String) -> Result<serde_json::Value> {
+        if !valid_agent_name(&agent) {
+            bail!("invalid agent name `{agent}`: use 1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit");
+        }
+        if self.disabled.load(Ordering::SeqCst) {
+            bail!("guard is disabled on this host (guard disable); restart the daemon to enforce again");
+        }
+        let caller_cgroup = cgroup::cgroup_of(peer.pid)?;
+        if let Some(current) = self.agents.containing(&caller_cgroup) {
+            // A guarded agent must not re-enrol under another name (and another name's grants).
+            if current.name != agent {
+                bail!(
+                    "this process is already guarded as agent `{}`; it cannot become `{agent}`",
+                    current.name
+                );
+            }
+            return Ok(
+                json!({"agent": agent, "cgroup": format!("/{}", current.cgroup), "moved": false}),
+            );
+        }
+        let n = self.next_agent.fetch_add(1, Ordering::SeqCst);
+        let dir = format!("agent-{agent}-{n}");
+        let rel = format!("{}/{dir}", self.attach_rel)
+            .trim_start_matches('/')
+            .to_string();
+        let path = self.attach_path.join(&dir);
+        cgroup::create(&path)?;
+        let id = cgroup::cgroup_id(&path)?;
+        // Guarded before the process arrives, so not one connect slips through.
+        let moved = self
+            .kernel
+            .guard_cgroup(id)
+            .and_then(|()| cgroup::move_pid(&path, peer.pid));
+        if let Err(e) = moved {
+            let _ = self.kernel.unguard_cgroup(id);
+            let _ = cgroup::remove(&path);
+            return Err(e);
+        }
+        self.agents.insert(AgentCgroup {
+            name: agent.clone(),
+            cgroup: rel.clone(),
+            id,
+        });
+        let mut r = self.audit.record("agent_start", "enforce");
+        r.actor_uid = Some(peer.uid);
+        r.agent = Some(AgentRef::from(&Identity {
+            pid: peer.pid,
+            tgid: peer.pid,
+            uid: peer.uid,
+            gid: peer.gid,
+            agent: Some(agent.clone()),
+            cgroup: Some(format!("/{rel}")),
+            exe: std::fs::read_link(format!("/proc/{}/exe", peer.pid))
+                .ok()
+                .map(|p| p.display().to_string()),
+            comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            ..Default::default()
+        }));
+        self.audit.write(&r)?;
+        Ok(json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true}))
+    }
+
+    fn status(&self) -> Result<serde_json::Value> {
+        let programs = if self.disabled.load(Ordering::SeqCst) {
+            Default::default()
+        } else {
+            redirect::attached_programs(&self.attach_path)?
+        };
+        let attached: usize = programs.values().map(|v| v.len()).sum();
+        let agents = self.agents.all();
+        let guarded: Vec<serde_json::Value> = self
+            .kernel
+            .guarded_cgroups()
+            .into_iter()
+            .map(|id| {
+                let agent = agents.iter().find(|a| a.id == id);
+                json!({
+                    "id": id,
+                    "cgroup": agent.map(|a| format!("/{}", a.cgroup)),
+                    "agent": agent.map(|a| a.name.clone()),
+                })
+            })
+            .collect();
+        let mut uids = self.kernel.guarded_uids();
+        uids.sort_unstable();
+        let kernel = self.kernel.counters();
+        let proxy = self.stats.snapshot();
+        let refused: u64 = kernel
+            .iter()
+            .filter(|(k, _)| k.starts_with("refused_"))
+            .map(|(_, v)| v)
+            .sum();
+        Ok(json!({
+            "version": env!("CARGO_PKG_VERSION"),
+            "pid": std::process::id(),
+            "uptime_s": self.started.elapsed().as_secs(),
+            "config": self.config_source,
+            "enforcing": !self.disabled.load(Ordering::SeqCst),
+            "cgroup_mount": self.cgroup_mount.display().to_string(),
+            "attach_cgroup": self.attach_path.display().to_string(),
+            "daemon_cgroup": format!("/{}", self.daemon_cgroup),
+            "pin_dir": self.config.paths.bpffs.display().to_string(),
+            "programs": programs,
+            "programs_attached": attached,
+            "proxy": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+            "audit_log": self.audit.path().display().to_string(),
+            "guarded_cgroups": guarded,
+            "guarded_uids": uids,
+            "agents": agents,
+            "counters": {
+                "redirected": kernel.get("redirected").copied().unwrap_or(0),
+                "passed_through": proxy.passed_through,
+                "origin_missing": proxy.origin_missing,
+                "refused": refused,
+                "kernel": kernel,
+                "proxy": proxy,
+            },
+        }))
+    }
+
+    fn disable(&self, peer: Peer) -> Result<serde_json::Value> {
+        let mut r = self.audit.record("disable", "fail_open");
+        r.actor_uid = Some(peer.uid);
+        if peer.uid != 0 {
+            r.decision = "deny".into();
+            r.reason = Some("only root may disable guard".into());
+            self.audit.write(&r)?;
+            bail!("only root may disable guard (you are uid {})", peer.uid);
+        }
+        // Audited before it takes effect.
+        r.reason = Some("guard disable: every program detached, every pin removed".into());
+        self.audit.write(&r)?;
+        self.disabled.store(true, Ordering::SeqCst);
+        let removed = redirect::unpin_all(&self.config.paths.bpffs)?;
+        tracing::warn!("guard disabled by uid {}: {} pins removed; nothing is enforced until the daemon restarts", peer.uid, removed.len());
+        Ok(json!({"removed": removed}))
+    }
+}
+
+impl Handler for Daemon {
+    async fn handle(&self, peer: Peer, request: Request) -> Response {
+        let result = match request {
+            Request::Exec { agent } => self.exec(peer, agent),
+            Request::Status => self.status(),
+            Request::Disable => self.disable(peer),
+        };
+        match result {
+            Ok(v) => Response::ok(v),
+            Err(e) => Response::err(format!("{e:#}")),
+        }
+    }
+}
+
+/// `guard disable` when no daemon answers: root unpins directly, and says so in the audit log.
+pub fn disable_offline(config: &Config) -> Result<Vec<String>> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("only root may disable guard");
+    }
+    let audit = Audit::open(&config.paths.audit_log)?;
+    let mut r = audit.record("disable", "fail_open");
+    r.actor_uid = Some(0);
+    r.reason = Some("guard disable (daemon not running): every pin removed".into());
+    audit.write(&r)?;
+    redirect::unpin_all(Path::new(&config.paths.bpffs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names() {
+        assert!(valid_agent_name("research-bot"));
+        assert!(valid_agent_name("a.b_c-1"));
+        assert!(!valid_agent_name(""));
+        assert!(!valid_agent_name("-x"));
+        assert!(!valid_agent_name("a/b"));
+        assert!(!valid_agent_name("../x"));
+        assert!(!valid_agent_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn agent_dirs() {
+        assert_eq!(parse_agent_dir("agent-bot-3"), Some(("bot".into(), 3)));
+        assert_eq!(
+            parse_agent_dir("agent-research-bot-12"),
+            Some(("research-bot".into(), 12))
+        );
+        assert_eq!(parse_agent_dir("agent-bot"), None);
+        assert_eq!(parse_agent_dir("other"), None);
+    }
+
+    #[test]
+    fn under_attach_point() {
+        assert!(under("guard.slice/agent-a-1", "guard.slice"));
+        assert!(under("guard.slice", "guard.slice"));
+        assert!(!under("guard.slicex", "guard.slice"));
+        assert!(under("anything", ""));
+    }
+}

@@ -1,0 +1,533 @@
+//! The foundation, end to end: real daemon, real eBPF attached at a cgroup each test creates, real
+//! clients (curl, python) and servers on loopback addresses.
+
+mod common;
+
+use std::{os::unix::process::CommandExt, process::Command, time::Duration};
+
+use common::*;
+
+fn curl(url: &str) -> Vec<String> {
+    ["curl", "-sS", "--max-time", "10", url]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+}
+
+fn strs(v: &[String]) -> Vec<&str> {
+    v.iter().map(String::as_str).collect()
+}
+
+fn connections_to(env: &Env, dst: &str) -> Vec<serde_json::Value> {
+    env.audit_connections()
+        .into_iter()
+        .filter(|r| r["original_dst"] == dst)
+        .collect()
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn guarded_curl_reaches_the_server_through_the_proxy() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    let before = env.status();
+
+    let out = run_ok(&mut env.exec("curl-test", &strs(&curl(&server.url()))));
+    assert_eq!(out, "hello from the test server\n");
+
+    // The server was reached once, by the daemon's upstream socket.
+    assert_eq!(server.hits(), 1);
+    assert_eq!(
+        server.via_watched(),
+        1,
+        "the server's peer was not the proxy"
+    );
+    // The audit trail names the agent, its identity and where it was going.
+    let records = connections_to(&env, &server.addr.to_string());
+    assert_eq!(records.len(), 1, "audit: {:#?}", env.audit());
+    let r = &records[0];
+    assert_eq!(r["decision"], "pass");
+    assert_eq!(r["agent"]["name"], "curl-test");
+    assert_eq!(r["agent"]["comm"], "curl");
+    assert_eq!(r["agent"]["uid"], 0);
+    assert!(r["agent"]["cgroup"]
+        .as_str()
+        .unwrap()
+        .contains("/agent-curl-test-"));
+    assert!(r["agent"]["exe"].as_str().unwrap().ends_with("curl"));
+    // Counters moved.
+    let after = env.status();
+    let c = |s: &serde_json::Value, k: &str| s["counters"][k].as_u64().unwrap();
+    assert_eq!(c(&after, "redirected") - c(&before, "redirected"), 1);
+    assert_eq!(
+        c(&after, "passed_through") - c(&before, "passed_through"),
+        1
+    );
+    assert_eq!(c(&after, "origin_missing"), 0);
+    // The agent cgroup is removed once empty.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !env.status()["agents"].as_array().unwrap().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "agent cgroup was not removed"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left: Vec<_> = std::fs::read_dir(env.attach_path())
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_type().unwrap().is_dir())
+        .collect();
+    assert!(left.is_empty(), "cgroups left: {left:?}");
+}
+
+const PEER_AND_FETCH: &str = r#"
+import socket, sys
+family, host, port = sys.argv[1], sys.argv[2], int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if family == "6" else socket.AF_INET)
+s.connect((host, port))
+print(s.getpeername()[0], s.getpeername()[1])
+s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+data = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    data += b
+print(data.split(b"\r\n\r\n", 1)[1].decode().strip())
+"#;
+
+fn peer_and_fetch(env: &Env, family: &str, host: &str, port: u16) -> String {
+    let port = port.to_string();
+    run_ok(&mut env.exec("py", &[PYTHON, "-c", PEER_AND_FETCH, family, host, &port]))
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn ipv6_and_ipv4_mapped_connects_are_redirected_and_getpeername_shows_the_original() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let v4 = HttpServer::start("127.0.0.2:0");
+    let v6 = HttpServer::start("[::1]:0");
+    v4.watch(env.daemon_pid());
+    v6.watch(env.daemon_pid());
+
+    // IPv4 from an AF_INET socket.
+    let out = peer_and_fetch(&env, "4", "127.0.0.2", v4.addr.port());
+    assert_eq!(
+        out,
+        format!("127.0.0.2 {}\nhello from the test server\n", v4.addr.port())
+    );
+    // IPv6.
+    let out = peer_and_fetch(&env, "6", "::1", v6.addr.port());
+    assert_eq!(
+        out,
+        format!("::1 {}\nhello from the test server\n", v6.addr.port())
+    );
+    // IPv4-mapped from an AF_INET6 socket (goes through connect6).
+    let out = peer_and_fetch(&env, "6", "::ffff:127.0.0.2", v4.addr.port());
+    assert_eq!(
+        out,
+        format!(
+            "::ffff:127.0.0.2 {}\nhello from the test server\n",
+            v4.addr.port()
+        )
+    );
+
+    assert_eq!((v4.hits(), v4.via_watched()), (2, 2));
+    assert_eq!((v6.hits(), v6.via_watched()), (1, 1));
+    assert_eq!(connections_to(&env, &v4.addr.to_string()).len(), 2);
+    assert_eq!(connections_to(&env, &v6.addr.to_string()).len(), 1);
+    assert_eq!(env.counter("origin_missing"), 0);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_sibling_unguarded_cgroup_is_not_redirected() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    // Below the attach point (the programs run for it) but not guarded.
+    let sibling = env.cgroup("guard.slice/unguarded");
+    guard::cgroup::create(&sibling).unwrap();
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", &server.url()]);
+    in_cgroup(&mut cmd, &sibling);
+    assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
+    assert_eq!(server.hits(), 1);
+    assert_eq!(
+        server.via_watched(),
+        0,
+        "an unguarded process went through the proxy"
+    );
+    assert_eq!(env.counter("redirected"), 0);
+    assert!(env.audit_connections().is_empty());
+
+    // Control: the same command through guard exec is redirected.
+    run_ok(&mut env.exec("control", &strs(&curl(&server.url()))));
+    assert_eq!(server.via_watched(), 1);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn children_and_grandchildren_are_redirected() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    let url = server.url();
+    let script = format!(
+        "curl -sS --max-time 10 {url} && sh -c 'curl -sS --max-time 10 {url} && (setsid sh -c \"curl -sS --max-time 10 {url}\")'"
+    );
+    let out = run_ok(&mut env.exec("family", &["sh", "-c", &script]));
+    assert_eq!(
+        out.matches("hello from the test server").count(),
+        3,
+        "{out}"
+    );
+    assert_eq!(server.hits(), 3);
+    assert_eq!(server.via_watched(), 3);
+    let records = connections_to(&env, &server.addr.to_string());
+    assert_eq!(records.len(), 3);
+    assert!(records.iter().all(|r| r["agent"]["name"] == "family"));
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
+    let mut env = Env::new(&format!("guarded_uids = [{NOBODY}]"));
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    let elsewhere = env.cgroup("guard.slice/some/where");
+    guard::cgroup::create(&elsewhere).unwrap();
+
+    // As the guarded uid: redirected.
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", &server.url()]);
+    in_cgroup(&mut cmd, &elsewhere);
+    as_user(&mut cmd, NOBODY, NOBODY);
+    assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
+    assert_eq!(server.via_watched(), 1);
+    let r = &connections_to(&env, &server.addr.to_string())[0];
+    assert_eq!(r["agent"]["uid"], NOBODY);
+
+    // Root in the same cgroup: not guarded.
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", &server.url()]);
+    in_cgroup(&mut cmd, &elsewhere);
+    assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
+    assert_eq!((server.hits(), server.via_watched()), (2, 1));
+    assert_eq!(env.status()["guarded_uids"], serde_json::json!([NOBODY]));
+}
+
+const UDP_PROBE: &str = r#"
+import socket, sys
+dns_port = int(sys.argv[1])
+def attempt(label, fn):
+    try:
+        fn()
+        print(label, "ok")
+    except OSError as e:
+        print(label, "errno", e.errno)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("sendto-443", lambda: u.sendto(b"quic", ("127.0.0.2", 443)))
+u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+attempt("sendto6-443", lambda: u6.sendto(b"quic", ("::1", 443)))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("connect-443", lambda: c.connect(("127.0.0.2", 443)))
+d = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+d.settimeout(5)
+attempt("dns-sendto", lambda: d.sendto(b"query", ("127.0.0.2", dns_port)))
+attempt("dns-reply", lambda: d.recvfrom(100))
+e = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+e.settimeout(5)
+attempt("dns-connect", lambda: (e.connect(("127.0.0.2", dns_port)), e.send(b"q"), e.recv(100)))
+"#;
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn guarded_udp_is_dns_only() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let dns = UdpCounter::start("127.0.0.2:53");
+    let out = run_ok(&mut env.exec("udp", &[PYTHON, "-c", UDP_PROBE, "53"]));
+    assert_eq!(
+        out,
+        "sendto-443 errno 1\nsendto6-443 errno 1\nconnect-443 errno 1\ndns-sendto ok\ndns-reply ok\ndns-connect ok\n"
+    );
+    assert_eq!(dns.count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(env.kernel_counter("refused_udp"), 3);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_guarded_process_in_a_new_network_namespace_gets_eperm() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let probe = r#"
+import socket, errno
+s = socket.socket()
+try:
+    s.connect(("127.0.0.2", 80))
+    print("connected")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#;
+    // Unguarded in a fresh netns: the kernel's own answer (loopback is down there).
+    let plain = run_ok(Command::new("unshare").args(["-n", PYTHON, "-c", probe]));
+    assert_ne!(plain.trim(), "EPERM");
+    let out = run_ok(&mut env.exec("netns", &["unshare", "-n", PYTHON, "-c", probe]));
+    assert_eq!(out.trim(), "EPERM");
+    assert_eq!(env.kernel_counter("refused_netns"), 1);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn sigkill_fails_closed_and_a_restart_reuses_the_pinned_programs() {
+    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
+    let static_cg = env.cgroup("guard.slice/static");
+    guard::cgroup::create(&static_cg).unwrap();
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    let attached = env.attached();
+    let count: usize = attached.values().map(Vec::len).sum();
+    assert_eq!(count, 10, "{attached:?}");
+
+    let probe = format!(
+        r#"
+import socket, errno
+try:
+    s = socket.create_connection(("127.0.0.2", {}), timeout=5)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    data = b""
+    while True:
+        b = s.recv(4096)
+        if not b:
+            break
+        data += b
+    print("ok" if b"hello" in data else "no answer")
+except OSError as e:
+    print(errno.errorcode[e.errno])
+"#,
+        server.addr.port()
+    );
+    let probe_in_static = || {
+        let mut cmd = Command::new(PYTHON);
+        cmd.args(["-c", &probe]);
+        in_cgroup(&mut cmd, &static_cg);
+        run_ok(&mut cmd).trim().to_string()
+    };
+    server.watch(env.daemon_pid());
+    assert_eq!(probe_in_static(), "ok");
+    assert_eq!((server.hits(), server.via_watched()), (1, 1));
+
+    env.kill_daemon();
+    // The pinned programs keep redirecting to a proxy that is not there: refused, never direct.
+    assert_eq!(probe_in_static(), "ECONNREFUSED");
+    assert_eq!(
+        server.hits(),
+        1,
+        "a guarded connect reached the server directly"
+    );
+    assert_eq!(env.attached(), attached);
+
+    env.start_daemon();
+    server.watch(env.daemon_pid());
+    assert_eq!(probe_in_static(), "ok");
+    assert_eq!((server.hits(), server.via_watched()), (2, 2));
+    // Same programs, same count: the restart reused the pinned links.
+    assert_eq!(env.attached(), attached);
+    assert!(
+        env.daemon_log().contains("reused=10"),
+        "{}",
+        env.daemon_log()
+    );
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn two_thousand_connections_from_sixteen_concurrent_clients() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    let load = format!(
+        r#"
+import socket, threading
+ok = []
+def worker():
+    n = 0
+    for _ in range(125):
+        s = socket.create_connection(("127.0.0.2", {}), timeout=20)
+        s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        data = b""
+        while True:
+            b = s.recv(4096)
+            if not b:
+                break
+            data += b
+        s.close()
+        if b"hello" in data:
+            n += 1
+    ok.append(n)
+threads = [threading.Thread(target=worker) for _ in range(16)]
+for t in threads: t.start()
+for t in threads: t.join()
+print(sum(ok))
+"#,
+        server.addr.port()
+    );
+    let out = run(
+        &mut env.exec("load", &[PYTHON, "-c", &load]),
+        Duration::from_secs(300),
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "2000");
+    assert_eq!(server.hits(), 2000);
+    let s = env.status();
+    assert_eq!(s["counters"]["origin_missing"], 0);
+    assert_eq!(s["counters"]["redirected"], 2000);
+    assert_eq!(s["counters"]["passed_through"], 2000);
+    assert_eq!(connections_to(&env, &server.addr.to_string()).len(), 2000);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_guarded_process_cannot_bind_the_proxy_port_nor_leave_its_cgroup() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let bind = format!(
+        r#"
+import socket, errno
+for port in ({port}, 0):
+    s = socket.socket()
+    try:
+        s.bind(("127.0.0.3", port))
+        print("bound")
+    except OSError as e:
+        print(errno.errorcode[e.errno])
+"#,
+        port = env.port
+    );
+    let out = run_ok(&mut env.exec("binder", &[PYTHON, "-c", &bind]));
+    assert_eq!(out, "EPERM\nbound\n");
+    assert_eq!(env.kernel_counter("refused_bind"), 1);
+
+    // A non-root agent: guard exec works for it, it is redirected, and it cannot move out.
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    let escape = format!(
+        "echo $$ > {root}/cgroup.procs; echo $$ > {mount}/cgroup.procs; echo $$ > {attach}/cgroup.procs; cat /proc/self/cgroup | grep '^0::'; curl -sS --max-time 10 {url}",
+        root = env.root.display(),
+        mount = env.cg_mount.display(),
+        attach = env.attach_path().display(),
+        url = server.url(),
+    );
+    let mut cmd = env.exec("unprivileged", &["sh", "-c", &escape]);
+    cmd.uid(NOBODY).gid(NOBODY).current_dir("/");
+    let out = run(&mut cmd, Duration::from_secs(30));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(stderr.matches("Permission denied").count(), 3, "{stderr}");
+    assert!(
+        stdout.starts_with(&format!("0::/{}/agent-unprivileged-", env.attach_rel)),
+        "{stdout}"
+    );
+    assert!(stdout.ends_with("hello from the test server\n"), "{stdout}");
+    assert_eq!(server.via_watched(), 1);
+    let r = &connections_to(&env, &server.addr.to_string())[0];
+    assert_eq!(r["agent"]["uid"], NOBODY);
+    assert_eq!(r["agent"]["name"], "unprivileged");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_connection_with_no_recorded_origin_is_closed() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    // The test process is not guarded: its connection to the proxy has no origin.
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", env.port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let _ = std::io::Write::write_all(&mut s, b"GET / HTTP/1.1\r\n\r\n");
+    let mut buf = [0u8; 64];
+    let r = std::io::Read::read(&mut s, &mut buf);
+    assert!(matches!(r, Ok(0) | Err(_)), "the proxy answered: {r:?}");
+    assert_eq!(env.counter("origin_missing"), 1);
+    let denied: Vec<_> = env
+        .audit_connections()
+        .into_iter()
+        .filter(|r| r["decision"] == "deny")
+        .collect();
+    assert_eq!(denied.len(), 1);
+    // A guarded process may not talk to the proxy port directly either.
+    let direct = format!(
+        "import socket, errno\ntry:\n socket.create_connection(('127.0.0.1', {}))\n print('connected')\nexcept OSError as e:\n print(errno.errorcode[e.errno])",
+        env.port
+    );
+    assert_eq!(
+        run_ok(&mut env.exec("direct", &[PYTHON, "-c", &direct])),
+        "EPERM\n"
+    );
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn guard_exec_without_a_daemon_refuses_to_run_the_command() {
+    let env = Env::new("");
+    let marker = env.dir.join("ran");
+    let out = run(
+        &mut env.exec("x", &["touch", marker.to_str().unwrap()]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach the guard daemon"));
+    assert!(!marker.exists(), "the command ran unguarded");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn disable_is_root_only_audited_and_detaches_everything() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let mut cmd = env.guard();
+    cmd.arg("disable").uid(NOBODY).gid(NOBODY).current_dir("/");
+    let out = run(&mut cmd, Duration::from_secs(10));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("only root"));
+    assert_eq!(env.attached().values().map(Vec::len).sum::<usize>(), 10);
+
+    run_ok(env.guard().arg("disable"));
+    assert_eq!(env.attached().values().map(Vec::len).sum::<usize>(), 0);
+    assert!(!env.pin_dir.exists());
+    let events: Vec<_> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "disable")
+        .collect();
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[0]["decision"], "deny");
+    assert_eq!(events[0]["actor_uid"], NOBODY);
+    assert_eq!(events[1]["decision"], "fail_open");
+    assert_eq!(env.status()["enforcing"], false);
+    // Now nothing is redirected.
+    let server = HttpServer::start("127.0.0.2:0");
+    let sibling = env.cgroup("guard.slice/x");
+    guard::cgroup::create(&sibling).unwrap();
+    let out = run(
+        &mut env.exec("after", &strs(&curl(&server.url()))),
+        Duration::from_secs(20),
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(125),
+        "guard exec must refuse while disabled"
+    );
+}
