@@ -480,6 +480,42 @@ fn a_connection_with_no_recorded_origin_is_closed() {
 
 #[test]
 #[ignore = "needs root and eBPF"]
+fn guard_exec_returns_the_commands_exit_status() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let out = run(
+        &mut env.exec("exit", &["sh", "-c", "exit 7"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(7));
+    let out = run(
+        &mut env.exec("missing", &["/nonexistent/cmd"]),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(127));
+    // A guarded agent cannot re-enrol under another name (and take its grants).
+    let out = run(
+        &mut env.exec(
+            "first",
+            &[
+                env.bin.to_str().unwrap(),
+                "--config",
+                env.config_path.to_str().unwrap(),
+                "exec",
+                "--agent",
+                "second",
+                "--",
+                "true",
+            ],
+        ),
+        Duration::from_secs(10),
+    );
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already guarded as agent `first`"));
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
 fn guard_exec_without_a_daemon_refuses_to_run_the_command() {
     let env = Env::new("");
     let marker = env.dir.join("ran");

@@ -10,6 +10,7 @@ use crate::{
     config::Config,
     control::{self, Request},
     daemon,
+    policy::{Caller, Decision, PolicySet, RateLimiter},
 };
 
 /// Exit status of `guard exec` when guard itself fails (as env(1) and chroot(1) do).
@@ -48,6 +49,56 @@ pub enum Cmd {
     },
     /// Emergency fail-open: detach every program and remove every pin (audited; root only).
     Disable,
+    /// Validate and explain policies (no daemon needed).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Read the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Validate a policy file or directory (default: paths.policies); errors name file:line:col.
+    Check { path: Option<PathBuf> },
+    /// The decision and the rule for one tool call, without traffic.
+    Explain {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        tool: String,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Caller uid (default: yours).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        exe: Option<String>,
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// The call's arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Policy directory (default: paths.policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// The most recent decisions; -f keeps following.
+    Tail {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+        /// How many records to show first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
 }
 
 pub fn main() -> i32 {
@@ -77,6 +128,33 @@ pub fn main() -> i32 {
         Cmd::Exec { agent, cmd } => return exec(&config.0, agent, cmd),
         Cmd::Status { json } => status(&config.0, json).map(|()| 0),
         Cmd::Disable => disable(&config.0).map(|()| 0),
+        Cmd::Policy(PolicyCmd::Check { path }) => policy_check(&config.0, path),
+        Cmd::Policy(PolicyCmd::Explain {
+            server,
+            tool,
+            agent,
+            uid,
+            exe,
+            cgroup,
+            args,
+            policies,
+            json,
+        }) => {
+            let caller = Caller {
+                agent,
+                uid: uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+                exe,
+                cgroup,
+                session: None,
+            };
+            let dir = policies.unwrap_or_else(|| config.0.paths.policies.clone());
+            policy_explain(&dir, &server, &tool, &caller, &args, json)
+        }
+        Cmd::Audit(AuditCmd::Tail {
+            follow,
+            json,
+            lines,
+        }) => audit_tail(&config.0.paths.audit_log, follow, json, lines).map(|()| 0),
     };
     match result {
         Ok(code) => code,
@@ -245,5 +323,192 @@ fn disable(config: &Config) -> Result<()> {
             Ok(())
         }
         Err(e) => Err(e),
+    }
+}
+
+fn policy_check(config: &Config, path: Option<PathBuf>) -> Result<i32> {
+    let path = path.unwrap_or_else(|| config.paths.policies.clone());
+    let result = if path.is_dir() {
+        PolicySet::load_dir(&path)
+    } else {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        PolicySet::from_files(&[(path.display().to_string(), text)])
+    };
+    match result {
+        Ok(set) => {
+            let names: Vec<&str> = set.servers().iter().map(|s| s.name.as_str()).collect();
+            println!(
+                "{}: ok, {} server policies ({})",
+                path.display(),
+                names.len(),
+                names.join(", ")
+            );
+            Ok(0)
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("{e}");
+            }
+            eprintln!(
+                "{}: {} errors; nothing was loaded",
+                path.display(),
+                errors.len()
+            );
+            Ok(1)
+        }
+    }
+}
+
+fn policy_explain(
+    dir: &std::path::Path,
+    server: &str,
+    tool: &str,
+    caller: &Caller,
+    args: &str,
+    json: bool,
+) -> Result<i32> {
+    let args: Value = serde_json::from_str(args).context("--args is not valid JSON")?;
+    let set = daemon::load_policies(dir)?;
+    let Some(sp) = set.by_name(server) else {
+        let names: Vec<&str> = set.servers().iter().map(|s| s.name.as_str()).collect();
+        anyhow::bail!(
+            "no policy for server `{server}` in {} (known: {})",
+            dir.display(),
+            names.join(", ")
+        );
+    };
+    let d = sp.explain(
+        tool,
+        &args,
+        caller,
+        &RateLimiter::new(),
+        std::time::Instant::now(),
+    );
+    let (decision, rule, detail) = match &d {
+        Decision::Allow { rule } => ("allow", rule.clone(), String::new()),
+        Decision::Deny { rule, reason } => ("deny", rule.clone(), reason.clone()),
+        Decision::RateLimited {
+            rule,
+            reason,
+            retry_after_s,
+        } => (
+            "rate_limited",
+            rule.clone(),
+            format!("{reason} (retry after {retry_after_s} s)"),
+        ),
+        Decision::RequireApproval { rule, timeout_s } => (
+            "require_approval",
+            rule.clone(),
+            format!("held for a human for up to {timeout_s} s"),
+        ),
+    };
+    let visible = sp.visible(tool, caller);
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"server": sp.name, "file": sp.file, "tool": tool, "decision": decision,
+                "rule": rule, "reason": detail, "listed": visible})
+        );
+    } else {
+        println!("{server} / {tool}: {decision} (rule {rule}, {})", sp.file);
+        if !detail.is_empty() {
+            println!("  {detail}");
+        }
+        if !visible {
+            println!("  not shown in tools/list to this caller");
+        }
+    }
+    Ok(0)
+}
+
+fn audit_line(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("");
+    let agent = v
+        .get("agent")
+        .map(|a| {
+            let name = a.get("name").and_then(Value::as_str).unwrap_or("-");
+            format!("{name}(uid {}, pid {})", a["uid"], a["pid"])
+        })
+        .unwrap_or_else(|| "-".into());
+    let server = v
+        .get("server")
+        .map(|s| {
+            let name = s.get("name").and_then(Value::as_str).unwrap_or("?");
+            format!(" {name}")
+        })
+        .unwrap_or_default();
+    let mut line = format!(
+        "{} {:<12} {:<13} {agent}{server}",
+        s("ts"),
+        s("event"),
+        s("decision")
+    );
+    if let Some(t) = v.get("tool").and_then(Value::as_str) {
+        line.push_str(&format!(" tool={t}"));
+    }
+    if let Some(d) = v.get("original_dst").and_then(Value::as_str) {
+        line.push_str(&format!(" dst={d}"));
+    }
+    if let Some(r) = v.get("rule").and_then(Value::as_str) {
+        line.push_str(&format!(" rule={r}"));
+    }
+    if let Some(r) = v.get("reason").and_then(Value::as_str) {
+        line.push_str(&format!(" reason=\"{r}\""));
+    }
+    line
+}
+
+fn audit_tail(path: &std::path::Path, follow: bool, json: bool, lines: usize) -> Result<()> {
+    use std::io::{BufRead as _, Seek as _};
+    let print = |l: &str| {
+        if json {
+            println!("{l}");
+        } else {
+            match serde_json::from_str::<Value>(l) {
+                Ok(v) => println!("{}", audit_line(&v)),
+                Err(_) => println!("{l}"),
+            }
+        }
+    };
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the audit log {}", path.display()))?;
+    let all: Vec<&str> = text.lines().collect();
+    for l in &all[all.len().saturating_sub(lines)..] {
+        print(l);
+    }
+    if !follow {
+        return Ok(());
+    }
+    let mut pos = text.len() as u64;
+    let mut inode = std::os::unix::fs::MetadataExt::ino(&std::fs::metadata(path)?);
+    loop {
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let Ok(meta) = std::fs::metadata(path) else {
+            continue;
+        };
+        let ino = std::os::unix::fs::MetadataExt::ino(&meta);
+        if ino != inode || meta.len() < pos {
+            // Rotated or truncated: start from the new file's beginning.
+            inode = ino;
+            pos = 0;
+        }
+        if meta.len() == pos {
+            continue;
+        }
+        let mut f = std::fs::File::open(path)?;
+        f.seek(std::io::SeekFrom::Start(pos))?;
+        let mut reader = std::io::BufReader::new(f);
+        let mut line = String::new();
+        while reader.read_line(&mut line)? > 0 {
+            if !line.ends_with('\n') {
+                break;
+            }
+            pos += line.len() as u64;
+            print(line.trim_end());
+            line.clear();
+        }
+        use std::io::Write as _;
+        let _ = std::io::stdout().flush();
     }
 }

@@ -65,6 +65,8 @@ pub struct Proxy {
     pub listen_port: u16,
     pub max_body: ByteSize,
     pub other: OtherTraffic,
+    /// A client must send a request's headers within this many seconds (slowloris).
+    pub header_timeout_s: u64,
 }
 
 impl Default for Proxy {
@@ -73,6 +75,7 @@ impl Default for Proxy {
             listen_port: 15001,
             max_body: ByteSize(4 << 20),
             other: OtherTraffic::Pass,
+            header_timeout_s: 30,
         }
     }
 }

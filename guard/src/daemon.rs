@@ -6,7 +6,7 @@ use std::{
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
     time::{Duration, Instant},
 };
@@ -19,7 +19,10 @@ use crate::{
     cgroup,
     config::{Config, UdpMode},
     control::{self, Handler, Peer, Request, Response},
+    http::{Enforcer, HttpSettings},
     identify::{AgentCgroup, Agents, Identity},
+    pins::Pins,
+    policy::PolicySet,
     proxy::{self, Proxy, Stats},
     redirect::{self, Kernel, Settings},
 };
@@ -27,6 +30,8 @@ use crate::{
 const REAP_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct Daemon {
+    enforcer: Arc<Enforcer>,
+    policies_fingerprint: Mutex<Vec<(String, u64, i64)>>,
     config: Config,
     config_source: String,
     cgroup_mount: PathBuf,
@@ -100,6 +105,8 @@ async fn start(
         }
     }
     let audit = Arc::new(Audit::open(&config.paths.audit_log)?);
+    // Invalid policies stop the start, before anything is attached.
+    let policies = load_policies(&config.paths.policies)?;
     let listeners = proxy::bind(config.proxy.listen_port).await?;
     let listen: Vec<SocketAddr> = listeners
         .iter()
@@ -188,16 +195,32 @@ async fn start(
     audit.write(&r)?;
 
     let stats = Arc::new(Stats::default());
+    let enforcer = Arc::new(Enforcer::new(
+        policies,
+        Pins::new(&config.paths.state_dir),
+        audit.clone(),
+        HttpSettings {
+            max_body: config.proxy.max_body.0 as usize,
+            max_header: 64 * 1024,
+            header_timeout: Duration::from_secs(config.proxy.header_timeout_s),
+            unknown_servers: config.policy.unknown_servers,
+            denial: config.policy.denial,
+        },
+    ));
     let proxy = Arc::new(Proxy {
         kernel: kernel.clone(),
         agents: agents.clone(),
         audit: audit.clone(),
         stats: stats.clone(),
+        enforcer: enforcer.clone(),
+        other: config.proxy.other,
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l));
     }
     let daemon = Daemon {
+        enforcer,
+        policies_fingerprint: Mutex::new(policy_fingerprint(&config.paths.policies)),
         config,
         config_source,
         cgroup_mount,
@@ -216,6 +239,49 @@ async fn start(
     Ok((daemon, control_listener))
 }
 
+/// How often the policy directory is checked for changes (SIGHUP reloads at once).
+const POLICY_POLL: Duration = Duration::from_secs(2);
+
+/// The policy set of `dir`; a missing directory is an empty set (every MCP server unknown).
+pub fn load_policies(dir: &Path) -> Result<PolicySet> {
+    if !dir.exists() {
+        tracing::warn!(
+            "policy directory {} does not exist: no MCP server is known (policy.unknown_servers applies to all)",
+            dir.display()
+        );
+        return PolicySet::from_files(&[]).map_err(|_| anyhow::anyhow!("empty policy set"));
+    }
+    PolicySet::load_dir(dir).map_err(|errors| {
+        let list: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+        anyhow::anyhow!(
+            "invalid policies in {} ({} errors):\n  {}",
+            dir.display(),
+            list.len(),
+            list.join("\n  ")
+        )
+    })
+}
+
+/// Names, sizes and modification times of the policy files: a change means a reload.
+fn policy_fingerprint(dir: &Path) -> Vec<(String, u64, i64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let mut v: Vec<(String, u64, i64)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((
+                e.file_name().to_string_lossy().into_owned(),
+                m.size(),
+                m.mtime_nsec() + m.mtime() * 1_000_000_000,
+            ))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
 /// Whether cgroup `rel` is `base` or below it (both relative to the mount).
 fn under(rel: &str, base: &str) -> bool {
     let rel = rel.trim_matches('/');
@@ -229,9 +295,22 @@ impl Daemon {
         tokio::spawn(self.clone().reap());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
-        let sig = tokio::select! {
-            _ = term.recv() => "SIGTERM",
-            _ = int.recv() => "SIGINT",
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut watch = tokio::time::interval(POLICY_POLL);
+        let sig = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => self.reload_policies("SIGHUP"),
+                _ = watch.tick() => {
+                    let fp = policy_fingerprint(&self.config.paths.policies);
+                    let changed = *self.policies_fingerprint.lock().unwrap() != fp;
+                    if changed {
+                        *self.policies_fingerprint.lock().unwrap() = fp;
+                        self.reload_policies("file change");
+                    }
+                }
+            }
         };
         tracing::info!("{sig}: stopping; the pinned programs keep guarded connects away from the network until the daemon is back");
         let mut r = self.audit.record("daemon_stop", "enforce");
@@ -239,6 +318,29 @@ impl Daemon {
         let _ = self.audit.write(&r);
         let _ = std::fs::remove_file(&self.config.paths.control_socket);
         Ok(())
+    }
+
+    /// Loads the policy directory again; an invalid set is refused and the last good one stays.
+    fn reload_policies(&self, why: &str) {
+        let dir = &self.config.paths.policies;
+        let mut r = self.audit.record("policy_reload", "applied");
+        r.detail = Some(json!({ "trigger": why, "dir": dir.display().to_string() }));
+        match load_policies(dir) {
+            Ok(set) => {
+                let names: Vec<String> = set.servers().iter().map(|s| s.name.clone()).collect();
+                tracing::info!(servers = ?names, "{why}: policies reloaded");
+                r.detail.as_mut().unwrap()["servers"] = json!(names);
+                self.enforcer.set_policies(set);
+            }
+            Err(e) => {
+                tracing::error!(
+                    "{why}: policies NOT reloaded, the last good set stays in force:\n{e:#}"
+                );
+                r.decision = "rejected".into();
+                r.reason = Some(format!("{e:#}"));
+            }
+        }
+        let _ = self.audit.write(&r);
     }
 
     /// Removes agent cgroups once their last process is gone.

@@ -5,11 +5,16 @@
 //! wires them together; [`control`] is the CLI's way in.
 pub mod audit;
 pub mod cgroup;
+pub mod classify;
 pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
 pub mod forward;
+pub mod http;
 pub mod identify;
+pub mod mcp;
+pub mod pins;
+pub mod policy;
 pub mod proxy;
 pub mod redirect;

@@ -16,7 +16,10 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     audit::{AgentRef, Audit},
+    classify::{self, Kind},
+    config::OtherTraffic,
     forward,
+    http::{self, Enforcer},
     identify::{self, Agents},
     redirect::Kernel,
 };
@@ -56,6 +59,8 @@ pub struct Proxy {
     pub agents: Arc<Agents>,
     pub audit: Arc<Audit>,
     pub stats: Arc<Stats>,
+    pub enforcer: Arc<Enforcer>,
+    pub other: OtherTraffic,
 }
 
 /// Binds the proxy port on 127.0.0.1 and on [::1] (the latter is skipped, with a warning, on a
@@ -125,21 +130,55 @@ impl Proxy {
                 return;
             }
         };
-        record.rule = Some("passthrough".into());
+        // What the client speaks, from its first bytes; a server that speaks first (SSH, SMTP,
+        // ...) makes it a plain TCP passthrough without waiting for the client.
+        let kind = tokio::select! {
+            k = classify::peek(&client) => match k {
+                Ok(k) => k,
+                Err(_) => {
+                    // Closed before sending anything: nothing was decided but the connection.
+                    record.reason = Some("client closed before sending anything".into());
+                    record.latency_us = Some(started.elapsed().as_micros() as u64);
+                    self.write_audit(&record);
+                    return;
+                }
+            },
+            _ = upstream.readable() => Kind::Other,
+        };
+        record.transport = Some(kind.as_str().into());
+        let deny_other = kind == Kind::Other && self.other == OtherTraffic::Deny;
+        if deny_other {
+            record.decision = "deny".into();
+            record.rule = Some("proxy.other".into());
+            record.reason = Some(
+                "traffic that is neither HTTP nor TLS is denied (proxy.other = \"deny\")".into(),
+            );
+        } else {
+            record.rule = Some(
+                match kind {
+                    Kind::Http => "http",
+                    _ => "passthrough",
+                }
+                .into(),
+            );
+        }
         record.latency_us = Some(started.elapsed().as_micros() as u64);
-        if !self.write_audit(&record) {
+        if !self.write_audit(&record) || deny_other {
             // No audit, no traffic.
             forward::reset(client);
             return;
         }
         self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        let mut client = client;
-        let result = forward::passthrough(&mut client, &mut upstream).await;
-        self.stats.active.fetch_sub(1, Ordering::Relaxed);
-        if let Err(e) = result {
-            tracing::debug!(%peer, %dst, "passthrough ended: {e}");
+        if kind == Kind::Http {
+            http::serve(self.enforcer.clone(), conn, client, upstream).await;
+        } else {
+            let mut client = client;
+            if let Err(e) = forward::passthrough(&mut client, &mut upstream).await {
+                tracing::debug!(%peer, %dst, "passthrough ended: {e}");
+            }
         }
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
     fn write_audit(&self, r: &crate::audit::Record) -> bool {

@@ -3,6 +3,8 @@
 //! `guard daemon`. Everything is torn down in `Drop`, also when the test fails.
 #![allow(dead_code)]
 
+pub mod peers;
+
 use std::{
     collections::HashSet,
     fs,
@@ -54,6 +56,8 @@ pub struct Env {
     pub bin: PathBuf,
     daemon: Option<Child>,
     extra_config: String,
+    proxy_config: String,
+    other_config: String,
 }
 
 /// One copy of the guard binary per test process, in a directory every user can reach (the
@@ -115,6 +119,11 @@ impl Env {
     /// A new environment; `scope_extra` is added to the `[scope]` table (use `{root}` for the
     /// test's cgroup path relative to the mount).
     pub fn new(scope_extra: &str) -> Env {
+        Env::configured(scope_extra, "", "")
+    }
+
+    /// Like [`Env::new`], with lines for `[proxy]` and whole extra tables (`[policy]` ...).
+    pub fn configured(scope_extra: &str, proxy_extra: &str, other: &str) -> Env {
         require_root();
         let cg_mount = guard::cgroup::cgroup2_mount().unwrap();
         let name = format!(
@@ -143,7 +152,10 @@ impl Env {
             bin,
             daemon: None,
             extra_config: scope_extra.to_string(),
+            proxy_config: proxy_extra.to_string(),
+            other_config: other.to_string(),
         };
+        fs::create_dir_all(env.dir.join("policies")).unwrap();
         env.write_config();
         env
     }
@@ -157,6 +169,7 @@ attach_cgroup = "{attach}"
 
 [proxy]
 listen_port = {port}
+{proxy_extra}
 
 [paths]
 bpffs = "{pins}"
@@ -164,7 +177,11 @@ control_socket = "{socket}"
 state_dir = "{dir}/state"
 audit_log = "{audit}"
 policies = "{dir}/policies"
+
+{other}
 "#,
+            proxy_extra = self.proxy_config,
+            other = self.other_config,
             attach = self.attach_rel,
             port = self.port,
             pins = self.pin_dir.display(),
@@ -174,6 +191,11 @@ policies = "{dir}/policies"
         );
         fs::write(&self.config_path, text).unwrap();
         fs::set_permissions(&self.config_path, fs::Permissions::from_mode(0o644)).unwrap();
+    }
+
+    /// Writes `policies/<name>` (the daemon's policy directory).
+    pub fn write_policy(&self, name: &str, text: &str) {
+        fs::write(self.dir.join("policies").join(name), text).unwrap();
     }
 
     /// `<mount>/<rel>` where `rel` is relative to the test's cgroup root.

@@ -241,7 +241,178 @@ fn setup() -> Result<()> {
     if !missing.is_empty() {
         install_packages(&missing)?;
     }
+    test_peers()?;
     Ok(())
+}
+
+/// Step 5 of setup: the real MCP peers of tests/peers (see tests/peers/README.md): a venv made from
+/// /usr/bin/python3 with tests/peers/requirements.txt, and `npm ci` of tests/peers/package-lock.json,
+/// each in a directory named after a hash of its pinned files, world-readable (tests also run them
+/// as uid 65534), and pointed at by the symlinks `py` and `node` in the peers directory.
+/// A directory is used only once its `.guard-installed` marker holds the full hash, so a run that
+/// finds every marker in place changes nothing.
+fn test_peers() -> Result<()> {
+    // Bump to rebuild every peer directory when this recipe changes.
+    const RECIPE: &str = "test-peers v1";
+    let src = repo_root().join("tests/peers");
+    let dir = test_peers_dir()?;
+    fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    make_world_readable(&dir)?;
+
+    // Python: a venv of the system python3, the one every user can run.
+    let reqs =
+        fs::read(src.join("requirements.txt")).context("reading tests/peers/requirements.txt")?;
+    let hash = peers_hash(&[RECIPE.as_bytes(), b"python", &reqs]);
+    let venv = dir.join(format!("py-{}", &hash[..12]));
+    if !peers_installed(&venv, &hash) {
+        let python = Path::new("/usr/bin/python3");
+        let has_venv = Command::new(python)
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !has_venv {
+            install_packages(&["python3-venv"])?;
+        }
+        eprintln!(
+            "xtask: installing the Python test peers into {}",
+            venv.display()
+        );
+        remove_dir_if_exists(&venv)?;
+        status(Command::new(python).arg("-m").arg("venv").arg(&venv))?;
+        let py = venv.join("bin/python");
+        status(
+            Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                ])
+                .args(["--only-binary", ":all:", "-r"])
+                .arg(src.join("requirements.txt")),
+        )?;
+        status(Command::new(&py).args(["-m", "pip", "check", "--disable-pip-version-check"]))?;
+        peers_finish(&venv, &hash)?;
+    }
+    peers_link(&dir.join("py"), &venv)?;
+
+    // Node: @modelcontextprotocol/server-everything and sdk, exactly as package-lock.json says.
+    let package = fs::read(src.join("package.json")).context("reading tests/peers/package.json")?;
+    let lock =
+        fs::read(src.join("package-lock.json")).context("reading tests/peers/package-lock.json")?;
+    let hash = peers_hash(&[RECIPE.as_bytes(), b"node", &package, &lock]);
+    let modules = dir.join(format!("node-{}", &hash[..12]));
+    if !peers_installed(&modules, &hash) {
+        if which("npm").is_none() || which("node").is_none() {
+            install_packages(&["nodejs", "npm"])?;
+        }
+        eprintln!(
+            "xtask: installing the Node test peers into {}",
+            modules.display()
+        );
+        remove_dir_if_exists(&modules)?;
+        fs::create_dir_all(&modules)?;
+        fs::write(modules.join("package.json"), &package)?;
+        fs::write(modules.join("package-lock.json"), &lock)?;
+        status(Command::new("npm").current_dir(&modules).args([
+            "ci",
+            "--ignore-scripts",
+            "--no-audit",
+            "--no-fund",
+            "--omit=dev",
+        ]))?;
+        peers_finish(&modules, &hash)?;
+    }
+    peers_link(&dir.join("node"), &modules)?;
+    Ok(())
+}
+
+/// Where the test peers live: `$GUARD_TEST_PEERS`, else /opt/guard-test-peers (root, or anyone who
+/// may write there), else ~/.cache/guard/test-peers. tests/peers/README.md states the same rule.
+fn test_peers_dir() -> Result<PathBuf> {
+    if let Some(d) = env::var_os("GUARD_TEST_PEERS").filter(|d| !d.is_empty()) {
+        return Ok(PathBuf::from(d));
+    }
+    let opt = PathBuf::from("/opt/guard-test-peers");
+    let writable = |p: &Path| {
+        use std::os::unix::ffi::OsStrExt as _;
+        let c = std::ffi::CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: c is a valid NUL-terminated path.
+        unsafe { libc::access(c.as_ptr(), libc::W_OK) == 0 }
+    };
+    if is_root() || writable(&opt) || (!opt.exists() && writable(Path::new("/opt"))) {
+        return Ok(opt);
+    }
+    let fallback = cache_dir()?.join("test-peers");
+    eprintln!(
+        "xtask: not root: the test peers go to {} (the tests look there too)",
+        fallback.display()
+    );
+    Ok(fallback)
+}
+
+/// FNV-1a, 64 bits, over the parts (each followed by its length): names a peer directory.
+fn peers_hash(parts: &[&[u8]]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut eat = |b: u8| {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    };
+    for part in parts {
+        part.iter().copied().for_each(&mut eat);
+        (part.len() as u64)
+            .to_le_bytes()
+            .into_iter()
+            .for_each(&mut eat);
+    }
+    format!("{h:016x}")
+}
+
+fn peers_installed(dir: &Path, hash: &str) -> bool {
+    fs::read_to_string(dir.join(".guard-installed")).is_ok_and(|m| m.trim() == hash)
+}
+
+/// Opens the directory to every user (tests run clients as nobody), then marks it complete.
+fn peers_finish(dir: &Path, hash: &str) -> Result<()> {
+    status(Command::new("chmod").arg("-R").arg("a+rX").arg(dir))?;
+    let marker = dir.join(".guard-installed");
+    fs::write(&marker, format!("{hash}\n"))?;
+    make_world_readable(&marker)
+}
+
+fn make_world_readable(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut perms = fs::metadata(path)?.permissions();
+    let mode = perms.mode();
+    let want = mode | if path.is_dir() { 0o755 } else { 0o644 };
+    if want != mode {
+        perms.set_mode(want);
+        fs::set_permissions(path, perms)?;
+    }
+    Ok(())
+}
+
+fn remove_dir_if_exists(dir: &Path) -> Result<()> {
+    match fs::remove_dir_all(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Points `link` at `target` (by its name, so the directory can move), replacing it atomically.
+fn peers_link(link: &Path, target: &Path) -> Result<()> {
+    let name = target.file_name().unwrap();
+    if fs::read_link(link).is_ok_and(|t| t.as_os_str() == name) {
+        return Ok(());
+    }
+    let tmp = link.with_extension(format!("tmp{}", std::process::id()));
+    let _ = fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(name, &tmp)?;
+    fs::rename(&tmp, link).with_context(|| format!("replacing {}", link.display()))
 }
 
 fn install_packages(pkgs: &[&str]) -> Result<()> {
@@ -271,6 +442,34 @@ fn build(release: bool) -> Result<()> {
     status(&mut cmd)
 }
 
+/// Runs `cmd` (a `cargo test`), echoing its output, and adds up its "test result" lines.
+fn run_tests(cmd: &mut Command) -> Result<(bool, u64, u64, u64)> {
+    use std::io::{BufRead as _, BufReader};
+    cmd.stdout(std::process::Stdio::piped());
+    let mut child = cmd.spawn().context("running cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0, 0, 0);
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            for part in rest.split(';') {
+                let mut it = part.split_whitespace().rev();
+                let (Some(word), Some(n)) = (it.next(), it.next()) else {
+                    continue;
+                };
+                let n: u64 = n.parse().unwrap_or(0);
+                match word {
+                    "passed" => passed += n,
+                    "failed" => failed += n,
+                    "ignored" => ignored += n,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((child.wait()?.success(), passed, failed, ignored))
+}
+
 fn test(args: &[String]) -> Result<()> {
     let root = repo_root();
     let mut cmd = Command::new("cargo");
@@ -284,9 +483,20 @@ fn test(args: &[String]) -> Result<()> {
     if is_root() {
         // Root-only tests carry #[ignore = "needs root ..."]; root runs them all.
         cmd.arg("--include-ignored");
-        status(&mut cmd)
+        let (ok, passed, failed, _) = run_tests(&mut cmd)?;
+        // One closing line for the whole run (cargo's last line is the doc tests').
+        println!("tests: {passed} passed, {failed} failed");
+        if !ok {
+            bail!("tests failed");
+        }
+        Ok(())
     } else {
-        let result = status(&mut cmd);
+        let (ok, passed, failed, ignored) = run_tests(&mut cmd)?;
+        let result = if ok {
+            Ok(())
+        } else {
+            Err(anyhow!("tests failed"))
+        };
         let list = Command::new("cargo")
             .current_dir(&root)
             .args([
@@ -319,6 +529,7 @@ fn test(args: &[String]) -> Result<()> {
         eprintln!(
             "################################################################################"
         );
+        println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
         result
     }
 }

@@ -1,0 +1,977 @@
+//! HTTP in the proxy (hyper on both sides) and MCP enforcement on it: every `tools/call` is
+//! decided before anything reaches the server, `tools/list` results are filtered as they stream,
+//! and everything that is not MCP passes unchanged.
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    net::SocketAddr,
+    sync::{Arc, Mutex, RwLock},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use serde_json::{json, Value};
+use tokio::{net::TcpStream, sync::mpsc};
+
+use crate::{
+    audit::{AgentRef, Audit, Record, ServerRef},
+    config::{Denial, UnknownServers},
+    forward,
+    identify::Connection,
+    mcp::{self, Refusal, SseEvent, SseParser},
+    pins::Pins,
+    policy::{Caller, Decision, PolicySet, RateLimiter, ServerPolicy, ToolChange},
+};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type Body = BoxBody<Bytes, BoxError>;
+/// The sending end of a re-streamed response body.
+type StreamTx = mpsc::Sender<Result<Bytes, BoxError>>;
+
+/// Largest SSE event held while incomplete, and largest JSON response inspected.
+const MAX_EVENT: usize = 64 << 20;
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub max_body: usize,
+    pub max_header: usize,
+    pub header_timeout: Duration,
+    pub unknown_servers: UnknownServers,
+    pub denial: Denial,
+}
+
+/// Everything the HTTP layer needs, shared by all connections.
+pub struct Enforcer {
+    pub policies: RwLock<Arc<PolicySet>>,
+    pub limiter: RateLimiter,
+    pub pins: Pins,
+    pub audit: Arc<Audit>,
+    pub settings: HttpSettings,
+    /// Legacy HTTP+SSE sessions: (server, session id) -> the stream that session's answers go to.
+    legacy: Mutex<HashMap<(String, String), StreamTx>>,
+}
+
+impl Enforcer {
+    pub fn new(policies: PolicySet, pins: Pins, audit: Arc<Audit>, settings: HttpSettings) -> Self {
+        Enforcer {
+            policies: RwLock::new(Arc::new(policies)),
+            limiter: RateLimiter::new(),
+            pins,
+            audit,
+            settings,
+            legacy: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.read().unwrap().clone()
+    }
+
+    pub fn set_policies(&self, p: PolicySet) {
+        *self.policies.write().unwrap() = Arc::new(p);
+    }
+}
+
+/// The upstream side of one client connection: an HTTP/1.1 connection to the original
+/// destination, re-established when the server closes it.
+struct Upstream {
+    dst: SocketAddr,
+    first: Option<TcpStream>,
+    sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
+}
+
+impl Upstream {
+    async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        // Errors become strings here: boxed errors crossing these awaits trip the compiler's
+        // higher-ranked Send check for the spawned connection task.
+        let usable = match &mut self.sender {
+            Some(s) => !s.is_closed() && s.ready().await.is_ok(),
+            None => false,
+        };
+        if !usable {
+            let tcp = match self.first.take() {
+                Some(t) => t,
+                None => forward::connect(self.dst)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            };
+            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                if let Err(e) = conn.with_upgrades().await {
+                    tracing::debug!("upstream connection: {e}");
+                }
+            });
+            self.sender = Some(sender);
+        }
+        self.sender
+            .as_mut()
+            .unwrap()
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
+
+/// Per-connection context.
+struct Ctx {
+    enf: Arc<Enforcer>,
+    conn: Connection,
+    caller: Caller,
+    upstream: tokio::sync::Mutex<Upstream>,
+}
+
+/// Serves HTTP/1.1 on a redirected client connection until it closes.
+pub async fn serve(enf: Arc<Enforcer>, conn: Connection, client: TcpStream, upstream: TcpStream) {
+    let caller = Caller {
+        agent: conn.identity.agent.clone(),
+        uid: conn.identity.uid,
+        exe: conn.identity.exe.clone(),
+        cgroup: conn.identity.cgroup.clone(),
+        session: None,
+    };
+    let settings = enf.settings.clone();
+    let ctx = Arc::new(Ctx {
+        upstream: tokio::sync::Mutex::new(Upstream {
+            dst: conn.original_dst,
+            first: Some(upstream),
+            sender: None,
+        }),
+        enf,
+        conn,
+        caller,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(settings.header_timeout)
+        .max_buf_size(settings.max_header.max(8192));
+    if let Err(e) = builder
+        .serve_connection(TokioIo::new(client), service)
+        .with_upgrades()
+        .await
+    {
+        tracing::debug!("client connection: {e}");
+    }
+}
+
+#[derive(Debug)]
+enum Collect {
+    TooLarge,
+    Failed(String),
+}
+
+impl std::fmt::Display for Collect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Collect::TooLarge => write!(f, "too large"),
+            Collect::Failed(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// Reads a whole body of at most `max` bytes (stops reading as soon as it is over). Hand-rolled
+/// rather than `Limited`: its boxed-error bound defeats the Send check of the spawned task.
+async fn collect(mut body: Body, max: usize) -> Result<Bytes, Collect> {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| Collect::Failed(e.to_string()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > max {
+                return Err(Collect::TooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+fn full(b: impl Into<Bytes>) -> Body {
+    Full::new(b.into()).map_err(|e| match e {}).boxed()
+}
+
+fn boxed(b: Incoming) -> Body {
+    b.map_err(|e| Box::new(e) as BoxError).boxed()
+}
+
+fn text_response(status: StatusCode, text: String) -> Response<Body> {
+    let mut r = Response::new(full(text));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
+    let mut r = Response::new(full(serde_json::to_vec(v).unwrap_or_default()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// One answer event on a stream (for clients that only accept `text/event-stream`).
+fn sse_response(messages: &[Value]) -> Response<Body> {
+    let mut out = String::new();
+    for m in messages {
+        out.push_str("event: message\ndata: ");
+        out.push_str(&m.to_string());
+        out.push_str("\n\n");
+    }
+    let mut r = Response::new(full(out));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream"),
+    );
+    r
+}
+
+fn is_json(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            let v = v
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
+            v == "application/json" || v.ends_with("+json")
+        })
+        .unwrap_or(false)
+}
+
+fn content_type_is(headers: &HeaderMap, ct: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .eq_ignore_ascii_case(ct)
+        })
+        .unwrap_or(false)
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// `session_id` (legacy HTTP+SSE) from a request path's query.
+fn query_session(uri: &http::Uri) -> Option<String> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == "session_id" || k == "sessionId").then(|| v.to_string())
+    })
+}
+
+/// Where an MCP request goes, for decisions and audit.
+#[derive(Clone)]
+struct Target {
+    /// None: no policy matches (unknown server, let through by `unknown_servers`).
+    server: Option<String>,
+    host: String,
+    port: u16,
+    session: Option<String>,
+    transport: &'static str,
+}
+
+impl Ctx {
+    fn record(&self, event: &str, decision: &str, t: &Target) -> Record {
+        let mut r = self.enf.audit.record(event, decision);
+        r.agent = Some(AgentRef::from(&self.conn.identity));
+        r.server = Some(ServerRef {
+            name: t.server.clone(),
+            host: t.host.clone(),
+            port: t.port,
+        });
+        r.original_dst = Some(self.conn.original_dst.to_string());
+        r.transport = Some(t.transport.into());
+        r.session_id = t.session.clone();
+        r
+    }
+
+    /// Writes an audit record; false (and an error log) when it cannot be written, in which case
+    /// the caller fails closed.
+    fn audit(&self, r: &Record) -> bool {
+        match self.enf.audit.write(r) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                false
+            }
+        }
+    }
+
+    async fn forward(&self, req: Request<Body>) -> Response<Body> {
+        let dst = self.conn.original_dst;
+        match self.upstream.lock().await.send(req).await {
+            Ok(resp) => resp.map(boxed),
+            Err(e) => text_response(
+                StatusCode::BAD_GATEWAY,
+                format!("guard: upstream {dst} failed: {e}\n"),
+            ),
+        }
+    }
+
+    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+        let started = Instant::now();
+        let host_header = header_str(req.headers(), "host").map(str::to_string);
+        let host = host_header
+            .as_deref()
+            .map(|h| {
+                h.rsplit_once(':')
+                    .filter(|(_, p)| p.parse::<u16>().is_ok())
+                    .map_or(h, |(h, _)| h)
+            })
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .unwrap_or_else(|| self.conn.original_dst.ip().to_string());
+        let policies = self.enf.policies();
+        let server = policies
+            .match_request(
+                host_header.as_deref(),
+                self.conn.original_dst,
+                req.uri().path(),
+            )
+            .map(|s| s.name.clone());
+        let session = header_str(req.headers(), "mcp-session-id")
+            .map(str::to_string)
+            .or_else(|| query_session(req.uri()));
+        let mut target = Target {
+            server,
+            host,
+            port: self.conn.original_dst.port(),
+            session,
+            transport: "streamable-http",
+        };
+        if req.headers().contains_key(header::UPGRADE) {
+            return self.forward_upgrade(req).await;
+        }
+        let wants_body =
+            req.method() == Method::POST && (target.server.is_some() || is_json(req.headers()));
+        if !wants_body {
+            // GET streams, DELETE, and every non-MCP request: forwarded; MCP streams inspected.
+            let req = req.map(boxed);
+            let resp = self.forward(req).await;
+            return match &target.server {
+                Some(name) => {
+                    self.inspect_response(resp, policies, name.clone(), &mut target)
+                        .await
+                }
+                None => resp,
+            };
+        }
+
+        let (parts, body) = req.into_parts();
+        let max = self.enf.settings.max_body;
+        let bytes = match collect(boxed(body), max).await {
+            Ok(b) => b,
+            Err(Collect::TooLarge) => {
+                let mut r = self.record("limit", "deny", &target);
+                r.reason = Some(format!("request body over proxy.max_body ({max} bytes)"));
+                r.rule = Some("proxy.max_body".into());
+                self.audit(&r);
+                return text_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("guard: request body exceeds proxy.max_body ({max} bytes)\n"),
+                );
+            }
+            Err(Collect::Failed(e)) => {
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!("guard: reading the request body: {e}\n"),
+                );
+            }
+        };
+        let parsed = mcp::parse_body(&bytes);
+        let body = match (&target.server, parsed) {
+            (_, Ok(b)) if target.server.is_some() || mcp::looks_like_mcp(&b) => b,
+            (Some(_), Err(e)) => {
+                let mut r = self.record("tool_call", "deny", &target);
+                r.reason = Some(format!("malformed JSON-RPC: {e}"));
+                r.rule = Some("protocol".into());
+                self.audit(&r);
+                let code = if matches!(e, mcp::BodyError::Json(_)) {
+                    mcp::PARSE_ERROR
+                } else {
+                    mcp::INVALID_REQUEST
+                };
+                return json_response(
+                    StatusCode::BAD_REQUEST,
+                    &mcp::error(&Value::Null, code, &format!("guard: {e}")),
+                );
+            }
+            // JSON that is not MCP, to a server no policy names: not ours to judge.
+            _ => {
+                let req = Request::from_parts(parts, full(bytes));
+                return self.forward(req).await;
+            }
+        };
+        if target.server.is_none() {
+            match self.enf.settings.unknown_servers {
+                UnknownServers::Deny => return self.refuse_unknown(&parts.headers, &body, &target),
+                UnknownServers::Allow | UnknownServers::Audit => {}
+            }
+        }
+        if target.server.is_some() && self.legacy_key(&target).is_some() {
+            target.transport = "sse";
+        }
+        let resp = match self
+            .enforce(&parts.headers, &body, &target, &policies, started)
+            .await
+        {
+            Some(answer) => return answer,
+            None => {
+                let req = Request::from_parts(parts, full(bytes));
+                self.forward(req).await
+            }
+        };
+        match target.server.clone() {
+            Some(name) => {
+                self.inspect_response(resp, policies, name, &mut target)
+                    .await
+            }
+            None => resp,
+        }
+    }
+
+    /// `Upgrade` requests (WebSocket and the like): forwarded, then spliced both ways.
+    async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let mut resp = match self.upstream.lock().await.send(req.map(boxed)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: upstream failed: {e}\n"),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                    let mut c = TokioIo::new(c);
+                    let mut s = TokioIo::new(s);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+            });
+        }
+        resp.map(boxed)
+    }
+
+    fn legacy_key(&self, t: &Target) -> Option<(String, String)> {
+        let key = (t.server.clone()?, t.session.clone()?);
+        self.enf
+            .legacy
+            .lock()
+            .unwrap()
+            .contains_key(&key)
+            .then_some(key)
+    }
+
+    fn refuse_unknown(&self, headers: &HeaderMap, body: &mcp::Body, t: &Target) -> Response<Body> {
+        let mut answers = Vec::new();
+        for m in &body.messages {
+            let mut r = self.record(
+                if m.method.as_deref() == Some("tools/call") {
+                    "tool_call"
+                } else {
+                    "mcp_request"
+                },
+                "deny",
+                t,
+            );
+            r.method = m.method.clone();
+            r.tool = m.tool().map(str::to_string);
+            r.jsonrpc_id = m.id.clone();
+            r.rule = Some("policy.unknown_servers".into());
+            r.reason = Some(format!(
+                "no policy names the MCP server {}:{}",
+                t.host, t.port
+            ));
+            self.audit(&r);
+            if let (Some(id), true) = (&m.id, m.is_request()) {
+                let refusal = Refusal {
+                    code: mcp::UNKNOWN_SERVER,
+                    decision: "unknown_server",
+                    server: format!("{}:{}", t.host, t.port),
+                    tool: m.tool().map(str::to_string),
+                    rule: "policy.unknown_servers".into(),
+                    reason: format!("no policy names the MCP server {}:{}", t.host, t.port),
+                    retry_after_s: None,
+                    audit_id: r.id.clone(),
+                };
+                answers.push(refusal.error(id));
+            }
+        }
+        if answers.is_empty() {
+            return text_response(
+                StatusCode::FORBIDDEN,
+                format!(
+                    "guard: no policy names the MCP server {}:{}\n",
+                    t.host, t.port
+                ),
+            );
+        }
+        self.answer(headers, body.batch, answers)
+    }
+
+    /// An answer guard gives itself: JSON, or one SSE stream when the client accepts only that.
+    fn answer(&self, headers: &HeaderMap, batch: bool, answers: Vec<Value>) -> Response<Body> {
+        let accept = header_str(headers, "accept").unwrap_or("application/json");
+        let json_ok = accept.contains("application/json")
+            || accept.contains("*/*")
+            || !accept.contains("text/event-stream");
+        if !json_ok {
+            return sse_response(&answers);
+        }
+        if batch {
+            json_response(StatusCode::OK, &Value::Array(answers))
+        } else {
+            json_response(
+                StatusCode::OK,
+                &answers.into_iter().next().unwrap_or(Value::Null),
+            )
+        }
+    }
+
+    /// Decides every message of a POST. Returns the answer to give instead of forwarding, or
+    /// None when the body may go to the server as it is.
+    async fn enforce(
+        &self,
+        headers: &HeaderMap,
+        body: &mcp::Body,
+        t: &Target,
+        policies: &Arc<PolicySet>,
+        started: Instant,
+    ) -> Option<Response<Body>> {
+        // 2026-07-28 draft headers must agree with the body the policy reads.
+        if let Some(refusal) = self.check_headers(headers, body, t) {
+            return Some(refusal);
+        }
+        let server = t.server.as_deref().and_then(|n| policies.by_name(n));
+        let mut caller = self.caller.clone();
+        caller.session = t.session.clone();
+        let mut refusals: Vec<(usize, Value)> = Vec::new();
+        let mut first_refused: Option<String> = None;
+        for (i, m) in body.messages.iter().enumerate() {
+            if m.method.as_deref() != Some("tools/call") || !m.is_request() {
+                continue;
+            }
+            let id = m.id.clone().unwrap_or(Value::Null);
+            let tool = m.tool().unwrap_or("").to_string();
+            let args = m.arguments();
+            let mut r = self.record("tool_call", "allow", t);
+            r.method = m.method.clone();
+            r.tool = Some(tool.clone());
+            r.jsonrpc_id = Some(id.clone());
+            r.args_sha256 = Some(mcp::sha256_hex(&args));
+            let refusal = match server {
+                None => {
+                    // Unknown server let through by unknown_servers = allow | audit.
+                    r.rule = Some("policy.unknown_servers".into());
+                    None
+                }
+                Some(sp) => self.decide(sp, &tool, &args, &caller, &mut r),
+            };
+            r.latency_us = Some(started.elapsed().as_micros() as u64);
+            if !self.audit(&r) {
+                // No record, no call.
+                return Some(text_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "guard: audit log unavailable\n".into(),
+                ));
+            }
+            if let Some(mut refusal) = refusal {
+                refusal.audit_id = r.id.clone();
+                first_refused.get_or_insert_with(|| tool.clone());
+                let v = match self.enf.settings.denial {
+                    Denial::Error => refusal.error(&id),
+                    Denial::ToolResult => refusal.tool_result(&id),
+                };
+                refusals.push((i, v));
+            }
+        }
+        if refusals.is_empty() {
+            return None;
+        }
+        // Nothing of a body with a refused call is forwarded; every request in it is answered.
+        let mut answers = Vec::new();
+        for (i, m) in body.messages.iter().enumerate() {
+            if let Some((_, v)) = refusals.iter().find(|(j, _)| *j == i) {
+                answers.push(v.clone());
+            } else if let (true, Some(id)) = (m.is_request(), &m.id) {
+                let reason = format!(
+                    "not forwarded: the batch contained a blocked call ({})",
+                    first_refused.as_deref().unwrap_or("?")
+                );
+                let mut r = self.record("mcp_request", "deny", t);
+                r.method = m.method.clone();
+                r.jsonrpc_id = Some(id.clone());
+                r.rule = Some("batch".into());
+                r.reason = Some(reason.clone());
+                self.audit(&r);
+                let refusal = Refusal {
+                    code: mcp::DENIED,
+                    decision: "deny",
+                    server: t.server.clone().unwrap_or_default(),
+                    tool: m.tool().map(str::to_string),
+                    rule: "batch".into(),
+                    reason,
+                    retry_after_s: None,
+                    audit_id: r.id.clone(),
+                };
+                answers.push(refusal.error(id));
+            }
+        }
+        // Legacy HTTP+SSE: the POST is accepted and the answer travels on the session's stream.
+        if let Some(key) = self.legacy_key(t) {
+            let tx = self.enf.legacy.lock().unwrap().get(&key).cloned();
+            if let Some(tx) = tx {
+                let events: Vec<Bytes> = answers
+                    .iter()
+                    .map(|a| Bytes::from(format!("event: message\ndata: {a}\n\n")))
+                    .collect();
+                drop(answers);
+                for ev in events {
+                    let _ = tx.send(Ok(ev)).await;
+                }
+                let mut resp = Response::new(full("Accepted"));
+                *resp.status_mut() = StatusCode::ACCEPTED;
+                return Some(resp);
+            }
+        }
+        Some(self.answer(headers, body.batch, answers))
+    }
+
+    fn decide(
+        &self,
+        sp: &ServerPolicy,
+        tool: &str,
+        args: &Value,
+        caller: &Caller,
+        r: &mut Record,
+    ) -> Option<Refusal> {
+        let refusal = |code, decision, rule: String, reason: String, retry| Refusal {
+            code,
+            decision,
+            server: sp.name.clone(),
+            tool: Some(tool.to_string()),
+            rule,
+            reason,
+            retry_after_s: retry,
+            audit_id: String::new(),
+        };
+        if sp.on_tool_change == ToolChange::Block && self.enf.pins.blocked(&sp.name, tool) {
+            r.decision = "tool_changed".into();
+            r.rule = Some("on_tool_change".into());
+            let reason = "the tool's definition changed since it was pinned".to_string();
+            r.reason = Some(reason.clone());
+            return Some(refusal(
+                mcp::TOOL_CHANGED,
+                "tool_changed",
+                "on_tool_change".into(),
+                reason,
+                None,
+            ));
+        }
+        match sp.decide(tool, args, caller, &self.enf.limiter, Instant::now()) {
+            Decision::Allow { rule } => {
+                r.rule = Some(rule);
+                None
+            }
+            Decision::Deny { rule, reason } => {
+                r.decision = "deny".into();
+                r.rule = Some(rule.clone());
+                r.reason = Some(reason.clone());
+                Some(refusal(mcp::DENIED, "deny", rule, reason, None))
+            }
+            Decision::RateLimited {
+                rule,
+                reason,
+                retry_after_s,
+            } => {
+                r.decision = "rate_limited".into();
+                r.rule = Some(rule.clone());
+                r.reason = Some(reason.clone());
+                Some(refusal(
+                    mcp::RATE_LIMITED,
+                    "rate_limited",
+                    rule,
+                    reason,
+                    Some(retry_after_s),
+                ))
+            }
+            Decision::RequireApproval { rule, .. } => {
+                // Held calls need the approval workflow; until it is there, fail closed.
+                let reason = "this tool requires human approval, and no approval channel is available in this guard version".to_string();
+                r.decision = "approval_denied".into();
+                r.rule = Some(rule.clone());
+                r.reason = Some(reason.clone());
+                Some(refusal(
+                    mcp::APPROVAL_DENIED,
+                    "approval_denied",
+                    rule,
+                    reason,
+                    None,
+                ))
+            }
+        }
+    }
+
+    fn check_headers(
+        &self,
+        headers: &HeaderMap,
+        body: &mcp::Body,
+        t: &Target,
+    ) -> Option<Response<Body>> {
+        let hm = header_str(headers, "mcp-method");
+        let hn = header_str(headers, "mcp-name");
+        if hm.is_none() && hn.is_none() {
+            return None;
+        }
+        let problem = if body.batch {
+            Some("Mcp-Method / Mcp-Name headers cannot describe a batch".to_string())
+        } else {
+            let m = &body.messages[0];
+            let method = m.method.as_deref().unwrap_or("");
+            let name = match method {
+                "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                    m.params.get("uri").and_then(Value::as_str)
+                }
+                _ => m.params.get("name").and_then(Value::as_str),
+            };
+            match (hm, hn) {
+                (Some(h), _) if h != method => Some(format!(
+                    "Mcp-Method header \"{h}\" does not match the body's method \"{method}\""
+                )),
+                (_, Some(h)) if Some(h) != name => Some(format!(
+                    "Mcp-Name header \"{h}\" does not match the body's name \"{}\"",
+                    name.unwrap_or("")
+                )),
+                _ => None,
+            }
+        };
+        let problem = problem?;
+        let m = &body.messages[0];
+        let mut r = self.record("tool_call", "deny", t);
+        r.method = m.method.clone();
+        r.tool = m.tool().map(str::to_string);
+        r.jsonrpc_id = m.id.clone();
+        r.rule = Some("headers".into());
+        r.reason = Some(problem.clone());
+        self.audit(&r);
+        let id = m.id.clone().unwrap_or(Value::Null);
+        let refusal = Refusal {
+            code: mcp::DENIED,
+            decision: "deny",
+            server: t.server.clone().unwrap_or_default(),
+            tool: m.tool().map(str::to_string),
+            rule: "headers".into(),
+            reason: problem,
+            retry_after_s: None,
+            audit_id: r.id,
+        };
+        Some(json_response(StatusCode::BAD_REQUEST, &refusal.error(&id)))
+    }
+
+    /// Filters `tools/list` results in a response from a policy-named server, JSON or SSE,
+    /// and records tool definitions for pinning. Legacy SSE endpoints are registered so guard
+    /// can answer on that session's stream.
+    async fn inspect_response(
+        self: &Arc<Self>,
+        resp: Response<Body>,
+        policies: Arc<PolicySet>,
+        server: String,
+        t: &mut Target,
+    ) -> Response<Body> {
+        if content_type_is(resp.headers(), "text/event-stream") {
+            return self
+                .clone()
+                .filter_stream(resp, policies, server, t.clone());
+        }
+        if !is_json(resp.headers()) {
+            return resp;
+        }
+        let (mut parts, body) = resp.into_parts();
+        let bytes = match collect(body, MAX_EVENT).await {
+            Ok(b) => b,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: reading the server's answer: {e}\n"),
+                )
+            }
+        };
+        let Ok(mut v) = serde_json::from_slice::<Value>(&bytes) else {
+            return Response::from_parts(parts, full(bytes));
+        };
+        let changed = match &mut v {
+            Value::Array(items) => {
+                // Every message is filtered (no short-circuit).
+                let mut changed = false;
+                for m in items.iter_mut() {
+                    changed |= self.filter_message(m, &policies, &server, t);
+                }
+                changed
+            }
+            m => self.filter_message(m, &policies, &server, t),
+        };
+        if !changed {
+            return Response::from_parts(parts, full(bytes));
+        }
+        let out = serde_json::to_vec(&v).unwrap_or_default();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        Response::from_parts(parts, full(out))
+    }
+
+    /// Applies policy to one server message; true when it was changed.
+    fn filter_message(
+        &self,
+        m: &mut Value,
+        policies: &PolicySet,
+        server: &str,
+        t: &Target,
+    ) -> bool {
+        let Some(tools) = mcp::tools_of(m) else {
+            return false;
+        };
+        let Some(sp) = policies.by_name(server) else {
+            return false;
+        };
+        let accept = sp.on_tool_change == ToolChange::Allow;
+        match self.enf.pins.observe(server, tools, accept) {
+            Ok(changes) => {
+                for c in changes {
+                    let mut r =
+                        self.record("tool_changed", if accept { "allow" } else { "block" }, t);
+                    r.tool = Some(c.tool.clone());
+                    r.rule = Some("on_tool_change".into());
+                    r.reason = Some(format!(
+                        "definition hash {} differs from the pinned {}",
+                        c.seen, c.pinned
+                    ));
+                    self.audit(&r);
+                }
+            }
+            Err(e) => tracing::error!("tool pins for {server}: {e:#}"),
+        }
+        let mut caller = self.caller.clone();
+        caller.session = t.session.clone();
+        let removed = mcp::filter_tools(m, |name| sp.visible(name, &caller));
+        let mut r = self.record("tools_list", "filter", t);
+        r.method = Some("tools/list".into());
+        r.jsonrpc_id = m.get("id").cloned();
+        r.detail = Some(json!({ "hidden": removed }));
+        self.audit(&r);
+        !removed.is_empty()
+    }
+
+    /// Re-streams an SSE response event by event.
+    fn filter_stream(
+        self: Arc<Self>,
+        resp: Response<Body>,
+        policies: Arc<PolicySet>,
+        server: String,
+        mut t: Target,
+    ) -> Response<Body> {
+        let (mut parts, mut body) = resp.into_parts();
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let (tx, rx) = mpsc::channel::<Result<Bytes, BoxError>>(64);
+        let me = self;
+        tokio::spawn(async move {
+            let mut parser = SseParser::new(MAX_EVENT);
+            let mut registered: Option<(String, String)> = None;
+            'read: while let Some(frame) = body.frame().await {
+                let data = match frame {
+                    Ok(f) => match f.into_data() {
+                        Ok(d) => d,
+                        Err(_) => continue,
+                    },
+                    Err(e) => {
+                        let _ = tx.send(Err(e)).await;
+                        break;
+                    }
+                };
+                let events = match parser.push(&data) {
+                    Ok(evs) => evs,
+                    Err(n) => {
+                        let _ = tx
+                            .send(Err(format!("guard: SSE event larger than {n} bytes").into()))
+                            .await;
+                        break;
+                    }
+                };
+                for ev in events {
+                    if ev.event.as_deref() == Some("endpoint") {
+                        // Legacy HTTP+SSE: this stream carries the answers of the session the
+                        // endpoint names.
+                        if let Some(session) = ev
+                            .data
+                            .as_deref()
+                            .and_then(|d| d.parse::<http::Uri>().ok())
+                            .and_then(|u| query_session(&u))
+                        {
+                            let key = (server.clone(), session.clone());
+                            me.enf
+                                .legacy
+                                .lock()
+                                .unwrap()
+                                .insert(key.clone(), tx.clone());
+                            registered = Some(key);
+                            t.session = Some(session);
+                            t.transport = "sse";
+                        }
+                    }
+                    let out = me.filter_event(&ev, &policies, &server, &t);
+                    if tx.send(Ok(out)).await.is_err() {
+                        break 'read;
+                    }
+                }
+            }
+            let rest = parser.rest();
+            if !rest.is_empty() {
+                let _ = tx.send(Ok(rest)).await;
+            }
+            if let Some(key) = registered {
+                me.enf.legacy.lock().unwrap().remove(&key);
+            }
+        });
+        let stream = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|item| (item.map(Frame::data), rx))
+        });
+        Response::from_parts(parts, StreamBody::new(stream).boxed())
+    }
+
+    fn filter_event(&self, ev: &SseEvent, policies: &PolicySet, server: &str, t: &Target) -> Bytes {
+        let Some(data) = &ev.data else {
+            return ev.raw.clone();
+        };
+        let Ok(mut v) = serde_json::from_str::<Value>(data) else {
+            return ev.raw.clone();
+        };
+        if self.filter_message(&mut v, policies, server, t) {
+            ev.with_data(&v.to_string())
+        } else {
+            ev.raw.clone()
+        }
+    }
+}

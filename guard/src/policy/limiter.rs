@@ -1,0 +1,219 @@
+//! Sliding-window rate-limit state, shared by every connection of the proxy.
+//!
+//! Each counter keeps the instants of the calls it counted within its window (a sliding log), so
+//! a window really slides: a call is counted for exactly `window` after it was made, whatever the
+//! calendar says. Counters are keyed by (server, rule, scope key), so a reloaded policy keeps the
+//! counts of the rules it did not change.
+
+use std::collections::{HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::{Caller, Scope};
+
+/// One compiled rate limit.
+#[derive(Debug, Clone)]
+pub(super) struct Limit {
+    /// The rule name, e.g. `tools.x.rate_limit` or `all_tools.limits[0]`.
+    pub name: Arc<str>,
+    pub max: u64,
+    pub window: Duration,
+    pub scope: Scope,
+    /// PolicyLayer's `counter` label, if any (shown in the reason).
+    pub label: Option<String>,
+}
+
+impl Limit {
+    pub fn reason(&self, retry_after_s: u64) -> String {
+        let scope = match self.scope {
+            Scope::Session => "per session",
+            Scope::Agent => "per agent",
+            Scope::Uid => "per uid",
+            Scope::Global => "in total",
+        };
+        let label = match &self.label {
+            Some(l) => format!(" ({l})"),
+            None => String::new(),
+        };
+        format!(
+            "rate limit{label} of {} calls per {}s {scope} reached; retry in {retry_after_s}s",
+            self.max,
+            self.window.as_secs()
+        )
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum ScopeKey {
+    Session(String),
+    Agent(String),
+    Uid(u32),
+    Global,
+}
+
+impl ScopeKey {
+    fn of(scope: Scope, caller: &Caller) -> ScopeKey {
+        let by_agent = || match &caller.agent {
+            Some(a) => ScopeKey::Agent(a.clone()),
+            None => ScopeKey::Uid(caller.uid),
+        };
+        match scope {
+            Scope::Session => match &caller.session {
+                Some(s) => ScopeKey::Session(s.clone()),
+                None => by_agent(),
+            },
+            Scope::Agent => by_agent(),
+            Scope::Uid => ScopeKey::Uid(caller.uid),
+            Scope::Global => ScopeKey::Global,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct Key {
+    server: Arc<str>,
+    rule: Arc<str>,
+    scope: ScopeKey,
+}
+
+#[derive(Debug, Default)]
+struct Counter {
+    window: Duration,
+    hits: VecDeque<Instant>,
+}
+
+impl Counter {
+    fn prune(&mut self, now: Instant) {
+        while let Some(&t) = self.hits.front() {
+            if now.saturating_duration_since(t) >= self.window {
+                self.hits.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+#[derive(Default)]
+struct Inner {
+    counters: HashMap<Key, Counter>,
+    ops: u64,
+}
+
+/// How often (in consuming calls) counters with nothing left in their window are dropped.
+const SWEEP_EVERY: u64 = 4096;
+
+/// Sliding-window rate-limit state (interior mutability; `Send + Sync`; share it with `Arc`).
+#[derive(Default)]
+pub struct RateLimiter {
+    inner: Mutex<Inner>,
+}
+
+impl fmt::Debug for RateLimiter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimiter")
+            .field("counters", &self.len())
+            .finish()
+    }
+}
+
+/// A limit that refused a call.
+pub(super) struct Exceeded<'a> {
+    pub limit: &'a Limit,
+    pub retry_after_s: u64,
+}
+
+impl RateLimiter {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Number of live counters (for status output and tests).
+    pub fn len(&self) -> usize {
+        self.lock().counters.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Forgets every count.
+    pub fn clear(&self) {
+        self.lock().counters.clear();
+    }
+
+    /// Drops counters with no call left in their window.
+    pub fn sweep(&self, now: Instant) {
+        let mut inner = self.lock();
+        inner.counters.retain(|_, c| {
+            c.prune(now);
+            !c.hits.is_empty()
+        });
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // The state stays consistent across a panic elsewhere (each update is one push), so a
+        // poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Checks every limit for this caller; when all pass and `consume` is set, counts the call
+    /// against each of them (all or nothing). When some refuse, reports the one that frees up
+    /// last, since the call can only pass when all of them do.
+    pub(super) fn check<'a>(
+        &self,
+        server: &Arc<str>,
+        limits: impl Iterator<Item = &'a Limit> + Clone,
+        caller: &Caller,
+        now: Instant,
+        consume: bool,
+    ) -> Result<(), Exceeded<'a>> {
+        let key = |l: &Limit| Key {
+            server: server.clone(),
+            rule: l.name.clone(),
+            scope: ScopeKey::of(l.scope, caller),
+        };
+        let mut inner = self.lock();
+        let mut worst: Option<Exceeded<'a>> = None;
+        for limit in limits.clone() {
+            let Some(counter) = inner.counters.get_mut(&key(limit)) else {
+                continue;
+            };
+            counter.window = limit.window;
+            counter.prune(now);
+            let n = counter.hits.len() as u64;
+            if n >= limit.max {
+                // The count drops below max once the (n - max + 1) oldest calls have left.
+                let pivot = counter.hits[(n - limit.max) as usize];
+                let free_at = pivot + limit.window;
+                let wait = free_at.saturating_duration_since(now);
+                let secs = wait.as_nanos().div_ceil(1_000_000_000).max(1) as u64;
+                if worst.as_ref().is_none_or(|w| secs > w.retry_after_s) {
+                    worst = Some(Exceeded {
+                        limit,
+                        retry_after_s: secs,
+                    });
+                }
+            }
+        }
+        if let Some(w) = worst {
+            return Err(w);
+        }
+        if consume {
+            for limit in limits {
+                let counter = inner.counters.entry(key(limit)).or_default();
+                counter.window = limit.window;
+                counter.hits.push_back(now);
+            }
+            inner.ops += 1;
+            if inner.ops.is_multiple_of(SWEEP_EVERY) {
+                inner.counters.retain(|_, c| {
+                    c.prune(now);
+                    !c.hits.is_empty()
+                });
+            }
+        }
+        Ok(())
+    }
+}

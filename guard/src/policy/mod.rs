@@ -1,0 +1,772 @@
+//! The policy engine: which MCP tool calls an agent may make (SPEC §5).
+//!
+//! Pure: apart from [`PolicySet::load_dir`] / [`PolicySet::load`] reading the files, nothing here
+//! does I/O. The proxy finds the [`ServerPolicy`] for a request ([`PolicySet::match_request`],
+//! [`PolicySet::match_sni`]), asks it for a [`Decision`] on each `tools/call`
+//! ([`ServerPolicy::decide`]) and filters `tools/list` ([`ServerPolicy::visible`]).
+//!
+//! # Files
+//!
+//! One JSON file per MCP server in a directory; every `*.json` is read in name order (names
+//! starting with `.` are skipped, as editors' lock and backup files), other files are ignored.
+//! The format is a superset of PolicyLayer's `policy.json`:
+//!
+//! ```json
+//! {
+//!   "version": "1",
+//!   "server": { "name": "flux", "match": ["https://api.acedata.cloud/flux/mcp", "127.0.0.1:8000"] },
+//!   "default": "deny",
+//!   "hide": ["flux_edit_image"],
+//!   "hide_denied": true,
+//!   "on_tool_change": "block",
+//!   "all_tools": { "rate_limit": { "max": 100, "window": 60 } },
+//!   "tools": {
+//!     "flux_get_task": {},
+//!     "flux_generate_image": { "rate_limit": { "max": 10, "window": 60, "scope": "agent" } },
+//!     "flux_edit_image": { "action": "deny", "reason": "image editing is not approved" },
+//!     "flux_generate_video": { "action": "require_approval", "approval_timeout": 120 },
+//!     "flux_get_tasks_batch": { "when": [ { "path": "task_ids", "op": "max_items", "value": 10 } ],
+//!                               "reason": "at most 10 tasks per call" }
+//!   },
+//!   "grants": [ { "agents": ["research-bot"], "uids": [1001], "tools": { "flux_generate_video": {} } } ]
+//! }
+//! ```
+//!
+//! - `version` must be `"1"`; `description` is free text.
+//! - `server.name` defaults to the file's stem. `server.match` lists URLs
+//!   (`http[s]://host[:port]/path`: host, port and path prefix) and `host:port` entries (names
+//!   are compared with the `Host` header or SNI, IP literals also with the original destination).
+//!   **A file without `server` (as exported from PolicyLayer) matches no traffic by address**: it
+//!   is found only by name ([`PolicySet::by_name`], e.g. `guard policy explain --server NAME`),
+//!   until a `server.match` is added.
+//! - `default`: `"allow"` | `"deny"` (default `"deny"`) for tools not listed in `tools`.
+//! - A tool rule `{}` allows; `action`: `"allow"` | `"deny"` (+ `reason`) | `"require_approval"`
+//!   (+ `approval_timeout` seconds, default 120).
+//! - `rate_limit: {max, window, scope}`: `window` in seconds (or `"second"`, `"minute"`,
+//!   `"hour"`, `"day"`), `scope` `"session"` | `"agent"` (default) | `"uid"` | `"global"`; the
+//!   string `"10/minute"` is a shorthand. PolicyLayer's `limits: [{counter, window, max, scope}]`
+//!   is the same thing spelled as a list (`counter` is a label). Windows slide. A tool's limits
+//!   and `all_tools`' limits all apply; `all_tools`' are shared by every tool of the server.
+//!   The `session` scope falls back to the agent when the call has no MCP session, and the
+//!   `agent` scope to the uid when the caller has no agent name.
+//! - `when: [{path, op, value}]`: conditions on `params.arguments`, all of which must hold.
+//!   `path` is dotted (`a.b.0`, optionally `$.`-prefixed; `a.b[0]` also works; `$` is the
+//!   arguments object); ops `eq neq in not_in lt lte gt gte regex contains exists max_items
+//!   max_length`. A missing path fails (but satisfies `exists: false`). Numbers compare by value;
+//!   `lt`.. compare numbers with numbers and strings with strings; `regex` is unanchored.
+//! - `hide`: never listed, always denied (grants cannot unhide); `"*"` hides everything.
+//!   `hide_denied` (default true) also removes from `tools/list` the tools this caller would be
+//!   denied outright (tools with conditions stay listed: arguments decide).
+//! - `grants`: `{agents, uids, exes, cgroups, tools, default}`. A grant applies when every
+//!   selector kind it lists matches the caller (a cgroup also covers its descendants). Of the
+//!   applicable grants, the most specific (most selector kinds) with a rule for the tool wins
+//!   (ties: file order) and replaces the base rule; likewise a grant `default` replaces `default`.
+//!
+//! Evaluation order: hide -> deny -> conditions -> rate limit -> approval -> allow. Only a call
+//! that passes the rate-limit step is counted (also when it then waits for approval).
+
+mod compile;
+mod cond;
+mod limiter;
+mod locate;
+mod matcher;
+mod raw;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use self::cond::Condition;
+use self::limiter::Limit;
+pub use self::limiter::RateLimiter;
+use self::locate::Seg;
+use self::matcher::Matcher;
+
+/// What to do when a tool's definition changes after it was first seen (SPEC §5, pinning).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ToolChange {
+    #[default]
+    Block,
+    Allow,
+}
+
+/// The answer for tools no rule names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DefaultAction {
+    Allow,
+    Deny,
+}
+
+/// Whose calls a rate limit counts together.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    /// One MCP session (falls back to the agent when there is none).
+    Session,
+    /// One agent name (falls back to the uid when the caller has none).
+    #[default]
+    Agent,
+    Uid,
+    Global,
+}
+
+/// Who makes a call, as the proxy identified them.
+#[derive(Debug, Clone, Default)]
+pub struct Caller {
+    /// `guard exec --agent NAME`.
+    pub agent: Option<String>,
+    pub uid: u32,
+    /// Executable path.
+    pub exe: Option<String>,
+    /// cgroup v2 path, relative to the cgroup mount (e.g. `/guard.slice/agent-bot-1`).
+    pub cgroup: Option<String>,
+    /// MCP session id.
+    pub session: Option<String>,
+}
+
+/// The verdict on one `tools/call`. `rule` names what decided (e.g. `tools.x`, `hide`,
+/// `tools.x.when[0]`, `all_tools.rate_limit`, `grants[0].tools.x`, `default`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    Allow {
+        rule: String,
+    },
+    /// JSON-RPC -32001.
+    Deny {
+        rule: String,
+        reason: String,
+    },
+    /// JSON-RPC -32002.
+    RateLimited {
+        rule: String,
+        reason: String,
+        retry_after_s: u64,
+    },
+    RequireApproval {
+        rule: String,
+        timeout_s: u64,
+    },
+}
+
+impl Decision {
+    pub fn rule(&self) -> &str {
+        match self {
+            Decision::Allow { rule }
+            | Decision::Deny { rule, .. }
+            | Decision::RateLimited { rule, .. }
+            | Decision::RequireApproval { rule, .. } => rule,
+        }
+    }
+
+    /// The reason, for the refusals.
+    pub fn reason(&self) -> Option<&str> {
+        match self {
+            Decision::Deny { reason, .. } | Decision::RateLimited { reason, .. } => Some(reason),
+            _ => None,
+        }
+    }
+
+    /// `"allow"`, `"deny"`, `"rate_limited"`, `"require_approval"` (for audit and explain).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Decision::Allow { .. } => "allow",
+            Decision::Deny { .. } => "deny",
+            Decision::RateLimited { .. } => "rate_limited",
+            Decision::RequireApproval { .. } => "require_approval",
+        }
+    }
+
+    /// The JSON-RPC error code that answers a refusal (SPEC §6).
+    pub fn error_code(&self) -> Option<i64> {
+        match self {
+            Decision::Deny { .. } => Some(-32001),
+            Decision::RateLimited { .. } => Some(-32002),
+            _ => None,
+        }
+    }
+}
+
+/// An invalid policy: `file:line:col: field.path: what is wrong`. `line` and `col` are 1-based
+/// (columns count characters); both are 0 for errors about a whole file or directory.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PolicyError {
+    pub file: String,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for PolicyError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file, self.message)
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file, self.line, self.col, self.message
+            )
+        }
+    }
+}
+
+impl std::error::Error for PolicyError {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Action {
+    Allow,
+    Deny,
+    RequireApproval,
+}
+
+/// A compiled tool rule.
+#[derive(Debug)]
+struct Rule {
+    name: String,
+    action: Action,
+    reason: Option<String>,
+    approval_timeout: u64,
+    when: Vec<Condition>,
+    limits: Vec<Limit>,
+}
+
+#[derive(Debug)]
+struct Grant {
+    default_name: String,
+    agents: Option<Vec<String>>,
+    uids: Option<Vec<u32>>,
+    exes: Option<Vec<String>>,
+    /// Without leading/trailing slashes.
+    cgroups: Option<Vec<String>>,
+    specificity: usize,
+    tools: HashMap<String, Rule>,
+    default: Option<DefaultAction>,
+}
+
+impl Grant {
+    fn applies(&self, c: &Caller) -> bool {
+        fn named(list: &Option<Vec<String>>, who: &Option<String>) -> bool {
+            match list {
+                None => true,
+                Some(l) => who.as_ref().is_some_and(|w| l.iter().any(|x| x == w)),
+            }
+        }
+        named(&self.agents, &c.agent)
+            && self.uids.as_ref().is_none_or(|u| u.contains(&c.uid))
+            && named(&self.exes, &c.exe)
+            && match &self.cgroups {
+                None => true,
+                Some(list) => c.cgroup.as_deref().is_some_and(|cg| {
+                    let cg = cg.trim_matches('/');
+                    list.iter().any(|g| {
+                        g.is_empty()
+                            || cg == g
+                            || (cg.starts_with(g.as_str()) && cg.as_bytes()[g.len()] == b'/')
+                    })
+                }),
+            }
+    }
+}
+
+/// What governs one tool for one caller.
+enum Resolved<'a> {
+    Rule(&'a Rule),
+    Default(DefaultAction, &'a str),
+}
+
+/// The policy for one MCP server (one file).
+#[derive(Debug)]
+pub struct ServerPolicy {
+    pub name: String,
+    /// The file it was loaded from (as named to the loader).
+    pub file: String,
+    pub on_tool_change: ToolChange,
+    pub description: Option<String>,
+    pub hide_denied: bool,
+    /// The base `default` (before grants).
+    pub default: DefaultAction,
+    matchers: Vec<(String, Matcher)>,
+    key: Arc<str>,
+    hide_all: bool,
+    hidden: HashSet<String>,
+    tools: HashMap<String, Rule>,
+    all_tools: Vec<Limit>,
+    grants: Vec<Grant>,
+}
+
+impl ServerPolicy {
+    /// The `server.match` entries as written.
+    pub fn match_entries(&self) -> impl Iterator<Item = &str> {
+        self.matchers.iter().map(|(s, _)| s.as_str())
+    }
+
+    /// The tools the base policy names (not grants), in no particular order.
+    pub fn tool_names(&self) -> impl Iterator<Item = &str> {
+        self.tools.keys().map(String::as_str)
+    }
+
+    /// Whether `hide` hides `tool` (from everyone).
+    pub fn is_hidden(&self, tool: &str) -> bool {
+        self.hide_all || self.hidden.contains(tool)
+    }
+
+    /// Pure decision for one `tools/call`; counts the call against its rate limits when it
+    /// passes them. `args` is `params.arguments` (anything else, e.g. `Null`, has no fields).
+    pub fn decide(
+        &self,
+        tool: &str,
+        args: &Value,
+        caller: &Caller,
+        limiter: &RateLimiter,
+        now: Instant,
+    ) -> Decision {
+        self.evaluate(tool, args, caller, limiter, now, true)
+    }
+
+    /// Same as [`decide`](Self::decide), without consuming rate-limit budget
+    /// (for `guard policy explain`).
+    pub fn explain(
+        &self,
+        tool: &str,
+        args: &Value,
+        caller: &Caller,
+        limiter: &RateLimiter,
+        now: Instant,
+    ) -> Decision {
+        self.evaluate(tool, args, caller, limiter, now, false)
+    }
+
+    /// Whether `tools/list` should show `tool` to this caller: not hidden, and (with
+    /// `hide_denied`) not denied to them outright.
+    pub fn visible(&self, tool: &str, caller: &Caller) -> bool {
+        if self.is_hidden(tool) {
+            return false;
+        }
+        if !self.hide_denied {
+            return true;
+        }
+        match self.resolve(tool, caller) {
+            Resolved::Rule(r) => r.action != Action::Deny,
+            Resolved::Default(d, _) => d == DefaultAction::Allow,
+        }
+    }
+
+    fn resolve<'a>(&'a self, tool: &str, caller: &Caller) -> Resolved<'a> {
+        let mut rule: Option<(usize, &Rule)> = None;
+        let mut default: Option<(usize, DefaultAction, &str)> = None;
+        for g in &self.grants {
+            let wants_rule = g.tools.contains_key(tool);
+            let wants_default = g.default.is_some();
+            if !(wants_rule || wants_default) || !g.applies(caller) {
+                continue;
+            }
+            if let Some(r) = g.tools.get(tool) {
+                if rule.is_none_or(|(s, _)| g.specificity > s) {
+                    rule = Some((g.specificity, r));
+                }
+            }
+            if let Some(d) = g.default {
+                if default.is_none_or(|(s, _, _)| g.specificity > s) {
+                    default = Some((g.specificity, d, &g.default_name));
+                }
+            }
+        }
+        if let Some((_, r)) = rule {
+            return Resolved::Rule(r);
+        }
+        if let Some(r) = self.tools.get(tool) {
+            return Resolved::Rule(r);
+        }
+        match default {
+            Some((_, d, name)) => Resolved::Default(d, name),
+            None => Resolved::Default(self.default, "default"),
+        }
+    }
+
+    fn evaluate(
+        &self,
+        tool: &str,
+        args: &Value,
+        caller: &Caller,
+        limiter: &RateLimiter,
+        now: Instant,
+        consume: bool,
+    ) -> Decision {
+        // 1. hide
+        if self.is_hidden(tool) {
+            return Decision::Deny {
+                rule: "hide".into(),
+                reason: format!("tool \"{tool}\" is hidden by policy"),
+            };
+        }
+        let (rule, default_name) = match self.resolve(tool, caller) {
+            Resolved::Rule(r) => (Some(r), ""),
+            Resolved::Default(DefaultAction::Allow, name) => (None, name),
+            Resolved::Default(DefaultAction::Deny, name) => {
+                return Decision::Deny {
+                    rule: name.to_owned(),
+                    reason: format!(
+                        "tool \"{tool}\" is not allowed by the policy of server \"{}\"",
+                        self.name
+                    ),
+                };
+            }
+        };
+        // 2. deny
+        if let Some(r) = rule {
+            if r.action == Action::Deny {
+                return Decision::Deny {
+                    rule: r.name.clone(),
+                    reason: r
+                        .reason
+                        .clone()
+                        .unwrap_or_else(|| format!("tool \"{tool}\" is denied by policy")),
+                };
+            }
+            // 3. conditions
+            for c in &r.when {
+                if !c.holds(args) {
+                    return Decision::Deny {
+                        rule: c.name.clone(),
+                        reason: r.reason.clone().unwrap_or_else(|| c.describe_failure(args)),
+                    };
+                }
+            }
+        }
+        // 4. rate limits: the rule's and all_tools', all or nothing.
+        let rule_limits = rule.map_or(&[][..], |r| &r.limits[..]);
+        if !rule_limits.is_empty() || !self.all_tools.is_empty() {
+            let limits = rule_limits.iter().chain(self.all_tools.iter());
+            if let Err(e) = limiter.check(&self.key, limits, caller, now, consume) {
+                return Decision::RateLimited {
+                    rule: e.limit.name.to_string(),
+                    reason: e.limit.reason(e.retry_after_s),
+                    retry_after_s: e.retry_after_s,
+                };
+            }
+        }
+        // 5. approval, 6. allow
+        match rule {
+            Some(r) if r.action == Action::RequireApproval => Decision::RequireApproval {
+                rule: r.name.clone(),
+                timeout_s: r.approval_timeout,
+            },
+            Some(r) => Decision::Allow {
+                rule: r.name.clone(),
+            },
+            None => Decision::Allow {
+                rule: default_name.to_owned(),
+            },
+        }
+    }
+}
+
+/// Every loaded policy, in load order.
+#[derive(Debug, Default)]
+pub struct PolicySet {
+    servers: Vec<ServerPolicy>,
+    by_name: HashMap<String, usize>,
+}
+
+impl PolicySet {
+    /// A set with no policy (every MCP server is unknown).
+    pub fn empty() -> PolicySet {
+        PolicySet::default()
+    }
+
+    /// Loads every `*.json` in `dir` (in name order; names starting with `.` skipped). All the
+    /// errors are returned, not just the first.
+    pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyError>> {
+        let whole = |message: String| {
+            vec![PolicyError {
+                file: dir.display().to_string(),
+                line: 0,
+                col: 0,
+                message,
+            }]
+        };
+        let entries = std::fs::read_dir(dir).map_err(|e| whole(format!("cannot read: {e}")))?;
+        let mut names = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(|e| whole(format!("cannot read: {e}")))?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') || !name.ends_with(".json") {
+                continue;
+            }
+            // Follows symlinks; a dangling one or a directory is not a policy.
+            if std::fs::metadata(entry.path()).is_ok_and(|m| m.is_file()) {
+                names.push(name.to_owned());
+            }
+        }
+        names.sort();
+        let mut files = Vec::new();
+        let mut errors = Vec::new();
+        for name in names {
+            let path = dir.join(&name);
+            match read_text(&path) {
+                Ok(text) => files.push((path.display().to_string(), text)),
+                Err(e) => errors.push(e),
+            }
+        }
+        match PolicySet::from_files(&files) {
+            Ok(set) if errors.is_empty() => Ok(set),
+            Ok(_) => Err(errors),
+            Err(mut more) => {
+                errors.append(&mut more);
+                Err(errors)
+            }
+        }
+    }
+
+    /// Loads a directory ([`load_dir`](Self::load_dir)) or a single file.
+    pub fn load(path: &Path) -> Result<PolicySet, Vec<PolicyError>> {
+        if path.is_dir() {
+            return PolicySet::load_dir(path);
+        }
+        let text = read_text(path).map_err(|e| vec![e])?;
+        PolicySet::from_files(&[(path.display().to_string(), text)])
+    }
+
+    /// Builds a set from (file name, text) pairs, in that order. The file name is used in errors
+    /// and, through its stem, as the default server name.
+    pub fn from_files(files: &[(String, String)]) -> Result<PolicySet, Vec<PolicyError>> {
+        let mut set = PolicySet::default();
+        let mut errors = Vec::new();
+        // Where each matcher was first seen: (server index, entry).
+        let mut seen_matchers: Vec<(usize, Matcher)> = Vec::new();
+        for (file, text) in files {
+            let policy = match parse_file(file, text) {
+                Ok(p) => p,
+                Err(mut e) => {
+                    errors.append(&mut e);
+                    continue;
+                }
+            };
+            let err_at = |path: Vec<Seg>, what: String| {
+                let (off, _) = locate::locate(text, &path, false);
+                let (line, col) = locate::line_col(text, off);
+                let message = if path.is_empty() {
+                    what
+                } else {
+                    format!("{}: {what}", locate::display_path(&path))
+                };
+                PolicyError {
+                    file: file.clone(),
+                    line,
+                    col,
+                    message,
+                }
+            };
+            if let Some(&other) = set.by_name.get(&policy.name) {
+                let has_name = locate::locate(text, &["server".into(), "name".into()], false).1;
+                let path = if has_name {
+                    vec!["server".into(), "name".into()]
+                } else {
+                    Vec::new()
+                };
+                errors.push(err_at(
+                    path,
+                    format!(
+                        "duplicate server name \"{}\" (also in {})",
+                        policy.name, set.servers[other].file
+                    ),
+                ));
+                continue;
+            }
+            let mut clash = false;
+            for (i, (entry, m)) in policy.matchers.iter().enumerate() {
+                if let Some((other, _)) = seen_matchers.iter().find(|(_, x)| x == m) {
+                    let o = &set.servers[*other];
+                    errors.push(err_at(
+                        vec!["server".into(), "match".into(), i.into()],
+                        format!(
+                            "\"{entry}\" is already matched by server \"{}\" ({})",
+                            o.name, o.file
+                        ),
+                    ));
+                    clash = true;
+                }
+            }
+            if clash {
+                continue;
+            }
+            let idx = set.servers.len();
+            seen_matchers.extend(policy.matchers.iter().map(|(_, m)| (idx, m.clone())));
+            set.by_name.insert(policy.name.clone(), idx);
+            set.servers.push(policy);
+        }
+        if errors.is_empty() {
+            Ok(set)
+        } else {
+            Err(errors)
+        }
+    }
+
+    pub fn servers(&self) -> &[ServerPolicy] {
+        &self.servers
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    pub fn by_name(&self, name: &str) -> Option<&ServerPolicy> {
+        self.by_name.get(name).map(|&i| &self.servers[i])
+    }
+
+    /// The policy for a request: `Host` header (if any), the connection's original destination
+    /// and the request target. A match on the destination address beats one on the `Host`
+    /// header (which the agent chooses); then a URL entry beats `host:port`, and a longer path
+    /// prefix a shorter one; remaining ties go to the first in load order.
+    pub fn match_request(
+        &self,
+        host: Option<&str>,
+        dst: SocketAddr,
+        path: &str,
+    ) -> Option<&ServerPolicy> {
+        self.best(|m| m.score_request(host, dst, path))
+    }
+
+    /// The policy for a TLS connection: SNI name (if any) and original destination (paths are
+    /// not known yet: per request, use [`match_request`](Self::match_request)).
+    pub fn match_sni(&self, sni: Option<&str>, dst: SocketAddr) -> Option<&ServerPolicy> {
+        self.best(|m| m.score_sni(sni, dst))
+    }
+
+    fn best(&self, score: impl Fn(&Matcher) -> Option<matcher::Score>) -> Option<&ServerPolicy> {
+        let mut best: Option<(matcher::Score, &ServerPolicy)> = None;
+        for s in &self.servers {
+            for (_, m) in &s.matchers {
+                if let Some(sc) = score(m) {
+                    if best.is_none_or(|(b, _)| sc > b) {
+                        best = Some((sc, s));
+                    }
+                }
+            }
+        }
+        best.map(|(_, s)| s)
+    }
+}
+
+fn read_text(path: &Path) -> Result<String, PolicyError> {
+    let err = |message: String| PolicyError {
+        file: path.display().to_string(),
+        line: 0,
+        col: 0,
+        message,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(format!("cannot read: {e}")))?;
+    String::from_utf8(bytes).map_err(|e| err(format!("not valid UTF-8: {e}")))
+}
+
+/// Parses and compiles one file; errors carry `file:line:col`.
+fn parse_file(file: &str, text: &str) -> Result<ServerPolicy, Vec<PolicyError>> {
+    let mut de = serde_json::Deserializer::from_str(text);
+    let raw: raw::RawPolicy = match serde_path_to_error::deserialize(&mut de) {
+        Ok(r) => r,
+        Err(e) => return Err(vec![serde_error(file, text, e)]),
+    };
+    if let Err(e) = de.end() {
+        let (line, col) = serde_position(text, &e);
+        return Err(vec![PolicyError {
+            file: file.to_owned(),
+            line,
+            col,
+            message: serde_message(&e),
+        }]);
+    }
+    compile::compile(file, raw).map_err(|problems| {
+        problems
+            .into_iter()
+            .map(|p| {
+                let (off, _) = locate::locate(text, &p.path, p.at_key);
+                let (line, col) = locate::line_col(text, off);
+                PolicyError {
+                    file: file.to_owned(),
+                    line,
+                    col,
+                    message: p.message(),
+                }
+            })
+            .collect()
+    })
+}
+
+/// serde_json's message without its " at line L column C" suffix. serde quotes names with
+/// backticks: they become double quotes (`unknown variant "block"`), except around the
+/// offending value of "invalid type/value" messages, where serde already says what it is
+/// (`invalid type: integer 5`, `invalid type: string "5"`).
+fn serde_message(e: &serde_json::Error) -> String {
+    let mut s = e.to_string();
+    if e.line() != 0 {
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        if s.ends_with(&suffix) {
+            s.truncate(s.len() - suffix.len());
+        }
+    }
+    if s.starts_with("invalid type") || s.starts_with("invalid value") {
+        s.replace('`', "")
+    } else {
+        s.replace('`', "\"")
+    }
+}
+
+/// serde_json's position (line, byte column) as (line, character column).
+fn serde_position(text: &str, e: &serde_json::Error) -> (usize, usize) {
+    if e.line() == 0 {
+        return (1, 1);
+    }
+    locate::line_col(text, locate::offset_of(text, e.line(), e.column()))
+}
+
+fn serde_error(
+    file: &str,
+    text: &str,
+    e: serde_path_to_error::Error<serde_json::Error>,
+) -> PolicyError {
+    let mut path = Vec::new();
+    for seg in e.path().iter() {
+        match seg {
+            serde_path_to_error::Segment::Seq { index } => path.push(Seg::Index(*index)),
+            serde_path_to_error::Segment::Map { key } => path.push(Seg::Key(key.clone())),
+            serde_path_to_error::Segment::Enum { variant } => path.push(Seg::Key(variant.clone())),
+            serde_path_to_error::Segment::Unknown => break,
+        }
+    }
+    let inner = e.into_inner();
+    let what = serde_message(&inner);
+    // For a value of the wrong shape, point at the start of the value (serde_json points past
+    // it); for an unknown field, at its key. Syntax errors keep serde_json's position.
+    let (line, col) = match inner.classify() {
+        serde_json::error::Category::Data => {
+            let unknown_field = what.starts_with("unknown field");
+            match locate::locate(text, &path, unknown_field) {
+                (off, true) => locate::line_col(text, off),
+                (_, false) => serde_position(text, &inner),
+            }
+        }
+        _ => serde_position(text, &inner),
+    };
+    let message = if path.is_empty() {
+        what
+    } else {
+        format!("{}: {what}", locate::display_path(&path))
+    };
+    PolicyError {
+        file: file.to_owned(),
+        line,
+        col,
+        message,
+    }
+}

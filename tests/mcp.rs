@@ -1,0 +1,633 @@
+//! MCP enforcement end to end: real daemon and eBPF, the Python MCP SDK client under
+//! `guard exec`, the SDK's FastMCP server and `@modelcontextprotocol/server-everything`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{peers::*, *};
+use serde_json::{json, Value};
+
+/// The policy the tests enforce on the FastMCP test server.
+fn policy(name: &str, port: u16) -> String {
+    json!({
+        "version": "1",
+        "server": { "name": name, "match": [format!("127.0.0.3:{port}")] },
+        "default": "deny",
+        "hide": ["tool_12"],
+        "tools": {
+            "echo": {},
+            "add": { "rate_limit": { "max": 2, "window": 3 } },
+            "delete_file": { "action": "deny", "reason": "deleting files is not allowed" },
+            "fetch_tasks": { "when": [ { "path": "task_ids", "op": "max_items", "value": 3 } ],
+                             "reason": "at most 3 tasks per call" },
+            "tool_01": {}, "tool_02": {}, "tool_03": {}, "tool_04": {}, "tool_05": {},
+            "tool_12": {}
+        },
+        "grants": [ { "agents": ["admin-bot"], "tools": { "delete_file": {} } } ]
+    })
+    .to_string()
+}
+
+/// What the default caller may see with [`policy`].
+const VISIBLE: &[&str] = &[
+    "echo",
+    "add",
+    "fetch_tasks",
+    "tool_01",
+    "tool_02",
+    "tool_03",
+    "tool_04",
+    "tool_05",
+];
+
+struct Setup {
+    env: Env,
+    server: Server,
+}
+
+/// A daemon enforcing [`policy`] on a FastMCP server started with `server_args`.
+fn setup(server_args: &[&str]) -> Setup {
+    setup_with(server_args, "", "")
+}
+
+fn setup_with(server_args: &[&str], proxy: &str, other: &str) -> Setup {
+    let mut env = Env::configured("", proxy, other);
+    let mut args = vec!["--host", "127.0.0.3", "--port", "0"];
+    args.extend_from_slice(server_args);
+    let server = python_server(&env.dir.join("calls.jsonl"), &args);
+    env.write_policy("testserver.json", &policy("testserver", server.port));
+    env.start_daemon();
+    Setup { env, server }
+}
+
+fn client(
+    env: &Env,
+    agent: &str,
+    url: &str,
+    transport: &str,
+    list: bool,
+    calls: &[(&str, &str)],
+) -> ClientRun {
+    let args = client_args(url, transport, list, calls);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run(&mut env.exec(agent, &args), Duration::from_secs(120));
+    parse_client(&out)
+}
+
+fn tool_calls(env: &Env) -> Vec<Value> {
+    env.audit()
+        .into_iter()
+        .filter(|r| r["event"] == "tool_call")
+        .collect()
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+fn visible() -> Vec<String> {
+    sorted(VISIBLE.iter().map(|s| s.to_string()).collect())
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn allowed_and_denied_calls_over_streamable_http_json() {
+    let s = setup(&["--transport", "streamable-http", "--json-response"]);
+    let run = client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        false,
+        &[
+            ("echo", r#"{"text":"hello"}"#),
+            ("delete_file", r#"{"path":"/etc/passwd"}"#),
+        ],
+    );
+    // Allowed: exactly the server's result.
+    assert_eq!(run.text(0), "hello");
+    assert_eq!(run.result(0)["isError"], false);
+    // Denied: -32001 with the policy's reason, never reaching the server.
+    let e = run.error(1);
+    assert_eq!(e["code"], -32001, "{e}");
+    assert_eq!(
+        e["message"],
+        "guard: delete_file denied: deleting files is not allowed"
+    );
+    let g = &e["data"]["guard"];
+    assert_eq!(g["decision"], "deny");
+    assert_eq!(g["server"], "testserver");
+    assert_eq!(g["tool"], "delete_file");
+    assert_eq!(g["rule"], "tools.delete_file");
+    assert_eq!(g["retryable"], false);
+    assert_eq!(
+        s.server.tools_called(),
+        vec!["echo"],
+        "the server saw a denied call"
+    );
+
+    // The audit records name agent, server, tool, decision and rule.
+    let records = tool_calls(&s.env);
+    let allowed = records
+        .iter()
+        .find(|r| r["tool"] == "echo")
+        .expect("echo audited");
+    assert_eq!(allowed["decision"], "allow");
+    assert_eq!(allowed["agent"]["name"], "bot");
+    assert_eq!(allowed["server"]["name"], "testserver");
+    assert_eq!(allowed["rule"], "tools.echo");
+    assert_eq!(allowed["transport"], "streamable-http");
+    assert!(allowed["args_sha256"].as_str().unwrap().len() == 64);
+    assert!(allowed["session_id"].is_string(), "{allowed}");
+    let denied = records.iter().find(|r| r["tool"] == "delete_file").unwrap();
+    assert_eq!(denied["decision"], "deny");
+    assert_eq!(denied["reason"], "deleting files is not allowed");
+    assert_eq!(g["audit_id"], denied["id"]);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn the_same_policy_holds_over_json_sse_and_legacy_sse() {
+    for (server_args, transport) in [
+        (
+            vec!["--transport", "streamable-http", "--json-response"],
+            "streamable-http",
+        ),
+        (vec!["--transport", "streamable-http"], "streamable-http"),
+        (vec!["--transport", "sse"], "sse"),
+    ] {
+        let mut args = server_args.clone();
+        args.extend(["--page-size", "5"]);
+        let s = setup(&args);
+        let run = client(
+            &s.env,
+            "bot",
+            &s.server.url,
+            transport,
+            true,
+            &[
+                ("echo", r#"{"text":"hi"}"#),
+                ("delete_file", r#"{"path":"x"}"#),
+                ("slow", r#"{"seconds":0}"#),
+            ],
+        );
+        let label = format!("{server_args:?}");
+        // tools/list: hidden and denied tools are gone, across pages.
+        assert_eq!(sorted(run.tools.clone().unwrap()), visible(), "{label}");
+        assert_eq!(run.text(0), "hi", "{label}");
+        assert_eq!(run.error(1)["code"], -32001, "{label}");
+        assert_eq!(run.error(2)["code"], -32001, "{label}: default deny");
+        assert_eq!(run.error(2)["data"]["guard"]["rule"], "default", "{label}");
+        assert_eq!(s.server.tools_called(), vec!["echo"], "{label}");
+        let lists: Vec<Value> = s
+            .env
+            .audit()
+            .into_iter()
+            .filter(|r| r["event"] == "tools_list")
+            .collect();
+        assert!(!lists.is_empty(), "{label}: tools/list not audited");
+        if transport == "sse" {
+            assert!(
+                tool_calls(&s.env).iter().all(|r| r["transport"] == "sse"),
+                "{label}"
+            );
+        }
+    }
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn rate_limits_slide() {
+    let s = setup(&["--transport", "streamable-http", "--json-response"]);
+    let add = r#"{"a":1,"b":2}"#;
+    let run = client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        false,
+        &[("add", add), ("add", add), ("add", add)],
+    );
+    assert_eq!(run.text(0), "3");
+    assert_eq!(run.text(1), "3");
+    let e = run.error(2);
+    assert_eq!(e["code"], -32002, "{e}");
+    let retry = e["data"]["guard"]["retry_after_s"]
+        .as_u64()
+        .expect("retry_after_s");
+    assert!((1..=3).contains(&retry), "{retry}");
+    assert_eq!(e["data"]["guard"]["retryable"], true);
+    assert_eq!(s.server.tools_called().len(), 2);
+    // After the window slides, calls pass again.
+    std::thread::sleep(Duration::from_secs(retry + 1));
+    let run = client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        false,
+        &[("add", add)],
+    );
+    assert_eq!(run.text(0), "3");
+    assert_eq!(s.server.tools_called().len(), 3);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn conditions_and_grants() {
+    let s = setup(&["--transport", "streamable-http"]);
+    let run = client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        true,
+        &[
+            ("fetch_tasks", r#"{"task_ids":[1,2]}"#),
+            ("fetch_tasks", r#"{"task_ids":[1,2,3,4,5]}"#),
+            ("delete_file", r#"{"path":"/tmp/x"}"#),
+        ],
+    );
+    assert_eq!(run.text(0), "2");
+    assert_eq!(run.error(1)["code"], -32001);
+    assert_eq!(
+        run.error(1)["data"]["guard"]["reason"],
+        "at most 3 tasks per call"
+    );
+    assert_eq!(run.error(2)["code"], -32001);
+    assert!(!run
+        .tools
+        .as_ref()
+        .unwrap()
+        .contains(&"delete_file".to_string()));
+    // Another agent, named by a grant: the same tool is allowed and listed.
+    let run = client(
+        &s.env,
+        "admin-bot",
+        &s.server.url,
+        "streamable-http",
+        true,
+        &[("delete_file", r#"{"path":"/tmp/x"}"#)],
+    );
+    assert_eq!(run.text(0), "deleted /tmp/x");
+    assert!(run
+        .tools
+        .as_ref()
+        .unwrap()
+        .contains(&"delete_file".to_string()));
+    assert_eq!(s.server.tools_called(), vec!["fetch_tasks", "delete_file"]);
+    let r = tool_calls(&s.env)
+        .into_iter()
+        .find(|r| r["agent"]["name"] == "admin-bot")
+        .unwrap();
+    assert_eq!(r["rule"], "grants[0].tools.delete_file");
+}
+
+/// A raw HTTP/1.1 exchange from a guarded `curl`, returning (status, body).
+fn curl_post(env: &Env, url: &str, headers: &[&str], body: &str) -> (u16, String) {
+    let mut args: Vec<String> = vec![
+        "curl".into(),
+        "-sS".into(),
+        "--max-time".into(),
+        "20".into(),
+        "-o".into(),
+        "-".into(),
+        "-w".into(),
+        "\n%{http_code}".into(),
+        "-H".into(),
+        "content-type: application/json".into(),
+        "-H".into(),
+        "accept: application/json, text/event-stream".into(),
+    ];
+    for h in headers {
+        args.push("-H".into());
+        args.push(h.to_string());
+    }
+    args.extend(["--data-binary".into(), body.to_string(), url.to_string()]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_ok(&mut env.exec("curl", &args));
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn batches_headers_unknown_servers_and_malformed_bodies() {
+    let s = setup_with(
+        &["--transport", "streamable-http", "--json-response"],
+        "max_body = \"2KiB\"",
+        "",
+    );
+    let url = &s.server.url;
+    // A batch with one denied call: nothing is forwarded; every request is answered.
+    let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"a"}}},
+                   {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}]"#;
+    let (code, body) = curl_post(&s.env, url, &[], batch);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let arr = v.as_array().unwrap();
+    assert_eq!(arr.len(), 2);
+    assert_eq!(arr[1]["id"], 2);
+    assert_eq!(arr[1]["error"]["code"], -32001);
+    assert_eq!(
+        arr[1]["error"]["data"]["guard"]["rule"],
+        "tools.delete_file"
+    );
+    assert_eq!(arr[0]["id"], 1);
+    assert_eq!(arr[0]["error"]["data"]["guard"]["rule"], "batch");
+    assert!(
+        s.server.calls().is_empty(),
+        "part of a refused batch reached the server"
+    );
+
+    // Mcp-Name that disagrees with the body: refused before the policy is even asked.
+    let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
+    let (code, body) = curl_post(
+        &s.env,
+        url,
+        &["Mcp-Method: tools/call", "Mcp-Name: echo"],
+        call,
+    );
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("Mcp-Name header"), "{body}");
+    assert!(s.server.calls().is_empty());
+
+    // Malformed JSON to a policy-named server: a parse error, nothing forwarded.
+    let (code, body) = curl_post(&s.env, url, &[], "{\"jsonrpc\":\"2.0\",");
+    assert_eq!(code, 400, "{body}");
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
+        -32700
+    );
+
+    // Over proxy.max_body: 413.
+    let big = format!(
+        r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{}"}}}}}}"#,
+        "x".repeat(4096)
+    );
+    let (code, body) = curl_post(&s.env, url, &[], &big);
+    assert_eq!(code, 413, "{body}");
+    assert!(body.contains("max_body"));
+
+    // An MCP server no policy names: -32005 under the default unknown_servers = "deny".
+    let other = python_server(
+        &s.env.dir.join("other.jsonl"),
+        &["--host", "127.0.0.4", "--port", "0", "--json-response"],
+    );
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let (code, body) = curl_post(&s.env, &other.url, &[], init);
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], -32005, "{v}");
+    // The daemon kept serving: a normal call still works.
+    let run = client(
+        &s.env,
+        "bot",
+        url,
+        "streamable-http",
+        false,
+        &[("echo", r#"{"text":"still here"}"#)],
+    );
+    assert_eq!(run.text(0), "still here");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn slow_headers_are_cut_off_and_others_are_served() {
+    let s = setup_with(
+        &["--transport", "streamable-http", "--json-response"],
+        "header_timeout_s = 1",
+        "",
+    );
+    let slow = format!(
+        r#"
+import socket, time
+s = socket.create_connection(("127.0.0.3", {}))
+s.sendall(b"POST /mcp HTTP/1.1\r\nHost: x\r\n")
+start = time.time()
+s.settimeout(10)
+try:
+    data = s.recv(4096)
+    print("closed" if not data or b"408" in data else "answered", round(time.time() - start))
+except OSError as e:
+    print("error", e)
+"#,
+        s.server.port
+    );
+    let python = peer_python().display().to_string();
+    let mut slow_cmd = s.env.exec("slowloris", &[&python, "-c", &slow]);
+    let handle = std::thread::spawn(move || run(&mut slow_cmd, Duration::from_secs(30)));
+    let run1 = client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        false,
+        &[("echo", r#"{"text":"ok"}"#)],
+    );
+    assert_eq!(run1.text(0), "ok");
+    let out = handle.join().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("closed"), "{text}");
+    let secs: u64 = text.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(secs <= 5, "the slow client was held {secs} s");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_changed_tool_definition_is_blocked() {
+    let mut env = Env::new("");
+    let log = env.dir.join("calls.jsonl");
+    let v1 = python_server(
+        &log,
+        &["--host", "127.0.0.3", "--port", "0", "--json-response"],
+    );
+    let port = v1.port.to_string();
+    env.write_policy("testserver.json", &policy("testserver", v1.port));
+    env.start_daemon();
+    let run1 = client(
+        &env,
+        "bot",
+        &v1.url,
+        "streamable-http",
+        true,
+        &[("echo", r#"{"text":"one"}"#)],
+    );
+    assert_eq!(run1.text(0), "one");
+    drop(v1);
+    // The same server comes back with a poisoned description for echo.
+    let v2 = python_server(
+        &env.dir.join("calls2.jsonl"),
+        &[
+            "--host",
+            "127.0.0.3",
+            "--port",
+            &port,
+            "--json-response",
+            "--variant",
+            "2",
+        ],
+    );
+    let run2 = client(
+        &env,
+        "bot",
+        &v2.url,
+        "streamable-http",
+        true,
+        &[("echo", r#"{"text":"two"}"#), ("add", r#"{"a":1,"b":1}"#)],
+    );
+    assert_eq!(run2.error(0)["code"], -32006, "{:?}", run2.calls);
+    assert_eq!(run2.text(1), "2");
+    assert_eq!(
+        v2.tools_called(),
+        vec!["add"],
+        "the blocked call reached the server"
+    );
+    let changed: Vec<Value> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "tool_changed")
+        .collect();
+    assert_eq!(changed.len(), 1, "{changed:?}");
+    assert_eq!(changed[0]["tool"], "echo");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn server_everything_is_enforced() {
+    let mut env = Env::new("");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let server = everything_server(port, &env.dir.join("calls.jsonl"));
+    env.write_policy(
+        "everything.json",
+        &json!({
+            "version": "1",
+            "server": { "name": "everything", "match": [format!("127.0.0.1:{port}")] },
+            "default": "deny",
+            "tools": { "echo": {}, "get-sum": { "action": "deny", "reason": "no arithmetic today" } }
+        })
+        .to_string(),
+    );
+    env.start_daemon();
+    let run = client(
+        &env,
+        "bot",
+        &server.url,
+        "streamable-http",
+        true,
+        &[
+            ("echo", r#"{"message":"hi"}"#),
+            ("get-sum", r#"{"a":1,"b":2}"#),
+        ],
+    );
+    assert!(run.text(0).contains("hi"), "{:?}", run.calls);
+    assert_eq!(run.error(1)["code"], -32001);
+    assert_eq!(
+        run.error(1)["data"]["guard"]["reason"],
+        "no arithmetic today"
+    );
+    assert_eq!(run.tools.clone().unwrap(), vec!["echo"]);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn invalid_policies_stop_the_start_and_a_bad_reload_keeps_the_last_good_set() {
+    let mut env = Env::new("");
+    env.write_policy(
+        "bad.json",
+        "{\n  \"version\": \"1\",\n  \"default\": \"maybe\"\n}\n",
+    );
+    let out = run(env.guard().args(["daemon"]), Duration::from_secs(30));
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("bad.json:3:"), "{err}");
+    assert!(err.contains("default"), "{err}");
+    assert!(
+        env.attached().values().all(Vec::is_empty),
+        "programs attached despite a bad policy"
+    );
+
+    // The seed-style file works as is.
+    std::fs::remove_file(env.dir.join("policies/bad.json")).unwrap();
+    let server = python_server(
+        &env.dir.join("calls.jsonl"),
+        &["--host", "127.0.0.3", "--port", "0", "--json-response"],
+    );
+    env.write_policy(
+        "seed.json",
+        &json!({"version":"1","default":"deny","tools":{"echo":{}},
+                "server": {"match": [format!("127.0.0.3:{}", server.port)]}})
+        .to_string(),
+    );
+    env.start_daemon();
+    let run1 = client(
+        &env,
+        "bot",
+        &server.url,
+        "streamable-http",
+        false,
+        &[("echo", r#"{"text":"seed"}"#), ("add", r#"{"a":1,"b":1}"#)],
+    );
+    assert_eq!(run1.text(0), "seed");
+    assert_eq!(run1.error(1)["code"], -32001);
+
+    // A broken edit is refused; the last good set stays in force.
+    env.write_policy("seed.json", "{ \"version\": \"1\", \"tools\": [ }");
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !env
+        .audit()
+        .iter()
+        .any(|r| r["event"] == "policy_reload" && r["decision"] == "rejected")
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no rejected reload in the audit log:\n{}",
+            env.daemon_log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let run2 = client(
+        &env,
+        "bot",
+        &server.url,
+        "streamable-http",
+        false,
+        &[("echo", r#"{"text":"still"}"#), ("add", r#"{"a":1,"b":1}"#)],
+    );
+    assert_eq!(run2.text(0), "still");
+    assert_eq!(run2.error(1)["code"], -32001);
+    assert!(env.daemon_log().contains("NOT reloaded"));
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn non_mcp_http_passes_unchanged() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    // A JSON POST that is not JSON-RPC, to a server no policy names: forwarded as it is.
+    let out = run_ok(&mut env.exec(
+        "curl",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-H",
+            "content-type: application/json",
+            "--data",
+            "{\"hello\":1}",
+            &server.url(),
+        ],
+    ));
+    assert_eq!(out, "hello from the test server\n");
+    assert_eq!(server.via_watched(), 1);
+    let c = env.audit_connections();
+    assert_eq!(c.last().unwrap()["transport"], "http");
+}
