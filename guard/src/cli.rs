@@ -13,6 +13,14 @@ use crate::{
     policy::{Caller, Decision, PolicySet, RateLimiter},
 };
 
+/// Variables through which `guard exec` gives agents the CA bundle.
+pub const CA_VARIABLES: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+];
+
 /// Exit status of `guard exec` when guard itself fails (as env(1) and chroot(1) do).
 const EXIT_GUARD_FAILED: i32 = 125;
 
@@ -55,6 +63,22 @@ pub enum Cmd {
     /// Read the audit trail.
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// The interception CA (TLS).
+    #[command(subcommand)]
+    Ca(CaCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create the CA (key mode 0600 in paths.state_dir); refuses to replace one without --force.
+    Init {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate (PEM).
+    Export,
+    /// Add the CA to the system trust store, and say what each runtime needs.
+    Install,
 }
 
 #[derive(Subcommand, Debug)]
@@ -150,6 +174,7 @@ pub fn main() -> i32 {
             let dir = policies.unwrap_or_else(|| config.0.paths.policies.clone());
             policy_explain(&dir, &server, &tool, &caller, &args, json)
         }
+        Cmd::Ca(cmd) => ca(&config.0, cmd).map(|()| 0),
         Cmd::Audit(AuditCmd::Tail {
             follow,
             json,
@@ -203,11 +228,21 @@ fn exec(config: &Config, agent: Option<String>, cmd: Vec<String>) -> i32 {
         }
     };
     let cgroup = reply.get("cgroup").and_then(Value::as_str).unwrap_or("");
-    let err = Command::new(&cmd[0])
+    let mut command = Command::new(&cmd[0]);
+    command
         .args(&cmd[1..])
         .env("GUARD_AGENT", &agent)
-        .env("GUARD_CGROUP", cgroup)
-        .exec();
+        .env("GUARD_CGROUP", cgroup);
+    // System roots plus the guard CA, where the common runtimes look, so intercepted HTTPS
+    // verifies without per-agent setup.
+    if let Some(bundle) = reply.get("ca_bundle").and_then(Value::as_str) {
+        if std::path::Path::new(bundle).exists() {
+            for var in CA_VARIABLES {
+                command.env(var, bundle);
+            }
+        }
+    }
+    let err = command.exec();
     eprintln!("guard exec: cannot run {}: {err}", cmd[0]);
     match err.kind() {
         std::io::ErrorKind::NotFound => 127,
@@ -511,4 +546,62 @@ fn audit_tail(path: &std::path::Path, follow: bool, json: bool, lines: usize) ->
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
     }
+}
+
+fn ca(config: &Config, cmd: CaCmd) -> Result<()> {
+    let files = crate::tls::CaFiles::new(&config.paths.state_dir);
+    match cmd {
+        CaCmd::Init { force } => {
+            crate::tls::ca_init(&files, force)?;
+            println!(
+                "created the guard CA: {} (key {})",
+                files.cert.display(),
+                files.key.display()
+            );
+            println!("restart the daemon so it mints leaves from the new CA");
+        }
+        CaCmd::Export => {
+            let pem = std::fs::read_to_string(&files.cert).with_context(|| {
+                format!(
+                    "reading {} (create it with `guard ca init`, or start the daemon)",
+                    files.cert.display()
+                )
+            })?;
+            print!("{pem}");
+        }
+        CaCmd::Install => {
+            let pem = std::fs::read_to_string(&files.cert).with_context(|| {
+                format!(
+                    "reading {} (create it with `guard ca init`)",
+                    files.cert.display()
+                )
+            })?;
+            let anchors = std::path::Path::new("/usr/local/share/ca-certificates");
+            std::fs::create_dir_all(anchors)?;
+            let dst = anchors.join("guard-ca.crt");
+            std::fs::write(&dst, pem).with_context(|| format!("writing {}", dst.display()))?;
+            let status = Command::new("update-ca-certificates")
+                .status()
+                .context("running update-ca-certificates (package ca-certificates)")?;
+            if !status.success() {
+                anyhow::bail!("update-ca-certificates failed: {status}");
+            }
+            println!("installed {} into the system trust store", dst.display());
+            println!("runtimes that do not read the system store need the CA themselves:");
+            println!(
+                "  Node.js:        NODE_EXTRA_CA_CERTS={}",
+                files.cert.display()
+            );
+            println!(
+                "  Python (certifi-based: requests, httpx): SSL_CERT_FILE / REQUESTS_CA_BUNDLE={}",
+                files.bundle.display()
+            );
+            println!(
+                "  Java:           keytool -importcert -cacerts -alias guard -file {}",
+                files.cert.display()
+            );
+            println!("`guard exec` sets SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE to {} for its agents.", files.bundle.display());
+        }
+    }
+    Ok(())
 }

@@ -11,7 +11,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context as _, Result};
 use serde_json::json;
 
 use crate::{
@@ -25,6 +25,7 @@ use crate::{
     policy::PolicySet,
     proxy::{self, Proxy, Stats},
     redirect::{self, Kernel, Settings},
+    tls::{CaFiles, Interceptor},
 };
 
 const REAP_INTERVAL: Duration = Duration::from_millis(200);
@@ -207,7 +208,16 @@ async fn start(
             denial: config.policy.denial,
         },
     ));
+    let interceptor = Arc::new(
+        Interceptor::load(
+            &CaFiles::new(&config.paths.state_dir),
+            &config.tls.extra_roots,
+        )
+        .context("setting up TLS interception")?,
+    );
     let proxy = Arc::new(Proxy {
+        interceptor,
+        intercept: config.tls.intercept,
         kernel: kernel.clone(),
         agents: agents.clone(),
         audit: audit.clone(),
@@ -429,7 +439,10 @@ impl Daemon {
             ..Default::default()
         }));
         self.audit.write(&r)?;
-        Ok(json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true}))
+        Ok(
+            json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true,
+                  "ca_bundle": CaFiles::new(&self.config.paths.state_dir).bundle}),
+        )
     }
 
     fn status(&self) -> Result<serde_json::Value> {

@@ -77,46 +77,106 @@ impl Enforcer {
     }
 }
 
-/// The upstream side of one client connection: an HTTP/1.1 connection to the original
-/// destination, re-established when the server closes it.
-struct Upstream {
-    dst: SocketAddr,
-    first: Option<TcpStream>,
-    sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
+/// How the upstream connections of one client connection are made.
+pub enum Connector {
+    Plain,
+    /// TLS to the original destination, verified for `name` (the SNI, or the address).
+    Tls {
+        name: rustls::pki_types::ServerName<'static>,
+        config: Arc<rustls::ClientConfig>,
+    },
 }
 
+/// The upstream side of one client connection: HTTP/1.1 connections to the original
+/// destination, one per request in flight (an HTTP/2 client may have several), re-established
+/// when the server closes them.
+pub struct Upstream {
+    dst: SocketAddr,
+    connector: Connector,
+    /// The TCP connection made before classification, used first.
+    first: Option<TcpStream>,
+    idle: Vec<hyper::client::conn::http1::SendRequest<Body>>,
+}
+
+/// Connections kept per client connection beyond the one in use.
+const MAX_IDLE_UPSTREAM: usize = 4;
+
+type ResponseFuture =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, String>> + Send>>;
+
 impl Upstream {
-    async fn send(&mut self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+    pub fn new(dst: SocketAddr, connector: Connector, first: TcpStream) -> Upstream {
+        Upstream {
+            dst,
+            connector,
+            first: Some(first),
+            idle: Vec::new(),
+        }
+    }
+
+    async fn connect(&mut self) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
         // Errors become strings here: boxed errors crossing these awaits trip the compiler's
         // higher-ranked Send check for the spawned connection task.
-        let usable = match &mut self.sender {
-            Some(s) => !s.is_closed() && s.ready().await.is_ok(),
-            None => false,
-        };
-        if !usable {
-            let tcp = match self.first.take() {
-                Some(t) => t,
-                None => forward::connect(self.dst)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            };
-            let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        let tcp = match self.first.take() {
+            Some(t) => t,
+            None => forward::connect(self.dst)
                 .await
-                .map_err(|e| e.to_string())?;
-            tokio::spawn(async move {
-                if let Err(e) = conn.with_upgrades().await {
-                    tracing::debug!("upstream connection: {e}");
-                }
-            });
-            self.sender = Some(sender);
+                .map_err(|e| e.to_string())?,
+        };
+        match &self.connector {
+            Connector::Plain => handshake(tcp).await,
+            Connector::Tls { name, config } => {
+                let tls = tokio_rustls::TlsConnector::from(config.clone())
+                    .connect(name.clone(), tcp)
+                    .await
+                    .map_err(|e| format!("TLS to the server: {e}"))?;
+                handshake(tls).await
+            }
         }
-        self.sender
-            .as_mut()
-            .unwrap()
-            .send_request(req)
-            .await
-            .map_err(|e| e.to_string())
     }
+
+    /// Picks an idle connection (or makes one) and sends `req` on it; the response is awaited
+    /// by the caller, without holding the upstream lock.
+    async fn start(&mut self, req: Request<Body>) -> Result<ResponseFuture, String> {
+        let mut sender = loop {
+            match self.idle.pop() {
+                Some(s) if s.is_closed() => continue,
+                Some(s) if s.is_ready() => break s,
+                // Busy (a response body still streaming): keep it for later.
+                Some(s) => {
+                    let busy = s;
+                    let fresh = self.connect().await?;
+                    if self.idle.len() < MAX_IDLE_UPSTREAM {
+                        self.idle.push(busy);
+                    }
+                    break fresh;
+                }
+                None => break self.connect().await?,
+            }
+        };
+        let fut = sender.send_request(req);
+        if self.idle.len() < MAX_IDLE_UPSTREAM {
+            self.idle.push(sender);
+        }
+        Ok(Box::pin(
+            async move { fut.await.map_err(|e| e.to_string()) },
+        ))
+    }
+}
+
+async fn handshake<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Body>, String>
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
+        .await
+        .map_err(|e| e.to_string())?;
+    tokio::spawn(async move {
+        if let Err(e) = conn.with_upgrades().await {
+            tracing::debug!("upstream connection: {e}");
+        }
+    });
+    Ok(sender)
 }
 
 /// Per-connection context.
@@ -127,8 +187,12 @@ struct Ctx {
     upstream: tokio::sync::Mutex<Upstream>,
 }
 
-/// Serves HTTP/1.1 on a redirected client connection until it closes.
-pub async fn serve(enf: Arc<Enforcer>, conn: Connection, client: TcpStream, upstream: TcpStream) {
+/// Serves HTTP on a redirected (or TLS-terminated) client connection until it closes: HTTP/2
+/// when ALPN chose it, else HTTP/1.1.
+pub async fn serve<C>(enf: Arc<Enforcer>, conn: Connection, client: C, upstream: Upstream, h2: bool)
+where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
     let caller = Caller {
         agent: conn.identity.agent.clone(),
         uid: conn.identity.uid,
@@ -138,11 +202,7 @@ pub async fn serve(enf: Arc<Enforcer>, conn: Connection, client: TcpStream, upst
     };
     let settings = enf.settings.clone();
     let ctx = Arc::new(Ctx {
-        upstream: tokio::sync::Mutex::new(Upstream {
-            dst: conn.original_dst,
-            first: Some(upstream),
-            sender: None,
-        }),
+        upstream: tokio::sync::Mutex::new(upstream),
         enf,
         conn,
         caller,
@@ -151,16 +211,27 @@ pub async fn serve(enf: Arc<Enforcer>, conn: Connection, client: TcpStream, upst
         let ctx = ctx.clone();
         async move { Ok::<_, Infallible>(ctx.handle(req).await) }
     });
-    let mut builder = hyper::server::conn::http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(settings.header_timeout)
-        .max_buf_size(settings.max_header.max(8192));
-    if let Err(e) = builder
-        .serve_connection(TokioIo::new(client), service)
-        .with_upgrades()
-        .await
-    {
+    let result = if h2 {
+        let mut builder =
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header as u32);
+        builder
+            .serve_connection(TokioIo::new(client), service)
+            .await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .max_buf_size(settings.max_header.max(8192));
+        builder
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
         tracing::debug!("client connection: {e}");
     }
 }
@@ -320,20 +391,54 @@ impl Ctx {
         }
     }
 
-    async fn forward(&self, req: Request<Body>) -> Response<Body> {
+    async fn forward(&self, mut req: Request<Body>) -> Response<Body> {
         let dst = self.conn.original_dst;
-        match self.upstream.lock().await.send(req).await {
+        // Upstream is HTTP/1.1: an HTTP/2 request (absolute URI, :authority) becomes origin-form
+        // with a Host header.
+        if req.version() != http::Version::HTTP_11 && req.version() != http::Version::HTTP_10 {
+            if let Some(auth) = req.uri().authority().cloned() {
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            if let Ok(u) = pq.parse() {
+                *req.uri_mut() = u;
+            }
+            *req.version_mut() = http::Version::HTTP_11;
+        }
+        let started = self.upstream.lock().await.start(req).await;
+        let result = match started {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        };
+        match result {
             Ok(resp) => resp.map(boxed),
-            Err(e) => text_response(
-                StatusCode::BAD_GATEWAY,
-                format!("guard: upstream {dst} failed: {e}\n"),
-            ),
+            Err(e) => {
+                let mut r = self.enf.audit.record("upstream_error", "error");
+                r.agent = Some(AgentRef::from(&self.conn.identity));
+                r.original_dst = Some(dst.to_string());
+                r.reason = Some(e.clone());
+                self.audit(&r);
+                text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: upstream {dst} failed: {e}\n"),
+                )
+            }
         }
     }
 
     async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
-        let host_header = header_str(req.headers(), "host").map(str::to_string);
+        let host_header = header_str(req.headers(), "host")
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
         let host = host_header
             .as_deref()
             .map(|h| {
@@ -455,7 +560,12 @@ impl Ctx {
     /// `Upgrade` requests (WebSocket and the like): forwarded, then spliced both ways.
     async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let mut resp = match self.upstream.lock().await.send(req.map(boxed)).await {
+        let started = self.upstream.lock().await.start(req.map(boxed)).await;
+        let result = match started {
+            Ok(fut) => fut.await,
+            Err(e) => Err(e),
+        };
+        let mut resp = match result {
             Ok(r) => r,
             Err(e) => {
                 return text_response(

@@ -18,3 +18,4 @@ pub mod pins;
 pub mod policy;
 pub mod proxy;
 pub mod redirect;
+pub mod tls;

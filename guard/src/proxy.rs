@@ -7,7 +7,7 @@ use std::{
         atomic::{AtomicU64, Ordering},
         Arc,
     },
-    time::Instant,
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
@@ -17,11 +17,12 @@ use tokio::net::{TcpListener, TcpStream};
 use crate::{
     audit::{AgentRef, Audit},
     classify::{self, Kind},
-    config::OtherTraffic,
+    config::{Intercept, OtherTraffic},
     forward,
     http::{self, Enforcer},
     identify::{self, Agents},
     redirect::Kernel,
+    tls::{self, Interceptor},
 };
 
 #[derive(Default)]
@@ -61,6 +62,8 @@ pub struct Proxy {
     pub stats: Arc<Stats>,
     pub enforcer: Arc<Enforcer>,
     pub other: OtherTraffic,
+    pub interceptor: Arc<Interceptor>,
+    pub intercept: Intercept,
 }
 
 /// Binds the proxy port on 127.0.0.1 and on [::1] (the latter is skipped, with a warning, on a
@@ -146,6 +149,12 @@ impl Proxy {
             _ = upstream.readable() => Kind::Other,
         };
         record.transport = Some(kind.as_str().into());
+        if kind == Kind::Tls {
+            // Its own decision (intercept, pass, or refuse) and its own record.
+            return self
+                .handle_tls(client, conn, upstream, record, started)
+                .await;
+        }
         let deny_other = kind == Kind::Other && self.other == OtherTraffic::Deny;
         if deny_other {
             record.decision = "deny".into();
@@ -171,13 +180,144 @@ impl Proxy {
         self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         if kind == Kind::Http {
-            http::serve(self.enforcer.clone(), conn, client, upstream).await;
+            let upstream = http::Upstream::new(dst, http::Connector::Plain, upstream);
+            http::serve(self.enforcer.clone(), conn, client, upstream, false).await;
         } else {
             let mut client = client;
             if let Err(e) = forward::passthrough(&mut client, &mut upstream).await {
                 tracing::debug!(%peer, %dst, "passthrough ended: {e}");
             }
         }
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// TLS: intercept when a policy names the server (or `tls.intercept = "all"`), else pass
+    /// the bytes through once the SNI is known to belong to the destination.
+    async fn handle_tls(
+        &self,
+        client: TcpStream,
+        conn: identify::Connection,
+        mut upstream: TcpStream,
+        mut record: crate::audit::Record,
+        started: Instant,
+    ) {
+        let dst = conn.original_dst;
+        let deny = |record: &mut crate::audit::Record, rule: &str, reason: String| {
+            record.decision = "deny".into();
+            record.rule = Some(rule.into());
+            record.reason = Some(reason);
+            record.latency_us = Some(started.elapsed().as_micros() as u64);
+        };
+        let hello =
+            match tls::peek_client_hello(&client, self.enforcer.settings.header_timeout).await {
+                Ok(h) => h,
+                Err(e) => {
+                    deny(&mut record, "tls", format!("no valid TLS ClientHello: {e}"));
+                    self.write_audit(&record);
+                    forward::reset(client);
+                    return;
+                }
+            };
+        let sni = hello.sni.clone();
+        let policies = self.enforcer.policies();
+        let server = policies
+            .match_sni(sni.as_deref(), dst)
+            .map(|s| s.name.clone());
+        let intercept = server.is_some() || self.intercept == Intercept::All;
+        record.server = Some(crate::audit::ServerRef {
+            name: server.clone(),
+            host: sni.clone().unwrap_or_else(|| dst.ip().to_string()),
+            port: dst.port(),
+        });
+        record.detail = Some(serde_json::json!({
+            "sni": sni, "alpn": hello.alpn, "intercepted": intercept,
+        }));
+        if !intercept {
+            // Passthrough: the SNI must be a name of the destination (no domain fronting).
+            if let Some(name) = &sni {
+                match tls::resolves_to(name, dst).await {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        deny(&mut record, "tls.sni", format!("SNI {name} does not resolve to the destination {} (domain fronting)", dst.ip()));
+                        self.write_audit(&record);
+                        forward::reset(client);
+                        return;
+                    }
+                    Err(e) => {
+                        deny(
+                            &mut record,
+                            "tls.sni",
+                            format!("SNI {name} could not be checked against the destination: {e}"),
+                        );
+                        self.write_audit(&record);
+                        forward::reset(client);
+                        return;
+                    }
+                }
+            }
+            record.rule = Some("tls.passthrough".into());
+            record.latency_us = Some(started.elapsed().as_micros() as u64);
+            if !self.write_audit(&record) {
+                forward::reset(client);
+                return;
+            }
+            self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
+            self.stats.active.fetch_add(1, Ordering::Relaxed);
+            let mut client = client;
+            let _ = forward::passthrough(&mut client, &mut upstream).await;
+            self.stats.active.fetch_sub(1, Ordering::Relaxed);
+            return;
+        }
+        let name = sni
+            .clone()
+            .unwrap_or_else(|| crate::redirect::canonical(dst).ip().to_string());
+        let accepted = match self.interceptor.server_config(&name) {
+            Ok(cfg) => {
+                let acceptor = tokio_rustls::TlsAcceptor::from(cfg);
+                tokio::time::timeout(Duration::from_secs(10), acceptor.accept(client))
+                    .await
+                    .map_err(|_| "TLS handshake with the agent timed out".to_string())
+                    .and_then(|r| {
+                        r.map_err(|e| format!("TLS handshake with the agent failed: {e}"))
+                    })
+            }
+            Err(e) => Err(format!("minting a certificate for {name}: {e:#}")),
+        };
+        let tls_client = match accepted {
+            Ok(s) => s,
+            Err(reason) => {
+                deny(&mut record, "tls", reason);
+                self.write_audit(&record);
+                return;
+            }
+        };
+        let alpn_h2 = tls_client.get_ref().1.alpn_protocol() == Some(b"h2");
+        let server_name = match tls::server_name(sni.as_deref(), crate::redirect::canonical(dst)) {
+            Ok(n) => n,
+            Err(e) => {
+                deny(&mut record, "tls", format!("{e:#}"));
+                self.write_audit(&record);
+                return;
+            }
+        };
+        record.rule = Some("tls.intercept".into());
+        record.detail.as_mut().unwrap()["alpn_chosen"] =
+            serde_json::json!(if alpn_h2 { "h2" } else { "http/1.1" });
+        record.latency_us = Some(started.elapsed().as_micros() as u64);
+        if !self.write_audit(&record) {
+            return;
+        }
+        self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        let upstream = http::Upstream::new(
+            dst,
+            http::Connector::Tls {
+                name: server_name,
+                config: self.interceptor.upstream(),
+            },
+            upstream,
+        );
+        http::serve(self.enforcer.clone(), conn, tls_client, upstream, alpn_h2).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 

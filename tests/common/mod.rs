@@ -193,6 +193,13 @@ policies = "{dir}/policies"
         fs::set_permissions(&self.config_path, fs::Permissions::from_mode(0o644)).unwrap();
     }
 
+    /// Appends whole tables to the configuration (before the daemon starts).
+    pub fn append_config(&mut self, tables: &str) {
+        self.other_config.push('\n');
+        self.other_config.push_str(tables);
+        self.write_config();
+    }
+
     /// Writes `policies/<name>` (the daemon's policy directory).
     pub fn write_policy(&self, name: &str, text: &str) {
         fs::write(self.dir.join("policies").join(name), text).unwrap();

@@ -9,6 +9,9 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
+mod bench;
+mod install;
+
 #[derive(Parser)]
 #[command(name = "xtask")]
 struct Cli {
@@ -34,6 +37,16 @@ enum Cmd {
     /// Run every test; as root, including the integration tests with real eBPF.
     Test {
         /// Extra arguments for `cargo test` (after `--`: test name filters).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Install guard: binary, config, policies, systemd unit; enable and start it (root).
+    Install(install::InstallArgs),
+    /// Stop guard, unpin its programs, remove its cgroups, binary and unit (--purge: all data).
+    Uninstall(install::UninstallArgs),
+    /// Measure guard's cost against a direct connection (root): table + target/bench/results.json.
+    Bench {
+        /// Extra arguments for guard-bench (`--quick`: a short smoke run).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
@@ -84,6 +97,9 @@ fn run(cli: Cli) -> Result<()> {
             setup()?;
             test(&args)
         }
+        Cmd::Install(a) => install::install(a),
+        Cmd::Uninstall(a) => install::uninstall(a),
+        Cmd::Bench { args } => bench::bench(&args),
     }
 }
 
@@ -473,8 +489,9 @@ fn run_tests(cmd: &mut Command) -> Result<(bool, u64, u64, u64)> {
 fn test(args: &[String]) -> Result<()> {
     let root = repo_root();
     let mut cmd = Command::new("cargo");
+    // --no-fail-fast: one failing test binary must not hide the results of the others.
     cmd.current_dir(&root)
-        .args(["test", "--workspace", "--exclude", "guard-ebpf"]);
+        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--no-fail-fast"]);
     let (filters, extra): (Vec<&String>, Vec<&String>) =
         args.iter().partition(|a| !a.starts_with('-'));
     cmd.args(extra);

@@ -1040,20 +1040,20 @@ fn repo_policies_load() {
         "tools.echo.when[0]"
     );
     assert_eq!(
-        ev.decide("add", &json!({"a": 1, "b": 2}), &bot, &lim, now),
-        allow("tools.add")
+        ev.decide("get-sum", &json!({"a": 1, "b": 2}), &bot, &lim, now),
+        allow("tools.get-sum")
     );
     assert_eq!(
-        ev.decide("printEnv", &json!({}), &bot, &lim, now).kind(),
+        ev.decide("get-env", &json!({}), &bot, &lim, now).kind(),
         "deny"
     );
-    assert!(!ev.visible("printEnv", &bot));
+    assert!(!ev.visible("get-env", &bot));
     assert_eq!(
-        ev.decide("printEnv", &json!({}), &agent("ops-debug", 1000), &lim, now),
-        allow("grants[0].tools.printEnv")
+        ev.decide("get-env", &json!({}), &agent("ops-debug", 1000), &lim, now),
+        allow("grants[0].tools.get-env")
     );
     assert_eq!(
-        ev.decide("sampleLLM", &json!({}), &bot, &lim, now).kind(),
+        ev.decide("simulate-research-query", &json!({}), &bot, &lim, now).kind(),
         "require_approval"
     );
     assert_eq!(

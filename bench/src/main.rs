@@ -1,0 +1,81 @@
+//! guard-bench: what guard costs on this machine, measured against a direct connection, in one
+//! run (SPEC §10). Run it through `cargo xtask bench` (which builds guard in release first); it
+//! needs root. See README "Performance" for what each number means.
+//!
+//! `guard-bench run` sets up its own cgroup subtree, pin directory and daemon (see `env`), runs the
+//! load generators as child processes (`guard-bench worker SPEC`, see `worker`) once in a guarded
+//! cgroup and once in an unguarded one, prints a table and writes the results as JSON.
+
+mod env;
+mod policy;
+mod report;
+mod run;
+mod servers;
+mod stats;
+mod worker;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "guard-bench",
+    about = "What guard costs, against a direct connection"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The whole benchmark (root): set up, measure, tear down, report.
+    Run {
+        /// The guard binary to benchmark (a release build).
+        #[arg(long, default_value = "target/release/guard")]
+        guard: PathBuf,
+        /// Where to write the results as JSON.
+        #[arg(long, default_value = "target/bench/results.json")]
+        out: PathBuf,
+        /// A shorter run (a quarter of the iterations): a smoke test, not for numbers.
+        #[arg(long)]
+        quick: bool,
+        /// The repository (for tests/peers/mcp_server.py).
+        #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.."))]
+        repo: PathBuf,
+    },
+    /// One load generator (started by `run` inside a cgroup); SPEC is JSON.
+    #[command(hide = true)]
+    Worker { spec: String },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.cmd {
+        Cmd::Run {
+            guard,
+            out,
+            quick,
+            repo,
+        } => {
+            let r = run::run(&run::Opts {
+                guard,
+                out,
+                quick,
+                repo,
+            });
+            // Whatever happened, nothing of ours stays behind.
+            env::teardown();
+            r
+        }
+        Cmd::Worker { spec } => worker::main(&spec),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("guard-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

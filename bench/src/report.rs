@@ -1,0 +1,234 @@
+//! The table (`metric | direct | guard | added/ratio | target | result`) and the JSON document.
+
+use serde_json::{json, Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    Pass,
+    Miss,
+    /// No target: for context.
+    Info,
+    /// Could not be measured in this run (the reason is in the guard column).
+    NotMeasured,
+}
+
+impl Verdict {
+    fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Pass => "pass",
+            Verdict::Miss => "MISS",
+            Verdict::Info => "-",
+            Verdict::NotMeasured => "not measured",
+        }
+    }
+
+    pub fn of(ok: bool) -> Verdict {
+        if ok {
+            Verdict::Pass
+        } else {
+            Verdict::Miss
+        }
+    }
+}
+
+pub struct Row {
+    pub metric: String,
+    pub direct: String,
+    pub guard: String,
+    pub delta: String,
+    pub target: String,
+    pub verdict: Verdict,
+}
+
+#[derive(Default)]
+pub struct Report {
+    pub machine: Map<String, Value>,
+    pub rows: Vec<Row>,
+    /// Detailed numbers, by measurement.
+    pub results: Map<String, Value>,
+    pub notes: Vec<String>,
+}
+
+pub fn us(ns: u64) -> String {
+    let v = ns as f64 / 1000.0;
+    if v >= 100.0 {
+        format!("{v:.0} µs")
+    } else if v >= 10.0 {
+        format!("{v:.1} µs")
+    } else {
+        format!("{v:.2} µs")
+    }
+}
+
+/// A signed difference in µs.
+pub fn added_us(guard_ns: u64, direct_ns: u64) -> String {
+    let d = guard_ns as f64 - direct_ns as f64;
+    let v = d / 1000.0;
+    let body = if v.abs() >= 100.0 {
+        format!("{v:+.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:+.1}")
+    } else {
+        format!("{v:+.2}")
+    };
+    format!("{body} µs")
+}
+
+pub fn mib(kib: u64) -> String {
+    format!("{:.1} MiB", kib as f64 / 1024.0)
+}
+
+impl Report {
+    pub fn row(
+        &mut self,
+        metric: impl Into<String>,
+        direct: impl Into<String>,
+        guard: impl Into<String>,
+        delta: impl Into<String>,
+        target: impl Into<String>,
+        verdict: Verdict,
+    ) {
+        self.rows.push(Row {
+            metric: metric.into(),
+            direct: direct.into(),
+            guard: guard.into(),
+            delta: delta.into(),
+            target: target.into(),
+            verdict,
+        });
+    }
+
+    pub fn text(&self) -> String {
+        let mut out = String::new();
+        out.push_str("guard-bench: what guard costs, against the same work done directly\n");
+        for (k, v) in &self.machine {
+            let v = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            out.push_str(&format!("  {k}: {v}\n"));
+        }
+        out.push('\n');
+        let header = [
+            "metric",
+            "direct",
+            "guard",
+            "added/ratio",
+            "target",
+            "result",
+        ];
+        let cells: Vec<[&str; 6]> = self
+            .rows
+            .iter()
+            .map(|r| {
+                [
+                    r.metric.as_str(),
+                    r.direct.as_str(),
+                    r.guard.as_str(),
+                    r.delta.as_str(),
+                    r.target.as_str(),
+                    r.verdict.as_str(),
+                ]
+            })
+            .collect();
+        let mut width = header.map(|h| h.chars().count());
+        for c in &cells {
+            for (w, s) in width.iter_mut().zip(c) {
+                *w = (*w).max(s.chars().count());
+            }
+        }
+        let line = |cols: [&str; 6]| {
+            let mut s = String::new();
+            for (i, (c, w)) in cols.iter().zip(width).enumerate() {
+                let pad = w - c.chars().count();
+                if i == 0 {
+                    s.push_str(c);
+                    s.push_str(&" ".repeat(pad));
+                } else {
+                    s.push_str(" | ");
+                    if i == 5 {
+                        s.push_str(c);
+                        s.push_str(&" ".repeat(pad));
+                    } else {
+                        s.push_str(&" ".repeat(pad));
+                        s.push_str(c);
+                    }
+                }
+            }
+            s.trim_end().to_string() + "\n"
+        };
+        out.push_str(&line(header));
+        out.push_str(
+            &width
+                .iter()
+                .map(|w| "-".repeat(*w))
+                .collect::<Vec<_>>()
+                .join("-|-"),
+        );
+        out.push('\n');
+        for c in cells {
+            out.push_str(&line(c));
+        }
+        let missed: Vec<&str> = self
+            .rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Miss)
+            .map(|r| r.metric.as_str())
+            .collect();
+        let passed = self
+            .rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Pass)
+            .count();
+        out.push('\n');
+        if missed.is_empty() {
+            out.push_str(&format!("targets: {passed} met, none missed\n"));
+        } else {
+            out.push_str(&format!(
+                "targets: {passed} met, {} MISSED: {}\n",
+                missed.len(),
+                missed.join("; ")
+            ));
+        }
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
+        out
+    }
+
+    pub fn json(&self) -> Value {
+        let table: Vec<Value> = self
+            .rows
+            .iter()
+            .map(|r| {
+                json!({
+                    "metric": r.metric, "direct": r.direct, "guard": r.guard,
+                    "added_or_ratio": r.delta, "target": r.target, "result": r.verdict.as_str(),
+                })
+            })
+            .collect();
+        json!({
+            "machine": self.machine,
+            "table": table,
+            "results": self.results,
+            "notes": self.notes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn formats() {
+        assert_eq!(us(42_000), "42.0 µs");
+        assert_eq!(us(1_234_000), "1234 µs");
+        assert_eq!(added_us(150_000, 50_000), "+100 µs");
+        assert_eq!(added_us(1_000, 3_500), "-2.50 µs");
+        let mut r = Report::default();
+        r.row("m", "1", "2", "+1", "<= 1", Verdict::Miss);
+        let t = r.text();
+        assert!(t.contains("MISS") && t.contains("1 MISSED: m"), "{t}");
+    }
+}

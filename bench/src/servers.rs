@@ -1,0 +1,180 @@
+//! The far ends, run by the parent (unguarded, outside the benchmark's attach point): a fast MCP
+//! responder (the latency floor), a listener that accepts and drops (connect), a sink that counts
+//! bytes (throughput) and an echo server (held connections). The same servers answer the direct
+//! and the guarded side.
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::atomic::{AtomicU64, Ordering},
+};
+
+use anyhow::Result;
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::{
+    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    net::{TcpListener, TcpStream},
+};
+
+pub struct Servers {
+    /// The fast MCP responder (`/mcp`).
+    pub mcp: SocketAddr,
+    /// Accepts and drops.
+    pub accept: SocketAddr,
+    pub sink: SocketAddr,
+    pub echo: SocketAddr,
+}
+
+impl Servers {
+    /// Binds every server (each on its own loopback address) and serves them on the current
+    /// runtime.
+    pub async fn start() -> Result<Servers> {
+        let mcp = TcpListener::bind("127.0.0.3:0").await?;
+        let accept = TcpListener::bind("127.0.0.4:0").await?;
+        let sink = TcpListener::bind("127.0.0.5:0").await?;
+        let echo = TcpListener::bind("127.0.0.6:0").await?;
+        let s = Servers {
+            mcp: mcp.local_addr()?,
+            accept: accept.local_addr()?,
+            sink: sink.local_addr()?,
+            echo: echo.local_addr()?,
+        };
+        tokio::spawn(serve(mcp, |s| async move { mcp_conn(s).await }));
+        tokio::spawn(serve(accept, |s| async move { drop(s) }));
+        tokio::spawn(serve(sink, |s| async move { sink_conn(s).await }));
+        tokio::spawn(serve(echo, |s| async move { echo_conn(s).await }));
+        Ok(s)
+    }
+}
+
+async fn serve<F, Fut>(listener: TcpListener, handle: F)
+where
+    F: Fn(TcpStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        match listener.accept().await {
+            Ok((s, _)) => {
+                let _ = s.set_nodelay(true);
+                tokio::spawn(handle(s));
+            }
+            Err(_) => tokio::time::sleep(std::time::Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn sink_conn(mut s: TcpStream) {
+    let mut buf = vec![0u8; 256 << 10];
+    let mut total: u64 = 0;
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => total += n as u64,
+            Err(_) => return,
+        }
+    }
+    let _ = s.write_all(&total.to_le_bytes()).await;
+    let _ = s.shutdown().await;
+}
+
+async fn echo_conn(mut s: TcpStream) {
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => {
+                if s.write_all(&buf[..n]).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn mcp_conn(s: TcpStream) {
+    let service =
+        hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(mcp_answer(req).await) });
+    let _ = hyper::server::conn::http1::Builder::new()
+        .serve_connection(TokioIo::new(s), service)
+        .await;
+}
+
+static SESSIONS: AtomicU64 = AtomicU64::new(1);
+
+fn reply(status: StatusCode, body: Option<&Value>) -> Response<Full<Bytes>> {
+    let bytes = body
+        .map(|v| Bytes::from(serde_json::to_vec(v).unwrap_or_default()))
+        .unwrap_or_default();
+    let mut r = Response::new(Full::new(bytes));
+    *r.status_mut() = status;
+    if body.is_some() {
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            header::HeaderValue::from_static("application/json"),
+        );
+    }
+    r
+}
+
+/// Streamable HTTP with JSON answers: `initialize` (with a session id), notifications (202),
+/// `tools/list` (one tool, `echo`), `tools/call echo`, `ping`.
+async fn mcp_answer(req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match *req.method() {
+        Method::POST => {}
+        Method::DELETE => return reply(StatusCode::OK, None),
+        _ => return reply(StatusCode::METHOD_NOT_ALLOWED, None),
+    }
+    let Ok(body) = req.into_body().collect().await.map(|b| b.to_bytes()) else {
+        return reply(StatusCode::BAD_REQUEST, None);
+    };
+    let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+        let err = json!({"jsonrpc": "2.0", "id": null,
+                         "error": {"code": -32700, "message": "parse error"}});
+        return reply(StatusCode::BAD_REQUEST, Some(&err));
+    };
+    let Some(id) = msg.get("id").cloned() else {
+        // A notification.
+        return reply(StatusCode::ACCEPTED, None);
+    };
+    let result = match msg["method"].as_str().unwrap_or("") {
+        "initialize" => {
+            let answer = json!({"jsonrpc": "2.0", "id": id, "result": {
+                "protocolVersion": msg["params"]["protocolVersion"].as_str().unwrap_or("2025-06-18"),
+                "capabilities": {"tools": {"listChanged": false}},
+                "serverInfo": {"name": "guard-bench", "version": env!("CARGO_PKG_VERSION")}
+            }});
+            let mut r = reply(StatusCode::OK, Some(&answer));
+            let sid = format!("{:032x}", SESSIONS.fetch_add(1, Ordering::Relaxed));
+            if let Ok(v) = header::HeaderValue::from_str(&sid) {
+                r.headers_mut().insert("mcp-session-id", v);
+            }
+            return r;
+        }
+        "tools/list" => json!({"tools": [{
+            "name": "echo",
+            "description": "Echo the given text back unchanged.",
+            "inputSchema": {"type": "object", "properties": {"text": {"type": "string"}},
+                            "required": ["text"]}
+        }]}),
+        "tools/call" if msg["params"]["name"] == "echo" => {
+            let text = msg["params"]["arguments"]["text"].clone();
+            json!({"content": [{"type": "text", "text": text}], "isError": false})
+        }
+        "tools/call" => json!({"content": [{"type": "text", "text": "unknown tool"}],
+                               "isError": true}),
+        "ping" => json!({}),
+        _ => {
+            let err = json!({"jsonrpc": "2.0", "id": id,
+                             "error": {"code": -32601, "message": "method not found"}});
+            return reply(StatusCode::OK, Some(&err));
+        }
+    };
+    reply(
+        StatusCode::OK,
+        Some(&json!({"jsonrpc": "2.0", "id": id, "result": result})),
+    )
+}

@@ -1,0 +1,435 @@
+//! The load generators. `guard-bench worker SPEC` runs one of them and prints its result as one
+//! JSON line on stdout. The parent starts the same worker in a guarded cgroup and in an unguarded
+//! one, so both sides run identical code; only the cgroup differs.
+//!
+//! Kinds (`SPEC` is a JSON object with `"kind"`):
+//! - `mcp`: MCP clients over HTTP/1.1 keep-alive (`initialize`, `tools/list`, then timed
+//!   `tools/call`s), `concurrency` connections, until `calls` calls or `secs` seconds;
+//! - `connect`: the `connect()` syscall alone, `iters` times, blocking socket, closed with RST;
+//! - `bulk`: `bytes` bytes over one connection to a sink that acknowledges the count;
+//! - `hold_tcp` / `hold_mcp`: open `n` connections (bytes echoed / one `tools/call` each), print
+//!   `{"held": n}`, keep them open until stdin closes.
+
+use std::{
+    io::{Read as _, Write as _},
+    net::{Shutdown, SocketAddr, SocketAddrV4, TcpStream as StdTcpStream},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Full};
+use hyper::{client::conn::http1, header, Request, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use crate::stats::Summary;
+
+/// The protocol version the client offers (FastMCP of mcp 1.30 and the bench responder accept it).
+pub const PROTOCOL: &str = "2025-06-18";
+
+pub fn main(spec: &str) -> Result<()> {
+    let spec: Value = serde_json::from_str(spec).context("worker spec is not JSON")?;
+    raise_nofile();
+    let kind = spec["kind"].as_str().unwrap_or("");
+    let out = match kind {
+        "mcp" => runtime()?.block_on(mcp_load(&spec))?,
+        "connect" => connect_times(&spec)?,
+        "bulk" => bulk(&spec)?,
+        "hold_tcp" => hold_tcp(&spec)?,
+        "hold_mcp" => runtime()?.block_on(hold_mcp(&spec))?,
+        _ => bail!("unknown worker kind {kind:?}"),
+    };
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{out}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    // One thread: the client side is the same on both sides, and leaves the other core to the
+    // server (direct) or to server and proxy (guarded).
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
+}
+
+/// Soft RLIMIT_NOFILE up to the hard limit (1,000 held connections need more than 1,024).
+pub fn raise_nofile() {
+    let mut r = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls on a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) == 0 && r.rlim_cur < r.rlim_max {
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
+    }
+}
+
+fn addr(spec: &Value) -> Result<SocketAddr> {
+    spec["addr"]
+        .as_str()
+        .ok_or_else(|| anyhow!("spec has no addr"))?
+        .parse()
+        .context("bad addr")
+}
+
+fn contains(hay: &[u8], needle: &[u8]) -> bool {
+    hay.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One MCP client on one HTTP/1.1 keep-alive connection, over any byte stream (plain TCP today;
+/// a TLS stream plugs in the same way).
+pub struct McpClient {
+    sender: http1::SendRequest<Full<Bytes>>,
+    authority: String,
+    path: String,
+    session: Option<String>,
+    next_id: u64,
+}
+
+impl McpClient {
+    pub async fn over<S>(io: S, authority: &str, path: &str) -> Result<McpClient>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let (sender, conn) = http1::handshake(TokioIo::new(io))
+            .await
+            .context("HTTP handshake")?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(McpClient {
+            sender,
+            authority: authority.to_string(),
+            path: path.to_string(),
+            session: None,
+            next_id: 1,
+        })
+    }
+
+    pub async fn tcp(addr: SocketAddr, path: &str) -> Result<McpClient> {
+        let tcp = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to {addr}"))?;
+        tcp.set_nodelay(true)?;
+        McpClient::over(tcp, &addr.to_string(), path).await
+    }
+
+    async fn post(&mut self, body: String) -> Result<(StatusCode, hyper::HeaderMap, Bytes)> {
+        self.sender.ready().await.context("connection closed")?;
+        let mut req = Request::post(self.path.as_str())
+            .header(header::HOST, self.authority.as_str())
+            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::ACCEPT, "application/json, text/event-stream")
+            .header("mcp-protocol-version", PROTOCOL);
+        if let Some(s) = &self.session {
+            req = req.header("mcp-session-id", s.as_str());
+        }
+        let resp = self
+            .sender
+            .send_request(req.body(Full::new(Bytes::from(body)))?)
+            .await
+            .context("sending the request")?;
+        let (parts, body) = resp.into_parts();
+        let bytes = body
+            .collect()
+            .await
+            .context("reading the answer")?
+            .to_bytes();
+        Ok((parts.status, parts.headers, bytes))
+    }
+
+    fn id(&mut self) -> u64 {
+        self.next_id += 1;
+        self.next_id
+    }
+
+    /// `initialize` (keeps the session id), then `notifications/initialized`.
+    pub async fn initialize(&mut self) -> Result<()> {
+        let id = self.id();
+        let body = json!({
+            "jsonrpc": "2.0", "id": id, "method": "initialize",
+            "params": {
+                "protocolVersion": PROTOCOL,
+                "capabilities": {},
+                "clientInfo": { "name": "guard-bench", "version": env!("CARGO_PKG_VERSION") }
+            }
+        });
+        let (status, headers, bytes) = self.post(body.to_string()).await?;
+        if status != StatusCode::OK {
+            bail!(
+                "initialize: HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        let v: Value = serde_json::from_slice(&bytes).context("initialize answer")?;
+        if v.get("result").is_none() {
+            bail!("initialize refused: {v}");
+        }
+        self.session = headers
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string);
+        let note = json!({ "jsonrpc": "2.0", "method": "notifications/initialized" });
+        let (status, _, bytes) = self.post(note.to_string()).await?;
+        if !status.is_success() {
+            bail!(
+                "notifications/initialized: HTTP {status}: {}",
+                String::from_utf8_lossy(&bytes)
+            );
+        }
+        Ok(())
+    }
+
+    /// `tools/list`; returns the tool names.
+    pub async fn list(&mut self) -> Result<Vec<String>> {
+        let id = self.id();
+        let body = json!({ "jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {} });
+        let (status, _, bytes) = self.post(body.to_string()).await?;
+        let v: Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("tools/list: HTTP {status}: not JSON"))?;
+        let tools = v["result"]["tools"]
+            .as_array()
+            .ok_or_else(|| anyhow!("tools/list failed: {v}"))?;
+        Ok(tools
+            .iter()
+            .filter_map(|t| t["name"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// One `tools/call`; an error unless the tool answered with `isError: false`.
+    pub async fn call(&mut self, tool: &str, args: &str) -> Result<()> {
+        let id = self.id();
+        let body = format!(
+            r#"{{"jsonrpc":"2.0","id":{id},"method":"tools/call","params":{{"name":"{tool}","arguments":{args}}}}}"#
+        );
+        let (status, _, bytes) = self.post(body).await?;
+        if status == StatusCode::OK && contains(&bytes, br#""isError":false"#) {
+            return Ok(());
+        }
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        if status == StatusCode::OK && v["result"]["isError"] == json!(false) {
+            return Ok(());
+        }
+        bail!(
+            "tools/call {tool}: HTTP {status}: {}",
+            String::from_utf8_lossy(&bytes)
+        )
+    }
+}
+
+async fn mcp_load(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let path = spec["path"].as_str().unwrap_or("/mcp").to_string();
+    let conc = spec["concurrency"].as_u64().unwrap_or(1).max(1) as usize;
+    let warmup = spec["warmup"].as_u64().unwrap_or(0);
+    let calls = spec["calls"].as_i64().unwrap_or(i64::MAX);
+    let secs = spec["secs"].as_f64().unwrap_or(600.0);
+    let tool = spec["tool"].as_str().unwrap_or("echo").to_string();
+    let args = spec["args"].to_string();
+
+    let mut clients = Vec::with_capacity(conc);
+    for _ in 0..conc {
+        let mut c = McpClient::tcp(addr, &path).await?;
+        c.initialize().await?;
+        let tools = c.list().await?;
+        if !tools.contains(&tool) {
+            bail!("tools/list does not offer {tool}: {tools:?}");
+        }
+        for _ in 0..warmup {
+            c.call(&tool, &args).await?;
+        }
+        clients.push(c);
+    }
+    let remaining = Arc::new(AtomicI64::new(calls));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::with_capacity(conc);
+    for mut c in clients {
+        let (remaining, tool, args) = (remaining.clone(), tool.clone(), args.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut lat = Vec::with_capacity(4096);
+            while Instant::now() < deadline && remaining.fetch_sub(1, Ordering::Relaxed) > 0 {
+                let t = Instant::now();
+                c.call(&tool, &args).await?;
+                lat.push(t.elapsed().as_nanos() as u64);
+            }
+            Ok::<_, anyhow::Error>(lat)
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await??);
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let n = all.len();
+    Ok(json!({
+        "latency": Summary::of(&mut all).to_json(),
+        "samples_ns": all,
+        "calls": n,
+        "secs": elapsed,
+        "calls_per_s": n as f64 / elapsed,
+    }))
+}
+
+fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
+    libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: a.port().to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(a.ip().octets()),
+        },
+        sin_zero: [0; 8],
+    }
+}
+
+/// Times the `connect()` syscall itself: socket creation and close are outside the timed part.
+fn connect_times(spec: &Value) -> Result<Value> {
+    let SocketAddr::V4(a) = addr(spec)? else {
+        bail!("connect: IPv4 address expected");
+    };
+    let iters = spec["iters"].as_u64().unwrap_or(1000);
+    let warmup = spec["warmup"].as_u64().unwrap_or(100);
+    let pause = Duration::from_micros(spec["pause_us"].as_u64().unwrap_or(0));
+    let sa = sockaddr_in(a);
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    let mut samples = Vec::with_capacity(iters as usize);
+    for i in 0..warmup + iters {
+        // SAFETY: plain socket syscalls on a descriptor this loop owns; the structs outlive them.
+        let (r, dt, err) = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            if fd < 0 {
+                bail!("socket: {}", std::io::Error::last_os_error());
+            }
+            let t = Instant::now();
+            let r = libc::connect(
+                fd,
+                (&sa as *const libc::sockaddr_in).cast(),
+                std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+            );
+            let dt = t.elapsed();
+            let err = std::io::Error::last_os_error();
+            // RST on close: no TIME_WAIT left behind by thousands of connects.
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_LINGER,
+                (&linger as *const libc::linger).cast(),
+                std::mem::size_of::<libc::linger>() as libc::socklen_t,
+            );
+            libc::close(fd);
+            (r, dt, err)
+        };
+        if r != 0 {
+            bail!("connect to {a} (iteration {i}): {err}");
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+        if !pause.is_zero() {
+            std::thread::sleep(pause);
+        }
+    }
+    Ok(json!({ "latency": Summary::of(&mut samples).to_json(), "samples_ns": samples }))
+}
+
+/// Sends `bytes` bytes (not HTTP, not TLS: guard passes them through) and waits for the sink to
+/// acknowledge how many it got.
+fn bulk(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let total = spec["bytes"].as_u64().unwrap_or(1 << 30);
+    let limit = Duration::from_secs(spec["timeout_s"].as_u64().unwrap_or(30));
+    let buf = vec![0xa5u8; 256 << 10];
+    let start = Instant::now();
+    let mut s = StdTcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_write_timeout(Some(limit))?;
+    s.set_read_timeout(Some(limit))?;
+    let mut left = total;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        s.write_all(&buf[..n]).context("sending")?;
+        left -= n as u64;
+        if start.elapsed() > limit {
+            bail!("bulk transfer took longer than {limit:?}");
+        }
+    }
+    s.shutdown(Shutdown::Write)?;
+    let mut ack = [0u8; 8];
+    s.read_exact(&mut ack).context("reading the sink's count")?;
+    let secs = start.elapsed().as_secs_f64();
+    let got = u64::from_le_bytes(ack);
+    if got != total {
+        bail!("sink got {got} of {total} bytes");
+    }
+    Ok(json!({ "bytes": total, "secs": secs, "mib_per_s": total as f64 / secs / 1048576.0 }))
+}
+
+fn held(n: usize, secs: f64) -> Result<()> {
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "{}", json!({ "held": n, "secs": secs }))?;
+    stdout.flush()?;
+    Ok(())
+}
+
+/// Blocks until the parent closes our stdin (or it reaches a bounded wait).
+fn wait_for_release() {
+    let mut sink = Vec::new();
+    let _ = std::io::stdin().read_to_end(&mut sink);
+}
+
+fn hold_tcp(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let n = spec["n"].as_u64().unwrap_or(1000) as usize;
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut s = StdTcpStream::connect(addr)
+            .with_context(|| format!("connection {i} to {addr} (of {n})"))?;
+        s.set_read_timeout(Some(Duration::from_secs(10)))?;
+        // Not HTTP, not TLS: guard classifies it as other traffic and passes it through.
+        s.write_all(b"hold\n")?;
+        let mut echo = [0u8; 5];
+        s.read_exact(&mut echo)
+            .with_context(|| format!("echo on connection {i}"))?;
+        conns.push(s);
+    }
+    held(n, start.elapsed().as_secs_f64())?;
+    wait_for_release();
+    drop(conns);
+    Ok(json!({ "released": n }))
+}
+
+async fn hold_mcp(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let path = spec["path"].as_str().unwrap_or("/mcp").to_string();
+    let n = spec["n"].as_u64().unwrap_or(1000) as usize;
+    let tool = spec["tool"].as_str().unwrap_or("echo").to_string();
+    let args = spec["args"].to_string();
+    let start = Instant::now();
+    let mut conns = Vec::with_capacity(n);
+    for i in 0..n {
+        let mut c = McpClient::tcp(addr, &path)
+            .await
+            .with_context(|| format!("connection {i} of {n}"))?;
+        c.initialize().await?;
+        c.call(&tool, &args).await?;
+        conns.push(c);
+    }
+    held(n, start.elapsed().as_secs_f64())?;
+    // Blocks this (only) runtime thread: the idle connections need nothing until released.
+    wait_for_release();
+    drop(conns);
+    Ok(json!({ "released": n }))
+}
