@@ -100,6 +100,54 @@ impl Drop for Daemon {
     }
 }
 
+/// Starts the installed daemon (env.bin, env.config_path) as the unit would: in its own cgroup,
+/// with the unit's capability bounding set and no new privileges. Waits until it answers.
+fn start_installed(env: &Env, log_path: &Path) -> (Daemon, serde_json::Value) {
+    let caps: Vec<String> = unit_setting(&unit_text(), "CapabilityBoundingSet")
+        .split_whitespace()
+        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+        .collect();
+    assert!(!caps.is_empty());
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log_path)
+        .unwrap();
+    let mut cmd = Command::new("setpriv");
+    cmd.arg("--bounding-set")
+        .arg(format!("-all,{}", caps.join(",")))
+        .arg("--no-new-privs")
+        .arg("--")
+        .arg(&env.bin)
+        .arg("--config")
+        .arg(&env.config_path)
+        .arg("daemon")
+        .env_remove("GUARD_CONFIG")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    in_cgroup(&mut cmd, &env.cgroup("daemon"));
+    let mut daemon = Daemon(spawn(&mut cmd).expect("starting the installed daemon"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(s) = daemon.0.try_wait().unwrap() {
+            panic!(
+                "the installed daemon exited with {s}:\n{}",
+                fs::read_to_string(log_path).unwrap_or_default()
+            );
+        }
+        if let Some(status) = env.try_status() {
+            return (daemon, status);
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no answer within 30 s:\n{}",
+            fs::read_to_string(log_path).unwrap_or_default()
+        );
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 #[ignore = "needs root and eBPF"]
 fn unit_passes_systemd_analyze_verify() {
@@ -132,7 +180,7 @@ fn unit_passes_systemd_analyze_verify() {
         "systemd-analyze verify complains:\n{text}"
     );
 
-    // The sandbox stays tight (3.1 when written; 10 is fully exposed).
+    // The sandbox stays tight (2.9 when written; 10 is fully exposed).
     let out = run(
         Command::new("systemd-analyze")
             .args(["security", "--offline=yes", "--threshold=40", "--no-pager"])
@@ -240,44 +288,9 @@ fn install_start_and_uninstall_in_a_staging_root() {
     std::os::unix::fs::symlink(&policies, env.dir.join("policies")).unwrap();
     env.bin = installed_bin.clone();
     env.config_path = installed_config.clone();
-    let caps: Vec<String> = unit_setting(&unit_text(), "CapabilityBoundingSet")
-        .split_whitespace()
-        .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
-        .collect();
-    assert!(!caps.is_empty());
     let log_path = env.dir.join("daemon.log");
-    let log = fs::File::create(&log_path).unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.arg("--bounding-set")
-        .arg(format!("-all,{}", caps.join(",")))
-        .arg("--no-new-privs")
-        .arg("--")
-        .arg(&installed_bin)
-        .arg("--config")
-        .arg(&installed_config)
-        .arg("daemon")
-        .env_remove("GUARD_CONFIG")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().unwrap())
-        .stderr(log);
-    in_cgroup(&mut cmd, &env.cgroup("daemon"));
-    let mut daemon = Daemon(spawn(&mut cmd).expect("starting the installed daemon"));
     let daemon_log = || fs::read_to_string(&log_path).unwrap_or_default();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(s) = daemon.0.try_wait().unwrap() {
-            panic!("the installed daemon exited with {s}:\n{}", daemon_log());
-        }
-        if let Some(s) = env.try_status() {
-            break s;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no answer within 30 s:\n{}",
-            daemon_log()
-        );
-        thread::sleep(Duration::from_millis(50));
-    };
+    let (mut daemon, status) = start_installed(&env, &log_path);
     let pid = daemon.0.id();
     assert_eq!(status["pid"], pid);
     let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -318,6 +331,21 @@ fn install_start_and_uninstall_in_a_staging_root() {
             .is_some_and(|e| e.ends_with("/curl")),
         "{record:#}"
     );
+    // Restarted (as systemd does: SIGTERM, start), it reuses the pinned links with these
+    // capabilities too.
+    // SAFETY: kill has no memory-safety preconditions.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let stopped = daemon.0.wait().unwrap();
+    assert!(stopped.success(), "{stopped}:\n{}", daemon_log());
+    assert!(env.pin_dir.join("links").exists());
+    (daemon, _) = start_installed(&env, &log_path);
+    assert!(
+        daemon_log().contains("newly_attached=0 reused="),
+        "{}",
+        daemon_log()
+    );
+    assert_eq!(env.status()["programs_attached"], attached);
+
     // An empty agent cgroup left by a daemon that died: uninstall removes it too.
     let leftover = env.attach_path().join("agent-leftover-99");
     fs::create_dir(&leftover).unwrap();

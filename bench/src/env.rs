@@ -137,7 +137,6 @@ pub fn install_signal_teardown(rt: &tokio::runtime::Runtime) {
 
 pub struct BenchEnv {
     pub name: String,
-    pub mount: PathBuf,
     /// `<mount>/guard-bench-<pid>`.
     pub root: PathBuf,
     pub dir: PathBuf,
@@ -182,7 +181,6 @@ impl BenchEnv {
             config: dir.join("guard.toml"),
             bin: dir.join("guard"),
             name,
-            mount: mount.to_path_buf(),
             root,
             dir,
             pin_dir,
@@ -289,19 +287,17 @@ policies = "{dir}/policies"
         }
     }
 
-    pub fn daemon_pid(&self) -> Option<u32> {
-        self.daemon.as_ref().map(Child::id)
-    }
-
-    /// Fails when the daemon has exited.
-    pub fn check_daemon(&mut self) -> Result<()> {
-        if let Some(d) = self.daemon.as_mut() {
-            if let Some(st) = d.try_wait()? {
-                let pid = d.id();
-                untrack(pid);
-                self.daemon = None;
-                bail!("the guard daemon exited ({st}):\n{}", self.daemon_log());
-            }
+    /// Fails when the daemon has exited (it is then a zombie until Drop reaps it).
+    pub fn check_daemon(&self) -> Result<()> {
+        let Some(d) = self.daemon.as_ref() else {
+            bail!("the guard daemon is not running");
+        };
+        let stat = fs::read_to_string(format!("/proc/{}/stat", d.id())).unwrap_or_default();
+        let state = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.chars().next());
+        if matches!(state, None | Some('Z') | Some('X')) {
+            bail!("the guard daemon exited:\n{}", self.daemon_log());
         }
         Ok(())
     }

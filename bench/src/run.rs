@@ -249,6 +249,7 @@ impl Bench<'_> {
     fn side(&self, side: Side, spec: &Value, conns: u64) -> Result<Value> {
         let before = self.env.redirected()?;
         let out = env::run_worker(&self.env.cgroup(side.cgroup()), spec, WORKER_LIMIT)?;
+        self.env.check_daemon()?;
         let after = self.env.redirected()?;
         let redirected = after.saturating_sub(before);
         match side {

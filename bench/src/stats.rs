@@ -59,20 +59,6 @@ impl Summary {
             "mean_us": us(self.mean),
         })
     }
-
-    pub fn from_json(v: &Value) -> Summary {
-        let ns = |k: &str| (v[k].as_f64().unwrap_or(0.0) * 1000.0).round() as u64;
-        Summary {
-            n: v["n"].as_u64().unwrap_or(0) as usize,
-            p50: ns("p50_us"),
-            p90: ns("p90_us"),
-            p99: ns("p99_us"),
-            p999: ns("p999_us"),
-            min: ns("min_us"),
-            max: ns("max_us"),
-            mean: ns("mean_us"),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -86,13 +72,5 @@ mod tests {
         assert_eq!((s.p50, s.p90, s.p99, s.min, s.max), (50, 90, 99, 1, 100));
         assert_eq!(quantile(&[7], 0.99), 7);
         assert_eq!(quantile(&[], 0.5), 0);
-    }
-
-    #[test]
-    fn json_round_trip() {
-        let mut v = vec![1_000, 2_000, 3_500];
-        let s = Summary::of(&mut v);
-        let back = Summary::from_json(&s.to_json());
-        assert_eq!((back.n, back.p50, back.max), (3, 2_000, 3_500));
     }
 }

@@ -43,6 +43,9 @@ pub struct Record {
     pub tool: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub args_sha256: Option<String>,
+    /// Only with `audit.log_arguments = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
     pub decision: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
@@ -93,27 +96,81 @@ pub struct ServerRef {
 
 pub struct Audit {
     path: PathBuf,
-    file: Mutex<File>,
+    file: Mutex<Open>,
     seq: AtomicU64,
+    rotation: Rotation,
+    metrics: crate::metrics::Metrics,
+}
+
+struct Open {
+    file: File,
+    size: u64,
+}
+
+/// Rotate when the log exceeds `max_size` bytes; keep `keep` old files (`audit.jsonl.1` newest).
+#[derive(Debug, Clone, Copy)]
+pub struct Rotation {
+    pub max_size: u64,
+    pub keep: u32,
+}
+
+impl Default for Rotation {
+    fn default() -> Self {
+        Rotation {
+            max_size: 100 << 20,
+            keep: 5,
+        }
+    }
+}
+
+fn open_log(path: &Path) -> Result<Open> {
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(path)
+        .with_context(|| format!("opening the audit log {}", path.display()))?;
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    Ok(Open { file, size })
 }
 
 impl Audit {
-    /// Opens (creating, mode 0640) the append-only log at `path`.
+    /// Opens (creating, mode 0640) the append-only log at `path`, rotated by size.
     pub fn open(path: &Path) -> Result<Audit> {
+        Audit::open_rotating(path, Rotation::default())
+    }
+
+    pub fn open_rotating(path: &Path, rotation: Rotation) -> Result<Audit> {
         if let Some(dir) = path.parent() {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .mode(0o640)
-            .open(path)
-            .with_context(|| format!("opening the audit log {}", path.display()))?;
         Ok(Audit {
             path: path.to_path_buf(),
-            file: Mutex::new(file),
+            file: Mutex::new(open_log(path)?),
             seq: AtomicU64::new(0),
+            rotation,
+            metrics: Default::default(),
         })
+    }
+
+    pub fn metrics(&self) -> &crate::metrics::Metrics {
+        &self.metrics
+    }
+
+    /// `audit.jsonl` -> `.1` -> `.2` ... (the oldest beyond `keep` is removed), then a new file.
+    fn rotate(&self, open: &mut Open) -> Result<()> {
+        let name = |i: u32| PathBuf::from(format!("{}.{i}", self.path.display()));
+        let _ = fs::remove_file(name(self.rotation.keep));
+        for i in (1..self.rotation.keep).rev() {
+            let _ = fs::rename(name(i), name(i + 1));
+        }
+        if self.rotation.keep > 0 {
+            fs::rename(&self.path, name(1))?;
+        } else {
+            fs::remove_file(&self.path)?;
+        }
+        *open = open_log(&self.path)?;
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -140,9 +197,19 @@ impl Audit {
     pub fn write(&self, record: &Record) -> Result<()> {
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
-        let mut f = self.file.lock().unwrap();
-        f.write_all(&line)
-            .with_context(|| format!("writing the audit log {}", self.path.display()))
+        let mut open = self.file.lock().unwrap();
+        if open.size > 0 && open.size + line.len() as u64 > self.rotation.max_size {
+            if let Err(e) = self.rotate(&mut open) {
+                tracing::error!("rotating the audit log {}: {e:#}", self.path.display());
+            }
+        }
+        open.file
+            .write_all(&line)
+            .with_context(|| format!("writing the audit log {}", self.path.display()))?;
+        open.size += line.len() as u64;
+        drop(open);
+        self.metrics.observe(record);
+        Ok(())
     }
 }
 
@@ -196,6 +263,40 @@ mod tests {
             .map(|l| serde_json::from_str(l).unwrap())
             .collect();
         assert_eq!(lines, vec![a, b]);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn rotates_by_size_and_keeps_n_files() {
+        let dir = std::env::temp_dir().join(format!("guard-audit-rotate-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let path = dir.join("audit.jsonl");
+        let audit = Audit::open_rotating(
+            &path,
+            Rotation {
+                max_size: 400,
+                keep: 2,
+            },
+        )
+        .unwrap();
+        for _ in 0..20 {
+            let r = audit.record("connection", "pass");
+            audit.write(&r).unwrap();
+        }
+        let mut files: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        files.sort();
+        assert_eq!(files, vec!["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]);
+        for f in &files {
+            let len = fs::metadata(dir.join(f)).unwrap().len();
+            assert!(len <= 400, "{f} has {len} bytes");
+            // Whole records only.
+            for line in fs::read_to_string(dir.join(f)).unwrap().lines() {
+                serde_json::from_str::<Record>(line).unwrap();
+            }
+        }
         fs::remove_dir_all(dir).unwrap();
     }
 }

@@ -66,6 +66,33 @@ pub enum Cmd {
     /// The interception CA (TLS).
     #[command(subcommand)]
     Ca(CaCmd),
+    /// Calls held for a human (root or members of guard.approvers_group).
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// Reload the policies now (root; same as SIGHUP to the daemon).
+    Reload,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCmd {
+    /// Held calls: agent, server, tool, arguments, age, time left.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a held call.
+    Approve {
+        id: String,
+        /// Also approve identical calls from the same agent for this long (90s, 10m, 1h).
+        #[arg(long = "for")]
+        for_: Option<String>,
+    },
+    /// Refuse a held call (the agent gets -32003 with the reason).
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -175,6 +202,13 @@ pub fn main() -> i32 {
             policy_explain(&dir, &server, &tool, &caller, &args, json)
         }
         Cmd::Ca(cmd) => ca(&config.0, cmd).map(|()| 0),
+        Cmd::Approvals(cmd) => approvals(&config.0, cmd).map(|()| 0),
+        Cmd::Reload => control::call(&config.0.paths.control_socket, Request::Reload).map(|_| {
+            println!(
+                "policies reloaded (see the daemon's log or `guard audit tail` for the outcome)"
+            );
+            0
+        }),
         Cmd::Audit(AuditCmd::Tail {
             follow,
             json,
@@ -601,6 +635,83 @@ fn ca(config: &Config, cmd: CaCmd) -> Result<()> {
                 files.cert.display()
             );
             println!("`guard exec` sets SSL_CERT_FILE, NODE_EXTRA_CA_CERTS, REQUESTS_CA_BUNDLE and CURL_CA_BUNDLE to {} for its agents.", files.bundle.display());
+        }
+    }
+    Ok(())
+}
+
+fn approvals(config: &Config, cmd: ApprovalsCmd) -> Result<()> {
+    let socket = &config.paths.control_socket;
+    match cmd {
+        ApprovalsCmd::List { json } => {
+            let v = control::call(socket, Request::ApprovalsList)?;
+            let held = v
+                .get("held")
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&held)?);
+                return Ok(());
+            }
+            if held.is_empty() {
+                println!("no calls are waiting for approval");
+            }
+            for h in held {
+                let s = |k: &str| h.get(k).and_then(Value::as_str).unwrap_or("-").to_string();
+                let n = |k: &str| h.get(k).and_then(Value::as_u64).unwrap_or(0);
+                println!(
+                    "[{}] agent {} (uid {}, pid {})  server {}  tool {}  waiting {} s, {} s left",
+                    s("id"),
+                    s("agent"),
+                    n("uid"),
+                    n("pid"),
+                    s("server"),
+                    s("tool"),
+                    n("age_s"),
+                    n("remaining_s")
+                );
+                let args =
+                    serde_json::to_string_pretty(h.get("arguments").unwrap_or(&Value::Null))?;
+                for line in args.lines() {
+                    println!("    {line}");
+                }
+            }
+        }
+        ApprovalsCmd::Approve { id, for_ } => {
+            let for_s = match for_ {
+                Some(d) => Some(crate::approvals::parse_duration(&d)?.as_secs()),
+                None => None,
+            };
+            let v = control::call(
+                socket,
+                Request::Approve {
+                    id: id.clone(),
+                    for_s,
+                },
+            )?;
+            println!(
+                "approved {id} ({} on {}){}",
+                v["tool"].as_str().unwrap_or("?"),
+                v["server"].as_str().unwrap_or("?"),
+                for_s
+                    .map(|s| format!("; identical calls from this agent pass for {s} s"))
+                    .unwrap_or_default()
+            );
+        }
+        ApprovalsCmd::Deny { id, reason } => {
+            let v = control::call(
+                socket,
+                Request::Deny {
+                    id: id.clone(),
+                    reason,
+                },
+            )?;
+            println!(
+                "denied {id} ({} on {})",
+                v["tool"].as_str().unwrap_or("?"),
+                v["server"].as_str().unwrap_or("?")
+            );
         }
     }
     Ok(())

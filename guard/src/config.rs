@@ -25,6 +25,54 @@ pub struct Config {
     pub policy: PolicySection,
     pub tls: Tls,
     pub guard: GuardSection,
+    pub audit: AuditSection,
+    pub metrics: MetricsSection,
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuditSection {
+    /// Write tool-call arguments themselves (not only their SHA-256) into the audit log.
+    pub log_arguments: bool,
+    /// Rotate the audit log beyond this size.
+    pub max_size: ByteSize,
+    /// Rotated files kept (`audit.jsonl.1` is the newest).
+    pub keep: u32,
+}
+
+impl Default for AuditSection {
+    fn default() -> Self {
+        AuditSection {
+            log_arguments: false,
+            max_size: ByteSize(100 << 20),
+            keep: 5,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsSection {
+    /// Prometheus endpoint (`/metrics`), on a loopback address; `""` turns it off.
+    pub listen: String,
+}
+
+impl Default for MetricsSection {
+    fn default() -> Self {
+        MetricsSection {
+            listen: "127.0.0.1:15002".into(),
+        }
+    }
+}
+
+impl MetricsSection {
+    pub fn addr(&self) -> Option<std::net::SocketAddr> {
+        if self.listen.is_empty() {
+            None
+        } else {
+            self.listen.parse().ok()
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -412,6 +460,24 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             at(offset, e.message().trim_end().to_string())
         })?;
+        if !config.metrics.listen.is_empty() {
+            let ok = config
+                .metrics
+                .listen
+                .parse::<std::net::SocketAddr>()
+                .map(|a| a.ip().is_loopback())
+                .unwrap_or(false);
+            if !ok {
+                let offset = text.find("listen").unwrap_or(0);
+                return Err(at(
+                    offset,
+                    format!(
+                        "metrics.listen: `{}` is not a loopback address:port (metrics are served on loopback only; \"\" turns them off)",
+                        config.metrics.listen
+                    ),
+                ));
+            }
+        }
         Ok(config)
     }
 
@@ -621,6 +687,18 @@ approvers_group = "sec"
         assert!(wide.covers(&narrow));
         assert!(!narrow.covers(&wide));
         assert_eq!(narrow.to_string(), "10.1.0.0/16:80");
+    }
+
+    #[test]
+    fn metrics_only_on_loopback() {
+        assert!(Config::parse("g.toml", "[metrics]\nlisten = \"127.0.0.1:9000\"\n").is_ok());
+        assert!(Config::parse("g.toml", "[metrics]\nlisten = \"\"\n")
+            .unwrap()
+            .metrics
+            .addr()
+            .is_none());
+        let e = err("[metrics]\nlisten = \"0.0.0.0:9000\"\n");
+        assert!(e.starts_with("guard.toml:2:1: metrics.listen"), "{e}");
     }
 
     #[test]

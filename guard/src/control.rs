@@ -31,6 +31,36 @@ pub enum Request {
     Status,
     /// Emergency fail-open: unpin and detach everything.
     Disable,
+    /// Reload the policies now (root).
+    Reload,
+    /// Held calls (root or approvers).
+    ApprovalsList,
+    /// Release a held call; `for_s` also approves identical calls from that agent for so long.
+    Approve {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        for_s: Option<u64>,
+    },
+    /// Refuse a held call.
+    Deny {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+}
+
+impl Request {
+    pub fn op(&self) -> &'static str {
+        match self {
+            Request::Exec { .. } => "exec",
+            Request::Status => "status",
+            Request::Disable => "disable",
+            Request::Reload => "reload",
+            Request::ApprovalsList => "approvals_list",
+            Request::Approve { .. } => "approve",
+            Request::Deny { .. } => "deny",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -32,6 +32,7 @@ const REAP_INTERVAL: Duration = Duration::from_millis(200);
 
 pub struct Daemon {
     enforcer: Arc<Enforcer>,
+    saved_generation: AtomicU64,
     policies_fingerprint: Mutex<Vec<(String, u64, i64)>>,
     config: Config,
     config_source: String,
@@ -105,7 +106,19 @@ async fn start(
             );
         }
     }
-    let audit = Arc::new(Audit::open(&config.paths.audit_log)?);
+    std::fs::create_dir_all(&config.paths.state_dir).with_context(|| {
+        format!(
+            "creating the state directory {}",
+            config.paths.state_dir.display()
+        )
+    })?;
+    let audit = Arc::new(Audit::open_rotating(
+        &config.paths.audit_log,
+        crate::audit::Rotation {
+            max_size: config.audit.max_size.0,
+            keep: config.audit.keep,
+        },
+    )?);
     // Invalid policies stop the start, before anything is attached.
     let policies = load_policies(&config.paths.policies)?;
     let listeners = proxy::bind(config.proxy.listen_port).await?;
@@ -206,6 +219,7 @@ async fn start(
             header_timeout: Duration::from_secs(config.proxy.header_timeout_s),
             unknown_servers: config.policy.unknown_servers,
             denial: config.policy.denial,
+            log_arguments: config.audit.log_arguments,
         },
     ));
     let interceptor = Arc::new(
@@ -215,6 +229,7 @@ async fn start(
         )
         .context("setting up TLS interception")?,
     );
+    restore_rate_limits(&enforcer, &config.paths.state_dir);
     let proxy = Arc::new(Proxy {
         interceptor,
         intercept: config.tls.intercept,
@@ -229,6 +244,7 @@ async fn start(
         tokio::spawn(proxy.clone().serve(l));
     }
     let daemon = Daemon {
+        saved_generation: AtomicU64::new(enforcer.limiter.generation()),
         enforcer,
         policies_fingerprint: Mutex::new(policy_fingerprint(&config.paths.policies)),
         config,
@@ -251,6 +267,8 @@ async fn start(
 
 /// How often the policy directory is checked for changes (SIGHUP reloads at once).
 const POLICY_POLL: Duration = Duration::from_secs(2);
+/// How often changed rate-limit counters are saved (also on a clean stop).
+const RATE_LIMIT_SAVE: Duration = Duration::from_secs(1);
 
 /// The policy set of `dir`; a missing directory is an empty set (every MCP server unknown).
 pub fn load_policies(dir: &Path) -> Result<PolicySet> {
@@ -292,6 +310,25 @@ fn policy_fingerprint(dir: &Path) -> Vec<(String, u64, i64)> {
     v
 }
 
+/// Puts back the rate-limit counters of the previous run, so a restart does not reset limits.
+fn restore_rate_limits(enforcer: &Enforcer, state_dir: &Path) {
+    let path = state_dir.join("rate-limits.json");
+    let Ok(data) = std::fs::read(&path) else {
+        return;
+    };
+    match serde_json::from_slice::<Vec<crate::policy::SavedCounter>>(&data) {
+        Ok(saved) => {
+            enforcer.limiter.restore(
+                &saved,
+                std::time::Instant::now(),
+                std::time::SystemTime::now(),
+            );
+            tracing::info!(counters = saved.len(), "restored rate-limit counters");
+        }
+        Err(e) => tracing::warn!("ignoring {}: {e}", path.display()),
+    }
+}
+
 /// Whether cgroup `rel` is `base` or below it (both relative to the mount).
 fn under(rel: &str, base: &str) -> bool {
     let rel = rel.trim_matches('/');
@@ -302,16 +339,30 @@ fn under(rel: &str, base: &str) -> bool {
 impl Daemon {
     async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) -> Result<()> {
         tokio::spawn(control::serve(listener, self.clone()));
+        if let Some(addr) = self.config.metrics.addr() {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics.listen {addr}"))?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            tokio::spawn(self.clone().serve_metrics(l));
+        }
         tokio::spawn(self.clone().reap());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut watch = tokio::time::interval(POLICY_POLL);
+        let mut persist = tokio::time::interval(RATE_LIMIT_SAVE);
         let sig = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
                 _ = hup.recv() => self.reload_policies("SIGHUP"),
+                _ = persist.tick() => {
+                    let generation = self.enforcer.limiter.generation();
+                    if generation != self.saved_generation.swap(generation, Ordering::SeqCst) {
+                        self.save_rate_limits();
+                    }
+                }
                 _ = watch.tick() => {
                     let fp = policy_fingerprint(&self.config.paths.policies);
                     let changed = *self.policies_fingerprint.lock().unwrap() != fp;
@@ -323,11 +374,141 @@ impl Daemon {
             }
         };
         tracing::info!("{sig}: stopping; the pinned programs keep guarded connects away from the network until the daemon is back");
+        // Held calls get an answer (denied), never a hang.
+        let held = self.enforcer.approvals.shutdown();
+        if held > 0 {
+            tracing::info!("{held} held calls denied: the daemon is stopping");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.save_rate_limits();
         let mut r = self.audit.record("daemon_stop", "enforce");
         r.reason = Some(sig.into());
         let _ = self.audit.write(&r);
         let _ = std::fs::remove_file(&self.config.paths.control_socket);
         Ok(())
+    }
+
+    async fn serve_metrics(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let me = self.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let me = me.clone();
+                        async move {
+                            let (status, body) = if req.uri().path() == "/metrics" {
+                                (200, me.render_metrics())
+                            } else {
+                                (404, "see /metrics\n".to_string())
+                            };
+                            let mut resp = http::Response::new(http_body_util::Full::new(
+                                bytes::Bytes::from(body),
+                            ));
+                            *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                            resp.headers_mut().insert(
+                                http::header::CONTENT_TYPE,
+                                http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                            );
+                            Ok::<_, std::convert::Infallible>(resp)
+                        }
+                    });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    }
+
+    fn render_metrics(&self) -> String {
+        let k = self.kernel.counters();
+        let p = self.stats.snapshot();
+        let kc = |n: &str| k.get(n).copied().unwrap_or(0);
+        let refused: u64 = k
+            .iter()
+            .filter(|(n, _)| n.starts_with("refused_"))
+            .map(|(_, v)| v)
+            .sum();
+        self.audit.metrics().render(
+            &[
+                (
+                    "guard_redirected_total",
+                    "Guarded connects rewritten to the proxy (kernel).",
+                    kc("redirected"),
+                ),
+                (
+                    "guard_refused_total",
+                    "Guarded socket operations refused in the kernel (netns, UDP, bind, direct).",
+                    refused,
+                ),
+                (
+                    "guard_exempt_total",
+                    "Guarded connects left alone by scope.exempt.",
+                    kc("exempt"),
+                ),
+                (
+                    "guard_connections_accepted_total",
+                    "Connections accepted by the proxy.",
+                    p.accepted,
+                ),
+                (
+                    "guard_connections_passed_total",
+                    "Connections forwarded (passthrough, HTTP or TLS).",
+                    p.passed_through,
+                ),
+                (
+                    "guard_origin_missing_total",
+                    "Accepted connections with no recorded origin (closed).",
+                    p.origin_missing,
+                ),
+                (
+                    "guard_upstream_failed_total",
+                    "Upstream connects that failed.",
+                    p.upstream_failed,
+                ),
+            ],
+            &[
+                (
+                    "guard_connections_active",
+                    "Connections open through the proxy.",
+                    p.active,
+                ),
+                (
+                    "guard_approvals_pending",
+                    "Calls held for a human.",
+                    self.enforcer.approvals.len() as u64,
+                ),
+                (
+                    "guard_agents",
+                    "Agent cgroups alive.",
+                    self.agents.all().len() as u64,
+                ),
+                (
+                    "guard_enforcing",
+                    "1 while guard enforces, 0 after guard disable.",
+                    u64::from(!self.disabled.load(Ordering::SeqCst)),
+                ),
+            ],
+        )
+    }
+
+    /// Writes the rate-limit counters to the state directory (atomically: temp file + rename).
+    fn save_rate_limits(&self) {
+        let saved = self
+            .enforcer
+            .limiter
+            .snapshot(std::time::Instant::now(), std::time::SystemTime::now());
+        let path = self.config.paths.state_dir.join("rate-limits.json");
+        let tmp = path.with_extension("json.tmp");
+        let result = serde_json::to_vec(&saved)
+            .map_err(anyhow::Error::from)
+            .and_then(|data| std::fs::write(&tmp, data).map_err(Into::into))
+            .and_then(|()| std::fs::rename(&tmp, &path).map_err(Into::into));
+        if let Err(e) = result {
+            tracing::error!("saving rate-limit counters to {}: {e:#}", path.display());
+        }
     }
 
     /// Loads the policy directory again; an invalid set is refused and the last good one stays.
@@ -503,6 +684,83 @@ impl Daemon {
         }))
     }
 
+    /// Root, or a member of `guard.approvers_group` (by the caller's real groups, from /proc).
+    fn may_approve(&self, peer: &Peer) -> std::result::Result<(), String> {
+        if peer.uid == 0 {
+            return Ok(());
+        }
+        let group = &self.config.guard.approvers_group;
+        let gid = match nix::unistd::Group::from_name(group) {
+            Ok(Some(g)) => g.gid.as_raw(),
+            _ => {
+                return Err(format!(
+                    "only root may answer approvals (the approvers group `{group}` does not exist)"
+                ))
+            }
+        };
+        let mut groups = vec![peer.gid];
+        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", peer.pid)) {
+            if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
+                groups.extend(
+                    line.split_whitespace()
+                        .filter_map(|g| g.parse::<u32>().ok()),
+                );
+            }
+        }
+        if groups.contains(&gid) {
+            Ok(())
+        } else {
+            Err(format!(
+                "only root and members of `{group}` may answer approvals (you are uid {})",
+                peer.uid
+            ))
+        }
+    }
+
+    fn answer(
+        &self,
+        peer: Peer,
+        id: &str,
+        approve: Option<Option<u64>>,
+        deny: Option<Option<String>>,
+    ) -> Result<serde_json::Value> {
+        let approvals = &self.enforcer.approvals;
+        let (held, decision, detail) = match (approve, deny) {
+            (Some(for_s), _) => {
+                let standing = for_s.map(Duration::from_secs);
+                let held = approvals.approve(id, peer.uid, standing)?;
+                (
+                    held,
+                    "approved",
+                    json!({ "approval_id": id, "for_s": for_s }),
+                )
+            }
+            (None, Some(reason)) => {
+                let reason =
+                    reason.unwrap_or_else(|| format!("denied by an approver (uid {})", peer.uid));
+                let held = approvals.deny(id, peer.uid, reason.clone())?;
+                (
+                    held,
+                    "denied",
+                    json!({ "approval_id": id, "reason": reason }),
+                )
+            }
+            _ => bail!("nothing to answer"),
+        };
+        let mut r = self.audit.record("approval", decision);
+        r.actor_uid = Some(peer.uid);
+        r.tool = Some(held.tool.clone());
+        r.server = Some(crate::audit::ServerRef {
+            name: Some(held.server.clone()),
+            host: String::new(),
+            port: 0,
+        });
+        r.args_sha256 = Some(held.args_sha256.clone());
+        r.detail = Some(detail);
+        self.audit.write(&r)?;
+        Ok(json!({ "id": id, "decision": decision, "tool": held.tool, "server": held.server }))
+    }
+
     fn disable(&self, peer: Peer) -> Result<serde_json::Value> {
         let mut r = self.audit.record("disable", "fail_open");
         r.actor_uid = Some(peer.uid);
@@ -524,10 +782,41 @@ impl Daemon {
 
 impl Handler for Daemon {
     async fn handle(&self, peer: Peer, request: Request) -> Response {
+        let op = request.op();
+        let allowed = match &request {
+            Request::Exec { .. } | Request::Status => Ok(()),
+            // disable() checks and audits its own refusals.
+            Request::Disable => Ok(()),
+            Request::Reload => {
+                if peer.uid == 0 {
+                    Ok(())
+                } else {
+                    Err(format!("only root may {op} (you are uid {})", peer.uid))
+                }
+            }
+            Request::ApprovalsList | Request::Approve { .. } | Request::Deny { .. } => {
+                self.may_approve(&peer)
+            }
+        };
+        if let Err(why) = allowed {
+            let mut r = self.audit.record("control", "deny");
+            r.actor_uid = Some(peer.uid);
+            r.method = Some(op.into());
+            r.reason = Some(why.clone());
+            let _ = self.audit.write(&r);
+            return Response::err(why);
+        }
         let result = match request {
             Request::Exec { agent } => self.exec(peer, agent),
             Request::Status => self.status(),
             Request::Disable => self.disable(peer),
+            Request::Reload => {
+                self.reload_policies(&format!("guard reload by uid {}", peer.uid));
+                Ok(json!({ "reloaded": true }))
+            }
+            Request::ApprovalsList => Ok(json!({ "held": self.enforcer.approvals.list() })),
+            Request::Approve { id, for_s } => self.answer(peer, &id, Some(for_s), None),
+            Request::Deny { id, reason } => self.answer(peer, &id, None, Some(reason)),
         };
         match result {
             Ok(v) => Response::ok(v),

@@ -19,6 +19,7 @@ use serde_json::{json, Value};
 use tokio::{net::TcpStream, sync::mpsc};
 
 use crate::{
+    approvals::{agent_key, Approvals, Held, Verdict},
     audit::{AgentRef, Audit, Record, ServerRef},
     config::{Denial, UnknownServers},
     forward,
@@ -43,6 +44,8 @@ pub struct HttpSettings {
     pub header_timeout: Duration,
     pub unknown_servers: UnknownServers,
     pub denial: Denial,
+    /// `audit.log_arguments`: tool-call arguments go into the audit record.
+    pub log_arguments: bool,
 }
 
 /// Everything the HTTP layer needs, shared by all connections.
@@ -52,6 +55,7 @@ pub struct Enforcer {
     pub pins: Pins,
     pub audit: Arc<Audit>,
     pub settings: HttpSettings,
+    pub approvals: Approvals,
     /// Legacy HTTP+SSE sessions: (server, session id) -> the stream that session's answers go to.
     legacy: Mutex<HashMap<(String, String), StreamTx>>,
 }
@@ -64,6 +68,7 @@ impl Enforcer {
             pins,
             audit,
             settings,
+            approvals: Approvals::default(),
             legacy: Mutex::new(HashMap::new()),
         }
     }
@@ -177,6 +182,22 @@ where
         }
     });
     Ok(sender)
+}
+
+/// What a decision asks the proxy to do.
+enum Outcome {
+    Allow,
+    Refuse(Refusal),
+    Hold { rule: String, timeout_s: u64 },
+}
+
+/// Removes a held call when the request holding it ends, however it ends.
+struct ForgetOnDrop<'a>(&'a Approvals, String);
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
 }
 
 /// Per-connection context.
@@ -694,13 +715,23 @@ impl Ctx {
             r.tool = Some(tool.clone());
             r.jsonrpc_id = Some(id.clone());
             r.args_sha256 = Some(mcp::sha256_hex(&args));
+            if self.enf.settings.log_arguments {
+                r.arguments = Some(args.clone());
+            }
             let refusal = match server {
                 None => {
                     // Unknown server let through by unknown_servers = allow | audit.
                     r.rule = Some("policy.unknown_servers".into());
                     None
                 }
-                Some(sp) => self.decide(sp, &tool, &args, &caller, &mut r),
+                Some(sp) => match self.decide(sp, &tool, &args, &caller, &mut r) {
+                    Outcome::Allow => None,
+                    Outcome::Refuse(x) => Some(x),
+                    Outcome::Hold { rule, timeout_s } => {
+                        self.hold(sp, &tool, &args, &caller, rule, timeout_s, t, &mut r)
+                            .await
+                    }
+                },
             };
             r.latency_us = Some(started.elapsed().as_micros() as u64);
             if !self.audit(&r) {
@@ -779,7 +810,7 @@ impl Ctx {
         args: &Value,
         caller: &Caller,
         r: &mut Record,
-    ) -> Option<Refusal> {
+    ) -> Outcome {
         let refusal = |code, decision, rule: String, reason: String, retry| Refusal {
             code,
             decision,
@@ -795,7 +826,7 @@ impl Ctx {
             r.rule = Some("on_tool_change".into());
             let reason = "the tool's definition changed since it was pinned".to_string();
             r.reason = Some(reason.clone());
-            return Some(refusal(
+            return Outcome::Refuse(refusal(
                 mcp::TOOL_CHANGED,
                 "tool_changed",
                 "on_tool_change".into(),
@@ -806,13 +837,13 @@ impl Ctx {
         match sp.decide(tool, args, caller, &self.enf.limiter, Instant::now()) {
             Decision::Allow { rule } => {
                 r.rule = Some(rule);
-                None
+                Outcome::Allow
             }
             Decision::Deny { rule, reason } => {
                 r.decision = "deny".into();
                 r.rule = Some(rule.clone());
                 r.reason = Some(reason.clone());
-                Some(refusal(mcp::DENIED, "deny", rule, reason, None))
+                Outcome::Refuse(refusal(mcp::DENIED, "deny", rule, reason, None))
             }
             Decision::RateLimited {
                 rule,
@@ -822,7 +853,7 @@ impl Ctx {
                 r.decision = "rate_limited".into();
                 r.rule = Some(rule.clone());
                 r.reason = Some(reason.clone());
-                Some(refusal(
+                Outcome::Refuse(refusal(
                     mcp::RATE_LIMITED,
                     "rate_limited",
                     rule,
@@ -830,21 +861,98 @@ impl Ctx {
                     Some(retry_after_s),
                 ))
             }
-            Decision::RequireApproval { rule, .. } => {
-                // Held calls need the approval workflow; until it is there, fail closed.
-                let reason = "this tool requires human approval, and no approval channel is available in this guard version".to_string();
-                r.decision = "approval_denied".into();
-                r.rule = Some(rule.clone());
-                r.reason = Some(reason.clone());
-                Some(refusal(
-                    mcp::APPROVAL_DENIED,
-                    "approval_denied",
-                    rule,
-                    reason,
-                    None,
-                ))
-            }
+            Decision::RequireApproval { rule, timeout_s } => Outcome::Hold { rule, timeout_s },
         }
+    }
+
+    /// Holds a `require_approval` call until an approver answers or the time runs out.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold(
+        &self,
+        sp: &ServerPolicy,
+        tool: &str,
+        args: &Value,
+        caller: &Caller,
+        rule: String,
+        timeout_s: u64,
+        t: &Target,
+        r: &mut Record,
+    ) -> Option<Refusal> {
+        let approvals = &self.enf.approvals;
+        let args_sha = r.args_sha256.clone().unwrap_or_default();
+        r.rule = Some(rule.clone());
+        if approvals.standing(
+            &agent_key(&caller.agent, caller.uid),
+            &sp.name,
+            tool,
+            &args_sha,
+        ) {
+            r.reason = Some("approved earlier for identical calls (approve --for)".into());
+            return None;
+        }
+        let (id, rx) = approvals.request(Held {
+            id: String::new(),
+            agent: caller.agent.clone(),
+            uid: caller.uid,
+            pid: self.conn.identity.pid,
+            server: sp.name.clone(),
+            tool: tool.to_string(),
+            arguments: args.clone(),
+            args_sha256: args_sha,
+            requested_at: 0,
+            timeout_s,
+            created: None,
+        });
+        // An agent that goes away takes its held call with it.
+        let _forget = ForgetOnDrop(approvals, id.clone());
+        let mut p = self.record("approval", "pending", t);
+        p.tool = Some(tool.to_string());
+        p.rule = Some(rule.clone());
+        p.args_sha256 = r.args_sha256.clone();
+        p.jsonrpc_id = r.jsonrpc_id.clone();
+        p.detail = Some(json!({ "approval_id": id, "timeout_s": timeout_s }));
+        self.audit(&p);
+        let verdict = tokio::time::timeout(Duration::from_secs(timeout_s), rx).await;
+        let refusal = |code, decision: &'static str, reason: String| Refusal {
+            code,
+            decision,
+            server: sp.name.clone(),
+            tool: Some(tool.to_string()),
+            rule: rule.clone(),
+            reason,
+            retry_after_s: None,
+            audit_id: String::new(),
+        };
+        let (decision, code, reason) = match verdict {
+            Ok(Ok(Verdict::Approved { by })) => {
+                r.reason = Some(format!("approved by uid {by} (approval {id})"));
+                return None;
+            }
+            Ok(Ok(Verdict::Denied { reason, .. })) => {
+                ("approval_denied", mcp::APPROVAL_DENIED, reason)
+            }
+            Ok(Ok(Verdict::Shutdown)) | Ok(Err(_)) => (
+                "approval_denied",
+                mcp::APPROVAL_DENIED,
+                "the guard daemon stopped before an approver answered".to_string(),
+            ),
+            Err(_) => {
+                approvals.remove(&id);
+                let mut a = self.record("approval", "timeout", t);
+                a.tool = Some(tool.to_string());
+                a.rule = Some(rule.clone());
+                a.detail = Some(json!({ "approval_id": id }));
+                self.audit(&a);
+                (
+                    "approval_timeout",
+                    mcp::APPROVAL_TIMEOUT,
+                    format!("no approver answered within {timeout_s} s"),
+                )
+            }
+        };
+        r.decision = decision.into();
+        r.reason = Some(reason.clone());
+        Some(refusal(code, decision, reason))
     }
 
     fn check_headers(

@@ -54,6 +54,8 @@ pub struct Env {
     pub audit_log: PathBuf,
     /// A copy of the guard binary that an unprivileged user can run.
     pub bin: PathBuf,
+    /// Prometheus endpoint of this test's daemon (127.0.0.1).
+    pub metrics_port: u16,
     daemon: Option<Child>,
     extra_config: String,
     proxy_config: String,
@@ -141,6 +143,7 @@ impl Env {
         let mut env = Env {
             pin_dir: PathBuf::from("/sys/fs/bpf").join(&name),
             port: free_port(),
+            metrics_port: free_port(),
             config_path: dir.join("guard.toml"),
             socket: dir.join("guard.sock"),
             audit_log: dir.join("audit.jsonl"),
@@ -178,8 +181,12 @@ state_dir = "{dir}/state"
 audit_log = "{audit}"
 policies = "{dir}/policies"
 
+[metrics]
+listen = "127.0.0.1:{metrics}"
+
 {other}
 "#,
+            metrics = self.metrics_port,
             proxy_extra = self.proxy_config,
             other = self.other_config,
             attach = self.attach_rel,
@@ -256,6 +263,47 @@ policies = "{dir}/policies"
 
     pub fn daemon_pid(&self) -> u32 {
         self.daemon.as_ref().expect("daemon not running").id()
+    }
+
+    /// Stops the daemon the way systemd does (SIGTERM) and waits for it.
+    pub fn stop_daemon(&mut self) {
+        if let Some(mut d) = self.daemon.take() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(d.id() as i32),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while d.try_wait().unwrap().is_none() {
+                if Instant::now() > deadline {
+                    let _ = d.kill();
+                    panic!("the daemon did not stop on SIGTERM:\n{}", self.daemon_log());
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// The daemon's Prometheus metrics text.
+    pub fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.metrics_port)).expect("metrics endpoint");
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out.split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default()
+    }
+
+    /// One sample of the metrics text (0 when absent).
+    pub fn metric(&self, line_prefix: &str) -> u64 {
+        self.metrics()
+            .lines()
+            .find(|l| l.starts_with(line_prefix))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
     }
 
     pub fn kill_daemon(&mut self) {

@@ -37,7 +37,7 @@ pub struct InstallArgs {
     /// existing /etc/guard/guard.toml is never replaced.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Install and enable nothing in systemd beyond `daemon-reload`; do not start the service.
+    /// Neither enable nor start the service (systemd only gets a `daemon-reload`).
     #[arg(long)]
     no_start: bool,
     /// Install this guard binary instead of building one (`cargo build --release -p guard`).
@@ -51,6 +51,7 @@ pub struct UninstallArgs {
     #[arg(long, default_value = "/")]
     root: PathBuf,
     /// The configuration the installed daemon runs with (default: ROOT/etc/guard/guard.toml).
+    /// Below a staging root, the daemon, pins and cgroups are only touched with this given.
     #[arg(long)]
     config: Option<PathBuf>,
     /// Also remove /etc/guard, /var/lib/guard (state, CA) and /var/log/guard (audit logs).
@@ -64,7 +65,7 @@ fn under(root: &Path, rel: &str) -> PathBuf {
 }
 
 fn is_host(root: &Path) -> bool {
-    root == Path::new("/")
+    root.canonicalize().is_ok_and(|r| r == Path::new("/"))
 }
 
 fn systemd_running() -> bool {
@@ -74,9 +75,9 @@ fn systemd_running() -> bool {
 /// Runs this xtask again under sudo with `args` (for `--root /` without root).
 fn with_sudo(args: Vec<std::ffi::OsString>) -> Result<()> {
     if which("sudo").is_none() {
-        bail!("installing into / needs root; run this as root");
+        bail!("changing / needs root; run this as root");
     }
-    eprintln!("xtask: installing into / needs root; continuing with sudo");
+    eprintln!("xtask: changing / needs root; continuing with sudo");
     status(
         Command::new("sudo")
             .arg("--preserve-env=GUARD_LOG")
@@ -266,7 +267,7 @@ pub fn install(a: InstallArgs) -> Result<()> {
         eprintln!(
             "xtask: systemd is not running here, so nothing was started. Start the daemon by hand, \
              in a cgroup of its own (every process in the daemon's cgroup escapes the redirect):\n\
-             \n  mkdir -p {cg} && sh -c 'echo $$ > {cg}/cgroup.procs && exec {bin} --config {config} daemon' >>/var/log/guard/daemon.log 2>&1 &\n",
+             \n  mkdir -p {cg} /var/log/guard && sh -c 'echo $$ > {cg}/cgroup.procs && exec {bin} --config {config} daemon' >>/var/log/guard/daemon.log 2>&1 &\n",
             cg = cg.display(),
             bin = Path::new("/").join(BIN).display(),
             config = Path::new("/").join(CONFIG).display(),
@@ -301,7 +302,13 @@ pub fn uninstall(a: UninstallArgs) -> Result<()> {
     // --config names the configuration a daemon runs with: its paths are the host's, and the
     // staged default configuration's are the real /sys/fs/bpf/guard, guard.slice, ...
     if is_host(&root) || a.config.is_some() {
-        stop_and_detach(&root, bin.as_deref(), config.as_deref(), &settings, &mut leftovers)?;
+        stop_and_detach(
+            &root,
+            bin.as_deref(),
+            config.as_deref(),
+            &settings,
+            &mut leftovers,
+        )?;
     } else {
         eprintln!(
             "xtask: staging root without --config: only its files are removed (name the \
@@ -329,9 +336,10 @@ pub fn uninstall(a: UninstallArgs) -> Result<()> {
     let elsewhere: Vec<&String> = [&settings.state_dir, &settings.audit_log]
         .into_iter()
         .filter(|p| {
-            !PURGED
-                .iter()
-                .any(|d| Path::new(p).starts_with(under(&root, d)))
+            Path::new(p).exists()
+                && !PURGED
+                    .iter()
+                    .any(|d| Path::new(p).starts_with(under(&root, d)))
         })
         .collect();
     if a.purge {
@@ -385,9 +393,7 @@ fn stop_and_detach(
     leftovers: &mut Vec<String>,
 ) -> Result<()> {
     // 1. What the running daemon says (its attach point), before stopping it.
-    let running = bin
-        .as_ref()
-        .and_then(|b| daemon_status(b, config));
+    let running = bin.and_then(|b| daemon_status(b, config));
     let mount = cgroup2_mount()?;
     let attach = match running.as_ref().and_then(|s| s.attach_cgroup.clone()) {
         Some(p) => PathBuf::from(p),

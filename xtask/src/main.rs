@@ -490,8 +490,13 @@ fn test(args: &[String]) -> Result<()> {
     let root = repo_root();
     let mut cmd = Command::new("cargo");
     // --no-fail-fast: one failing test binary must not hide the results of the others.
-    cmd.current_dir(&root)
-        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--no-fail-fast"]);
+    cmd.current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "guard-ebpf",
+        "--no-fail-fast",
+    ]);
     let (filters, extra): (Vec<&String>, Vec<&String>) =
         args.iter().partition(|a| !a.starts_with('-'));
     cmd.args(extra);

@@ -8,7 +8,9 @@
 use std::collections::{HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
 
 use super::{Caller, Scope};
 
@@ -101,6 +103,49 @@ struct Inner {
     ops: u64,
 }
 
+/// A counter as saved in the state directory, with wall-clock times (instants do not survive
+/// a restart).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedCounter {
+    pub server: String,
+    pub rule: String,
+    /// `session:ID`, `agent:NAME`, `uid:N` or `global`.
+    pub scope: String,
+    pub window_ms: u64,
+    /// Milliseconds since the Unix epoch of each counted call still in the window.
+    pub hits_ms: Vec<u64>,
+}
+
+impl ScopeKey {
+    fn encode(&self) -> String {
+        match self {
+            ScopeKey::Session(s) => format!("session:{s}"),
+            ScopeKey::Agent(a) => format!("agent:{a}"),
+            ScopeKey::Uid(u) => format!("uid:{u}"),
+            ScopeKey::Global => "global".into(),
+        }
+    }
+
+    fn decode(s: &str) -> Option<ScopeKey> {
+        if s == "global" {
+            return Some(ScopeKey::Global);
+        }
+        let (kind, v) = s.split_once(':')?;
+        match kind {
+            "session" => Some(ScopeKey::Session(v.into())),
+            "agent" => Some(ScopeKey::Agent(v.into())),
+            "uid" => v.parse().ok().map(ScopeKey::Uid),
+            _ => None,
+        }
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// How often (in consuming calls) counters with nothing left in their window are dropped.
 const SWEEP_EVERY: u64 = 4096;
 
@@ -150,6 +195,63 @@ impl RateLimiter {
             c.prune(now);
             !c.hits.is_empty()
         });
+    }
+
+    /// How many calls were counted since start: a change means the state is worth saving.
+    pub fn generation(&self) -> u64 {
+        self.lock().ops
+    }
+
+    /// Every live counter, with wall-clock times (`now` and `wall` are the same moment).
+    pub fn snapshot(&self, now: Instant, wall: SystemTime) -> Vec<SavedCounter> {
+        let mut inner = self.lock();
+        let mut out = Vec::new();
+        for (k, c) in inner.counters.iter_mut() {
+            c.prune(now);
+            if c.hits.is_empty() {
+                continue;
+            }
+            out.push(SavedCounter {
+                server: k.server.to_string(),
+                rule: k.rule.to_string(),
+                scope: k.scope.encode(),
+                window_ms: c.window.as_millis() as u64,
+                hits_ms: c
+                    .hits
+                    .iter()
+                    .map(|h| unix_ms(wall - now.saturating_duration_since(*h)))
+                    .collect(),
+            });
+        }
+        out
+    }
+
+    /// Puts saved counters back (calls older than their window are dropped).
+    pub fn restore(&self, saved: &[SavedCounter], now: Instant, wall: SystemTime) {
+        let wall_ms = unix_ms(wall);
+        let mut inner = self.lock();
+        for s in saved {
+            let Some(scope) = ScopeKey::decode(&s.scope) else {
+                continue;
+            };
+            let window = Duration::from_millis(s.window_ms);
+            let mut hits: VecDeque<Instant> = s
+                .hits_ms
+                .iter()
+                .filter(|ms| **ms <= wall_ms && wall_ms - **ms < s.window_ms)
+                .filter_map(|ms| now.checked_sub(Duration::from_millis(wall_ms - ms)))
+                .collect();
+            if hits.is_empty() {
+                continue;
+            }
+            hits.make_contiguous().sort();
+            let key = Key {
+                server: s.server.as_str().into(),
+                rule: s.rule.as_str().into(),
+                scope,
+            };
+            inner.counters.insert(key, Counter { window, hits });
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -215,5 +317,50 @@ impl RateLimiter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod persist_tests {
+    use super::*;
+
+    #[test]
+    fn counters_survive_a_snapshot_and_restore() {
+        let lim = RateLimiter::new();
+        let limit = Limit {
+            name: "tools.add.rate_limit".into(),
+            max: 2,
+            window: Duration::from_secs(60),
+            scope: Scope::Agent,
+            label: None,
+        };
+        let server: Arc<str> = "s".into();
+        let caller = Caller {
+            agent: Some("bot".into()),
+            ..Default::default()
+        };
+        let t0 = Instant::now();
+        assert!(lim
+            .check(&server, std::iter::once(&limit), &caller, t0, true)
+            .is_ok());
+        assert!(lim
+            .check(&server, std::iter::once(&limit), &caller, t0, true)
+            .is_ok());
+        let wall = SystemTime::now();
+        let saved = lim.snapshot(t0, wall);
+        assert_eq!(saved.len(), 1);
+        assert_eq!(saved[0].scope, "agent:bot");
+        // A new process: a later instant, the same wall clock moved on by 5 s.
+        let fresh = RateLimiter::new();
+        let t1 = Instant::now() + Duration::from_secs(5);
+        fresh.restore(&saved, t1, wall + Duration::from_secs(5));
+        let e = fresh
+            .check(&server, std::iter::once(&limit), &caller, t1, true)
+            .expect_err("the restored count still refuses");
+        assert!((54..=56).contains(&e.retry_after_s), "{}", e.retry_after_s);
+        // Calls older than the window are not restored.
+        let later = RateLimiter::new();
+        later.restore(&saved, t1, wall + Duration::from_secs(61));
+        assert!(later.is_empty());
     }
 }

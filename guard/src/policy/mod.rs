@@ -86,7 +86,7 @@ use serde_json::Value;
 
 use self::cond::Condition;
 use self::limiter::Limit;
-pub use self::limiter::RateLimiter;
+pub use self::limiter::{RateLimiter, SavedCounter};
 use self::locate::Seg;
 use self::matcher::Matcher;
 

@@ -1053,7 +1053,8 @@ fn repo_policies_load() {
         allow("grants[0].tools.get-env")
     );
     assert_eq!(
-        ev.decide("simulate-research-query", &json!({}), &bot, &lim, now).kind(),
+        ev.decide("simulate-research-query", &json!({}), &bot, &lim, now)
+            .kind(),
         "require_approval"
     );
     assert_eq!(

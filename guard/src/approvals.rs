@@ -1,0 +1,259 @@
+//! Human approvals: a `require_approval` call is held (the agent's request stays open) until an
+//! approver answers through `guard approvals`, or its time runs out.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Mutex,
+    },
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{anyhow, Result};
+use serde::Serialize;
+use serde_json::Value;
+use tokio::sync::oneshot;
+
+/// How a held call ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Verdict {
+    Approved {
+        by: u32,
+    },
+    Denied {
+        by: u32,
+        reason: String,
+    },
+    /// The daemon is stopping: held calls are denied, never left hanging.
+    Shutdown,
+}
+
+/// What an approver sees of a held call.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Held {
+    pub id: String,
+    pub agent: Option<String>,
+    pub uid: u32,
+    pub pid: u32,
+    pub server: String,
+    pub tool: String,
+    pub arguments: Value,
+    pub args_sha256: String,
+    /// Unix seconds.
+    pub requested_at: u64,
+    pub timeout_s: u64,
+    #[serde(skip)]
+    pub created: Option<Instant>,
+}
+
+struct Pending {
+    held: Held,
+    tx: oneshot::Sender<Verdict>,
+}
+
+/// `approve --for`: identical calls (same agent, server, tool, arguments) pass until `until`.
+struct Standing {
+    agent: String,
+    server: String,
+    tool: String,
+    args_sha256: String,
+    until: Instant,
+}
+
+#[derive(Default)]
+pub struct Approvals {
+    next: AtomicU64,
+    pending: Mutex<HashMap<String, Pending>>,
+    standing: Mutex<Vec<Standing>>,
+}
+
+/// The agent as approvals know it: its name, else its uid.
+pub fn agent_key(agent: &Option<String>, uid: u32) -> String {
+    match agent {
+        Some(a) => format!("agent:{a}"),
+        None => format!("uid:{uid}"),
+    }
+}
+
+impl Approvals {
+    /// Whether a standing approval covers this call.
+    pub fn standing(&self, agent: &str, server: &str, tool: &str, args_sha256: &str) -> bool {
+        let now = Instant::now();
+        let mut s = self.standing.lock().unwrap();
+        s.retain(|a| a.until > now);
+        s.iter().any(|a| {
+            a.agent == agent && a.server == server && a.tool == tool && a.args_sha256 == args_sha256
+        })
+    }
+
+    /// Holds a call; the receiver yields the verdict.
+    pub fn request(&self, mut held: Held) -> (String, oneshot::Receiver<Verdict>) {
+        let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = format!("{n}");
+        held.id = id.clone();
+        held.requested_at = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        held.created = Some(Instant::now());
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .unwrap()
+            .insert(id.clone(), Pending { held, tx });
+        (id, rx)
+    }
+
+    /// Forgets a held call (its time ran out, or the agent went away).
+    pub fn remove(&self, id: &str) -> Option<Held> {
+        self.pending.lock().unwrap().remove(id).map(|p| p.held)
+    }
+
+    /// The held calls, oldest first, with their age and time left.
+    pub fn list(&self) -> Vec<Value> {
+        let pending = self.pending.lock().unwrap();
+        let mut v: Vec<&Pending> = pending.values().collect();
+        v.sort_by_key(|p| p.held.created);
+        v.into_iter()
+            .map(|p| {
+                let age = p.held.created.map(|c| c.elapsed()).unwrap_or_default();
+                let mut j = serde_json::to_value(&p.held).unwrap_or(Value::Null);
+                j["age_s"] = age.as_secs().into();
+                j["remaining_s"] = p.held.timeout_s.saturating_sub(age.as_secs()).into();
+                j
+            })
+            .collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.pending.lock().unwrap().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Releases a held call; with `standing`, identical calls from the same agent pass for that long.
+    pub fn approve(&self, id: &str, by: u32, standing: Option<Duration>) -> Result<Held> {
+        let p = self.pending.lock().unwrap().remove(id).ok_or_else(|| {
+            anyhow!("no held call with id {id} (it may have timed out or been answered)")
+        })?;
+        if let Some(d) = standing {
+            self.standing.lock().unwrap().push(Standing {
+                agent: agent_key(&p.held.agent, p.held.uid),
+                server: p.held.server.clone(),
+                tool: p.held.tool.clone(),
+                args_sha256: p.held.args_sha256.clone(),
+                until: Instant::now() + d,
+            });
+        }
+        let _ = p.tx.send(Verdict::Approved { by });
+        Ok(p.held)
+    }
+
+    pub fn deny(&self, id: &str, by: u32, reason: String) -> Result<Held> {
+        let p = self.pending.lock().unwrap().remove(id).ok_or_else(|| {
+            anyhow!("no held call with id {id} (it may have timed out or been answered)")
+        })?;
+        let _ = p.tx.send(Verdict::Denied { by, reason });
+        Ok(p.held)
+    }
+
+    /// Answers every held call with [`Verdict::Shutdown`].
+    pub fn shutdown(&self) -> usize {
+        let drained: Vec<Pending> = self
+            .pending
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, p)| p)
+            .collect();
+        let n = drained.len();
+        for p in drained {
+            let _ = p.tx.send(Verdict::Shutdown);
+        }
+        n
+    }
+}
+
+/// `10m`, `90s`, `1h`, `2d`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| anyhow!("`{s}` is not a duration (like 90s, 10m, 1h)"))?;
+    let mult = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(anyhow!("`{s}`: unknown unit `{unit}` (use s, m, h or d)")),
+    };
+    Ok(Duration::from_secs(n * mult))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(tool: &str, args: &str) -> Held {
+        Held {
+            id: String::new(),
+            agent: Some("bot".into()),
+            uid: 1000,
+            pid: 1,
+            server: "s".into(),
+            tool: tool.into(),
+            arguments: serde_json::json!({}),
+            args_sha256: args.into(),
+            requested_at: 0,
+            timeout_s: 60,
+            created: None,
+        }
+    }
+
+    #[tokio::test]
+    async fn approve_deny_and_standing() {
+        let a = Approvals::default();
+        let (id, rx) = a.request(held("t", "h1"));
+        assert_eq!(a.list().len(), 1);
+        a.approve(&id, 0, Some(Duration::from_secs(60))).unwrap();
+        assert_eq!(rx.await.unwrap(), Verdict::Approved { by: 0 });
+        assert!(a.standing("agent:bot", "s", "t", "h1"));
+        assert!(
+            !a.standing("agent:bot", "s", "t", "h2"),
+            "different arguments"
+        );
+        assert!(
+            !a.standing("agent:other", "s", "t", "h1"),
+            "different agent"
+        );
+        assert!(a.approve(&id, 0, None).is_err(), "answered once");
+
+        let (id, rx) = a.request(held("t", "h3"));
+        a.deny(&id, 5, "no".into()).unwrap();
+        assert_eq!(
+            rx.await.unwrap(),
+            Verdict::Denied {
+                by: 5,
+                reason: "no".into()
+            }
+        );
+
+        let (_, rx) = a.request(held("t", "h4"));
+        assert_eq!(a.shutdown(), 1);
+        assert_eq!(rx.await.unwrap(), Verdict::Shutdown);
+        assert!(a.is_empty());
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("90").unwrap(), Duration::from_secs(90));
+        assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert!(parse_duration("5 weeks").is_err());
+    }
+}

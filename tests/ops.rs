@@ -1,0 +1,330 @@
+//! Human approvals, the control plane's authorisation, metrics and state that survives a
+//! restart — with the real daemon, eBPF and the Python MCP SDK.
+
+mod common;
+
+use std::{
+    process::Command,
+    thread,
+    time::{Duration, Instant},
+};
+
+use common::{peers::*, *};
+use serde_json::{json, Value};
+
+/// A uid/gid that is neither root nor in the approvers group.
+const OUTSIDER: u32 = 65533;
+
+fn setup() -> (Env, Server) {
+    // The approvers group is `nogroup` (gid 65534), so uid 65534 (nobody) is an approver.
+    let mut env = Env::configured("", "", "[guard]\napprovers_group = \"nogroup\"\n");
+    let server = python_server(
+        &env.dir.join("calls.jsonl"),
+        &["--host", "127.0.0.3", "--port", "0", "--json-response"],
+    );
+    env.write_policy(
+        "held.json",
+        &json!({
+            "version": "1",
+            "server": { "name": "held", "match": [format!("127.0.0.3:{}", server.port)] },
+            "default": "deny",
+            "tools": {
+                "echo": {},
+                "delete_file": { "action": "require_approval", "approval_timeout": 60 },
+                "add": { "action": "require_approval", "approval_timeout": 2 },
+                "fetch_tasks": { "rate_limit": { "max": 2, "window": 120 } }
+            }
+        })
+        .to_string(),
+    );
+    env.start_daemon();
+    (env, server)
+}
+
+/// Runs the Python client in the background; join to get its output.
+fn client_bg(env: &Env, calls: &[(&str, &str)]) -> thread::JoinHandle<ClientRun> {
+    let args = client_args(
+        &format!("http://127.0.0.3:{}/mcp", env_server_port(env)),
+        "streamable-http",
+        false,
+        calls,
+    );
+    let args: Vec<String> = args;
+    let mut cmd = env.exec(
+        "held-bot",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    thread::spawn(move || parse_client(&run(&mut cmd, Duration::from_secs(120))))
+}
+
+/// The port of the server the policy names (read back from the policy file).
+fn env_server_port(env: &Env) -> u16 {
+    let p: Value =
+        serde_json::from_str(&std::fs::read_to_string(env.dir.join("policies/held.json")).unwrap())
+            .unwrap();
+    p["server"]["match"][0]
+        .as_str()
+        .unwrap()
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+fn held(env: &Env) -> Vec<Value> {
+    let out = run_ok(env.guard().args(["approvals", "list", "--json"]));
+    serde_json::from_str::<Value>(&out)
+        .unwrap()
+        .as_array()
+        .unwrap()
+        .clone()
+}
+
+fn wait_held(env: &Env, n: usize) -> Vec<Value> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let h = held(env);
+        if h.len() >= n {
+            return h;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no held call appeared:\n{}",
+            env.daemon_log()
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn held_calls_are_approved_denied_or_time_out() {
+    let (env, server) = setup();
+    // Approved: the client gets the server's result.
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/a"}"#)]);
+    let h = wait_held(&env, 1);
+    assert_eq!(h[0]["tool"], "delete_file");
+    assert_eq!(h[0]["agent"], "held-bot");
+    assert_eq!(h[0]["arguments"], json!({"path": "/tmp/a"}));
+    assert!(h[0]["remaining_s"].as_u64().unwrap() <= 60);
+    let human = run_ok(env.guard().args(["approvals", "list"]));
+    assert!(
+        human.contains("tool delete_file") && human.contains("\"path\": \"/tmp/a\""),
+        "{human}"
+    );
+    run_ok(
+        env.guard()
+            .args(["approvals", "approve", h[0]["id"].as_str().unwrap()]),
+    );
+    let run1 = c.join().unwrap();
+    assert_eq!(run1.text(0), "deleted /tmp/a");
+
+    // Denied: -32003 with the reason.
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/etc"}"#)]);
+    let h = wait_held(&env, 1);
+    run_ok(env.guard().args([
+        "approvals",
+        "deny",
+        h[0]["id"].as_str().unwrap(),
+        "--reason",
+        "not /etc",
+    ]));
+    let run2 = c.join().unwrap();
+    assert_eq!(run2.error(0)["code"], -32003);
+    assert_eq!(run2.error(0)["data"]["guard"]["reason"], "not /etc");
+
+    // Nobody answers: -32004 at the timeout (2 s for `add`).
+    let started = Instant::now();
+    let c = client_bg(&env, &[("add", r#"{"a":1,"b":2}"#)]);
+    let run3 = c.join().unwrap();
+    assert_eq!(run3.error(0)["code"], -32004);
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    assert!(held(&env).is_empty());
+
+    // --for: the next identical call passes without a prompt, a different one is held.
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/b"}"#)]);
+    let h = wait_held(&env, 1);
+    run_ok(env.guard().args([
+        "approvals",
+        "approve",
+        h[0]["id"].as_str().unwrap(),
+        "--for",
+        "1m",
+    ]));
+    assert_eq!(c.join().unwrap().text(0), "deleted /tmp/b");
+    let again = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/b"}"#)])
+        .join()
+        .unwrap();
+    assert_eq!(again.text(0), "deleted /tmp/b");
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/c"}"#)]);
+    let h = wait_held(&env, 1);
+    assert_eq!(h[0]["arguments"], json!({"path": "/tmp/c"}));
+    run_ok(
+        env.guard()
+            .args(["approvals", "deny", h[0]["id"].as_str().unwrap()]),
+    );
+    assert_eq!(c.join().unwrap().error(0)["code"], -32003);
+
+    assert_eq!(
+        server.tools_called(),
+        vec!["delete_file", "delete_file", "delete_file"],
+        "only approved calls reached the server"
+    );
+    let approvals: Vec<Value> = env
+        .audit()
+        .into_iter()
+        .filter(|r| r["event"] == "approval")
+        .collect();
+    let decisions: Vec<&str> = approvals
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    for d in ["pending", "approved", "denied", "timeout"] {
+        assert!(decisions.contains(&d), "{d} not audited: {decisions:?}");
+    }
+    assert!(approvals
+        .iter()
+        .any(|r| r["decision"] == "approved" && r["actor_uid"] == 0));
+}
+
+fn as_uid(env: &Env, uid: u32, args: &[&str]) -> std::process::Output {
+    let mut cmd: Command = env.guard();
+    cmd.args(args).current_dir("/");
+    as_user(&mut cmd, uid, uid);
+    run(&mut cmd, Duration::from_secs(20))
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn only_root_and_approvers_may_steer_the_daemon() {
+    let (env, _server) = setup();
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/x"}"#)]);
+    let id = wait_held(&env, 1)[0]["id"].as_str().unwrap().to_string();
+
+    for args in [
+        vec!["approvals", "approve", id.as_str()],
+        vec!["approvals", "list"],
+        vec!["reload"],
+        vec!["disable"],
+    ] {
+        let out = as_uid(&env, OUTSIDER, &args);
+        assert!(
+            !out.status.success(),
+            "{args:?} was allowed for uid {OUTSIDER}"
+        );
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("only root"), "{args:?}: {err}");
+    }
+    // Still held, still enforcing.
+    assert_eq!(held(&env).len(), 1);
+    assert_eq!(env.status()["enforcing"], true);
+    let refusals: Vec<Value> = env
+        .audit()
+        .into_iter()
+        .filter(|r| (r["event"] == "control" || r["event"] == "disable") && r["decision"] == "deny")
+        .collect();
+    assert_eq!(refusals.len(), 4, "{refusals:#?}");
+    assert!(refusals.iter().all(|r| r["actor_uid"] == OUTSIDER));
+
+    // A member of the approvers group may answer, but not reload.
+    let out = as_uid(&env, NOBODY, &["approvals", "approve", &id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(c.join().unwrap().text(0), "deleted /x");
+    let out = as_uid(&env, NOBODY, &["reload"]);
+    assert!(!out.status.success());
+    let approved = env
+        .audit()
+        .into_iter()
+        .find(|r| r["event"] == "approval" && r["decision"] == "approved")
+        .unwrap();
+    assert_eq!(approved["actor_uid"], NOBODY);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn metrics_follow_decisions() {
+    let (env, _server) = setup();
+    let allowed =
+        r#"guard_decisions_total{event="tool_call",server="held",tool="echo",decision="allow"}"#;
+    let denied =
+        r#"guard_decisions_total{event="tool_call",server="held",tool="slow",decision="deny"}"#;
+    let before = (
+        env.metric(allowed),
+        env.metric(denied),
+        env.metric("guard_redirected_total"),
+    );
+    let run1 = client_bg(
+        &env,
+        &[("echo", r#"{"text":"m"}"#), ("slow", r#"{"seconds":0}"#)],
+    )
+    .join()
+    .unwrap();
+    assert_eq!(run1.text(0), "m");
+    assert_eq!(run1.error(1)["code"], -32001);
+    let after = (
+        env.metric(allowed),
+        env.metric(denied),
+        env.metric("guard_redirected_total"),
+    );
+    assert_eq!(after.0, before.0 + 1);
+    assert_eq!(after.1, before.1 + 1);
+    assert!(after.2 > before.2);
+    let text = env.metrics();
+    assert!(
+        text.contains("guard_decision_latency_seconds_count{event=\"tool_call\"}"),
+        "{text}"
+    );
+    assert!(text.contains("guard_enforcing 1"));
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn rate_limits_survive_a_restart_and_held_calls_are_answered_at_shutdown() {
+    let (mut env, server) = setup();
+    let run1 = client_bg(
+        &env,
+        &[
+            ("fetch_tasks", r#"{"task_ids":[1]}"#),
+            ("fetch_tasks", r#"{"task_ids":[2]}"#),
+        ],
+    )
+    .join()
+    .unwrap();
+    assert_eq!(run1.text(0), "1");
+    assert_eq!(run1.text(1), "1");
+    // A held call when the daemon stops gets an answer, not a hang.
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/y"}"#)]);
+    wait_held(&env, 1);
+    env.stop_daemon();
+    let held_run = c.join().unwrap();
+    assert_eq!(held_run.error(0)["code"], -32003, "{:?}", held_run.calls);
+    assert!(held_run.error(0)["data"]["guard"]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("stopped"));
+
+    env.start_daemon();
+    let run2 = client_bg(&env, &[("fetch_tasks", r#"{"task_ids":[3]}"#)])
+        .join()
+        .unwrap();
+    assert_eq!(
+        run2.error(0)["code"],
+        -32002,
+        "the counter was lost in the restart: {:?}",
+        run2.calls
+    );
+    // Also across a crash (the counters are saved every second).
+    thread::sleep(Duration::from_millis(1500));
+    env.kill_daemon();
+    env.start_daemon();
+    let run3 = client_bg(&env, &[("fetch_tasks", r#"{"task_ids":[4]}"#)])
+        .join()
+        .unwrap();
+    assert_eq!(run3.error(0)["code"], -32002);
+    assert_eq!(server.tools_called(), vec!["fetch_tasks", "fetch_tasks"]);
+}
