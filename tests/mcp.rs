@@ -631,3 +631,122 @@ fn non_mcp_http_passes_unchanged() {
     let c = env.audit_connections();
     assert_eq!(c.last().unwrap()["transport"], "http");
 }
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn smuggling_attempts_are_refused() {
+    let s = setup(&["--transport", "streamable-http", "--json-response"]);
+    let url = &s.server.url;
+    let denied = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
+    // HTTP/2 with prior knowledge (h2c) is parsed and enforced like HTTP/1.1.
+    let out = run_ok(&mut s.env.exec(
+        "h2c",
+        &[
+            "curl",
+            "-sS",
+            "--http2-prior-knowledge",
+            "--max-time",
+            "20",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "--data",
+            denied,
+            url,
+        ],
+    ));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], -32001, "{out}");
+    // A protocol upgrade towards a policy-named server is refused.
+    let out = run_ok(&mut s.env.exec(
+        "ws",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-H",
+            "Connection: Upgrade",
+            "-H",
+            "Upgrade: websocket",
+            "-H",
+            "Sec-WebSocket-Version: 13",
+            "-H",
+            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+            url,
+        ],
+    ));
+    assert_eq!(out, "403");
+    // A body on a GET to a policy-named server is refused.
+    let out = run_ok(&mut s.env.exec(
+        "get-body",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "GET",
+            "--data",
+            denied,
+            url,
+        ],
+    ));
+    assert_eq!(out, "400");
+    // Raw bytes that are neither HTTP nor TLS never reach a policy-named server.
+    let raw = format!(
+        "import socket\ns = socket.create_connection(('127.0.0.3', {}), timeout=10)\ns.sendall(b'\\x00\\x01 not http')\ntry:\n    print('closed' if not s.recv(100) else 'answered')\nexcept ConnectionResetError:\n    print('closed')",
+        s.server.port
+    );
+    let py = peer_python().display().to_string();
+    assert_eq!(
+        run_ok(&mut s.env.exec("raw", &[&py, "-c", &raw])).trim(),
+        "closed",
+        "{:#?}",
+        s.env.audit_connections()
+    );
+    assert!(
+        s.server.calls().is_empty(),
+        "a smuggled call reached the server: {:?}",
+        s.server.calls()
+    );
+    let refused: Vec<Value> = s
+        .env
+        .audit()
+        .into_iter()
+        .filter(|r| r["rule"] == "policy.server" && r["decision"] == "deny")
+        .collect();
+    assert_eq!(refused.len(), 2, "{refused:#?}");
+
+    // JSON-RPC to an unknown server is recognised whatever its Content-Type.
+    let other = python_server(
+        &s.env.dir.join("other.jsonl"),
+        &["--host", "127.0.0.4", "--port", "0", "--json-response"],
+    );
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let out = run_ok(&mut s.env.exec(
+        "text-plain",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "content-type: text/plain",
+            "--data",
+            init,
+            &other.url,
+        ],
+    ));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], -32005, "{out}");
+}

@@ -216,6 +216,18 @@ fn only_root_and_approvers_may_steer_the_daemon() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("only root"), "{args:?}: {err}");
     }
+    // A guarded process — even root — cannot answer held calls (an agent approving itself).
+    let bin = env.bin.display().to_string();
+    let cfg = env.config_path.display().to_string();
+    let out = run(
+        &mut env.exec(
+            "self-approver",
+            &[&bin, "--config", &cfg, "approvals", "approve", &id],
+        ),
+        Duration::from_secs(20),
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guarded process cannot answer"));
     // Still held, still enforcing.
     assert_eq!(held(&env).len(), 1);
     assert_eq!(env.status()["enforcing"], true);
@@ -224,8 +236,14 @@ fn only_root_and_approvers_may_steer_the_daemon() {
         .into_iter()
         .filter(|r| (r["event"] == "control" || r["event"] == "disable") && r["decision"] == "deny")
         .collect();
-    assert_eq!(refusals.len(), 4, "{refusals:#?}");
-    assert!(refusals.iter().all(|r| r["actor_uid"] == OUTSIDER));
+    assert_eq!(refusals.len(), 5, "{refusals:#?}");
+    assert_eq!(
+        refusals
+            .iter()
+            .filter(|r| r["actor_uid"] == OUTSIDER)
+            .count(),
+        4
+    );
 
     // A member of the approvers group may answer, but not reload.
     let out = as_uid(&env, NOBODY, &["approvals", "approve", &id]);

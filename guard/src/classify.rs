@@ -10,6 +10,8 @@ pub enum Kind {
     Tls,
     /// An HTTP/1.x request line.
     Http,
+    /// HTTP/2 with prior knowledge (cleartext, the `PRI * HTTP/2.0` preface).
+    H2c,
     /// Anything else, including protocols where the server speaks first.
     Other,
 }
@@ -19,6 +21,7 @@ impl Kind {
         match self {
             Kind::Tls => "tls",
             Kind::Http => "http",
+            Kind::H2c => "h2c",
             Kind::Other => "tcp",
         }
     }
@@ -49,7 +52,11 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
             Some(_) => Some(Kind::Other),
         };
     }
-    let mut prefix = false;
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0";
+    if b.len() >= PREFACE.len() && &b[..PREFACE.len()] == PREFACE {
+        return Some(Kind::H2c);
+    }
+    let mut prefix = PREFACE.starts_with(b);
     for m in METHODS {
         if b.len() >= m.len() {
             if &b[..m.len()] == *m {
@@ -116,7 +123,8 @@ mod tests {
         assert_eq!(classify(b"PO"), None);
         assert_eq!(classify(b"GETX"), Some(Kind::Other));
         assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Kind::Other));
-        assert_eq!(classify(b"PRI * HTTP/2.0"), Some(Kind::Other));
+        assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Kind::H2c));
+        assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b""), None);
     }
 }

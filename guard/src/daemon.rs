@@ -686,6 +686,10 @@ impl Daemon {
 
     /// Root, or a member of `guard.approvers_group` (by the caller's real groups, from /proc).
     fn may_approve(&self, peer: &Peer) -> std::result::Result<(), String> {
+        // An agent must never answer its own (or another agent's) held calls.
+        if self.is_guarded(peer) {
+            return Err("a guarded process cannot answer approvals".into());
+        }
         if peer.uid == 0 {
             return Ok(());
         }
@@ -715,6 +719,28 @@ impl Daemon {
                 peer.uid
             ))
         }
+    }
+
+    /// The kernel's rule, seen from here: a guarded uid, or a cgroup (or ancestor) in the
+    /// guarded set. Unknown means guarded.
+    fn is_guarded(&self, peer: &Peer) -> bool {
+        if self.kernel.guarded_uids().contains(&peer.uid) {
+            return true;
+        }
+        let Ok(rel) = cgroup::cgroup_of(peer.pid) else {
+            return true;
+        };
+        let guarded = self.kernel.guarded_cgroups();
+        let mut path = self.cgroup_mount.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path.push(part);
+            match cgroup::cgroup_id(&path) {
+                Ok(id) if guarded.contains(&id) => return true,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+        false
     }
 
     fn answer(

@@ -12,7 +12,7 @@ use std::{
 
 use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Method, Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt as _, Full, StreamBody};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use serde_json::{json, Value};
@@ -288,6 +288,46 @@ async fn collect(mut body: Body, max: usize) -> Result<Bytes, Collect> {
     Ok(buf.freeze())
 }
 
+enum Read {
+    Whole(Bytes),
+    /// More than the limit: what was read, and the rest of the body still unread.
+    Over {
+        prefix: Bytes,
+        rest: Body,
+    },
+    Failed(String),
+}
+
+/// Reads a body up to `max` bytes, keeping the rest unread when it is longer.
+async fn read_up_to(mut body: Body, max: usize) -> Read {
+    let mut buf = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(f) => f,
+            Err(e) => return Read::Failed(e.to_string()),
+        };
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > max {
+                return Read::Over {
+                    prefix: buf.freeze(),
+                    rest: body,
+                };
+            }
+        }
+    }
+    Read::Whole(buf.freeze())
+}
+
+/// `prefix` followed by the rest of `body`, streamed.
+fn chain(prefix: Bytes, body: Body) -> Body {
+    use futures_util::StreamExt as _;
+    let head = futures_util::stream::once(async move { Ok::<_, BoxError>(Frame::data(prefix)) });
+    let tail =
+        futures_util::stream::unfold(body, |mut b| async move { b.frame().await.map(|f| (f, b)) });
+    BodyExt::boxed(StreamBody::new(head.chain(tail)))
+}
+
 fn full(b: impl Into<Bytes>) -> Body {
     Full::new(b.into()).map_err(|e| match e {}).boxed()
 }
@@ -487,13 +527,41 @@ impl Ctx {
             session,
             transport: "streamable-http",
         };
-        if req.headers().contains_key(header::UPGRADE) {
+        if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
+            if target.server.is_some() {
+                // A policy-named server is only reached through requests guard can read.
+                let mut r = self.record("mcp_request", "deny", &target);
+                r.method = Some(req.method().to_string());
+                r.rule = Some("policy.server".into());
+                r.reason = Some(
+                    "protocol upgrades and CONNECT to a policy-named MCP server are refused".into(),
+                );
+                self.audit(&r);
+                return text_response(
+                    StatusCode::FORBIDDEN,
+                    "guard: protocol upgrades to a policy-named MCP server are refused\n".into(),
+                );
+            }
             return self.forward_upgrade(req).await;
         }
-        let wants_body =
-            req.method() == Method::POST && (target.server.is_some() || is_json(req.headers()));
-        if !wants_body {
-            // GET streams, DELETE, and every non-MCP request: forwarded; MCP streams inspected.
+        let bodyless = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        );
+        let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+            || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
+        if bodyless {
+            if target.server.is_some() && has_body {
+                // Nothing guard does not read reaches a policy-named server.
+                return text_response(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "guard: a {} with a body to a policy-named MCP server is refused\n",
+                        req.method()
+                    ),
+                );
+            }
+            // GET streams, DELETE, and the like: forwarded; MCP streams inspected.
             let req = req.map(boxed);
             let resp = self.forward(req).await;
             return match &target.server {
@@ -505,11 +573,22 @@ impl Ctx {
             };
         }
 
+        // Every body is read (up to proxy.max_body) and checked for MCP, whatever its
+        // Content-Type says: JSON-RPC to an unknown server must not slip past as text/plain.
         let (parts, body) = req.into_parts();
         let max = self.enf.settings.max_body;
-        let bytes = match collect(boxed(body), max).await {
-            Ok(b) => b,
-            Err(Collect::TooLarge) => {
+        let bytes = match read_up_to(boxed(body), max).await {
+            Read::Whole(b) => b,
+            Read::Over { prefix, rest } => {
+                let looks_json = prefix
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| *b == b'{' || *b == b'[');
+                if target.server.is_none() && !looks_json {
+                    // A large upload that is not JSON: not MCP, streamed on unchanged.
+                    let req = Request::from_parts(parts, chain(prefix, rest));
+                    return self.forward(req).await;
+                }
                 let mut r = self.record("limit", "deny", &target);
                 r.reason = Some(format!("request body over proxy.max_body ({max} bytes)"));
                 r.rule = Some("proxy.max_body".into());
@@ -519,7 +598,7 @@ impl Ctx {
                     format!("guard: request body exceeds proxy.max_body ({max} bytes)\n"),
                 );
             }
-            Err(Collect::Failed(e)) => {
+            Read::Failed(e) => {
                 return text_response(
                     StatusCode::BAD_REQUEST,
                     format!("guard: reading the request body: {e}\n"),

@@ -155,21 +155,37 @@ impl Proxy {
                 .handle_tls(client, conn, upstream, record, started)
                 .await;
         }
-        let deny_other = kind == Kind::Other && self.other == OtherTraffic::Deny;
+        // A server a policy names is only ever reached through enforcement: something guard
+        // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
+        let named = kind == Kind::Other
+            && self
+                .enforcer
+                .policies()
+                .match_request(None, dst, "/")
+                .is_some();
+        let deny_other = kind == Kind::Other && (self.other == OtherTraffic::Deny || named);
         if deny_other {
             record.decision = "deny".into();
-            record.rule = Some("proxy.other".into());
-            record.reason = Some(
-                "traffic that is neither HTTP nor TLS is denied (proxy.other = \"deny\")".into(),
-            );
+            if named {
+                record.rule = Some("policy.server".into());
+                record.reason = Some(
+                    "a policy names this MCP server, and this traffic is neither HTTP nor TLS"
+                        .into(),
+                );
+            } else {
+                record.rule = Some("proxy.other".into());
+                record.reason = Some(
+                    "traffic that is neither HTTP nor TLS is denied (proxy.other = \"deny\")"
+                        .into(),
+                );
+            }
         } else {
-            record.rule = Some(
-                match kind {
-                    Kind::Http => "http",
-                    _ => "passthrough",
-                }
-                .into(),
-            );
+            let rule = if kind == Kind::Other {
+                "passthrough"
+            } else {
+                "http"
+            };
+            record.rule = Some(rule.into());
         }
         record.latency_us = Some(started.elapsed().as_micros() as u64);
         if !self.write_audit(&record) || deny_other {
@@ -179,9 +195,16 @@ impl Proxy {
         }
         self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        if kind == Kind::Http {
+        if kind == Kind::Http || kind == Kind::H2c {
             let upstream = http::Upstream::new(dst, http::Connector::Plain, upstream);
-            http::serve(self.enforcer.clone(), conn, client, upstream, false).await;
+            http::serve(
+                self.enforcer.clone(),
+                conn,
+                client,
+                upstream,
+                kind == Kind::H2c,
+            )
+            .await;
         } else {
             let mut client = client;
             if let Err(e) = forward::passthrough(&mut client, &mut upstream).await {
