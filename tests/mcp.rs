@@ -714,6 +714,69 @@ fn smuggling_attempts_are_refused() {
         "{:#?}",
         s.env.audit_connections()
     );
+    // Request lines servers accept but a method list would miss: leading CRLF, an unusual method
+    // first, then the call on the same keep-alive connection.
+    let raw_http = r#"
+import socket, sys
+body = sys.argv[2].encode()
+def call(prefix):
+    s = socket.create_connection(("127.0.0.3", int(sys.argv[1])), timeout=10)
+    req = prefix + b"POST /mcp HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    s.sendall(req)
+    data = b""
+    while b"-3200" not in data and b"result" not in data:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+    print("denied" if b"-32001" in data else "NOT DENIED " + data[:200].decode(errors="replace"))
+call(b"\r\n\r\n")
+call(b"PROPFIND /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+"#;
+    let port = s.server.port.to_string();
+    let out = run_ok(
+        &mut s
+            .env
+            .exec("raw-http", &[&py, "-c", raw_http, &port, denied]),
+    );
+    assert_eq!(out, "denied\ndenied\n");
+    // Host and path chosen to miss the policy's entries: the destination still names the server.
+    let spoofed = format!("http://127.0.0.3:{}/MCP", s.server.port);
+    let out = run_ok(&mut s.env.exec(
+        "spoof",
+        &[
+            "curl",
+            "-sS",
+            "--max-time",
+            "20",
+            "-H",
+            "Host: elsewhere.example",
+            "-H",
+            "content-type: application/json",
+            "-H",
+            "accept: application/json, text/event-stream",
+            "--data",
+            denied,
+            &spoofed,
+        ],
+    ));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["error"]["code"], -32001, "{out}");
+    // A tools/call without an id, and keys that differ only in case, are refused.
+    let no_id =
+        r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_file","arguments":{}}}"#;
+    let (code, body) = curl_post(&s.env, url, &[], no_id);
+    assert!(
+        code == 200 && body.contains("-32001") && body.contains("without an id"),
+        "{code} {body}"
+    );
+    let (code, _) = curl_post(
+        &s.env,
+        url,
+        &[],
+        r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#,
+    );
+    assert_eq!(code, 400);
     assert!(
         s.server.calls().is_empty(),
         "a smuggled call reached the server: {:?}",

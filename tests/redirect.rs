@@ -222,6 +222,13 @@ fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
     assert_eq!((server.hits(), server.via_watched()), (2, 1));
     assert_eq!(env.status()["guarded_uids"], serde_json::json!([NOBODY]));
+    // A guarded uid cannot start an agent under a name of its choosing (and its grants).
+    let mut cmd = env.exec("research-bot", &["true"]);
+    cmd.current_dir("/");
+    as_user(&mut cmd, NOBODY, NOBODY);
+    let out = run(&mut cmd, Duration::from_secs(10));
+    assert_eq!(out.status.code(), Some(125));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("guarded process cannot start an agent"));
 }
 
 const UDP_PROBE: &str = r#"

@@ -305,6 +305,24 @@ fn sni_that_does_not_resolve_to_the_destination_is_refused() {
 
 #[test]
 #[ignore = "needs root and eBPF"]
+fn a_named_destination_is_intercepted_whatever_the_sni() {
+    let (env, _pki, server) = setup("");
+    // SNI "localhost" resolves elsewhere, but the destination is the policy's server: intercepted
+    // (the agent sees guard's certificate), never passed through.
+    assert_eq!(
+        issuer_probe(&env, "127.0.0.3", server.port, "localhost", None),
+        "issuer guard interception CA"
+    );
+    let conn = env
+        .audit_connections()
+        .into_iter()
+        .find(|r| r["detail"]["sni"] == "localhost")
+        .unwrap();
+    assert_eq!(conn["detail"]["intercepted"], true, "{conn}");
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
 fn an_invalid_upstream_certificate_gives_502_and_never_plaintext() {
     let env = Env::new("");
     let pki = Pki::new(&env.dir, "test-ca");

@@ -161,7 +161,9 @@ fn free_port() -> Result<u16> {
 }
 
 impl BenchEnv {
-    pub fn new(guard_bin: &Path, mount: &Path) -> Result<BenchEnv> {
+    /// `tls_root_pem`: the CA of the benchmark's TLS upstream, for the daemon's
+    /// `tls.extra_roots`.
+    pub fn new(guard_bin: &Path, mount: &Path, tls_root_pem: &str) -> Result<BenchEnv> {
         let name = format!("{PREFIX}{}", std::process::id());
         let root = mount.join(&name);
         let dir = std::env::temp_dir().join(&name);
@@ -199,6 +201,7 @@ impl BenchEnv {
         fs::set_permissions(&env.dir, fs::Permissions::from_mode(0o755))?;
         fs::copy(guard_bin, &env.bin)
             .with_context(|| format!("copying {}", guard_bin.display()))?;
+        fs::write(env.upstream_ca(), tls_root_pem)?;
         env.write_config()?;
         Ok(env)
     }
@@ -206,6 +209,16 @@ impl BenchEnv {
     /// `<mount>/guard-bench-<pid>/<rel>`.
     pub fn cgroup(&self, rel: &str) -> PathBuf {
         self.root.join(rel)
+    }
+
+    /// The CA of the benchmark's TLS upstream (what the direct side trusts).
+    pub fn upstream_ca(&self) -> PathBuf {
+        self.dir.join("upstream-ca.pem")
+    }
+
+    /// guard's interception CA (what the guarded side trusts); the daemon creates it at start.
+    pub fn guard_ca(&self) -> PathBuf {
+        self.dir.join("state/ca/guard-ca.pem")
     }
 
     fn write_config(&self) -> Result<()> {
@@ -224,6 +237,9 @@ control_socket = "{dir}/guard.sock"
 state_dir = "{dir}/state"
 audit_log = "{dir}/audit.jsonl"
 policies = "{dir}/policies"
+
+[tls]
+extra_roots = ["{dir}/upstream-ca.pem"]
 "#,
             name = self.name,
             port = self.port,

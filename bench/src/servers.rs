@@ -1,12 +1,15 @@
 //! The far ends, run by the parent (unguarded, outside the benchmark's attach point): a fast MCP
-//! responder (the latency floor), a listener that accepts and drops (connect), a sink that counts
-//! bytes (throughput) and an echo server (held connections). The same servers answer the direct
-//! and the guarded side.
+//! responder (the latency floor), the same over TLS (certificate from a CA made for this run),
+//! a listener that accepts and drops (connect), a sink that counts bytes (throughput) and an echo
+//! server (held connections). The same servers answer the direct and the guarded side.
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
-    sync::atomic::{AtomicU64, Ordering},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        atomic::{AtomicU64, Ordering},
+        Arc,
+    },
 };
 
 use anyhow::Result;
@@ -16,13 +19,17 @@ use hyper::{body::Incoming, header, Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde_json::{json, Value};
 use tokio::{
-    io::{AsyncReadExt as _, AsyncWriteExt as _},
+    io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _},
     net::{TcpListener, TcpStream},
 };
 
 pub struct Servers {
     /// The fast MCP responder (`/mcp`).
     pub mcp: SocketAddr,
+    /// The same over TLS (HTTP/1.1), with a certificate for its IP address.
+    pub tls_mcp: SocketAddr,
+    /// The CA (PEM) that issued the TLS responder's certificate.
+    pub tls_ca_pem: String,
     /// Accepts and drops.
     pub accept: SocketAddr,
     pub sink: SocketAddr,
@@ -34,16 +41,32 @@ impl Servers {
     /// runtime.
     pub async fn start() -> Result<Servers> {
         let mcp = TcpListener::bind("127.0.0.3:0").await?;
+        let tls_mcp = TcpListener::bind("127.0.0.7:0").await?;
+        let (tls_ca_pem, tls_config) = tls_server_config(tls_mcp.local_addr()?.ip())?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls_config));
         let accept = TcpListener::bind("127.0.0.4:0").await?;
         let sink = TcpListener::bind("127.0.0.5:0").await?;
         let echo = TcpListener::bind("127.0.0.6:0").await?;
         let s = Servers {
             mcp: mcp.local_addr()?,
+            tls_mcp: tls_mcp.local_addr()?,
+            tls_ca_pem,
             accept: accept.local_addr()?,
             sink: sink.local_addr()?,
             echo: echo.local_addr()?,
         };
         tokio::spawn(serve(mcp, |s| async move { mcp_conn(s).await }));
+        tokio::spawn(serve(tls_mcp, move |s| {
+            let acceptor = acceptor.clone();
+            async move {
+                if let Ok(Ok(tls)) =
+                    tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(s))
+                        .await
+                {
+                    mcp_conn(tls).await;
+                }
+            }
+        }));
         tokio::spawn(serve(accept, |s| async move { drop(s) }));
         tokio::spawn(serve(sink, |s| async move { sink_conn(s).await }));
         tokio::spawn(serve(echo, |s| async move { echo_conn(s).await }));
@@ -95,7 +118,45 @@ async fn echo_conn(mut s: TcpStream) {
     }
 }
 
-async fn mcp_conn(s: TcpStream) {
+/// A CA made for this run and a server config presenting a leaf it issued for `ip`.
+fn tls_server_config(ip: IpAddr) -> Result<(String, rustls::ServerConfig)> {
+    use rcgen::{
+        BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer,
+        KeyPair, KeyUsagePurpose, SanType,
+    };
+    let ca_key = KeyPair::generate()?;
+    let mut ca = CertificateParams::default();
+    ca.distinguished_name
+        .push(DnType::CommonName, "guard-bench upstream CA");
+    ca.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    ca.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let ca_pem = ca.self_signed(&ca_key)?.pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate()?;
+    let mut leaf = CertificateParams::default();
+    leaf.distinguished_name
+        .push(DnType::CommonName, ip.to_string());
+    leaf.subject_alt_names = vec![SanType::IpAddress(ip)];
+    leaf.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let cert = leaf.signed_by(&key, &issuer)?;
+    let key_der = rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into());
+    let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()?
+    .with_no_client_auth()
+    .with_single_cert(vec![cert.der().clone()], key_der)?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok((ca_pem, cfg))
+}
+
+async fn mcp_conn<S>(s: S)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service =
         hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(mcp_answer(req).await) });
     let _ = hyper::server::conn::http1::Builder::new()

@@ -4,7 +4,11 @@
 //!
 //! Kinds (`SPEC` is a JSON object with `"kind"`):
 //! - `mcp`: MCP clients over HTTP/1.1 keep-alive (`initialize`, `tools/list`, then timed
-//!   `tools/call`s), `concurrency` connections, until `calls` calls or `secs` seconds;
+//!   `tools/call`s), `concurrency` connections, until `calls` calls or `secs` seconds; over TLS
+//!   when the spec has `"tls": {"ca": PEM file}`;
+//! - `mcp_conn`: a new connection for every `tools/call` (connect, TLS handshake when `tls`:
+//!   `"resume": true` resumes the previous session, `false` makes a full handshake every time,
+//!   HTTP/1.1, one call, close), timed as a whole;
 //! - `connect`: the `connect()` syscall alone, `iters` times, blocking socket, closed with RST;
 //! - `bulk`: `bytes` bytes over one connection to a sink that acknowledges the count;
 //! - `hold_tcp` / `hold_mcp`: open `n` connections (bytes echoed / one `tools/call` each), print
@@ -39,6 +43,7 @@ pub fn main(spec: &str) -> Result<()> {
     let kind = spec["kind"].as_str().unwrap_or("");
     let out = match kind {
         "mcp" => runtime()?.block_on(mcp_load(&spec))?,
+        "mcp_conn" => runtime()?.block_on(mcp_per_connection(&spec))?,
         "connect" => connect_times(&spec)?,
         "bulk" => bulk(&spec)?,
         "hold_tcp" => hold_tcp(&spec)?,
@@ -82,6 +87,68 @@ fn addr(spec: &Value) -> Result<SocketAddr> {
         .context("bad addr")
 }
 
+/// The client side of TLS: trust one CA (the upstream's for the direct side, guard's for the
+/// guarded side), HTTP/1.1, session resumption on or off.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+    name: rustls::pki_types::ServerName<'static>,
+}
+
+impl TlsClient {
+    pub fn from_spec(spec: &Value, addr: SocketAddr) -> Result<Option<TlsClient>> {
+        let tls = &spec["tls"];
+        let Some(ca) = tls["ca"].as_str() else {
+            return Ok(None);
+        };
+        use rustls::pki_types::{pem::PemObject as _, CertificateDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).with_context(|| format!("reading {ca}"))? {
+            roots.add(cert.with_context(|| format!("a certificate in {ca}"))?)?;
+        }
+        let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        config.alpn_protocols = vec![b"http/1.1".to_vec()];
+        if tls["resume"] == json!(false) {
+            config.resumption = rustls::client::Resumption::disabled();
+        }
+        Ok(Some(TlsClient {
+            config: Arc::new(config),
+            name: rustls::pki_types::ServerName::IpAddress(addr.ip().into()),
+        }))
+    }
+}
+
+/// A connection (TCP, then TLS when `tls`) carrying one MCP client; also says whether the TLS
+/// handshake resumed a session.
+pub async fn mcp_connect(
+    addr: SocketAddr,
+    path: &str,
+    tls: Option<&TlsClient>,
+) -> Result<(McpClient, bool)> {
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .with_context(|| format!("connecting to {addr}"))?;
+    tcp.set_nodelay(true)?;
+    let authority = addr.to_string();
+    match tls {
+        None => Ok((McpClient::over(tcp, &authority, path).await?, false)),
+        Some(t) => {
+            let stream = tokio_rustls::TlsConnector::from(t.config.clone())
+                .connect(t.name.clone(), tcp)
+                .await
+                .with_context(|| format!("TLS handshake with {addr}"))?;
+            let resumed =
+                stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed);
+            Ok((McpClient::over(stream, &authority, path).await?, resumed))
+        }
+    }
+}
+
 fn contains(hay: &[u8], needle: &[u8]) -> bool {
     hay.windows(needle.len()).any(|w| w == needle)
 }
@@ -114,14 +181,6 @@ impl McpClient {
             session: None,
             next_id: 1,
         })
-    }
-
-    pub async fn tcp(addr: SocketAddr, path: &str) -> Result<McpClient> {
-        let tcp = tokio::net::TcpStream::connect(addr)
-            .await
-            .with_context(|| format!("connecting to {addr}"))?;
-        tcp.set_nodelay(true)?;
-        McpClient::over(tcp, &addr.to_string(), path).await
     }
 
     async fn post(&mut self, body: String) -> Result<(StatusCode, hyper::HeaderMap, Bytes)> {
@@ -216,8 +275,12 @@ impl McpClient {
         if status == StatusCode::OK && contains(&bytes, br#""isError":false"#) {
             return Ok(());
         }
+        // Servers that leave `isError` out (server-everything): a result that is not an error.
         let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
-        if status == StatusCode::OK && v["result"]["isError"] == json!(false) {
+        if status == StatusCode::OK
+            && v["result"].is_object()
+            && v["result"]["isError"] != json!(true)
+        {
             return Ok(());
         }
         bail!(
@@ -237,18 +300,28 @@ async fn mcp_load(spec: &Value) -> Result<Value> {
     let tool = spec["tool"].as_str().unwrap_or("echo").to_string();
     let args = spec["args"].to_string();
 
-    let mut clients = Vec::with_capacity(conc);
+    let tls = TlsClient::from_spec(spec, addr)?;
+    // Every client sets up at once: a server may close a connection idle for a few seconds
+    // (uvicorn: 5 s) while the others would still be warming up one after the other.
+    let mut setups = Vec::with_capacity(conc);
     for _ in 0..conc {
-        let mut c = McpClient::tcp(addr, &path).await?;
-        c.initialize().await?;
-        let tools = c.list().await?;
-        if !tools.contains(&tool) {
-            bail!("tools/list does not offer {tool}: {tools:?}");
-        }
-        for _ in 0..warmup {
-            c.call(&tool, &args).await?;
-        }
-        clients.push(c);
+        let (path, tool, args, tls) = (path.clone(), tool.clone(), args.clone(), tls.clone());
+        setups.push(tokio::spawn(async move {
+            let (mut c, _) = mcp_connect(addr, &path, tls.as_ref()).await?;
+            c.initialize().await?;
+            let tools = c.list().await?;
+            if !tools.contains(&tool) {
+                bail!("tools/list does not offer {tool}: {tools:?}");
+            }
+            for _ in 0..warmup {
+                c.call(&tool, &args).await?;
+            }
+            Ok(c)
+        }));
+    }
+    let mut clients = Vec::with_capacity(conc);
+    for s in setups {
+        clients.push(s.await??);
     }
     let remaining = Arc::new(AtomicI64::new(calls));
     let start = Instant::now();
@@ -278,6 +351,39 @@ async fn mcp_load(spec: &Value) -> Result<Value> {
         "calls": n,
         "secs": elapsed,
         "calls_per_s": n as f64 / elapsed,
+    }))
+}
+
+/// A new connection for every call: connect, (TLS,) one `tools/call`, close; timed as a whole.
+async fn mcp_per_connection(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let path = spec["path"].as_str().unwrap_or("/mcp").to_string();
+    let warmup = spec["warmup"].as_u64().unwrap_or(0);
+    let calls = spec["calls"].as_u64().unwrap_or(1000);
+    let tool = spec["tool"].as_str().unwrap_or("echo").to_string();
+    let args = spec["args"].to_string();
+    let tls = TlsClient::from_spec(spec, addr)?;
+    let mut samples = Vec::with_capacity(calls as usize);
+    let mut resumed = 0u64;
+    let start = Instant::now();
+    for i in 0..warmup + calls {
+        let t = Instant::now();
+        let (mut c, r) = mcp_connect(addr, &path, tls.as_ref()).await?;
+        c.call(&tool, &args).await?;
+        drop(c);
+        let dt = t.elapsed().as_nanos() as u64;
+        if i >= warmup {
+            samples.push(dt);
+            resumed += u64::from(r);
+        }
+    }
+    let secs = start.elapsed().as_secs_f64();
+    Ok(json!({
+        "latency": Summary::of(&mut samples).to_json(),
+        "samples_ns": samples,
+        "calls": calls,
+        "secs": secs,
+        "resumed": resumed,
     }))
 }
 
@@ -420,7 +526,7 @@ async fn hold_mcp(spec: &Value) -> Result<Value> {
     let start = Instant::now();
     let mut conns = Vec::with_capacity(n);
     for i in 0..n {
-        let mut c = McpClient::tcp(addr, &path)
+        let (mut c, _) = mcp_connect(addr, &path, None)
             .await
             .with_context(|| format!("connection {i} of {n}"))?;
         c.initialize().await?;

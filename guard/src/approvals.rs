@@ -105,6 +105,11 @@ impl Approvals {
         (id, rx)
     }
 
+    /// The uid of the agent whose call is held under `id`.
+    pub fn uid_of(&self, id: &str) -> Option<u32> {
+        self.pending.lock().unwrap().get(id).map(|p| p.held.uid)
+    }
+
     /// Forgets a held call (its time ran out, or the agent went away).
     pub fn remove(&self, id: &str) -> Option<Held> {
         self.pending.lock().unwrap().remove(id).map(|p| p.held)

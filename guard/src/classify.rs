@@ -27,19 +27,18 @@ impl Kind {
     }
 }
 
-const METHODS: &[&[u8]] = &[
-    b"GET ",
-    b"POST ",
-    b"PUT ",
-    b"DELETE ",
-    b"HEAD ",
-    b"OPTIONS ",
-    b"PATCH ",
-    b"CONNECT ",
-    b"TRACE ",
-];
+/// The longest request line guard waits for before deciding a stream is not HTTP.
+const MAX_REQUEST_LINE: usize = 8192;
 
-/// Classifies `b`; `None` while `b` is still a prefix of something recognisable.
+fn is_tchar(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&c)
+}
+
+/// Classifies `b`; `None` while `b` could still become something recognisable.
+///
+/// HTTP is recognised by the request-line grammar (`token SP target SP HTTP/1.x`), for every
+/// method and after the empty lines servers are told to skip (RFC 9112 §2.2), so no request
+/// line a server would accept is passed through unread.
 pub fn classify(b: &[u8]) -> Option<Kind> {
     if b.is_empty() {
         return None;
@@ -56,54 +55,103 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     if b.len() >= PREFACE.len() && &b[..PREFACE.len()] == PREFACE {
         return Some(Kind::H2c);
     }
-    let mut prefix = PREFACE.starts_with(b);
-    for m in METHODS {
-        if b.len() >= m.len() {
-            if &b[..m.len()] == *m {
-                return Some(Kind::Http);
-            }
-        } else if m.starts_with(b) {
-            prefix = true;
-        }
+    if PREFACE.starts_with(b) {
+        return None;
     }
-    if prefix {
-        None
+    // Leading CRLFs.
+    let start = b.iter().position(|c| *c != b'\r' && *c != b'\n');
+    let Some(start) = start else {
+        return (b.len() < 64)
+            .then_some(())
+            .map_or(Some(Kind::Other), |_| None);
+    };
+    if start > 64 {
+        return Some(Kind::Other);
+    }
+    let line = &b[start..];
+    // method
+    let m = line
+        .iter()
+        .position(|c| !is_tchar(*c))
+        .unwrap_or(line.len());
+    if m == line.len() {
+        return if m < 32 { None } else { Some(Kind::Other) };
+    }
+    if m == 0 || line[m] != b' ' {
+        return Some(Kind::Other);
+    }
+    // target
+    let rest = &line[m + 1..];
+    let t = rest
+        .iter()
+        .position(|c| *c == b' ' || *c == b'\r' || *c == b'\n' || *c < 0x21 || *c == 0x7f);
+    let Some(t) = t else {
+        return if b.len() < MAX_REQUEST_LINE {
+            None
+        } else {
+            Some(Kind::Other)
+        };
+    };
+    if t == 0 || rest[t] != b' ' {
+        return Some(Kind::Other);
+    }
+    // version
+    let v = &rest[t + 1..];
+    const HTTP1: &[u8] = b"HTTP/1.";
+    if v.len() < HTTP1.len() {
+        return if HTTP1.starts_with(v) {
+            None
+        } else {
+            Some(Kind::Other)
+        };
+    }
+    if &v[..HTTP1.len()] == HTTP1 {
+        Some(Kind::Http)
     } else {
         Some(Kind::Other)
     }
 }
 
-/// How long a client may take to send enough bytes to be classified, once it sent some.
-const CLASSIFY_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Peeks at the client's first bytes until they classify. Returns `Other` when the client sends
-/// nothing classifiable within the timeout, and an error when it closes first.
-pub async fn peek(client: &TcpStream) -> io::Result<Kind> {
-    {
-        let mut buf = [0u8; 16];
-        let deadline = tokio::time::Instant::now() + CLASSIFY_TIMEOUT;
-        loop {
-            let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
-                Ok(r) => r?,
-                Err(_) => return Ok(Kind::Other),
-            };
-            if n == 0 {
+/// Peeks at the client's first bytes until they classify (nothing is consumed). There is no
+/// classification by time: a client that waits is waited for (until `idle`, then the
+/// connection is closed), so waiting cannot turn HTTP into an unread passthrough. An error when
+/// the client closes or stays silent.
+pub async fn peek(client: &TcpStream, idle: Duration) -> io::Result<Kind> {
+    let mut buf = vec![0u8; MAX_REQUEST_LINE + 128];
+    let deadline = tokio::time::Instant::now() + idle;
+    let mut last = 0;
+    loop {
+        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
+            Ok(r) => r?,
+            Err(_) => {
                 return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "client closed",
+                    io::ErrorKind::TimedOut,
+                    "the client sent nothing",
                 ));
             }
-            if let Some(k) = classify(&buf[..n]) {
-                return Ok(k);
-            }
-            if n == buf.len() {
-                return Ok(Kind::Other);
-            }
+        };
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "client closed",
+            ));
+        }
+        if let Some(k) = classify(&buf[..n]) {
+            return Ok(k);
+        }
+        if n == buf.len() {
+            return Ok(Kind::Other);
+        }
+        if n == last {
             // Only a prefix so far: wait for more without spinning on the same bytes.
             tokio::time::sleep(Duration::from_millis(2)).await;
-            if tokio::time::Instant::now() >= deadline {
-                return Ok(Kind::Other);
-            }
+        }
+        last = n;
+        if tokio::time::Instant::now() >= deadline {
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped sending",
+            ));
         }
     }
 }
@@ -119,10 +167,35 @@ mod tests {
         assert_eq!(classify(b"\x16\x01"), Some(Kind::Other));
         assert_eq!(classify(b"POST /mcp HTTP/1.1\r\n"), Some(Kind::Http));
         assert_eq!(classify(b"GET / HTTP/1.1"), Some(Kind::Http));
-        assert_eq!(classify(b"DELETE /mcp"), Some(Kind::Http));
+        assert_eq!(
+            classify(b"DELETE /mcp"),
+            None,
+            "the request line is not complete yet"
+        );
         assert_eq!(classify(b"PO"), None);
-        assert_eq!(classify(b"GETX"), Some(Kind::Other));
-        assert_eq!(classify(b"SSH-2.0-OpenSSH"), Some(Kind::Other));
+        assert_eq!(
+            classify(&[b'A'; 40]),
+            Some(Kind::Other),
+            "no method is that long"
+        );
+        assert_eq!(classify(b"GETX"), None, "could still be a method token");
+        assert_eq!(classify(b"GETX / HTTP/1.1\r\n"), Some(Kind::Http));
+        assert_eq!(classify(b"PROPFIND /x HTTP/1.1\r\n"), Some(Kind::Http));
+        assert_eq!(
+            classify(b"\r\n\r\nPOST /mcp HTTP/1.1\r\n"),
+            Some(Kind::Http)
+        );
+        assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(classify(b"POST /mcp HTTP/1."), Some(Kind::Http));
+        assert_eq!(classify(b"POST /mcp HT"), None);
+        assert_eq!(classify(b"POST /mcp XYZ"), Some(Kind::Other));
+        assert_eq!(
+            classify(b"GET /\r\n"),
+            Some(Kind::Other),
+            "HTTP/0.9 is not spoken"
+        );
+        assert_eq!(classify(b"\x00\x01 hi"), Some(Kind::Other));
+        assert_eq!(classify(b"SSH-2.0-OpenSSH_9.2p1\r\n"), Some(Kind::Other));
         assert_eq!(classify(b"PRI * HTTP/2.0\r\n\r\nSM"), Some(Kind::H2c));
         assert_eq!(classify(b"PRI * HT"), None);
         assert_eq!(classify(b""), None);

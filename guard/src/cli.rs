@@ -110,7 +110,8 @@ pub enum CaCmd {
 
 #[derive(Subcommand, Debug)]
 pub enum PolicyCmd {
-    /// Validate a policy file or directory (default: paths.policies); errors name file:line:col.
+    /// Validate a policy file or directory (default: the running daemon's, else paths.policies);
+    /// errors name file:line:col.
     Check { path: Option<PathBuf> },
     /// The decision and the rule for one tool call, without traffic.
     Explain {
@@ -130,7 +131,7 @@ pub enum PolicyCmd {
         /// The call's arguments as a JSON object.
         #[arg(long, default_value = "{}")]
         args: String,
-        /// Policy directory (default: paths.policies).
+        /// Policy directory (default: the running daemon's, else paths.policies).
         #[arg(long)]
         policies: Option<PathBuf>,
         #[arg(long)]
@@ -198,7 +199,7 @@ pub fn main() -> i32 {
                 cgroup,
                 session: None,
             };
-            let dir = policies.unwrap_or_else(|| config.0.paths.policies.clone());
+            let dir = policies.unwrap_or_else(|| policies_dir(&config.0));
             policy_explain(&dir, &server, &tool, &caller, &args, json)
         }
         Cmd::Ca(cmd) => ca(&config.0, cmd).map(|()| 0),
@@ -395,8 +396,17 @@ fn disable(config: &Config) -> Result<()> {
     }
 }
 
+/// The policy directory the running daemon uses (it may have been given `--policies`), else
+/// the configuration's.
+fn policies_dir(config: &Config) -> PathBuf {
+    control::call(&config.paths.control_socket, Request::Status)
+        .ok()
+        .and_then(|s| s.get("policies").and_then(Value::as_str).map(PathBuf::from))
+        .unwrap_or_else(|| config.paths.policies.clone())
+}
+
 fn policy_check(config: &Config, path: Option<PathBuf>) -> Result<i32> {
-    let path = path.unwrap_or_else(|| config.paths.policies.clone());
+    let path = path.unwrap_or_else(|| policies_dir(config));
     let result = if path.is_dir() {
         PolicySet::load_dir(&path)
     } else {

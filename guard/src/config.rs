@@ -115,6 +115,8 @@ pub struct Proxy {
     pub other: OtherTraffic,
     /// A client must send a request's headers within this many seconds (slowloris).
     pub header_timeout_s: u64,
+    /// Connections served at once; more are reset.
+    pub max_connections: usize,
 }
 
 impl Default for Proxy {
@@ -124,6 +126,7 @@ impl Default for Proxy {
             max_body: ByteSize(4 << 20),
             other: OtherTraffic::Pass,
             header_timeout_s: 30,
+            max_connections: 10_000,
         }
     }
 }

@@ -230,7 +230,11 @@ async fn start(
         .context("setting up TLS interception")?,
     );
     restore_rate_limits(&enforcer, &config.paths.state_dir);
+    enforcer.set_named(crate::http::resolve_named(&enforcer.policies()).await);
     let proxy = Arc::new(Proxy {
+        capacity: Arc::new(tokio::sync::Semaphore::new(
+            config.proxy.max_connections.max(1),
+        )),
         interceptor,
         intercept: config.tls.intercept,
         kernel: kernel.clone(),
@@ -269,6 +273,8 @@ async fn start(
 const POLICY_POLL: Duration = Duration::from_secs(2);
 /// How often changed rate-limit counters are saved (also on a clean stop).
 const RATE_LIMIT_SAVE: Duration = Duration::from_secs(1);
+/// How often the host names of `server.match` entries are resolved again.
+const NAMED_REFRESH: Duration = Duration::from_secs(60);
 
 /// The policy set of `dir`; a missing directory is an empty set (every MCP server unknown).
 pub fn load_policies(dir: &Path) -> Result<PolicySet> {
@@ -338,7 +344,6 @@ fn under(rel: &str, base: &str) -> bool {
 
 impl Daemon {
     async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) -> Result<()> {
-        tokio::spawn(control::serve(listener, self.clone()));
         if let Some(addr) = self.config.metrics.addr() {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -346,17 +351,24 @@ impl Daemon {
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
             tokio::spawn(self.clone().serve_metrics(l));
         }
+        // Control last: a daemon that answers `status` serves everything else already.
+        tokio::spawn(control::serve(listener, self.clone()));
         tokio::spawn(self.clone().reap());
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
         let mut watch = tokio::time::interval(POLICY_POLL);
         let mut persist = tokio::time::interval(RATE_LIMIT_SAVE);
+        let mut resolve = tokio::time::interval(NAMED_REFRESH);
         let sig = loop {
             tokio::select! {
                 _ = term.recv() => break "SIGTERM",
                 _ = int.recv() => break "SIGINT",
-                _ = hup.recv() => self.reload_policies("SIGHUP"),
+                _ = hup.recv() => {
+                    self.reload_policies("SIGHUP");
+                    self.refresh_named().await;
+                }
+                _ = resolve.tick() => self.refresh_named().await,
                 _ = persist.tick() => {
                     let generation = self.enforcer.limiter.generation();
                     if generation != self.saved_generation.swap(generation, Ordering::SeqCst) {
@@ -369,6 +381,7 @@ impl Daemon {
                     if changed {
                         *self.policies_fingerprint.lock().unwrap() = fp;
                         self.reload_policies("file change");
+                        self.refresh_named().await;
                     }
                 }
             }
@@ -494,6 +507,12 @@ impl Daemon {
         )
     }
 
+    /// Re-resolves the addresses the policies' servers name (names move).
+    async fn refresh_named(&self) {
+        let named = crate::http::resolve_named(&self.enforcer.policies()).await;
+        self.enforcer.set_named(named);
+    }
+
     /// Writes the rate-limit counters to the state directory (atomically: temp file + rename).
     fn save_rate_limits(&self) {
         let saved = self
@@ -566,7 +585,13 @@ impl Daemon {
             bail!("guard is disabled on this host (guard disable); restart the daemon to enforce again");
         }
         let caller_cgroup = cgroup::cgroup_of(peer.pid)?;
-        if let Some(current) = self.agents.containing(&caller_cgroup) {
+        let current = self.agents.containing(&caller_cgroup);
+        if current.is_none() && self.is_guarded(&peer) {
+            // A process guarded by uid or by a configured cgroup must not pick a name (and the
+            // grants that come with it).
+            bail!("a guarded process cannot start an agent under a name of its choosing");
+        }
+        if let Some(current) = current {
             // A guarded agent must not re-enrol under another name (and another name's grants).
             if current.name != agent {
                 bail!(
@@ -666,6 +691,7 @@ impl Daemon {
             "attach_cgroup": self.attach_path.display().to_string(),
             "daemon_cgroup": format!("/{}", self.daemon_cgroup),
             "pin_dir": self.config.paths.bpffs.display().to_string(),
+            "policies": self.config.paths.policies.display().to_string(),
             "programs": programs,
             "programs_attached": attached,
             "proxy": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
@@ -751,6 +777,18 @@ impl Daemon {
         deny: Option<Option<String>>,
     ) -> Result<serde_json::Value> {
         let approvals = &self.enforcer.approvals;
+        if peer.uid != 0 && approvals.uid_of(id) == Some(peer.uid) {
+            // Any unguarded process of the agent's own user could otherwise approve its calls.
+            let mut r = self.audit.record("control", "deny");
+            r.actor_uid = Some(peer.uid);
+            r.method = Some("approve".into());
+            r.reason = Some("an approver cannot answer calls of their own uid".into());
+            self.audit.write(&r)?;
+            bail!(
+                "you cannot answer a call made by your own uid ({}); ask another approver",
+                peer.uid
+            );
+        }
         let (held, decision, detail) = match (approve, deny) {
             (Some(for_s), _) => {
                 let standing = for_s.map(Duration::from_secs);
@@ -838,6 +876,7 @@ impl Handler for Daemon {
             Request::Disable => self.disable(peer),
             Request::Reload => {
                 self.reload_policies(&format!("guard reload by uid {}", peer.uid));
+                self.refresh_named().await;
                 Ok(json!({ "reloaded": true }))
             }
             Request::ApprovalsList => Ok(json!({ "held": self.enforcer.approvals.list() })),

@@ -58,6 +58,75 @@ pub struct Enforcer {
     pub approvals: Approvals,
     /// Legacy HTTP+SSE sessions: (server, session id) -> the stream that session's answers go to.
     legacy: Mutex<HashMap<(String, String), StreamTx>>,
+    /// Every address a policy's server names (literal, or resolved from its host name) -> the
+    /// server. A connection to one of them is that server's whatever the agent writes in SNI,
+    /// Host or path.
+    named: RwLock<Arc<HashMap<SocketAddr, String>>>,
+}
+
+/// `(host, port)` of a `server.match` entry: a URL or `host:port`.
+pub fn entry_host_port(entry: &str) -> Option<(String, u16)> {
+    let (default_port, rest) = match entry.split_once("://") {
+        Some((scheme, rest)) => (
+            if scheme.eq_ignore_ascii_case("https") {
+                443
+            } else {
+                80
+            },
+            rest,
+        ),
+        None => (0, entry),
+    };
+    let authority = rest.split('/').next()?;
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h.to_string(), after.strip_prefix(':').map(str::to_string))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.to_string())),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None if default_port != 0 => default_port,
+        None => return None,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// Resolves every server's match entries to addresses (names through the system resolver).
+pub async fn resolve_named(policies: &PolicySet) -> HashMap<SocketAddr, String> {
+    let mut out = HashMap::new();
+    for s in policies.servers() {
+        for entry in s.match_entries() {
+            let Some((host, port)) = entry_host_port(entry) else {
+                continue;
+            };
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                out.insert(
+                    crate::redirect::canonical(SocketAddr::new(ip, port)),
+                    s.name.clone(),
+                );
+                continue;
+            }
+            let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
+            match tokio::time::timeout(Duration::from_secs(3), lookup).await {
+                Ok(Ok(addrs)) => {
+                    for a in addrs {
+                        out.entry(crate::redirect::canonical(a))
+                            .or_insert_with(|| s.name.clone());
+                    }
+                }
+                _ => tracing::warn!(
+                    "{}: cannot resolve {host} (server.match of {}): matched by name only",
+                    s.file,
+                    s.name
+                ),
+            }
+        }
+    }
+    out
 }
 
 impl Enforcer {
@@ -70,7 +139,21 @@ impl Enforcer {
             settings,
             approvals: Approvals::default(),
             legacy: Mutex::new(HashMap::new()),
+            named: RwLock::new(Arc::new(HashMap::new())),
         }
+    }
+
+    pub fn set_named(&self, named: HashMap<SocketAddr, String>) {
+        *self.named.write().unwrap() = Arc::new(named);
+    }
+
+    /// The server a policy names at this address, if any.
+    pub fn named(&self, dst: SocketAddr) -> Option<String> {
+        self.named
+            .read()
+            .unwrap()
+            .get(&crate::redirect::canonical(dst))
+            .cloned()
     }
 
     pub fn policies(&self) -> Arc<PolicySet> {
@@ -203,6 +286,9 @@ impl Drop for ForgetOnDrop<'_> {
 /// Per-connection context.
 struct Ctx {
     enf: Arc<Enforcer>,
+    /// The server this connection belongs to by its destination (or SNI): every request on it is
+    /// that server's, whatever its Host and path say.
+    floor: Option<String>,
     conn: Connection,
     caller: Caller,
     upstream: tokio::sync::Mutex<Upstream>,
@@ -210,8 +296,14 @@ struct Ctx {
 
 /// Serves HTTP on a redirected (or TLS-terminated) client connection until it closes: HTTP/2
 /// when ALPN chose it, else HTTP/1.1.
-pub async fn serve<C>(enf: Arc<Enforcer>, conn: Connection, client: C, upstream: Upstream, h2: bool)
-where
+pub async fn serve<C>(
+    enf: Arc<Enforcer>,
+    conn: Connection,
+    client: C,
+    upstream: Upstream,
+    h2: bool,
+    floor: Option<String>,
+) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let caller = Caller {
@@ -224,6 +316,7 @@ where
     let settings = enf.settings.clone();
     let ctx = Arc::new(Ctx {
         upstream: tokio::sync::Mutex::new(upstream),
+        floor,
         enf,
         conn,
         caller,
@@ -495,7 +588,7 @@ impl Ctx {
         }
     }
 
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let started = Instant::now();
         let host_header = header_str(req.headers(), "host")
             .map(str::to_string)
@@ -516,7 +609,8 @@ impl Ctx {
                 self.conn.original_dst,
                 req.uri().path(),
             )
-            .map(|s| s.name.clone());
+            .map(|s| s.name.clone())
+            .or_else(|| self.floor.clone());
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));
@@ -527,6 +621,10 @@ impl Ctx {
             session,
             transport: "streamable-http",
         };
+        if target.server.is_some() {
+            // Answers guard must read (tools/list, pins) come back uncompressed.
+            req.headers_mut().remove(header::ACCEPT_ENCODING);
+        }
         if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
             if target.server.is_some() {
                 // A policy-named server is only reached through requests guard can read.
@@ -541,6 +639,23 @@ impl Ctx {
                     StatusCode::FORBIDDEN,
                     "guard: protocol upgrades to a policy-named MCP server are refused\n".into(),
                 );
+            }
+            if req.method() == Method::CONNECT {
+                // A tunnel through an HTTP proxy to a policy-named server would carry its MCP
+                // past guard: refused.
+                if let Some(name) = self.connect_target_named(req.uri(), &policies).await {
+                    let mut r = self.record("mcp_request", "deny", &target);
+                    r.method = Some("CONNECT".into());
+                    r.rule = Some("policy.server".into());
+                    r.reason = Some(format!(
+                        "CONNECT tunnel to the policy-named MCP server {name}"
+                    ));
+                    self.audit(&r);
+                    return text_response(
+                        StatusCode::FORBIDDEN,
+                        format!("guard: a CONNECT tunnel to the MCP server {name} is refused\n"),
+                    );
+                }
             }
             return self.forward_upgrade(req).await;
         }
@@ -655,6 +770,40 @@ impl Ctx {
             }
             None => resp,
         }
+    }
+
+    /// The policy-named server a CONNECT's authority points at, by name or address.
+    async fn connect_target_named(&self, uri: &http::Uri, policies: &PolicySet) -> Option<String> {
+        let auth = uri.authority()?;
+        let host = auth
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = auth.port_u16().unwrap_or(443);
+        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::lookup_host(format!("{host}:{port}")),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect(),
+                // Cannot tell: a named host that does not resolve here is still named.
+                _ => vec![],
+            },
+        };
+        for a in &addrs {
+            if let Some(n) = self.enf.named(*a) {
+                return Some(n);
+            }
+            if let Some(s) = policies.match_sni(Some(&host), *a) {
+                return Some(s.name.clone());
+            }
+        }
+        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        policies.match_sni(Some(&host), any).map(|s| s.name.clone())
     }
 
     /// `Upgrade` requests (WebSocket and the like): forwarded, then spliced both ways.
@@ -783,7 +932,7 @@ impl Ctx {
         let mut refusals: Vec<(usize, Value)> = Vec::new();
         let mut first_refused: Option<String> = None;
         for (i, m) in body.messages.iter().enumerate() {
-            if m.method.as_deref() != Some("tools/call") || !m.is_request() {
+            if m.method.as_deref() != Some("tools/call") {
                 continue;
             }
             let id = m.id.clone().unwrap_or(Value::Null);
@@ -798,6 +947,24 @@ impl Ctx {
                 r.arguments = Some(args.clone());
             }
             let refusal = match server {
+                // A call with no id is a "notification" no answer can refuse, yet lenient servers
+                // run it: never forwarded.
+                _ if !m.is_request() => {
+                    r.decision = "deny".into();
+                    r.rule = Some("protocol".into());
+                    let reason = "tools/call without an id is refused".to_string();
+                    r.reason = Some(reason.clone());
+                    Some(Refusal {
+                        code: mcp::DENIED,
+                        decision: "deny",
+                        server: t.server.clone().unwrap_or_default(),
+                        tool: Some(tool.clone()),
+                        rule: "protocol".into(),
+                        reason,
+                        retry_after_s: None,
+                        audit_id: String::new(),
+                    })
+                }
                 None => {
                     // Unknown server let through by unknown_servers = allow | audit.
                     r.rule = Some("policy.unknown_servers".into());
@@ -1100,6 +1267,21 @@ impl Ctx {
         server: String,
         t: &mut Target,
     ) -> Response<Body> {
+        let encoded = resp
+            .headers()
+            .get(header::CONTENT_ENCODING)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
+        if encoded
+            && (is_json(resp.headers()) || content_type_is(resp.headers(), "text/event-stream"))
+        {
+            // Compressed despite the request: guard cannot filter it, so it is not passed on.
+            return text_response(
+                StatusCode::BAD_GATEWAY,
+                "guard: the MCP server answered with a Content-Encoding guard cannot inspect\n"
+                    .into(),
+            );
+        }
         if content_type_is(resp.headers(), "text/event-stream") {
             return self
                 .clone()
@@ -1173,7 +1355,11 @@ impl Ctx {
         }
         let mut caller = self.caller.clone();
         caller.session = t.session.clone();
-        let removed = mcp::filter_tools(m, |name| sp.visible(name, &caller));
+        let pins = &self.enf.pins;
+        let block_changed = sp.on_tool_change == ToolChange::Block;
+        let removed = mcp::filter_tools(m, |name| {
+            sp.visible(name, &caller) && !(block_changed && pins.blocked(server, name))
+        });
         let mut r = self.record("tools_list", "filter", t);
         r.method = Some("tools/list".into());
         r.jsonrpc_id = m.get("id").cloned();
@@ -1233,7 +1419,9 @@ impl Ctx {
                                 .lock()
                                 .unwrap()
                                 .insert(key.clone(), tx.clone());
-                            registered = Some(key);
+                            if let Some(old) = registered.replace(key) {
+                                me.enf.legacy.lock().unwrap().remove(&old);
+                            }
                             t.session = Some(session);
                             t.transport = "sse";
                         }
@@ -1270,5 +1458,32 @@ impl Ctx {
         } else {
             ev.raw.clone()
         }
+    }
+}
+
+#[cfg(test)]
+mod entry_tests {
+    use super::entry_host_port;
+
+    #[test]
+    fn match_entries_to_host_and_port() {
+        assert_eq!(
+            entry_host_port("https://api.acedata.cloud/flux/mcp"),
+            Some(("api.acedata.cloud".into(), 443))
+        );
+        assert_eq!(
+            entry_host_port("http://Example.com:8080/mcp"),
+            Some(("example.com".into(), 8080))
+        );
+        assert_eq!(
+            entry_host_port("127.0.0.1:8000"),
+            Some(("127.0.0.1".into(), 8000))
+        );
+        assert_eq!(entry_host_port("[::1]:3001"), Some(("::1".into(), 3001)));
+        assert_eq!(
+            entry_host_port("http://[::1]/mcp"),
+            Some(("::1".into(), 80))
+        );
+        assert_eq!(entry_host_port("example.com"), None);
     }
 }

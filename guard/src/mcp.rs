@@ -97,6 +97,10 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
         if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
             return Err(BodyError::NotJsonRpc("missing \"jsonrpc\": \"2.0\"".into()));
         }
+        check_key_case(obj, &["jsonrpc", "id", "method", "params"])?;
+        if let Some(Value::Object(params)) = obj.get("params") {
+            check_key_case(params, &["name", "arguments", "uri"])?;
+        }
         let method = match obj.get("method") {
             None => None,
             Some(Value::String(m)) => Some(m.clone()),
@@ -114,6 +118,21 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
         });
     }
     Ok(Body { batch, messages })
+}
+
+/// Refuses keys that differ from a protocol key only in case (`Method`, `NAME`): some servers
+/// (Go's encoding/json) read them case-insensitively, so guard and the server would read
+/// different calls.
+fn check_key_case(obj: &Map<String, Value>, keys: &[&str]) -> Result<(), BodyError> {
+    for k in obj.keys() {
+        let lower = k.to_ascii_lowercase();
+        if keys.contains(&lower.as_str()) && *k != lower {
+            return Err(BodyError::NotJsonRpc(format!(
+                "key `{k}` differs from `{lower}` only in case"
+            )));
+        }
+    }
+    Ok(())
 }
 
 pub fn is_mcp_method(method: &str) -> bool {
@@ -428,6 +447,24 @@ mod tests {
         ));
         let b = parse_body(br#"{"jsonrpc":"2.0","id":1,"method":"eth_call"}"#).unwrap();
         assert!(!looks_like_mcp(&b));
+    }
+
+    #[test]
+    fn case_variant_keys_are_refused() {
+        let smuggled = br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#;
+        assert!(matches!(
+            parse_body(smuggled),
+            Err(BodyError::NotJsonRpc(_))
+        ));
+        let smuggled =
+            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","Name":"b"}}"#;
+        assert!(matches!(
+            parse_body(smuggled),
+            Err(BodyError::NotJsonRpc(_))
+        ));
+        // Other keys may use any case (arguments are the tool's business).
+        let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"Name":1}}}"#;
+        assert!(parse_body(ok).is_ok());
     }
 
     #[test]

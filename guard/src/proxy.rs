@@ -32,6 +32,7 @@ pub struct Stats {
     pub origin_missing: AtomicU64,
     pub upstream_failed: AtomicU64,
     pub active: AtomicU64,
+    pub over_capacity: AtomicU64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -41,6 +42,7 @@ pub struct StatsSnapshot {
     pub origin_missing: u64,
     pub upstream_failed: u64,
     pub active: u64,
+    pub over_capacity: u64,
 }
 
 impl Stats {
@@ -51,9 +53,13 @@ impl Stats {
             origin_missing: self.origin_missing.load(Ordering::Relaxed),
             upstream_failed: self.upstream_failed.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
+            over_capacity: self.over_capacity.load(Ordering::Relaxed),
         }
     }
 }
+
+/// How long a new connection may stay silent, both sides, before it is closed.
+const CLIENT_SILENCE: Duration = Duration::from_secs(300);
 
 pub struct Proxy {
     pub kernel: Arc<Kernel>,
@@ -64,6 +70,8 @@ pub struct Proxy {
     pub other: OtherTraffic,
     pub interceptor: Arc<Interceptor>,
     pub intercept: Intercept,
+    /// One permit per connection being served (`proxy.max_connections`).
+    pub capacity: Arc<tokio::sync::Semaphore>,
 }
 
 /// Binds the proxy port on 127.0.0.1 and on [::1] (the latter is skipped, with a warning, on a
@@ -76,6 +84,11 @@ pub async fn bind(port: u16) -> Result<Vec<TcpListener>> {
     let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
     match TcpListener::bind(v6).await {
         Ok(l) => listeners.push(l),
+        // Someone else holds it: they would receive guarded IPv6 connections. Refuse to start.
+        Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+            return Err(e)
+                .with_context(|| format!("binding the proxy on {v6}: another process holds it"));
+        }
         Err(e) => {
             tracing::warn!("not listening on {v6}: {e}; guarded IPv6 connects will be refused")
         }
@@ -88,8 +101,17 @@ impl Proxy {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
+                    // Bounded: past proxy.max_connections a connection is reset, not queued.
+                    let Ok(permit) = self.capacity.clone().try_acquire_owned() else {
+                        self.stats.over_capacity.fetch_add(1, Ordering::Relaxed);
+                        forward::reset(stream);
+                        continue;
+                    };
                     let me = self.clone();
-                    tokio::spawn(async move { me.handle(stream, peer).await });
+                    tokio::spawn(async move {
+                        me.handle(stream, peer).await;
+                        drop(permit);
+                    });
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -136,11 +158,13 @@ impl Proxy {
         // What the client speaks, from its first bytes; a server that speaks first (SSH, SMTP,
         // ...) makes it a plain TCP passthrough without waiting for the client.
         let kind = tokio::select! {
-            k = classify::peek(&client) => match k {
+            k = classify::peek(&client, CLIENT_SILENCE) => match k {
                 Ok(k) => k,
                 Err(_) => {
-                    // Closed before sending anything: nothing was decided but the connection.
-                    record.reason = Some("client closed before sending anything".into());
+                    // Closed (or silent) before sending anything classifiable: nothing is
+                    // forwarded.
+                    record.decision = "closed".into();
+                    record.reason = Some("the client sent nothing guard could classify".into());
                     record.latency_us = Some(started.elapsed().as_micros() as u64);
                     self.write_audit(&record);
                     return;
@@ -157,12 +181,7 @@ impl Proxy {
         }
         // A server a policy names is only ever reached through enforcement: something guard
         // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
-        let named = kind == Kind::Other
-            && self
-                .enforcer
-                .policies()
-                .match_request(None, dst, "/")
-                .is_some();
+        let named = kind == Kind::Other && self.enforcer.named(dst).is_some();
         let deny_other = kind == Kind::Other && (self.other == OtherTraffic::Deny || named);
         if deny_other {
             record.decision = "deny".into();
@@ -197,12 +216,14 @@ impl Proxy {
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         if kind == Kind::Http || kind == Kind::H2c {
             let upstream = http::Upstream::new(dst, http::Connector::Plain, upstream);
+            let floor = self.enforcer.named(dst);
             http::serve(
                 self.enforcer.clone(),
                 conn,
                 client,
                 upstream,
                 kind == Kind::H2c,
+                floor,
             )
             .await;
         } else {
@@ -243,9 +264,12 @@ impl Proxy {
             };
         let sni = hello.sni.clone();
         let policies = self.enforcer.policies();
+        // By SNI, else by destination: an address a policy's server resolves to is that
+        // server's whatever SNI (or none) the agent sends.
         let server = policies
             .match_sni(sni.as_deref(), dst)
-            .map(|s| s.name.clone());
+            .map(|s| s.name.clone())
+            .or_else(|| self.enforcer.named(dst));
         let intercept = server.is_some() || self.intercept == Intercept::All;
         record.server = Some(crate::audit::ServerRef {
             name: server.clone(),
@@ -340,7 +364,15 @@ impl Proxy {
             },
             upstream,
         );
-        http::serve(self.enforcer.clone(), conn, tls_client, upstream, alpn_h2).await;
+        http::serve(
+            self.enforcer.clone(),
+            conn,
+            tls_client,
+            upstream,
+            alpn_h2,
+            server,
+        )
+        .await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 

@@ -28,6 +28,8 @@ use tokio::net::TcpStream;
 const LEAF_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const LEAF_RENEW: Duration = Duration::from_secs(3600);
 const CA_NAME: &str = "guard interception CA";
+/// Leaves cached at most.
+const MAX_LEAVES: usize = 4096;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -198,8 +200,9 @@ impl Interceptor {
         cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let cfg = Arc::new(cfg);
         let mut leaves = self.leaves.lock().unwrap();
-        if leaves.len() > 10_000 {
-            leaves.retain(|_, (_, exp)| *exp > now);
+        if leaves.len() >= MAX_LEAVES {
+            // Bounded whatever names agents send; the ones in use are minted again.
+            leaves.clear();
         }
         leaves.insert(name.to_string(), (cfg.clone(), now + LEAF_LIFETIME));
         Ok(cfg)

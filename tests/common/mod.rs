@@ -528,7 +528,7 @@ impl HttpServer {
                 let Ok(mut conn) = conn else { continue };
                 let peer = conn.peer_addr().unwrap();
                 let pid = w.load(Ordering::SeqCst);
-                let owned = pid != 0 && owned_by(peer, pid);
+                let owned = pid != 0 && owned_by(peer, addr, pid);
                 p.lock().unwrap().push((peer, owned));
                 thread::spawn(move || {
                     let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
@@ -610,8 +610,9 @@ fn socket_inodes(pid: u32) -> HashSet<u64> {
     out
 }
 
-/// Parses `/proc/net/tcp{,6}` for the inode of the socket whose local address is `local`.
-fn inode_of_local(local: SocketAddr) -> Option<u64> {
+/// Parses `/proc/net/tcp{,6}` for the inode of the socket from `local` to `remote` (a local port
+/// alone is not unique: it is reused towards other destinations, and TIME_WAIT entries linger).
+fn inode_of(local: SocketAddr, remote: SocketAddr) -> Option<u64> {
     for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
         let text = fs::read_to_string(file).ok()?;
         for line in text.lines().skip(1) {
@@ -619,7 +620,7 @@ fn inode_of_local(local: SocketAddr) -> Option<u64> {
             if f.len() < 10 {
                 continue;
             }
-            if parse_proc_addr(f[1]) == Some(local) {
+            if parse_proc_addr(f[1]) == Some(local) && parse_proc_addr(f[2]) == Some(remote) {
                 return f[9].parse().ok();
             }
         }
@@ -655,16 +656,33 @@ fn parse_proc_addr(s: &str) -> Option<SocketAddr> {
 /// Whether the client end `peer` of a connection the server accepted belongs to process `pid`.
 /// The socket must still be open: call it while the connection lives or right after (the proxy
 /// keeps its upstream socket until the client side is done).
-pub fn owned_by(peer: SocketAddr, pid: u32) -> bool {
+pub fn owned_by(peer: SocketAddr, server: SocketAddr, pid: u32) -> bool {
     // /proc/net/tcp is not a consistent snapshot: while other sockets come and go (parallel
     // tests) a read can skip entries, so a miss is retried before it counts.
-    for _ in 0..20 {
-        if let Some(inode) = inode_of_local(peer) {
+    for _ in 0..40 {
+        if let Some(inode) = inode_of(peer, server) {
             if socket_inodes(pid).contains(&inode) {
                 return true;
             }
         }
         thread::sleep(Duration::from_millis(5));
+    }
+    if std::env::var_os("GUARD_TEST_DEBUG").is_some() {
+        let port = format!(":{:04X}", peer.port());
+        for file in ["/proc/net/tcp", "/proc/net/tcp6"] {
+            for l in fs::read_to_string(file)
+                .unwrap_or_default()
+                .lines()
+                .filter(|l| l.contains(&port))
+            {
+                eprintln!("owned_by({peer}, {pid}): {file}: {l}");
+            }
+        }
+        eprintln!(
+            "owned_by: inode {:?}, daemon sockets {}",
+            inode_of(peer, server),
+            socket_inodes(pid).len()
+        );
     }
     false
 }

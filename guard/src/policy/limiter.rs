@@ -61,8 +61,16 @@ impl ScopeKey {
             None => ScopeKey::Uid(caller.uid),
         };
         match scope {
+            // The session id is the client's word: it counts only within the caller's own
+            // identity, so one agent cannot spend (or reset) another's budget by naming it.
             Scope::Session => match &caller.session {
-                Some(s) => ScopeKey::Session(s.clone()),
+                Some(s) => {
+                    let who = match &caller.agent {
+                        Some(a) => format!("agent:{a}"),
+                        None => format!("uid:{}", caller.uid),
+                    };
+                    ScopeKey::Session(format!("{who}/{s}"))
+                }
                 None => by_agent(),
             },
             Scope::Agent => by_agent(),

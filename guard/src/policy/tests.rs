@@ -432,10 +432,12 @@ fn each_scope_keeps_its_own_counters() {
         p.decide(tool, &json!({}), c, lim, now).kind() == "allow"
     };
 
-    // session: per MCP session; without one, per agent.
+    // session: per MCP session of the same caller (another agent naming the same session id has
+    // its own count); without one, per agent.
     let lim = RateLimiter::new();
     assert!(ok(&lim, "s", &who(Some("x"), 1, Some("s1"))));
-    assert!(!ok(&lim, "s", &who(Some("y"), 2, Some("s1"))));
+    assert!(!ok(&lim, "s", &who(Some("x"), 1, Some("s1"))));
+    assert!(ok(&lim, "s", &who(Some("y"), 2, Some("s1"))));
     assert!(ok(&lim, "s", &who(Some("x"), 1, Some("s2"))));
     assert!(ok(&lim, "s", &who(Some("x"), 1, None)));
     assert!(!ok(&lim, "s", &who(Some("x"), 1, None)));
