@@ -1364,7 +1364,17 @@ impl Ctx {
         r.method = Some("tools/list".into());
         r.jsonrpc_id = m.get("id").cloned();
         r.detail = Some(json!({ "hidden": removed }));
-        self.audit(&r);
+        if !self.audit(&r) {
+            // No record, no list: the agent sees no tools rather than an unaudited list.
+            if let Some(tools) = m
+                .get_mut("result")
+                .and_then(|r| r.get_mut("tools"))
+                .and_then(Value::as_array_mut)
+            {
+                tools.clear();
+            }
+            return true;
+        }
         !removed.is_empty()
     }
 
