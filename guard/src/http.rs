@@ -763,12 +763,18 @@ impl Ctx {
                 self.forward(req).await
             }
         };
+        // Only an answer to a tools/list carries tool definitions; other answers (tools/call
+        // results above all) stream through without being buffered or parsed.
+        let lists = body
+            .messages
+            .iter()
+            .any(|m| m.method.as_deref() == Some("tools/list"));
         match target.server.clone() {
-            Some(name) => {
+            Some(name) if lists => {
                 self.inspect_response(resp, policies, name, &mut target)
                     .await
             }
-            None => resp,
+            _ => resp,
         }
     }
 
