@@ -36,6 +36,13 @@ struct Teardown {
 
 static TEARDOWN: Mutex<Option<Teardown>> = Mutex::new(None);
 
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether a signal stopped the run (its measurements are then not to be reported).
+pub fn interrupted() -> bool {
+    INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 fn track(pid: u32) {
     if let Some(t) = TEARDOWN.lock().unwrap().as_mut() {
         t.pids.push(pid);
@@ -129,6 +136,7 @@ pub fn install_signal_teardown(rt: &tokio::runtime::Runtime) {
             _ = term.recv() => {},
             _ = hup.recv() => {},
         }
+        INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
         eprintln!("guard-bench: interrupted: removing the benchmark's cgroups and pins");
         let _ = tokio::task::spawn_blocking(teardown).await;
         std::process::exit(130);
@@ -146,6 +154,8 @@ pub struct BenchEnv {
     /// A private copy of the daemon binary (a concurrent rebuild cannot swap it mid-run).
     pub bin: PathBuf,
     daemon: Option<Child>,
+    /// RLIMIT_NOFILE soft limit for the daemon (as a unit's `LimitNOFILE=`); None: inherited.
+    pub daemon_nofile: Option<u64>,
 }
 
 fn free_port() -> Result<u16> {
@@ -187,6 +197,7 @@ impl BenchEnv {
             dir,
             pin_dir,
             daemon: None,
+            daemon_nofile: None,
         };
         for cg in [
             "daemon",
@@ -240,6 +251,10 @@ policies = "{dir}/policies"
 
 [tls]
 extra_roots = ["{dir}/upstream-ca.pem"]
+
+# Off: the default port (15002) may belong to an installed guard.
+[metrics]
+listen = ""
 "#,
             name = self.name,
             port = self.port,
@@ -276,6 +291,25 @@ extra_roots = ["{dir}/upstream-ca.pem"]
             .stdout(log.try_clone()?)
             .stderr(log);
         in_cgroup(&mut cmd, &self.cgroup("daemon"));
+        if let Some(soft) = self.daemon_nofile {
+            // SAFETY: only getrlimit/setrlimit (async-signal-safe) between fork and exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let mut r = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    r.rlim_cur = soft.min(r.rlim_max);
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
         let child = cmd.spawn().context("starting the guard daemon")?;
         let pid = child.id();
         track(pid);
@@ -301,6 +335,26 @@ extra_roots = ["{dir}/upstream-ca.pem"]
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Stops the daemon (SIGTERM, then SIGKILL after 5 s) and starts a fresh one; the pinned
+    /// programs keep redirecting in between (guarded connects are refused meanwhile).
+    pub fn restart_daemon(&mut self) -> Result<u32> {
+        if let Some(mut d) = self.daemon.take() {
+            // SAFETY: kill(2) on our own child, not yet reaped.
+            unsafe { libc::kill(d.id() as libc::pid_t, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while d.try_wait()?.is_none() {
+                if Instant::now() > deadline {
+                    let _ = d.kill();
+                    let _ = d.wait();
+                    break;
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+            untrack(d.id());
+        }
+        self.start_daemon()
     }
 
     /// Fails when the daemon has exited (it is then a zombie until Drop reaps it).
@@ -571,6 +625,18 @@ impl Drop for Peer {
         let _ = self.child.wait();
         untrack(self.child.id());
     }
+}
+
+/// The soft "Max open files" of `pid`.
+pub fn nofile(pid: u32) -> Option<u64> {
+    fs::read_to_string(format!("/proc/{pid}/limits"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("Max open files"))?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
 }
 
 /// VmRSS and VmHWM of `pid`, in KiB.

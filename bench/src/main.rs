@@ -44,6 +44,10 @@ enum Cmd {
         /// The repository (for tests/peers/mcp_server.py).
         #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/.."))]
         repo: PathBuf,
+        /// Run the daemon with this RLIMIT_NOFILE soft limit, as a unit's `LimitNOFILE=` would
+        /// (default: this process's, raised to its hard limit; systemd's default is 1024).
+        #[arg(long)]
+        daemon_nofile: Option<u64>,
     },
     /// One load generator (started by `run` inside a cgroup); SPEC is JSON.
     #[command(hide = true)]
@@ -58,12 +62,14 @@ fn main() -> ExitCode {
             out,
             quick,
             repo,
+            daemon_nofile,
         } => {
             let r = run::run(&run::Opts {
                 guard,
                 out,
                 quick,
                 repo,
+                daemon_nofile,
             });
             // Whatever happened, nothing of ours stays behind.
             env::teardown();
@@ -73,6 +79,10 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        Err(_) if env::interrupted() => {
+            eprintln!("guard-bench: interrupted: nothing reported");
+            ExitCode::from(130)
+        }
         Err(e) => {
             eprintln!("guard-bench: {e:#}");
             ExitCode::FAILURE

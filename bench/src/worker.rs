@@ -11,8 +11,11 @@
 //!   HTTP/1.1, one call, close), timed as a whole;
 //! - `connect`: the `connect()` syscall alone, `iters` times, blocking socket, closed with RST;
 //! - `bulk`: `bytes` bytes over one connection to a sink that acknowledges the count;
-//! - `hold_tcp` / `hold_mcp`: open `n` connections (bytes echoed / one `tools/call` each), print
-//!   `{"held": n}`, keep them open until stdin closes.
+//! - `echo_rtt`: 64-byte messages echoed back, one at a time, over one connection (not HTTP: a
+//!   passthrough relay through guard), `iters` round trips timed one by one;
+//! - `hold_tcp` / `hold_mcp`: open `n` connections (bytes echoed / `initialize` and one
+//!   `tools/call` each, over TLS with `tls`), print `{"held": n}`, keep them open until stdin
+//!   closes.
 
 use std::{
     io::{Read as _, Write as _},
@@ -46,6 +49,7 @@ pub fn main(spec: &str) -> Result<()> {
         "mcp_conn" => runtime()?.block_on(mcp_per_connection(&spec))?,
         "connect" => connect_times(&spec)?,
         "bulk" => bulk(&spec)?,
+        "echo_rtt" => echo_rtt(&spec)?,
         "hold_tcp" => hold_tcp(&spec)?,
         "hold_mcp" => runtime()?.block_on(hold_mcp(&spec))?,
         _ => bail!("unknown worker kind {kind:?}"),
@@ -345,8 +349,15 @@ async fn mcp_load(spec: &Value) -> Result<Value> {
     }
     let elapsed = start.elapsed().as_secs_f64();
     let n = all.len();
+    // Drift check: the median of each quarter of the calls, in the order they were made (with
+    // one client; with more, the tasks' samples are concatenated).
+    let quarters: Vec<f64> = all
+        .chunks(n.div_ceil(4).max(1))
+        .map(|c| Summary::of(&mut c.to_vec()).p50 as f64 / 1000.0)
+        .collect();
     Ok(json!({
         "latency": Summary::of(&mut all).to_json(),
+        "p50_us_by_quarter": quarters,
         "samples_ns": all,
         "calls": n,
         "secs": elapsed,
@@ -482,11 +493,71 @@ fn bulk(spec: &Value) -> Result<Value> {
     Ok(json!({ "bytes": total, "secs": secs, "mib_per_s": total as f64 / secs / 1048576.0 }))
 }
 
-fn held(n: usize, secs: f64) -> Result<()> {
-    let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "{}", json!({ "held": n, "secs": secs }))?;
-    stdout.flush()?;
-    Ok(())
+fn echo_rtt(spec: &Value) -> Result<Value> {
+    let addr = addr(spec)?;
+    let iters = spec["iters"].as_u64().unwrap_or(1000);
+    let warmup = spec["warmup"].as_u64().unwrap_or(100);
+    let mut s = StdTcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
+    s.set_nodelay(true)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    // Not HTTP, not TLS: guard relays it unchanged.
+    let msg = [0xa5u8; 64];
+    let mut back = [0u8; 64];
+    let mut samples = Vec::with_capacity(iters as usize);
+    for i in 0..warmup + iters {
+        let t = Instant::now();
+        s.write_all(&msg)?;
+        s.read_exact(&mut back).context("reading the echo")?;
+        if i >= warmup {
+            samples.push(t.elapsed().as_nanos() as u64);
+        }
+    }
+    Ok(json!({ "latency": Summary::of(&mut samples).to_json(), "samples_ns": samples }))
+}
+
+/// Opens `n` connections with `open`, tolerating failures (the daemon may run out of file
+/// descriptors: that is a result, not a crash); stops after 5 failures.
+struct Opened<T> {
+    conns: Vec<T>,
+    failed: usize,
+    first_error: Option<String>,
+}
+
+impl<T> Opened<T> {
+    fn new(n: usize) -> Self {
+        Opened {
+            conns: Vec::with_capacity(n),
+            failed: 0,
+            first_error: None,
+        }
+    }
+
+    /// Records one attempt; false when it is time to stop trying.
+    fn record(&mut self, i: usize, r: Result<T>) -> bool {
+        match r {
+            Ok(c) => self.conns.push(c),
+            Err(e) => {
+                self.failed += 1;
+                self.first_error
+                    .get_or_insert_with(|| format!("connection {i}: {e:#}"));
+            }
+        }
+        self.failed < 5
+    }
+
+    /// Tells the parent how many are held, then keeps them until released.
+    fn hold(self, secs: f64) -> Result<Value> {
+        let held = self.conns.len();
+        let line = json!({ "held": held, "failed": self.failed,
+                           "first_error": self.first_error, "secs": secs });
+        let mut stdout = std::io::stdout().lock();
+        writeln!(stdout, "{line}")?;
+        stdout.flush()?;
+        drop(stdout);
+        wait_for_release();
+        drop(self.conns);
+        Ok(json!({ "released": held }))
+    }
 }
 
 /// Blocks until the parent closes our stdin (or it reaches a bounded wait).
@@ -499,22 +570,22 @@ fn hold_tcp(spec: &Value) -> Result<Value> {
     let addr = addr(spec)?;
     let n = spec["n"].as_u64().unwrap_or(1000) as usize;
     let start = Instant::now();
-    let mut conns = Vec::with_capacity(n);
+    let mut opened = Opened::new(n);
     for i in 0..n {
-        let mut s = StdTcpStream::connect(addr)
-            .with_context(|| format!("connection {i} to {addr} (of {n})"))?;
-        s.set_read_timeout(Some(Duration::from_secs(10)))?;
-        // Not HTTP, not TLS: guard classifies it as other traffic and passes it through.
-        s.write_all(b"hold\n")?;
-        let mut echo = [0u8; 5];
-        s.read_exact(&mut echo)
-            .with_context(|| format!("echo on connection {i}"))?;
-        conns.push(s);
+        let one = || -> Result<StdTcpStream> {
+            let mut s = StdTcpStream::connect(addr)?;
+            s.set_read_timeout(Some(Duration::from_secs(3)))?;
+            // Not HTTP, not TLS: guard classifies it as other traffic and passes it through.
+            s.write_all(b"hold\n")?;
+            let mut echo = [0u8; 5];
+            s.read_exact(&mut echo).context("reading the echo")?;
+            Ok(s)
+        };
+        if !opened.record(i, one()) {
+            break;
+        }
     }
-    held(n, start.elapsed().as_secs_f64())?;
-    wait_for_release();
-    drop(conns);
-    Ok(json!({ "released": n }))
+    opened.hold(start.elapsed().as_secs_f64())
 }
 
 async fn hold_mcp(spec: &Value) -> Result<Value> {
@@ -523,19 +594,23 @@ async fn hold_mcp(spec: &Value) -> Result<Value> {
     let n = spec["n"].as_u64().unwrap_or(1000) as usize;
     let tool = spec["tool"].as_str().unwrap_or("echo").to_string();
     let args = spec["args"].to_string();
+    let tls = TlsClient::from_spec(spec, addr)?;
     let start = Instant::now();
-    let mut conns = Vec::with_capacity(n);
+    let mut opened = Opened::new(n);
     for i in 0..n {
-        let (mut c, _) = mcp_connect(addr, &path, None)
+        let one = async {
+            let (mut c, _) = mcp_connect(addr, &path, tls.as_ref()).await?;
+            c.initialize().await?;
+            c.call(&tool, &args).await?;
+            Ok(c)
+        };
+        let one = tokio::time::timeout(Duration::from_secs(3), one)
             .await
-            .with_context(|| format!("connection {i} of {n}"))?;
-        c.initialize().await?;
-        c.call(&tool, &args).await?;
-        conns.push(c);
+            .unwrap_or_else(|_| Err(anyhow!("no answer within 3 s")));
+        if !opened.record(i, one) {
+            break;
+        }
     }
-    held(n, start.elapsed().as_secs_f64())?;
     // Blocks this (only) runtime thread: the idle connections need nothing until released.
-    wait_for_release();
-    drop(conns);
-    Ok(json!({ "released": n }))
+    opened.hold(start.elapsed().as_secs_f64())
 }
