@@ -574,3 +574,60 @@ fn disable_is_root_only_audited_and_detaches_everything() {
         "guard exec must refuse while disabled"
     );
 }
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn passthrough_carries_bulk_bytes_and_half_closes_intact() {
+    use std::io::{Read, Write};
+    let mut env = Env::new("");
+    env.start_daemon();
+    // An echo server that speaks no HTTP: guard splices it through.
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let mut buf = vec![0u8; 65536];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if s.write_all(&buf[..n]).is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+    });
+    let probe = format!(
+        r#"
+import hashlib, os, socket, threading
+data = b"\x00binary\xff" + os.urandom(32 * 1024 * 1024)
+s = socket.create_connection(("127.0.0.2", {port}))
+got = []
+def reader():
+    while True:
+        b = s.recv(1 << 20)
+        if not b:
+            break
+        got.append(b)
+t = threading.Thread(target=reader)
+t.start()
+s.sendall(data)
+s.shutdown(socket.SHUT_WR)
+t.join()
+back = b"".join(got)
+print(len(back), hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdigest())
+"#,
+        port = addr.port()
+    );
+    let out = run_ok(&mut env.exec("bulk", &[PYTHON, "-c", &probe]));
+    assert_eq!(out.trim(), format!("{} True", 32 * 1024 * 1024 + 8));
+    let c = env.audit_connections();
+    let r = c
+        .iter()
+        .find(|r| r["original_dst"] == addr.to_string())
+        .unwrap();
+    assert_eq!(r["transport"], "tcp");
+    assert_eq!(r["rule"], "passthrough");
+}

@@ -68,10 +68,24 @@ pub fn parse_agent_dir(dir: &str) -> Option<(String, u64)> {
     valid_agent_name(name).then(|| (name.to_string(), n))
 }
 
+/// Every proxied connection holds two descriptors: lift the soft limit to the hard one (a
+/// default soft limit of 1024 would cap guard at ~500 agent connections).
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
 pub fn run(config: Config, config_source: String) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("guard daemon must run as root: it loads eBPF programs and manages cgroups");
     }
+    raise_nofile();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
