@@ -485,6 +485,18 @@ fn a_changed_tool_definition_is_blocked() {
         vec!["add"],
         "the blocked call reached the server"
     );
+    // A restarted daemon still blocks it, before any tools/list.
+    env.stop_daemon();
+    env.start_daemon();
+    let run3 = client(
+        &env,
+        "bot",
+        &v2.url,
+        "streamable-http",
+        false,
+        &[("echo", r#"{"text":"three"}"#)],
+    );
+    assert_eq!(run3.error(0)["code"], -32006, "{:?}", run3.calls);
     let changed: Vec<Value> = env
         .audit()
         .into_iter()

@@ -54,12 +54,37 @@ fn safe_file_name(server: &str) -> String {
 }
 
 impl Pins {
+    /// Pins of the state directory; tools found changed before a restart stay blocked.
     pub fn new(state_dir: &Path) -> Pins {
-        Pins {
-            dir: state_dir.join("tool-pins"),
-            pinned: Mutex::new(HashMap::new()),
-            changed: Mutex::new(HashMap::new()),
+        let dir = state_dir.join("tool-pins");
+        let mut changed: HashMap<String, HashSet<String>> = HashMap::new();
+        for e in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(server) = name.strip_suffix(".changed.json") {
+                if let Some(set) = fs::read_to_string(e.path())
+                    .ok()
+                    .and_then(|t| serde_json::from_str::<HashSet<String>>(&t).ok())
+                {
+                    changed.insert(server.to_string(), set);
+                }
+            }
         }
+        Pins {
+            dir,
+            pinned: Mutex::new(HashMap::new()),
+            changed: Mutex::new(changed),
+        }
+    }
+
+    fn store_changed(&self, server: &str, set: &HashSet<String>) -> Result<()> {
+        fs::create_dir_all(&self.dir)?;
+        let path = self
+            .dir
+            .join(format!("{}.changed.json", safe_file_name(server)));
+        let tmp = path.with_extension("tmp");
+        fs::write(&tmp, serde_json::to_vec(set)?)?;
+        fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
     }
 
     fn file(&self, server: &str) -> PathBuf {
@@ -95,6 +120,7 @@ impl Pins {
             .or_insert_with(|| self.load(server));
         let mut changed = self.changed.lock().unwrap();
         let blocked = changed.entry(server.to_string()).or_default();
+        let before = blocked.clone();
         let mut changes = Vec::new();
         let mut dirty = false;
         for t in tools {
@@ -127,6 +153,9 @@ impl Pins {
         }
         if dirty {
             self.store(server, pins)?;
+        }
+        if *blocked != before {
+            self.store_changed(server, blocked)?;
         }
         Ok(changes)
     }
@@ -166,6 +195,8 @@ mod tests {
             .unwrap();
         assert_eq!(changes.len(), 1);
         assert_eq!(changes[0].tool, "echo");
+        // A later daemon remembers the block before it sees any tools/list.
+        assert!(Pins::new(&dir).blocked("s", "echo"));
         assert!(pins.blocked("s", "echo"));
         assert!(!pins.blocked("s", "add"));
         assert!(!pins.blocked("other", "echo"));
