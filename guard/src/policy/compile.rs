@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::cond::Condition;
 use super::limiter::Limit;
-use super::locate::{display_path, Seg};
+use super::locate::{message_at, Seg};
 use super::matcher::Matcher;
 use super::raw::{RawAction, RawGrant, RawLimit, RawPolicy, RawRateLimit, RawRule, ToolMap};
 use super::{Action, DefaultAction, Grant, Rule, ServerPolicy, ToolChange};
@@ -38,11 +38,7 @@ impl Problem {
 
     /// `tools.x.action: what`.
     pub fn message(&self) -> String {
-        if self.path.is_empty() {
-            self.what.clone()
-        } else {
-            format!("{}: {}", display_path(&self.path), self.what)
-        }
+        message_at(&self.path, self.what.clone())
     }
 }
 

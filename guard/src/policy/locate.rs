@@ -27,6 +27,15 @@ impl From<usize> for Seg {
 }
 
 /// `tools.x.when[0].value`.
+/// `tools.x.action: what`, or just `what` for the whole file.
+pub(super) fn message_at(path: &[Seg], what: String) -> String {
+    if path.is_empty() {
+        what
+    } else {
+        format!("{}: {what}", display_path(path))
+    }
+}
+
 pub(super) fn display_path(path: &[Seg]) -> String {
     let mut out = String::new();
     for seg in path {

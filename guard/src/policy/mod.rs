@@ -556,16 +556,11 @@ impl PolicySet {
             let err_at = |path: Vec<Seg>, what: String| {
                 let (off, _) = locate::locate(text, &path, false);
                 let (line, col) = locate::line_col(text, off);
-                let message = if path.is_empty() {
-                    what
-                } else {
-                    format!("{}: {what}", locate::display_path(&path))
-                };
                 PolicyError {
                     file: file.clone(),
                     line,
                     col,
-                    message,
+                    message: locate::message_at(&path, what),
                 }
             };
             if let Some(&other) = set.by_name.get(&policy.name) {
@@ -758,15 +753,10 @@ fn serde_error(
         }
         _ => serde_position(text, &inner),
     };
-    let message = if path.is_empty() {
-        what
-    } else {
-        format!("{}: {what}", locate::display_path(&path))
-    };
     PolicyError {
         file: file.to_owned(),
         line,
         col,
-        message,
+        message: locate::message_at(&path, what),
     }
 }
