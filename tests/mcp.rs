@@ -285,33 +285,6 @@ fn conditions_and_grants() {
     assert_eq!(r["rule"], "grants[0].tools.delete_file");
 }
 
-/// A raw HTTP/1.1 exchange from a guarded `curl`, returning (status, body).
-fn curl_post(env: &Env, url: &str, headers: &[&str], body: &str) -> (u16, String) {
-    let mut args: Vec<String> = vec![
-        "curl".into(),
-        "-sS".into(),
-        "--max-time".into(),
-        "20".into(),
-        "-o".into(),
-        "-".into(),
-        "-w".into(),
-        "\n%{http_code}".into(),
-        "-H".into(),
-        "content-type: application/json".into(),
-        "-H".into(),
-        "accept: application/json, text/event-stream".into(),
-    ];
-    for h in headers {
-        args.push("-H".into());
-        args.push(h.to_string());
-    }
-    args.extend(["--data-binary".into(), body.to_string(), url.to_string()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_ok(&mut env.exec("curl", &args));
-    let (body, code) = out.rsplit_once('\n').unwrap();
-    (code.trim().parse().unwrap(), body.to_string())
-}
-
 #[test]
 #[ignore = "needs root and eBPF"]
 fn batches_headers_unknown_servers_and_malformed_bodies() {
@@ -651,23 +624,7 @@ fn smuggling_attempts_are_refused() {
     let url = &s.server.url;
     let denied = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
     // HTTP/2 with prior knowledge (h2c) is parsed and enforced like HTTP/1.1.
-    let out = run_ok(&mut s.env.exec(
-        "h2c",
-        &[
-            "curl",
-            "-sS",
-            "--http2-prior-knowledge",
-            "--max-time",
-            "20",
-            "-H",
-            "content-type: application/json",
-            "-H",
-            "accept: application/json, text/event-stream",
-            "--data",
-            denied,
-            url,
-        ],
-    ));
+    let (_, out) = curl_post_with(&s.env, &["--http2-prior-knowledge"], &[], denied, url);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32001, "{out}");
     // A protocol upgrade towards a policy-named server is refused.
@@ -754,24 +711,7 @@ call(b"PROPFIND /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     assert_eq!(out, "denied\ndenied\n");
     // Host and path chosen to miss the policy's entries: the destination still names the server.
     let spoofed = format!("http://127.0.0.3:{}/MCP", s.server.port);
-    let out = run_ok(&mut s.env.exec(
-        "spoof",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "-H",
-            "Host: elsewhere.example",
-            "-H",
-            "content-type: application/json",
-            "-H",
-            "accept: application/json, text/event-stream",
-            "--data",
-            denied,
-            &spoofed,
-        ],
-    ));
+    let (_, out) = curl_post(&s.env, &spoofed, &["Host: elsewhere.example"], denied);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32001, "{out}");
     // A tools/call without an id, and keys that differ only in case, are refused.

@@ -362,27 +362,8 @@ fn an_invalid_upstream_certificate_gives_502_and_never_plaintext() {
     let env = env.with_tls_extra_roots(&[&pki.ca_pem]);
     for (label, server) in &servers {
         let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        let out = run_ok(&mut env.exec(
-            "curl",
-            &[
-                "curl",
-                "-sS",
-                "--max-time",
-                "20",
-                "-o",
-                "/dev/null",
-                "-w",
-                "%{http_code}",
-                "-H",
-                "content-type: application/json",
-                "-H",
-                "accept: application/json, text/event-stream",
-                "--data",
-                body,
-                &server.url,
-            ],
-        ));
-        assert_eq!(out, "502", "{label}");
+        let (code, _) = curl_post(&env, &server.url, &[], body);
+        assert_eq!(code, 502, "{label}");
         assert!(server.calls().is_empty(), "{label}");
     }
     let errors: Vec<Value> = env

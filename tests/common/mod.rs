@@ -501,6 +501,45 @@ pub fn python(code: &str) -> Vec<String> {
     vec![PYTHON.to_string(), "-c".to_string(), code.to_string()]
 }
 
+/// A JSON POST from a guarded `curl` (MCP's Accept header, `flags` such as `--http2` first),
+/// returning (status, body).
+pub fn curl_post_with(
+    env: &Env,
+    flags: &[&str],
+    headers: &[&str],
+    body: &str,
+    url: &str,
+) -> (u16, String) {
+    let mut args: Vec<&str> = vec![
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "-",
+        "-w",
+        "\n%{http_code}",
+    ];
+    args.extend_from_slice(flags);
+    args.extend([
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "accept: application/json, text/event-stream",
+    ]);
+    for h in headers {
+        args.extend(["-H", h]);
+    }
+    args.extend(["--data-binary", body, url]);
+    let out = run_ok(&mut env.exec("curl", &args));
+    let (body, code) = out.rsplit_once('\n').unwrap();
+    (code.trim().parse().unwrap(), body.to_string())
+}
+
+pub fn curl_post(env: &Env, url: &str, headers: &[&str], body: &str) -> (u16, String) {
+    curl_post_with(env, &[], headers, body, url)
+}
+
 /// A small HTTP/1.1 server that answers every request with `hello` and records who connected:
 /// the peer address, and whether that peer socket belonged to the watched process (the daemon)
 /// at accept time, while the connection is certainly open.
