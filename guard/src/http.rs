@@ -350,37 +350,6 @@ pub async fn serve<C>(
     }
 }
 
-#[derive(Debug)]
-enum Collect {
-    TooLarge,
-    Failed(String),
-}
-
-impl std::fmt::Display for Collect {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Collect::TooLarge => write!(f, "too large"),
-            Collect::Failed(e) => write!(f, "{e}"),
-        }
-    }
-}
-
-/// Reads a whole body of at most `max` bytes (stops reading as soon as it is over). Hand-rolled
-/// rather than `Limited`: its boxed-error bound defeats the Send check of the spawned task.
-async fn collect(mut body: Body, max: usize) -> Result<Bytes, Collect> {
-    let mut buf = bytes::BytesMut::new();
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| Collect::Failed(e.to_string()))?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > max {
-                return Err(Collect::TooLarge);
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    Ok(buf.freeze())
-}
-
 enum Read {
     Whole(Bytes),
     /// More than the limit: what was read, and the rest of the body still unread.
@@ -391,7 +360,8 @@ enum Read {
     Failed(String),
 }
 
-/// Reads a body up to `max` bytes, keeping the rest unread when it is longer.
+/// Reads a body up to `max` bytes, keeping the rest unread when it is longer. Hand-rolled rather
+/// than `Limited`: its boxed-error bound defeats the Send check of the spawned task.
 async fn read_up_to(mut body: Body, max: usize) -> Read {
     let mut buf = bytes::BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -1297,9 +1267,15 @@ impl Ctx {
             return resp;
         }
         let (mut parts, body) = resp.into_parts();
-        let bytes = match collect(body, MAX_EVENT).await {
-            Ok(b) => b,
-            Err(e) => {
+        let bytes = match read_up_to(body, MAX_EVENT).await {
+            Read::Whole(b) => b,
+            Read::Over { .. } => {
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: the server's answer is over {MAX_EVENT} bytes\n"),
+                )
+            }
+            Read::Failed(e) => {
                 return text_response(
                     StatusCode::BAD_GATEWAY,
                     format!("guard: reading the server's answer: {e}\n"),
