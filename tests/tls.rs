@@ -113,16 +113,20 @@ fn policy(port: u16) -> String {
 
 /// An environment trusting `pki` upstream, with a policy for an HTTPS server on 127.0.0.3.
 fn setup(extra_proxy: &str) -> (Env, Pki, Server) {
+    setup_with(extra_proxy, false)
+}
+
+/// `setup`, the server also logging every HTTP request to `http.jsonl` in the env's dir.
+fn setup_with(extra_proxy: &str, http_log: bool) -> (Env, Pki, Server) {
     let env0 = Env::configured("", extra_proxy, "");
     let pki = Pki::new(&env0.dir, "test-ca");
     let cert = pki.leaf("server", &["127.0.0.3", "mcp.test"], false);
-    let server = https_server(
-        &env0,
-        "calls.jsonl",
-        "127.0.0.3",
-        &cert,
-        &["--json-response"],
-    );
+    let log = env0.dir.join("http.jsonl").display().to_string();
+    let mut args = vec!["--json-response"];
+    if http_log {
+        args.extend(["--http-log", &log]);
+    }
+    let server = https_server(&env0, "calls.jsonl", "127.0.0.3", &cert, &args);
     env0.write_policy("secure.json", &policy(server.port));
     let env = env0.with_tls_extra_roots(&[&pki.ca_pem]);
     (env, pki, server)
@@ -497,4 +501,38 @@ fn http2_and_http1_clients_are_both_enforced() {
         alpn.contains(&json!("h2")) && alpn.contains(&json!("http/1.1")),
         "{alpn:?}"
     );
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn upstream_tls_connections_are_reused_only_by_the_same_agent_instance() {
+    let (env, _pki, server) = setup_with("", true);
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    let curl = format!(
+        "curl -sS --fail --max-time 20 -o /dev/null -H 'content-type: application/json' \
+         -H 'accept: application/json, text/event-stream' --data '{init}' {}",
+        server.url
+    );
+    // One agent instance, two connections one after the other (two processes), then another
+    // instance of the same agent name.
+    run_ok(&mut env.exec("pool", &["sh", "-c", &format!("{curl} && {curl}")]));
+    run_ok(&mut env.exec("pool", &["sh", "-c", &curl]));
+    let log = fs::read_to_string(env.dir.join("http.jsonl")).unwrap();
+    let ports: Vec<u64> = log
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r["method"] == "POST")
+        .map(|r| r["client"][1].as_u64().unwrap())
+        .collect();
+    assert_eq!(ports.len(), 3, "{log}");
+    // The second connection took the first one's upstream connection (no new handshake) ...
+    assert_eq!(ports[0], ports[1], "{log}");
+    // ... and another agent instance never gets it.
+    assert_ne!(ports[2], ports[0], "{log}");
+    let intercepted = env
+        .audit_connections()
+        .into_iter()
+        .filter(|r| r["rule"] == "tls.intercept")
+        .count();
+    assert_eq!(intercepted, 3);
 }

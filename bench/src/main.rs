@@ -48,6 +48,10 @@ enum Cmd {
         /// (default: this process's, raised to its hard limit; systemd's default is 1024).
         #[arg(long)]
         daemon_nofile: Option<u64>,
+        /// Only these groups of measurements (comma-separated): policy, mcp, echo, conn, tls,
+        /// real, connect, bulk, rss. A partial run's table is not the whole picture.
+        #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(run::GROUPS))]
+        only: Option<Vec<String>>,
     },
     /// One load generator (started by `run` inside a cgroup); SPEC is JSON.
     #[command(hide = true)]
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
             quick,
             repo,
             daemon_nofile,
+            only,
         } => {
             let r = run::run(&run::Opts {
                 guard,
@@ -70,6 +75,7 @@ fn main() -> ExitCode {
                 quick,
                 repo,
                 daemon_nofile,
+                only,
             });
             // Whatever happened, nothing of ours stays behind.
             env::teardown();

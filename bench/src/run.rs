@@ -30,6 +30,21 @@ pub struct Opts {
     pub repo: PathBuf,
     /// The daemon's RLIMIT_NOFILE soft limit; None: this process's (raised to its hard limit).
     pub daemon_nofile: Option<u64>,
+    /// Run only these groups of measurements (None: all); see `GROUPS`.
+    pub only: Option<Vec<String>>,
+}
+
+/// The groups of measurements `--only` selects from.
+pub const GROUPS: &[&str] = &[
+    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "bulk", "rss",
+];
+
+impl Opts {
+    fn wants(&self, group: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|o| o.iter().any(|g| g == group))
+    }
 }
 
 /// Where a worker runs.
@@ -855,7 +870,9 @@ pub fn run(opts: &Opts) -> Result<()> {
         ..Default::default()
     };
     // In-process, before anything else runs.
-    policy_rows(&mut rep, opts.quick)?;
+    if opts.wants("policy") {
+        policy_rows(&mut rep, opts.quick)?;
+    }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -913,7 +930,9 @@ pub fn run(opts: &Opts) -> Result<()> {
             text("message"),
         ),
     ];
-    for (key, label, program, mut args, echo) in candidates {
+    for (key, label, program, mut args, echo) in
+        candidates.into_iter().filter(|_| opts.wants("real"))
+    {
         args.extend(["--host", "127.0.0.3", "--port", "0"].map(String::from));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         match start_peer(&env, &program, &args, &format!("{key}.log"), echo) {
@@ -952,27 +971,33 @@ pub fn run(opts: &Opts) -> Result<()> {
         rep,
     };
     let measured = (|| -> Result<()> {
-        b.mcp(
-            "mcp_fast",
-            "fast upstream",
-            &fast,
-            &[(1, Some(3000), 60.0), (16, None, 1.0), (64, None, 1.0)],
-            false,
-            Some(Targets {
-                median_us: 100,
-                p99_us: Some(1000),
-            }),
-        )?;
-        b.echo_rtt(servers.echo)?;
-        b.per_connection(
-            "conn_plain",
-            "new connection per call, plain HTTP",
-            &fast,
-            1000,
-            None,
-            None,
-        )?;
-        if tls {
+        if opts.wants("mcp") {
+            b.mcp(
+                "mcp_fast",
+                "fast upstream",
+                &fast,
+                &[(1, Some(3000), 60.0), (16, None, 1.0), (64, None, 1.0)],
+                false,
+                Some(Targets {
+                    median_us: 100,
+                    p99_us: Some(1000),
+                }),
+            )?;
+        }
+        if opts.wants("echo") {
+            b.echo_rtt(servers.echo)?;
+        }
+        if opts.wants("conn") {
+            b.per_connection(
+                "conn_plain",
+                "new connection per call, plain HTTP",
+                &fast,
+                1000,
+                None,
+                None,
+            )?;
+        }
+        if opts.wants("tls") && tls {
             b.mcp(
                 "mcp_fast_tls",
                 "TLS intercepted, fast upstream",
@@ -1000,7 +1025,7 @@ pub fn run(opts: &Opts) -> Result<()> {
                 Some(true),
                 Some(300),
             )?;
-        } else {
+        } else if opts.wants("tls") {
             b.rep.row(
                 "tools/call through TLS interception",
                 "-",
@@ -1031,9 +1056,15 @@ pub fn run(opts: &Opts) -> Result<()> {
                 ));
             }
         }
-        b.connect(servers.accept)?;
-        b.bulk(servers.sink)?;
-        b.rss(idle, &servers, tls.then_some(&fast_tls))?;
+        if opts.wants("connect") {
+            b.connect(servers.accept)?;
+        }
+        if opts.wants("bulk") {
+            b.bulk(servers.sink)?;
+        }
+        if opts.wants("rss") {
+            b.rss(idle, &servers, tls.then_some(&fast_tls))?;
+        }
         Ok(())
     })();
     let status = b.env.status().ok();

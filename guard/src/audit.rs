@@ -98,6 +98,8 @@ pub struct Audit {
     path: PathBuf,
     file: Mutex<Open>,
     seq: AtomicU64,
+    /// This process's id, part of every record id (read once: it is a syscall).
+    pid: u32,
     rotation: Rotation,
     metrics: crate::metrics::Metrics,
 }
@@ -148,6 +150,7 @@ impl Audit {
             path: path.to_path_buf(),
             file: Mutex::new(open_log(path)?),
             seq: AtomicU64::new(0),
+            pid: std::process::id(),
             rotation,
             metrics: Default::default(),
         })
@@ -185,7 +188,7 @@ impl Audit {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         Record {
             ts: rfc3339(now.as_secs(), now.subsec_micros()),
-            id: format!("{:x}-{:x}-{seq:x}", now.as_micros(), std::process::id()),
+            id: format!("{:x}-{:x}-{seq:x}", now.as_micros(), self.pid),
             event: event.into(),
             decision: decision.into(),
             ..Default::default()

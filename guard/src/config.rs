@@ -117,6 +117,8 @@ pub struct Proxy {
     pub header_timeout_s: u64,
     /// Connections served at once; more are reset.
     pub max_connections: usize,
+    /// Threads serving connections (each connection stays on one); 0: one per CPU.
+    pub threads: usize,
 }
 
 impl Default for Proxy {
@@ -127,6 +129,7 @@ impl Default for Proxy {
             other: OtherTraffic::Pass,
             header_timeout_s: 30,
             max_connections: 10_000,
+            threads: 0,
         }
     }
 }

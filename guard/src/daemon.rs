@@ -257,6 +257,7 @@ async fn start(
         stats: stats.clone(),
         enforcer: enforcer.clone(),
         other: config.proxy.other,
+        workers: Arc::new(proxy::Workers::start(config.proxy.threads)?),
     });
     for l in listeners {
         tokio::spawn(proxy.clone().serve(l));

@@ -183,7 +183,112 @@ pub struct Upstream {
     connector: Connector,
     /// The TCP connection made before classification, used first.
     first: Option<TcpStream>,
-    idle: Vec<hyper::client::conn::http1::SendRequest<Body>>,
+    idle: Vec<Sender>,
+    /// Where idle connections go when the client connection ends, and come from for the next
+    /// one (TLS only: a new plain connection already has its upstream TCP connection).
+    pool: Option<PoolKey>,
+}
+
+type Sender = hyper::client::conn::http1::SendRequest<Body>;
+
+/// An upstream HTTP/1.1 connection's I/O, run as a task of its own until either side closes.
+type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
+/// Upstream TLS connections outlive the agent connection they were made for: the next connection
+/// of the same agent instance (same uid and cgroup) to the same destination, verified for the
+/// same name, takes one instead of a new TCP connection and TLS handshake. Without this, every
+/// new agent connection paid for two handshakes in a row. Never shared across agents, uids or
+/// names; kept per proxy thread (the connection's I/O runs on that thread).
+#[derive(Clone, PartialEq, Eq, Hash, Debug)]
+pub struct PoolKey {
+    pub dst: SocketAddr,
+    pub name: String,
+    pub uid: u32,
+    pub cgroup_id: u64,
+}
+
+/// Idle connections kept per key, and per proxy thread in all.
+const POOL_PER_KEY: usize = 4;
+const POOL_TOTAL: usize = 64;
+/// How long an idle connection is kept (servers close idle connections on their own too).
+const POOL_IDLE: Duration = Duration::from_secs(30);
+
+thread_local! {
+    static POOL: std::cell::RefCell<HashMap<PoolKey, Vec<(Sender, Instant)>>> =
+        std::cell::RefCell::new(HashMap::new());
+}
+
+fn pool_take(key: &PoolKey) -> Option<Sender> {
+    // try_with: never panics, even while the thread is being torn down.
+    POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let list = pool.get_mut(key)?;
+        let mut found = None;
+        while let Some((s, at)) = list.pop() {
+            if at.elapsed() < POOL_IDLE && s.is_ready() && !s.is_closed() {
+                found = Some(s);
+                break;
+            }
+        }
+        if list.is_empty() {
+            pool.remove(key);
+        }
+        found
+    })
+    .ok()
+    .flatten()
+}
+
+/// Closes this thread's pooled connections that have been idle too long (dropping a sender
+/// closes its connection) and forgets those the server closed.
+fn prune(pool: &mut HashMap<PoolKey, Vec<(Sender, Instant)>>) {
+    let now = Instant::now();
+    pool.retain(|_, list| {
+        list.retain(|(s, at)| now.duration_since(*at) < POOL_IDLE && !s.is_closed());
+        !list.is_empty()
+    });
+}
+
+/// Runs on every proxy thread: idle pooled connections do not outlive `POOL_IDLE` by much.
+pub async fn prune_pool_forever() {
+    let mut tick = tokio::time::interval(POOL_IDLE / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let _ = POOL.try_with(|pool| prune(&mut pool.borrow_mut()));
+    }
+}
+
+fn pool_put(key: &PoolKey, senders: Vec<Sender>) {
+    let _ = POOL.try_with(|pool| {
+        let mut pool = pool.borrow_mut();
+        let now = Instant::now();
+        prune(&mut pool);
+        let total: usize = pool.values().map(Vec::len).sum();
+        let list = pool.entry(key.clone()).or_default();
+        let room = POOL_TOTAL
+            .saturating_sub(total)
+            .min(POOL_PER_KEY.saturating_sub(list.len()));
+        list.extend(senders.into_iter().take(room).map(|s| (s, now)));
+        if list.is_empty() {
+            pool.remove(key);
+        }
+    });
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let Some(key) = &self.pool else { return };
+        // Only connections with nothing in flight: a response still streaming is not reusable.
+        let ready: Vec<Sender> = self
+            .idle
+            .drain(..)
+            .filter(|s| s.is_ready() && !s.is_closed())
+            .collect();
+        if !ready.is_empty() {
+            pool_put(key, ready);
+        }
+    }
 }
 
 /// Connections kept per client connection beyond the one in use.
@@ -199,10 +304,23 @@ impl Upstream {
             connector,
             first: Some(first),
             idle: Vec::new(),
+            pool: None,
         }
     }
 
-    async fn connect(&mut self) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
+    /// Reuse idle connections of earlier client connections with this key, and leave this
+    /// one's for later ones.
+    pub fn pooled(mut self, key: PoolKey) -> Upstream {
+        self.pool = Some(key);
+        self
+    }
+
+    async fn connect(&mut self) -> Result<Sender, String> {
+        if let Some(s) = self.pool.as_ref().and_then(pool_take) {
+            // The connection made before classification is not needed.
+            self.first = None;
+            return Ok(s);
+        }
         // Errors become strings here: boxed errors crossing these awaits trip the compiler's
         // higher-ranked Send check for the spawned connection task.
         let tcp = match self.first.take() {
@@ -211,16 +329,19 @@ impl Upstream {
                 .await
                 .map_err(|e| e.to_string())?,
         };
-        match &self.connector {
-            Connector::Plain => handshake(tcp).await,
+        let (sender, conn) = match &self.connector {
+            Connector::Plain => handshake(tcp).await?,
             Connector::Tls { name, config } => {
                 let tls = tokio_rustls::TlsConnector::from(config.clone())
                     .connect(name.clone(), tcp)
                     .await
                     .map_err(|e| format!("TLS to the server: {e}"))?;
-                handshake(tls).await
+                handshake(tls).await?
             }
-        }
+        };
+        // On the proxy thread serving this client connection: a call never changes threads.
+        tokio::spawn(conn);
+        Ok(sender)
     }
 
     /// Picks an idle connection (or makes one) and sends `req` on it; the response is awaited
@@ -252,19 +373,19 @@ impl Upstream {
     }
 }
 
-async fn handshake<T>(io: T) -> Result<hyper::client::conn::http1::SendRequest<Body>, String>
+async fn handshake<T>(io: T) -> Result<(Sender, ConnFuture), String>
 where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
         .await
         .map_err(|e| e.to_string())?;
-    tokio::spawn(async move {
+    let conn = Box::pin(async move {
         if let Err(e) = conn.with_upgrades().await {
             tracing::debug!("upstream connection: {e}");
         }
     });
-    Ok(sender)
+    Ok((sender, conn))
 }
 
 /// What a decision asks the proxy to do.

@@ -61,6 +61,81 @@ impl Stats {
 /// How long a new connection may stay silent, both sides, before it is closed.
 const CLIENT_SILENCE: Duration = Duration::from_secs(300);
 
+/// The threads that serve connections: each runs a single-threaded runtime, and a connection
+/// lives on one of them from accept to close, its upstream connections included. A tools/call
+/// then wakes one thread, never hands work between threads (on a work-stealing runtime every
+/// call paid for cross-thread wake-ups: futex calls, and on a VM inter-processor interrupts).
+pub struct Workers {
+    workers: Vec<Worker>,
+}
+
+struct Worker {
+    handle: tokio::runtime::Handle,
+    /// Connections this thread is serving (new ones go to the least busy thread).
+    active: Arc<AtomicU64>,
+}
+
+impl Workers {
+    /// Starts `n` threads (0: one per CPU). They run until the process exits.
+    pub fn start(n: usize) -> Result<Workers> {
+        let n = if n == 0 {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            n
+        };
+        let mut workers = Vec::with_capacity(n);
+        for i in 0..n {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .context("starting a proxy thread's runtime")?;
+            let handle = rt.handle().clone();
+            handle.spawn(crate::http::prune_pool_forever());
+            std::thread::Builder::new()
+                .name(format!("guard-proxy-{i}"))
+                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .context("starting a proxy thread")?;
+            workers.push(Worker {
+                handle,
+                active: Arc::new(AtomicU64::new(0)),
+            });
+        }
+        Ok(Workers { workers })
+    }
+
+    /// Runs `f(stream)` on the least busy thread; `stream` moves to that thread's reactor.
+    fn serve<F, Fut>(&self, stream: TcpStream, f: F) -> std::io::Result<()>
+    where
+        F: FnOnce(TcpStream) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        let w = self
+            .workers
+            .iter()
+            .min_by_key(|w| w.active.load(Ordering::Relaxed))
+            .expect("at least one proxy thread");
+        let std = stream.into_std()?;
+        let active = w.active.clone();
+        active.fetch_add(1, Ordering::Relaxed);
+        w.handle.spawn(async move {
+            let _done = Decrement(active);
+            match TcpStream::from_std(std) {
+                Ok(s) => f(s).await,
+                Err(e) => tracing::warn!("moving a connection to a proxy thread: {e}"),
+            }
+        });
+        Ok(())
+    }
+}
+
+struct Decrement(Arc<AtomicU64>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 pub struct Proxy {
     pub kernel: Arc<Kernel>,
     pub agents: Arc<Agents>,
@@ -72,6 +147,7 @@ pub struct Proxy {
     pub intercept: Intercept,
     /// One permit per connection being served (`proxy.max_connections`).
     pub capacity: Arc<tokio::sync::Semaphore>,
+    pub workers: Arc<Workers>,
 }
 
 /// Binds the proxy port on 127.0.0.1 and on [::1] (the latter is skipped, with a warning, on a
@@ -108,10 +184,14 @@ impl Proxy {
                         continue;
                     };
                     let me = self.clone();
-                    tokio::spawn(async move {
+                    let served = self.workers.serve(stream, move |stream| async move {
                         me.handle(stream, peer).await;
                         drop(permit);
                     });
+                    if let Err(e) = served {
+                        // Closed by the failure: nothing was forwarded.
+                        tracing::warn!(%peer, "handing a connection to a proxy thread: {e}");
+                    }
                 }
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
@@ -356,6 +436,12 @@ impl Proxy {
         }
         self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
+        let pool = http::PoolKey {
+            dst,
+            name: server_name.to_str().into_owned(),
+            uid: conn.identity.uid,
+            cgroup_id: conn.identity.cgroup_id,
+        };
         let upstream = http::Upstream::new(
             dst,
             http::Connector::Tls {
@@ -363,7 +449,8 @@ impl Proxy {
                 config: self.interceptor.upstream(),
             },
             upstream,
-        );
+        )
+        .pooled(pool);
         http::serve(
             self.enforcer.clone(),
             conn,

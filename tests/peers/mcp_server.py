@@ -82,6 +82,7 @@ class HttpLog:
                     "path": scope["path"],
                     "query": scope["query_string"].decode("latin-1"),
                     "headers": headers,
+                    "client": list(scope.get("client") or []),
                 }
             )
         await self.app(scope, receive, send)
