@@ -34,6 +34,9 @@ pub struct Servers {
     pub accept: SocketAddr,
     pub sink: SocketAddr,
     pub echo: SocketAddr,
+    /// The least any relay can cost: a bare relay to the sink, two threads per connection doing
+    /// blocking splice(2), no policy, no eBPF. Measures the floor guard's passthrough is held to.
+    pub relay: SocketAddr,
 }
 
 impl Servers {
@@ -47,7 +50,9 @@ impl Servers {
         let accept = TcpListener::bind("127.0.0.4:0").await?;
         let sink = TcpListener::bind("127.0.0.5:0").await?;
         let echo = TcpListener::bind("127.0.0.6:0").await?;
+        let relay = std::net::TcpListener::bind("127.0.0.8:0")?;
         let s = Servers {
+            relay: relay.local_addr()?,
             mcp: mcp.local_addr()?,
             tls_mcp: tls_mcp.local_addr()?,
             tls_ca_pem,
@@ -70,7 +75,74 @@ impl Servers {
         tokio::spawn(serve(accept, |s| async move { drop(s) }));
         tokio::spawn(serve(sink, |s| async move { sink_conn(s).await }));
         tokio::spawn(serve(echo, |s| async move { echo_conn(s).await }));
+        let to = s.sink;
+        std::thread::spawn(move || {
+            for c in relay.incoming().flatten() {
+                let _ = bare_relay(c, to);
+            }
+        });
         Ok(s)
+    }
+}
+
+fn bare_relay(c: std::net::TcpStream, to: SocketAddr) -> std::io::Result<()> {
+    let u = std::net::TcpStream::connect(to)?;
+    for s in [&c, &u] {
+        s.set_nodelay(true)?;
+    }
+    let (c2, u2) = (c.try_clone()?, u.try_clone()?);
+    std::thread::spawn(move || splice_blocking(&c, &u));
+    std::thread::spawn(move || splice_blocking(&u2, &c2));
+    Ok(())
+}
+
+/// Socket -> pipe -> socket until end of stream, then passes the half-close on.
+fn splice_blocking(from: &std::net::TcpStream, to: &std::net::TcpStream) {
+    use std::os::fd::AsRawFd;
+    const CHUNK: usize = 256 << 10;
+    let mut fds = [0; 2];
+    // SAFETY: fds is a valid two-element array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return;
+    }
+    // SAFETY: valid pipe fd; a refused size is harmless.
+    unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, CHUNK as libc::c_int) };
+    let splice = |a: i32, b: i32, n: usize| {
+        // SAFETY: plain fds, null offsets.
+        unsafe {
+            libc::splice(
+                a,
+                std::ptr::null_mut(),
+                b,
+                std::ptr::null_mut(),
+                n,
+                libc::SPLICE_F_MOVE,
+            )
+        }
+    };
+    loop {
+        let n = splice(from.as_raw_fd(), fds[1], CHUNK);
+        if n <= 0 {
+            break;
+        }
+        let mut left = n as usize;
+        while left > 0 {
+            let m = splice(fds[0], to.as_raw_fd(), left);
+            if m <= 0 {
+                left = usize::MAX;
+                break;
+            }
+            left -= m as usize;
+        }
+        if left == usize::MAX {
+            break;
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Write);
+    // SAFETY: the pipe's two fds, ours to close.
+    unsafe {
+        libc::close(fds[0]);
+        libc::close(fds[1]);
     }
 }
 

@@ -260,7 +260,7 @@ async fn start(
         workers: Arc::new(proxy::Workers::start(config.proxy.threads)?),
     });
     for l in listeners {
-        tokio::spawn(proxy.clone().serve(l));
+        proxy.clone().start(l)?;
     }
     let daemon = Daemon {
         saved_generation: AtomicU64::new(enforcer.limiter.generation()),

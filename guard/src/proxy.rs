@@ -103,20 +103,45 @@ impl Workers {
         Ok(Workers { workers })
     }
 
-    /// Runs `f(stream)` on the least busy thread; `stream` moves to that thread's reactor.
+    /// Runs the accept loops on the first thread (which also serves connections itself while it
+    /// is the least busy: then a new connection wakes one thread, not two).
+    fn accept_on_first<Fut>(&self, accept: Fut)
+    where
+        Fut: std::future::Future<Output = ()> + Send + 'static,
+    {
+        self.workers[0].handle.spawn(accept);
+    }
+
+    /// Runs `f(stream)` on the least busy thread (the first one on a tie: the accepting one,
+    /// where `stream` already is); otherwise `stream` moves to that thread's reactor. Called on
+    /// the first thread.
     fn serve<F, Fut>(&self, stream: TcpStream, f: F) -> std::io::Result<()>
     where
         F: FnOnce(TcpStream) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = ()> + Send + 'static,
     {
-        let w = self
+        let (i, w) = self
             .workers
             .iter()
-            .min_by_key(|w| w.active.load(Ordering::Relaxed))
+            .enumerate()
+            .min_by_key(|(_, w)| w.active.load(Ordering::Relaxed))
             .expect("at least one proxy thread");
-        let std = stream.into_std()?;
         let active = w.active.clone();
         active.fetch_add(1, Ordering::Relaxed);
+        if i == 0 {
+            tokio::spawn(async move {
+                let _done = Decrement(active);
+                f(stream).await
+            });
+            return Ok(());
+        }
+        let std = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                active.fetch_sub(1, Ordering::Relaxed);
+                return Err(e);
+            }
+        };
         w.handle.spawn(async move {
             let _done = Decrement(active);
             match TcpStream::from_std(std) {
@@ -173,7 +198,20 @@ pub async fn bind(port: u16) -> Result<Vec<TcpListener>> {
 }
 
 impl Proxy {
-    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+    /// Accepts on `listener` (bound on another runtime) from the first proxy thread.
+    pub fn start(self: Arc<Self>, listener: TcpListener) -> Result<()> {
+        let listener = listener.into_std()?;
+        let me = self.clone();
+        self.workers.accept_on_first(async move {
+            match TcpListener::from_std(listener) {
+                Ok(l) => me.serve(l).await,
+                Err(e) => tracing::error!("proxy listener on a proxy thread: {e}"),
+            }
+        });
+        Ok(())
+    }
+
+    async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             match listener.accept().await {
                 Ok((stream, peer)) => {
