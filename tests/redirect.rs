@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{os::unix::process::CommandExt, process::Command, time::Duration};
+use std::{os::unix::process::CommandExt, path::Path, process::Command, time::Duration};
 
 use common::*;
 
@@ -630,4 +630,156 @@ print(len(back), hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdig
         .unwrap();
     assert_eq!(r["transport"], "tcp");
     assert_eq!(r["rule"], "passthrough");
+}
+
+/// Loads a cgroup/connect4 program that lets every connect through unchanged, as a build of guard
+/// that did not redirect would have (BPF_PROG_LOAD by hand: two instructions).
+fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
+    use std::os::fd::FromRawFd;
+    // r0 = 1; exit
+    let insns: [u64; 2] = [
+        u64::from_le_bytes([0xb7, 0x00, 0, 0, 1, 0, 0, 0]),
+        u64::from_le_bytes([0x95, 0x00, 0, 0, 0, 0, 0, 0]),
+    ];
+    let license = b"GPL\0";
+    #[repr(C)]
+    struct ProgLoad {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+        log_level: u32,
+        log_size: u32,
+        log_buf: u64,
+        kern_version: u32,
+        prog_flags: u32,
+        prog_name: [u8; 16],
+        prog_ifindex: u32,
+        expected_attach_type: u32,
+    }
+    let attr = ProgLoad {
+        prog_type: 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
+        insn_cnt: 2,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+        log_level: 0,
+        log_size: 0,
+        log_buf: 0,
+        kern_version: 0,
+        prog_flags: 0,
+        prog_name: *b"old_connect4\0\0\0\0",
+        prog_ifindex: 0,
+        expected_attach_type: 10, // BPF_CGROUP_INET4_CONNECT
+    };
+    // SAFETY: a valid attr of the size given; insns and license outlive the call.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            5, // BPF_PROG_LOAD
+            &attr as *const ProgLoad,
+            std::mem::size_of::<ProgLoad>(),
+        )
+    };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    // SAFETY: a descriptor the kernel just gave us.
+    unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
+}
+
+/// BPF_LINK_CREATE (`prog` at `cgroup` for `attach_type`) and BPF_OBJ_PIN of the link at `pin`.
+fn link_and_pin(prog: &std::os::fd::OwnedFd, cgroup: &Path, attach_type: u32, pin: &Path) {
+    use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
+    let cg = std::fs::File::open(cgroup).unwrap();
+    let create: [u32; 4] = [
+        prog.as_raw_fd() as u32,
+        cg.as_raw_fd() as u32,
+        attach_type,
+        0,
+    ];
+    // SAFETY: a valid attr of the size given.
+    let link = unsafe { libc::syscall(libc::SYS_bpf, 28, create.as_ptr(), 16) };
+    assert!(
+        link >= 0,
+        "BPF_LINK_CREATE: {}",
+        std::io::Error::last_os_error()
+    );
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    #[repr(C)]
+    struct ObjPin {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let attr = ObjPin {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: link as u32,
+        file_flags: 0,
+    };
+    // SAFETY: a valid attr of the size given, pointing at a NUL-terminated path.
+    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &attr as *const ObjPin, 16) };
+    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: our descriptor; the pin keeps the link.
+    unsafe { libc::close(link as i32) };
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
+    use std::os::fd::AsFd;
+    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
+    let static_cg = env.cgroup("guard.slice/static");
+    guard::cgroup::create(&static_cg).unwrap();
+    env.start_daemon();
+    let server = HttpServer::start("127.0.0.2:0");
+    let get = |cg: &Path| {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "--max-time", "10", &server.url()]);
+        in_cgroup(&mut cmd, cg);
+        run_ok(&mut cmd).trim().to_string()
+    };
+    server.watch(env.daemon_pid());
+    assert_eq!(get(&static_cg), "hello from the test server");
+    assert_eq!((server.hits(), server.via_watched()), (1, 1));
+    let ours = env.attached();
+
+    // What an earlier build left pinned: its connect4 lets connects through unredirected.
+    let old = load_allow_all_connect4();
+    guard::redirect::link_update(&env.pin_dir.join("links/guard_connect4"), old.as_fd()).unwrap();
+    let swapped = env.attached();
+    // ... and one more program, which this build does not have.
+    let stale = env.pin_dir.join("links/guard_retired");
+    link_and_pin(&old, &env.attach_path(), 10, &stale);
+    assert_eq!(env.attached()["connect4"].len(), 2);
+    assert_ne!(swapped["connect4"], ours["connect4"]);
+    assert_eq!(get(&static_cg), "hello from the test server");
+    assert_eq!(
+        (server.hits(), server.via_watched()),
+        (2, 1),
+        "the stand-in old program should let the connect through directly"
+    );
+
+    env.stop_daemon();
+    env.start_daemon();
+    server.watch(env.daemon_pid());
+    // The restart put this build's program on the same link, and kept the other nine.
+    assert!(
+        env.daemon_log()
+            .contains("newly_attached=0 reused=9 updated=1 removed=1"),
+        "{}",
+        env.daemon_log()
+    );
+    assert!(!stale.exists());
+    let now = env.attached();
+    assert_ne!(now["connect4"], swapped["connect4"]);
+    assert_eq!(now["connect4"].len(), 1);
+    for (k, ids) in &ours {
+        if k != "connect4" {
+            assert_eq!(&now[k], ids, "{k}");
+        }
+    }
+    assert_eq!(get(&static_cg), "hello from the test server");
+    assert_eq!((server.hits(), server.via_watched()), (3, 2));
 }

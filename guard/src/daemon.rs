@@ -203,12 +203,14 @@ async fn start(
         kernel.guard_cgroup(*id)?;
     }
 
-    let newly = kernel.attach(&attach_path)?;
+    let done = kernel.attach(&attach_path)?;
     let kernel = Arc::new(kernel);
     tracing::info!(
         attach = %attach_path.display(),
-        newly_attached = newly,
-        reused = redirect::PROGRAMS.len() - newly,
+        newly_attached = done.attached,
+        reused = done.reused,
+        updated = done.updated,
+        removed = done.removed,
         proxy = ?listen,
         "guard is enforcing"
     );
@@ -216,8 +218,10 @@ async fn start(
     r.detail = Some(json!({
         "config": config_source,
         "attach_cgroup": attach_path.display().to_string(),
-        "programs_attached": newly,
-        "programs_reused": redirect::PROGRAMS.len() - newly,
+        "programs_attached": done.attached,
+        "programs_reused": done.reused,
+        "programs_updated": done.updated,
+        "stale_links_removed": done.removed,
         "pid": std::process::id(),
     }));
     audit.write(&r)?;

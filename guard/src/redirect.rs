@@ -150,37 +150,59 @@ impl Kernel {
         Ok(self.config.get(&0, 0)?)
     }
 
-    /// Attaches every program at `cgroup` with a pinned link, unless a pinned link from an earlier
-    /// run is already there (then that one keeps enforcing: no gap, no duplicate).
-    /// Returns how many programs were newly attached.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<usize> {
+    /// Attaches every program at `cgroup` with a pinned link. A pinned link from an earlier run
+    /// keeps enforcing (no gap, no duplicate); when its program is not this build's (an upgrade),
+    /// the link is switched to this build's program atomically (`BPF_LINK_UPDATE`): connects are
+    /// never unguarded in between.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<Attached> {
         let cg = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let mut attached = 0;
+        let mut done = Attached::default();
         for (name, _, _) in PROGRAMS {
             let pin = self.pin_dir.join("links").join(name);
-            if pin.exists() {
-                PinnedLink::from_pin(&pin)
-                    .with_context(|| format!("reusing pinned link {}", pin.display()))?;
-                continue;
-            }
             let prog = self
                 .ebpf
                 .program_mut(name)
                 .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+            match prog {
+                aya::programs::Program::CgroupSockAddr(p) => load_once(p.load())?,
+                aya::programs::Program::CgroupSock(p) => load_once(p.load())?,
+                aya::programs::Program::SockOps(p) => load_once(p.load())?,
+                _ => bail!("program {name} has an unexpected type"),
+            }
+            if pin.exists() {
+                let link = FdLink::from(
+                    PinnedLink::from_pin(&pin)
+                        .with_context(|| format!("reusing pinned link {}", pin.display()))?,
+                );
+                let running = link
+                    .info()
+                    .with_context(|| format!("reading pinned link {}", pin.display()))?
+                    .program_id();
+                let ours = prog.info()?.tag();
+                if program_tag(running)? == Some(ours) {
+                    done.reused += 1;
+                } else {
+                    link_update(&pin, prog.fd()?.as_fd())
+                        .with_context(|| format!("updating pinned link {}", pin.display()))?;
+                    tracing::info!(
+                        program = name,
+                        "pinned link switched to this build's program"
+                    );
+                    done.updated += 1;
+                }
+                continue;
+            }
             let link: FdLink = match prog {
                 aya::programs::Program::CgroupSockAddr(p) => {
-                    load_once(p.load())?;
                     let id = p.attach(&cg, CgroupAttachMode::Single)?;
                     p.take_link(id)?.try_into()?
                 }
                 aya::programs::Program::CgroupSock(p) => {
-                    load_once(p.load())?;
                     let id = p.attach(&cg, CgroupAttachMode::Single)?;
                     p.take_link(id)?.try_into()?
                 }
                 aya::programs::Program::SockOps(p) => {
-                    load_once(p.load())?;
                     let id = p.attach(&cg, CgroupAttachMode::Single)?;
                     p.take_link(id)?.try_into()?
                 }
@@ -188,9 +210,20 @@ impl Kernel {
             };
             link.pin(&pin)
                 .with_context(|| format!("pinning link {}", pin.display()))?;
-            attached += 1;
+            done.attached += 1;
         }
-        Ok(attached)
+        // Links an earlier build pinned for programs this one does not have: detached.
+        for entry in fs::read_dir(self.pin_dir.join("links"))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            if !PROGRAMS.iter().any(|(p, _, _)| *p == name) {
+                unpin_link(&path)
+                    .with_context(|| format!("removing stale pinned link {}", path.display()))?;
+                tracing::info!(link = %path.display(), "stale pinned link of an earlier build removed");
+                done.removed += 1;
+            }
+        }
+        Ok(done)
     }
 
     pub fn guard_cgroup(&self, id: u64) -> Result<()> {
@@ -286,6 +319,92 @@ impl Kernel {
         }
         out
     }
+}
+
+/// What [`Kernel::attach`] did, program by program.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Attached {
+    /// New links (nothing was pinned).
+    pub attached: usize,
+    /// Pinned links already running this build's program.
+    pub reused: usize,
+    /// Pinned links switched from another build's program to this one's.
+    pub updated: usize,
+    /// Pinned links of programs this build does not have, detached.
+    pub removed: usize,
+}
+
+/// The tag (a hash of the instructions, map references left out) of the loaded program `id`.
+fn program_tag(id: u32) -> Result<Option<u64>> {
+    for p in aya::programs::loaded_programs() {
+        let p = p.context("listing loaded eBPF programs")?;
+        if p.id() == id {
+            return Ok(Some(p.tag()));
+        }
+    }
+    Ok(None)
+}
+
+/// `BPF_LINK_UPDATE`: the pinned link at `pin` runs `prog` from now on (aya keeps this call to
+/// itself for cgroup links).
+pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    const BPF_LINK_UPDATE: libc::c_long = 29;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    // union bpf_attr, BPF_OBJ_GET: pathname, bpf_fd, file_flags.
+    #[repr(C)]
+    struct ObjGet {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+    }
+    let get = ObjGet {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: a valid attr of the size given, pointing at a NUL-terminated path.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &get as *const ObjGet,
+            std::mem::size_of::<ObjGet>(),
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
+    }
+    // SAFETY: the kernel just returned this descriptor to us.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    // union bpf_attr, BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
+    #[repr(C)]
+    struct LinkUpdate {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let upd = LinkUpdate {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: a valid attr of the size given.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &upd as *const LinkUpdate,
+            std::mem::size_of::<LinkUpdate>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).context("BPF_LINK_UPDATE");
+    }
+    Ok(())
 }
 
 fn load_once(r: Result<(), aya::programs::ProgramError>) -> Result<()> {
@@ -420,6 +539,16 @@ fn prog_query(fd: i32, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids[..cnt.min(ids.len())].to_vec())
 }
 
+/// Unpinning and dropping the last reference detaches the program (a pin that is not a link is
+/// just removed).
+fn unpin_link(pin: &Path) -> Result<()> {
+    match PinnedLink::from_pin(pin) {
+        Ok(link) => drop(link.unpin()?),
+        Err(_) => fs::remove_file(pin)?,
+    }
+    Ok(())
+}
+
 /// Removes every pin under `pin_dir` (links first, which detaches the programs, then maps) and the
 /// directory itself. Used by `guard disable` and by uninstall.
 pub fn unpin_all(pin_dir: &Path) -> Result<Vec<String>> {
@@ -428,11 +557,7 @@ pub fn unpin_all(pin_dir: &Path) -> Result<Vec<String>> {
     if let Ok(entries) = fs::read_dir(&links) {
         for e in entries.flatten() {
             let p = e.path();
-            // Unpinning and dropping the last reference detaches the program.
-            match PinnedLink::from_pin(&p) {
-                Ok(link) => drop(link.unpin()?),
-                Err(_) => fs::remove_file(&p)?,
-            }
+            unpin_link(&p)?;
             removed.push(p.display().to_string());
         }
         let _ = fs::remove_dir(&links);
