@@ -98,6 +98,11 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
         .mode(0o700)
         .create(pin_dir.join("links"))
         .with_context(|| format!("creating {}", pin_dir.display()))?;
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(pin_dir.join("progs"))
+        .with_context(|| format!("creating {}", pin_dir.display()))?;
     Ok(())
 }
 
@@ -170,6 +175,9 @@ impl Kernel {
                 aya::programs::Program::SockOps(p) => load_once(p.load())?,
                 _ => bail!("program {name} has an unexpected type"),
             }
+            // The program each link runs is pinned beside it: its tag tells whether it is this
+            // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
+            let prog_pin = self.pin_dir.join("progs").join(name);
             if pin.exists() {
                 let link = FdLink::from(
                     PinnedLink::from_pin(&pin)
@@ -179,18 +187,22 @@ impl Kernel {
                     .info()
                     .with_context(|| format!("reading pinned link {}", pin.display()))?
                     .program_id();
+                let pinned = aya::programs::ProgramInfo::from_pin(&prog_pin).ok();
                 let ours = prog.info()?.tag();
-                if program_tag(running)? == Some(ours) {
+                // No program pin (a build from before they were pinned), or not the one the
+                // link runs: not known to be this build's, so it is replaced.
+                if pinned.is_some_and(|p| p.id() == running && p.tag() == ours) {
                     done.reused += 1;
-                } else {
-                    link_update(&pin, prog.fd()?.as_fd())
-                        .with_context(|| format!("updating pinned link {}", pin.display()))?;
-                    tracing::info!(
-                        program = name,
-                        "pinned link switched to this build's program"
-                    );
-                    done.updated += 1;
+                    continue;
                 }
+                link_update(&pin, prog.fd()?.as_fd())
+                    .with_context(|| format!("updating pinned link {}", pin.display()))?;
+                pin_program(prog, &prog_pin)?;
+                tracing::info!(
+                    program = name,
+                    "pinned link switched to this build's program"
+                );
+                done.updated += 1;
                 continue;
             }
             let link: FdLink = match prog {
@@ -210,17 +222,24 @@ impl Kernel {
             };
             link.pin(&pin)
                 .with_context(|| format!("pinning link {}", pin.display()))?;
+            let prog = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+            pin_program(prog, &prog_pin)?;
             done.attached += 1;
         }
-        // Links an earlier build pinned for programs this one does not have: detached.
-        for entry in fs::read_dir(self.pin_dir.join("links"))? {
-            let path = entry?.path();
-            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            if !PROGRAMS.iter().any(|(p, _, _)| *p == name) {
-                unpin_link(&path)
-                    .with_context(|| format!("removing stale pinned link {}", path.display()))?;
-                tracing::info!(link = %path.display(), "stale pinned link of an earlier build removed");
-                done.removed += 1;
+        // Links (and programs) an earlier build pinned that this one does not have: detached.
+        for dir in ["links", "progs"] {
+            for entry in fs::read_dir(self.pin_dir.join(dir))? {
+                let path = entry?.path();
+                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+                if !PROGRAMS.iter().any(|(p, _, _)| *p == name) {
+                    unpin_link(&path)
+                        .with_context(|| format!("removing stale pin {}", path.display()))?;
+                    tracing::info!(pin = %path.display(), "stale pin of an earlier build removed");
+                    done.removed += usize::from(dir == "links");
+                }
             }
         }
         Ok(done)
@@ -334,15 +353,15 @@ pub struct Attached {
     pub removed: usize,
 }
 
-/// The tag (a hash of the instructions, map references left out) of the loaded program `id`.
-fn program_tag(id: u32) -> Result<Option<u64>> {
-    for p in aya::programs::loaded_programs() {
-        let p = p.context("listing loaded eBPF programs")?;
-        if p.id() == id {
-            return Ok(Some(p.tag()));
-        }
+/// Pins `prog` at `pin`, replacing what was pinned there.
+fn pin_program(prog: &mut aya::programs::Program, pin: &Path) -> Result<()> {
+    match fs::remove_file(pin) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
     }
-    Ok(None)
+    prog.pin(pin)
+        .with_context(|| format!("pinning program {}", pin.display()))
 }
 
 /// `BPF_LINK_UPDATE`: the pinned link at `pin` runs `prog` from now on (aya keeps this call to
@@ -539,8 +558,8 @@ fn prog_query(fd: i32, attach_type: u32) -> std::io::Result<Vec<u32>> {
     Ok(ids[..cnt.min(ids.len())].to_vec())
 }
 
-/// Unpinning and dropping the last reference detaches the program (a pin that is not a link is
-/// just removed).
+/// Unpinning and dropping the last reference detaches the program (a pin that is not a link, a
+/// program pin say, is just removed).
 fn unpin_link(pin: &Path) -> Result<()> {
     match PinnedLink::from_pin(pin) {
         Ok(link) => drop(link.unpin()?),
@@ -561,6 +580,13 @@ pub fn unpin_all(pin_dir: &Path) -> Result<Vec<String>> {
             removed.push(p.display().to_string());
         }
         let _ = fs::remove_dir(&links);
+    }
+    if let Ok(entries) = fs::read_dir(pin_dir.join("progs")) {
+        for e in entries.flatten() {
+            fs::remove_file(e.path())?;
+            removed.push(e.path().display().to_string());
+        }
+        let _ = fs::remove_dir(pin_dir.join("progs"));
     }
     if let Ok(entries) = fs::read_dir(pin_dir) {
         for e in entries.flatten() {
