@@ -116,6 +116,26 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
 /// classification by time: a client that waits is waited for (until `idle`, then the
 /// connection is closed), so waiting cannot turn HTTP into an unread passthrough. An error when
 /// the client closes or stays silent.
+/// Classifies what the client has sent so far, without waiting: `None` when that is not enough
+/// (or nothing yet).
+pub fn peek_now(client: &TcpStream) -> Option<Kind> {
+    use std::os::fd::AsRawFd;
+    let mut buf = [0u8; 512];
+    // SAFETY: a valid buffer of the length given; MSG_PEEK leaves the bytes in the socket.
+    let n = unsafe {
+        libc::recv(
+            client.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    classify(&buf[..n as usize])
+}
+
 pub async fn peek(client: &TcpStream, idle: Duration) -> io::Result<Kind> {
     let mut buf = vec![0u8; MAX_REQUEST_LINE + 128];
     let deadline = tokio::time::Instant::now() + idle;

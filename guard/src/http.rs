@@ -298,11 +298,13 @@ type ResponseFuture =
     std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, String>> + Send>>;
 
 impl Upstream {
-    pub fn new(dst: SocketAddr, connector: Connector, first: TcpStream) -> Upstream {
+    /// `first`: a TCP connection already made to `dst`, used first (else one is made when
+    /// needed).
+    pub fn new(dst: SocketAddr, connector: Connector, first: Option<TcpStream>) -> Upstream {
         Upstream {
             dst,
             connector,
-            first: Some(first),
+            first,
             idle: Vec::new(),
             pool: None,
         }

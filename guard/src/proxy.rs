@@ -261,34 +261,36 @@ impl Proxy {
         record.original_dst = Some(dst.to_string());
         record.client = Some(peer.to_string());
         record.transport = Some("tcp".into());
-        let mut upstream = match forward::connect(dst).await {
-            Ok(s) => s,
-            Err(e) => {
-                self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
-                record.decision = "error".into();
-                record.reason = Some(format!("upstream {dst}: {e}"));
-                record.latency_us = Some(started.elapsed().as_micros() as u64);
-                self.write_audit(&record);
-                forward::reset(client);
-                return;
-            }
-        };
-        // What the client speaks, from its first bytes; a server that speaks first (SSH, SMTP,
-        // ...) makes it a plain TCP passthrough without waiting for the client.
-        let kind = tokio::select! {
-            k = classify::peek(&client, CLIENT_SILENCE) => match k {
-                Ok(k) => k,
-                Err(_) => {
-                    // Closed (or silent) before sending anything classifiable: nothing is
-                    // forwarded.
-                    record.decision = "closed".into();
-                    record.reason = Some("the client sent nothing guard could classify".into());
-                    record.latency_us = Some(started.elapsed().as_micros() as u64);
-                    self.write_audit(&record);
+        // What the client speaks, from its first bytes. Usually they are there already (clients
+        // write right after connecting): then the upstream connection waits until it is needed
+        // (an intercepted TLS connection may take a pooled one, a refused one needs none).
+        // Otherwise it is made while waiting, and a server that speaks first (SSH, SMTP, ...)
+        // makes the connection a plain TCP passthrough without waiting for the client.
+        let (kind, upstream) = match classify::peek_now(&client) {
+            Some(k) => (k, None),
+            None => {
+                let Some(upstream) = self.connect_upstream(dst, &mut record, started).await else {
+                    forward::reset(client);
                     return;
-                }
-            },
-            _ = upstream.readable() => Kind::Other,
+                };
+                let k = tokio::select! {
+                    k = classify::peek(&client, CLIENT_SILENCE) => match k {
+                        Ok(k) => k,
+                        Err(_) => {
+                            // Closed (or silent) before sending anything classifiable: nothing
+                            // is forwarded.
+                            record.decision = "closed".into();
+                            record.reason =
+                                Some("the client sent nothing guard could classify".into());
+                            record.latency_us = Some(started.elapsed().as_micros() as u64);
+                            self.write_audit(&record);
+                            return;
+                        }
+                    },
+                    _ = upstream.readable() => Kind::Other,
+                };
+                (k, Some(upstream))
+            }
         };
         record.transport = Some(kind.as_str().into());
         if kind == Kind::Tls {
@@ -324,8 +326,24 @@ impl Proxy {
             };
             record.rule = Some(rule.into());
         }
+        if deny_other {
+            record.latency_us = Some(started.elapsed().as_micros() as u64);
+            self.write_audit(&record);
+            forward::reset(client);
+            return;
+        }
+        let mut upstream = match upstream {
+            Some(u) => u,
+            None => match self.connect_upstream(dst, &mut record, started).await {
+                Some(u) => u,
+                None => {
+                    forward::reset(client);
+                    return;
+                }
+            },
+        };
         record.latency_us = Some(started.elapsed().as_micros() as u64);
-        if !self.write_audit(&record) || deny_other {
+        if !self.write_audit(&record) {
             // No audit, no traffic.
             forward::reset(client);
             return;
@@ -333,7 +351,7 @@ impl Proxy {
         self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
         self.stats.active.fetch_add(1, Ordering::Relaxed);
         if kind == Kind::Http || kind == Kind::H2c {
-            let upstream = http::Upstream::new(dst, http::Connector::Plain, upstream);
+            let upstream = http::Upstream::new(dst, http::Connector::Plain, Some(upstream));
             let floor = self.enforcer.named(dst);
             http::serve(
                 self.enforcer.clone(),
@@ -353,13 +371,34 @@ impl Proxy {
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
+    /// The TCP connection to the original destination; on failure the connection's record says
+    /// so (the caller resets the client).
+    async fn connect_upstream(
+        &self,
+        dst: SocketAddr,
+        record: &mut crate::audit::Record,
+        started: Instant,
+    ) -> Option<TcpStream> {
+        match forward::connect(dst).await {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.stats.upstream_failed.fetch_add(1, Ordering::Relaxed);
+                record.decision = "error".into();
+                record.reason = Some(format!("upstream {dst}: {e}"));
+                record.latency_us = Some(started.elapsed().as_micros() as u64);
+                self.write_audit(record);
+                None
+            }
+        }
+    }
+
     /// TLS: intercept when a policy names the server (or `tls.intercept = "all"`), else pass
     /// the bytes through once the SNI is known to belong to the destination.
     async fn handle_tls(
         &self,
         client: TcpStream,
         conn: identify::Connection,
-        mut upstream: TcpStream,
+        upstream: Option<TcpStream>,
         mut record: crate::audit::Record,
         started: Instant,
     ) {
@@ -421,6 +460,16 @@ impl Proxy {
                 }
             }
             record.rule = Some("tls.passthrough".into());
+            let mut upstream = match upstream {
+                Some(u) => u,
+                None => match self.connect_upstream(dst, &mut record, started).await {
+                    Some(u) => u,
+                    None => {
+                        forward::reset(client);
+                        return;
+                    }
+                },
+            };
             record.latency_us = Some(started.elapsed().as_micros() as u64);
             if !self.write_audit(&record) {
                 forward::reset(client);
