@@ -632,6 +632,45 @@ print(len(back), hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdig
     assert_eq!(r["rule"], "passthrough");
 }
 
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_server_that_speaks_first_is_reached_without_the_client_sending_anything() {
+    use std::io::{Read, Write};
+    let mut env = Env::new("");
+    env.start_daemon();
+    // SSH and SMTP servers greet first; their clients wait for the greeting.
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((mut s, _)) = listener.accept() {
+            let _ = s.write_all(b"SSH-2.0-guard-test\r\n");
+            let mut buf = [0u8; 64];
+            if let Ok(n) = s.read(&mut buf) {
+                let _ = s.write_all(&buf[..n]);
+            }
+        }
+    });
+    let probe = format!(
+        r#"
+import socket
+s = socket.create_connection(("127.0.0.2", {port}), timeout=10)
+greeting = s.recv(64)
+s.sendall(b"after the greeting")
+print(greeting.decode().strip(), s.recv(64).decode())
+"#,
+        port = addr.port()
+    );
+    let out = run_ok(&mut env.exec("ssh-like", &[PYTHON, "-c", &probe]));
+    assert_eq!(out.trim(), "SSH-2.0-guard-test after the greeting");
+    let r = env
+        .audit_connections()
+        .into_iter()
+        .find(|r| r["original_dst"] == addr.to_string())
+        .unwrap();
+    assert_eq!(r["transport"], "tcp");
+    assert_eq!(r["rule"], "passthrough");
+}
+
 /// Loads a cgroup/connect4 program that lets every connect through unchanged, as a build of guard
 /// that did not redirect would have (BPF_PROG_LOAD by hand: two instructions).
 fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
