@@ -35,7 +35,8 @@ pub struct Servers {
     pub sink: SocketAddr,
     pub echo: SocketAddr,
     /// The least any relay can cost: a bare relay to the sink, two threads per connection doing
-    /// blocking splice(2), no policy, no eBPF. Measures the floor guard's passthrough is held to.
+    /// blocking splice(2) on CUBIC sockets as guard's are, no policy, no eBPF. The floor guard's
+    /// passthrough is held to.
     pub relay: SocketAddr,
 }
 
@@ -89,6 +90,8 @@ fn bare_relay(c: std::net::TcpStream, to: SocketAddr) -> std::io::Result<()> {
     let u = std::net::TcpStream::connect(to)?;
     for s in [&c, &u] {
         s.set_nodelay(true)?;
+        // As guard does on loopback (see guard::forward): no BBR pacing on the relay's sends.
+        guard::forward::loopback_congestion_control(s);
     }
     let (c2, u2) = (c.try_clone()?, u.try_clone()?);
     std::thread::spawn(move || splice_blocking(&c, &u));

@@ -9,11 +9,37 @@ use tokio::net::TcpStream;
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub async fn connect(dst: SocketAddr) -> io::Result<TcpStream> {
-    let s = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(dst))
+    let socket = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    if crate::redirect::canonical(dst).ip().is_loopback() {
+        loopback_congestion_control(&socket);
+    }
+    let s = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "upstream connect timed out"))??;
     s.set_nodelay(true)?;
     Ok(s)
+}
+
+/// Loopback connections (every agent-side socket, and upstream ones to a local server) use
+/// CUBIC whatever the host's default: BBR (a common default) paces every send with a timer,
+/// which on loopback, where nothing queues, only slows a relay down (a bare splice relay moved
+/// ~1.9 GiB/s with BBR and ~2.6 GiB/s with CUBIC here). Hosts without CUBIC keep their default.
+pub fn loopback_congestion_control(socket: &impl std::os::fd::AsRawFd) {
+    const CUBIC: &[u8] = b"cubic";
+    // SAFETY: a valid socket fd and a buffer of the length given.
+    unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            CUBIC.as_ptr().cast(),
+            CUBIC.len() as libc::socklen_t,
+        )
+    };
 }
 
 /// Splices both ways until both sides are done; returns (client->server, server->client) bytes.
@@ -113,4 +139,73 @@ async fn splice_one_way(from: &TcpStream, to: &TcpStream) -> io::Result<u64> {
 pub fn reset(stream: TcpStream) {
     let _ = stream.set_zero_linger();
     drop(stream);
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::AsRawFd;
+
+    fn congestion_control(fd: &impl AsRawFd) -> String {
+        let mut buf = [0u8; 16];
+        let mut len = buf.len() as libc::socklen_t;
+        // SAFETY: a valid fd, buffer and length.
+        let r = unsafe {
+            libc::getsockopt(
+                fd.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                buf.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+        String::from_utf8_lossy(&buf[..len as usize])
+            .trim_end_matches('\0')
+            .to_string()
+    }
+
+    fn cubic_available() -> bool {
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_available_congestion_control")
+            .is_ok_and(|s| s.split_whitespace().any(|c| c == "cubic"))
+    }
+
+    #[test]
+    fn cubic_replaces_whatever_the_socket_had() {
+        if !cubic_available() {
+            eprintln!("skipped: this kernel offers no cubic congestion control");
+            return;
+        }
+        let s = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        // SAFETY: a valid socket fd and a buffer of the length given.
+        unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_TCP,
+                libc::TCP_CONGESTION,
+                b"reno".as_ptr().cast(),
+                4,
+            )
+        };
+        assert_eq!(congestion_control(&s), "reno");
+        super::loopback_congestion_control(&s);
+        assert_eq!(congestion_control(&s), "cubic");
+    }
+
+    /// Meaningful on hosts whose default is not CUBIC (BBR here).
+    #[tokio::test]
+    async fn loopback_sockets_on_both_sides_use_cubic() {
+        if !cubic_available() {
+            eprintln!("skipped: this kernel offers no cubic congestion control");
+            return;
+        }
+        let listeners = crate::proxy::bind(0).await.unwrap();
+        let addr = listeners[0].local_addr().unwrap();
+        let (upstream, accepted) =
+            tokio::join!(super::connect(addr), async { listeners[0].accept().await });
+        let (accepted, _) = accepted.unwrap();
+        // The upstream side (a loopback destination) and the agent side (accepted by the proxy
+        // listener, which they inherit it from).
+        assert_eq!(congestion_control(&upstream.unwrap()), "cubic");
+        assert_eq!(congestion_control(&accepted), "cubic");
+    }
 }

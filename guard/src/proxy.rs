@@ -182,9 +182,14 @@ pub async fn bind(port: u16) -> Result<Vec<TcpListener>> {
     let mut listeners = vec![TcpListener::bind(v4).await.with_context(|| {
         format!("binding the proxy on {v4} (is another guard daemon running?)")
     })?];
+    // Accepted (agent-side, always loopback) sockets inherit it.
+    forward::loopback_congestion_control(&listeners[0]);
     let v6 = SocketAddr::new(IpAddr::V6(Ipv6Addr::LOCALHOST), port);
     match TcpListener::bind(v6).await {
-        Ok(l) => listeners.push(l),
+        Ok(l) => {
+            forward::loopback_congestion_control(&l);
+            listeners.push(l)
+        }
         // Someone else holds it: they would receive guarded IPv6 connections. Refuse to start.
         Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
             return Err(e)
