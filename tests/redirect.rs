@@ -575,6 +575,20 @@ fn disable_is_root_only_audited_and_detaches_everything() {
     );
 }
 
+/// A server on 127.0.0.2 that serves its first connection with `serve` (on a thread of its own).
+fn one_connection_server(
+    serve: impl FnOnce(std::net::TcpStream) + Send + 'static,
+) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        if let Ok((s, _)) = listener.accept() {
+            serve(s);
+        }
+    });
+    addr
+}
+
 #[test]
 #[ignore = "needs root and eBPF"]
 fn passthrough_carries_bulk_bytes_and_half_closes_intact() {
@@ -582,18 +596,14 @@ fn passthrough_carries_bulk_bytes_and_half_closes_intact() {
     let mut env = Env::new("");
     env.start_daemon();
     // An echo server that speaks no HTTP: guard splices it through.
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let mut buf = vec![0u8; 65536];
-            loop {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        if s.write_all(&buf[..n]).is_err() {
-                            break;
-                        }
+    let addr = one_connection_server(|mut s| {
+        let mut buf = vec![0u8; 65536];
+        loop {
+            match s.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if s.write_all(&buf[..n]).is_err() {
+                        break;
                     }
                 }
             }
@@ -639,15 +649,11 @@ fn a_server_that_speaks_first_is_reached_without_the_client_sending_anything() {
     let mut env = Env::new("");
     env.start_daemon();
     // SSH and SMTP servers greet first; their clients wait for the greeting.
-    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    std::thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
-            let _ = s.write_all(b"SSH-2.0-guard-test\r\n");
-            let mut buf = [0u8; 64];
-            if let Ok(n) = s.read(&mut buf) {
-                let _ = s.write_all(&buf[..n]);
-            }
+    let addr = one_connection_server(|mut s| {
+        let _ = s.write_all(b"SSH-2.0-guard-test\r\n");
+        let mut buf = [0u8; 64];
+        if let Ok(n) = s.read(&mut buf) {
+            let _ = s.write_all(&buf[..n]);
         }
     });
     let probe = format!(
@@ -696,7 +702,7 @@ fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
         prog_ifindex: u32,
         expected_attach_type: u32,
     }
-    let attr = ProgLoad {
+    let mut attr = ProgLoad {
         prog_type: 18, // BPF_PROG_TYPE_CGROUP_SOCK_ADDR
         insn_cnt: 2,
         insns: insns.as_ptr() as u64,
@@ -710,20 +716,9 @@ fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
         prog_ifindex: 0,
         expected_attach_type: 10, // BPF_CGROUP_INET4_CONNECT
     };
-    // SAFETY: a valid attr of the size given; insns and license outlive the call.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            5, // BPF_PROG_LOAD
-            &attr as *const ProgLoad,
-            std::mem::size_of::<ProgLoad>(),
-        )
-    };
-    assert!(
-        fd >= 0,
-        "BPF_PROG_LOAD: {}",
-        std::io::Error::last_os_error()
-    );
+    // SAFETY: ProgLoad is BPF_PROG_LOAD's bpf_attr; insns and license outlive the call.
+    let fd = unsafe { guard::redirect::sys_bpf(5, &mut attr) }
+        .unwrap_or_else(|e| panic!("BPF_PROG_LOAD: {e}"));
     // SAFETY: a descriptor the kernel just gave us.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
 }
@@ -732,34 +727,25 @@ fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
 fn link_and_pin(prog: &std::os::fd::OwnedFd, cgroup: &Path, attach_type: u32, pin: &Path) {
     use std::os::{fd::AsRawFd, unix::ffi::OsStrExt};
     let cg = std::fs::File::open(cgroup).unwrap();
-    let create: [u32; 4] = [
+    // BPF_LINK_CREATE's bpf_attr: prog_fd, target_fd, attach_type, flags.
+    let mut create: [u32; 4] = [
         prog.as_raw_fd() as u32,
         cg.as_raw_fd() as u32,
         attach_type,
         0,
     ];
-    // SAFETY: a valid attr of the size given.
-    let link = unsafe { libc::syscall(libc::SYS_bpf, 28, create.as_ptr(), 16) };
-    assert!(
-        link >= 0,
-        "BPF_LINK_CREATE: {}",
-        std::io::Error::last_os_error()
-    );
+    // SAFETY: BPF_LINK_CREATE's bpf_attr.
+    let link = unsafe { guard::redirect::sys_bpf(28, &mut create) }
+        .unwrap_or_else(|e| panic!("BPF_LINK_CREATE: {e}"));
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
-    #[repr(C)]
-    struct ObjPin {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let attr = ObjPin {
+    let mut attr = guard::redirect::ObjAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: link as u32,
         file_flags: 0,
     };
-    // SAFETY: a valid attr of the size given, pointing at a NUL-terminated path.
-    let r = unsafe { libc::syscall(libc::SYS_bpf, 6, &attr as *const ObjPin, 16) };
-    assert_eq!(r, 0, "BPF_OBJ_PIN: {}", std::io::Error::last_os_error());
+    // SAFETY: BPF_OBJ_PIN's bpf_attr, pointing at a NUL-terminated path.
+    unsafe { guard::redirect::sys_bpf(6, &mut attr) }
+        .unwrap_or_else(|e| panic!("BPF_OBJ_PIN: {e}"));
     // SAFETY: our descriptor; the pin keeps the link.
     unsafe { libc::close(link as i32) };
 }

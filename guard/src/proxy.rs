@@ -274,7 +274,10 @@ impl Proxy {
         let (kind, upstream) = match classify::peek_now(&client) {
             Some(k) => (k, None),
             None => {
-                let Some(upstream) = self.connect_upstream(dst, &mut record, started).await else {
+                let Some(upstream) = self
+                    .upstream_or_connect(None, dst, &mut record, started)
+                    .await
+                else {
                     forward::reset(client);
                     return;
                 };
@@ -337,15 +340,12 @@ impl Proxy {
             forward::reset(client);
             return;
         }
-        let mut upstream = match upstream {
-            Some(u) => u,
-            None => match self.connect_upstream(dst, &mut record, started).await {
-                Some(u) => u,
-                None => {
-                    forward::reset(client);
-                    return;
-                }
-            },
+        let Some(mut upstream) = self
+            .upstream_or_connect(upstream, dst, &mut record, started)
+            .await
+        else {
+            forward::reset(client);
+            return;
         };
         record.latency_us = Some(started.elapsed().as_micros() as u64);
         if !self.write_audit(&record) {
@@ -376,14 +376,18 @@ impl Proxy {
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
     }
 
-    /// The TCP connection to the original destination; on failure the connection's record says
-    /// so (the caller resets the client).
-    async fn connect_upstream(
+    /// The TCP connection to the original destination: `have` when one was made already, else a
+    /// new one; on failure the connection's record says so (the caller resets the client).
+    async fn upstream_or_connect(
         &self,
+        have: Option<TcpStream>,
         dst: SocketAddr,
         record: &mut crate::audit::Record,
         started: Instant,
     ) -> Option<TcpStream> {
+        if have.is_some() {
+            return have;
+        }
         match forward::connect(dst).await {
             Ok(s) => Some(s),
             Err(e) => {
@@ -465,15 +469,12 @@ impl Proxy {
                 }
             }
             record.rule = Some("tls.passthrough".into());
-            let mut upstream = match upstream {
-                Some(u) => u,
-                None => match self.connect_upstream(dst, &mut record, started).await {
-                    Some(u) => u,
-                    None => {
-                        forward::reset(client);
-                        return;
-                    }
-                },
+            let Some(mut upstream) = self
+                .upstream_or_connect(upstream, dst, &mut record, started)
+                .await
+            else {
+                forward::reset(client);
+                return;
             };
             record.latency_us = Some(started.elapsed().as_micros() as u64);
             if !self.write_audit(&record) {

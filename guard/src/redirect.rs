@@ -364,6 +364,15 @@ fn pin_program(prog: &mut aya::programs::Program, pin: &Path) -> Result<()> {
         .with_context(|| format!("pinning program {}", pin.display()))
 }
 
+/// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
+#[repr(C)]
+pub struct ObjAttr {
+    /// A pointer to a NUL-terminated path in bpffs.
+    pub pathname: u64,
+    pub bpf_fd: u32,
+    pub file_flags: u32,
+}
+
 /// `BPF_LINK_UPDATE`: the pinned link at `pin` runs `prog` from now on (aya keeps this call to
 /// itself for cgroup links).
 pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
@@ -371,30 +380,13 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
     const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
-    // union bpf_attr, BPF_OBJ_GET: pathname, bpf_fd, file_flags.
-    #[repr(C)]
-    struct ObjGet {
-        pathname: u64,
-        bpf_fd: u32,
-        file_flags: u32,
-    }
-    let get = ObjGet {
+    let mut get = ObjAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
-    // SAFETY: a valid attr of the size given, pointing at a NUL-terminated path.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &get as *const ObjGet,
-            std::mem::size_of::<ObjGet>(),
-        )
-    };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_OBJ_GET");
-    }
+    // SAFETY: ObjAttr is BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut get) }.context("BPF_OBJ_GET")?;
     // SAFETY: the kernel just returned this descriptor to us.
     let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     // union bpf_attr, BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
@@ -405,25 +397,39 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
         flags: u32,
         old_prog_fd: u32,
     }
-    let upd = LinkUpdate {
+    let mut upd = LinkUpdate {
         link_fd: link.as_raw_fd() as u32,
         new_prog_fd: prog.as_raw_fd() as u32,
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: a valid attr of the size given.
+    // SAFETY: LinkUpdate is BPF_LINK_UPDATE's bpf_attr.
+    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut upd) }.context("BPF_LINK_UPDATE")?;
+    Ok(())
+}
+
+/// The `bpf(2)` syscall with `attr` (its size given to the kernel); returns what the call
+/// returns (a new fd for the commands that make one).
+///
+/// # Safety
+/// `attr` must be the `union bpf_attr` member `cmd` reads, and every pointer in it valid for the
+/// call.
+pub unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
+    // SAFETY: the caller's promise; the kernel reads (and for some commands writes back) at
+    // most size_of::<T>() bytes of attr.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &upd as *const LinkUpdate,
-            std::mem::size_of::<LinkUpdate>(),
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
         )
     };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error()).context("BPF_LINK_UPDATE");
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(r)
     }
-    Ok(())
 }
 
 fn load_once(r: Result<(), aya::programs::ProgramError>) -> Result<()> {
@@ -542,18 +548,9 @@ fn prog_query(fd: i32, attach_type: u32) -> std::io::Result<Vec<u32>> {
     attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
     attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
     attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
-    // SAFETY: attr is a valid bpf_attr for BPF_PROG_QUERY; ids outlives the call.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_PROG_QUERY,
-            attr.as_mut_ptr(),
-            attr.len() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    // SAFETY: attr is a valid bpf_attr for BPF_PROG_QUERY; ids outlives the call. The kernel
+    // writes prog_cnt back into attr.
+    unsafe { sys_bpf(BPF_PROG_QUERY, &mut attr) }?;
     let cnt = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
     Ok(ids[..cnt.min(ids.len())].to_vec())
 }
