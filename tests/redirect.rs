@@ -808,3 +808,48 @@ fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
     assert_eq!(get(&static_cg), "hello from the test server");
     assert_eq!((server.hits(), server.via_watched()), (3, 2));
 }
+
+#[test]
+#[ignore = "needs root and eBPF"]
+fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
+    use std::os::{fd::AsRawFd, fd::FromRawFd, unix::ffi::OsStrExt};
+    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
+    let static_cg = env.cgroup("guard.slice/static");
+    guard::cgroup::create(&static_cg).unwrap();
+    env.start_daemon();
+    env.stop_daemon();
+    // A link that is pinned but detached (as when its cgroup is removed, or by BPF_LINK_DETACH):
+    // it still names its program, and guards nothing.
+    let pin = env.pin_dir.join("links/guard_connect4");
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
+    let mut get = guard::redirect::ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
+    let fd = unsafe { guard::redirect::sys_bpf(7, &mut get) }.unwrap();
+    // SAFETY: a descriptor the kernel just gave us.
+    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let mut detach: [u32; 4] = [link.as_raw_fd() as u32, 0, 0, 0];
+    // SAFETY: BPF_LINK_DETACH's bpf_attr (link_fd).
+    unsafe { guard::redirect::sys_bpf(34, &mut detach) }.unwrap();
+    assert!(pin.exists());
+    assert!(env.attached()["connect4"].is_empty());
+
+    env.start_daemon();
+    assert!(
+        env.daemon_log()
+            .contains("newly_attached=1 reused=9 updated=0"),
+        "{}",
+        env.daemon_log()
+    );
+    assert_eq!(env.attached()["connect4"].len(), 1);
+    let server = HttpServer::start("127.0.0.2:0");
+    server.watch(env.daemon_pid());
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", &server.url()]);
+    in_cgroup(&mut cmd, &static_cg);
+    assert_eq!(run_ok(&mut cmd).trim(), "hello from the test server");
+    assert_eq!((server.hits(), server.via_watched()), (1, 1));
+}

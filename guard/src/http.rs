@@ -197,8 +197,10 @@ type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>
 /// Upstream TLS connections outlive the agent connection they were made for: the next connection
 /// of the same agent instance (same uid and cgroup) to the same destination, verified for the
 /// same name, takes one instead of a new TCP connection and TLS handshake. Without this, every
-/// new agent connection paid for two handshakes in a row. Never shared across agents, uids or
-/// names; kept per proxy thread (the connection's I/O runs on that thread).
+/// new agent connection paid for two handshakes in a row. Never shared across cgroups, uids or
+/// names (processes that share both can already ptrace each other); every request on it is
+/// still decided for its own caller. Kept per proxy thread (the connection's I/O runs there): a
+/// new connection handed to another thread makes a connection of its own.
 #[derive(Clone, PartialEq, Eq, Hash, Debug)]
 pub struct PoolKey {
     pub dst: SocketAddr,
@@ -295,7 +297,14 @@ impl Drop for Upstream {
 const MAX_IDLE_UPSTREAM: usize = 4;
 
 type ResponseFuture =
-    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, String>> + Send>>;
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<Incoming>, Failed>> + Send>>;
+
+/// A request the upstream connection failed; `unsent` when it never went out (the connection had
+/// closed: a kept-alive one the server had just given up), so it can be sent again.
+struct Failed {
+    msg: String,
+    unsent: Option<Request<Body>>,
+}
 
 impl Upstream {
     /// `first`: a TCP connection already made to `dst`, used first (else one is made when
@@ -317,8 +326,9 @@ impl Upstream {
         self
     }
 
-    async fn connect(&mut self) -> Result<Sender, String> {
-        if let Some(s) = self.pool.as_ref().and_then(pool_take) {
+    /// A connection for one request: a pooled one when `reuse`, else a new one.
+    async fn connect(&mut self, reuse: bool) -> Result<Sender, String> {
+        if let Some(s) = self.pool.as_ref().filter(|_| reuse).and_then(pool_take) {
             // The connection made before classification is not needed.
             self.first = None;
             return Ok(s);
@@ -348,30 +358,35 @@ impl Upstream {
 
     /// Picks an idle connection (or makes one) and sends `req` on it; the response is awaited
     /// by the caller, without holding the upstream lock.
-    async fn start(&mut self, req: Request<Body>) -> Result<ResponseFuture, String> {
+    /// Sends `req` on an idle or pooled connection when `reuse`, else on a new one.
+    async fn start(&mut self, req: Request<Body>, reuse: bool) -> Result<ResponseFuture, String> {
         let mut sender = loop {
             match self.idle.pop() {
+                _ if !reuse => break self.connect(false).await?,
                 Some(s) if s.is_closed() => continue,
                 Some(s) if s.is_ready() => break s,
                 // Busy (a response body still streaming): keep it for later.
                 Some(s) => {
                     let busy = s;
-                    let fresh = self.connect().await?;
+                    let fresh = self.connect(true).await?;
                     if self.idle.len() < MAX_IDLE_UPSTREAM {
                         self.idle.push(busy);
                     }
                     break fresh;
                 }
-                None => break self.connect().await?,
+                None => break self.connect(true).await?,
             }
         };
-        let fut = sender.send_request(req);
+        let fut = sender.try_send_request(req);
         if self.idle.len() < MAX_IDLE_UPSTREAM {
             self.idle.push(sender);
         }
-        Ok(Box::pin(
-            async move { fut.await.map_err(|e| e.to_string()) },
-        ))
+        Ok(Box::pin(async move {
+            fut.await.map_err(|mut e| Failed {
+                msg: e.error().to_string(),
+                unsent: e.take_message(),
+            })
+        }))
     }
 }
 
@@ -660,12 +675,7 @@ impl Ctx {
             }
             *req.version_mut() = http::Version::HTTP_11;
         }
-        let started = self.upstream.lock().await.start(req).await;
-        let result = match started {
-            Ok(fut) => fut.await,
-            Err(e) => Err(e),
-        };
-        match result {
+        match self.send(req).await {
             Ok(resp) => resp.map(boxed),
             Err(e) => {
                 let mut r = self.enf.audit.record("upstream_error", "error");
@@ -905,15 +915,26 @@ impl Ctx {
         policies.match_sni(Some(&host), any).map(|s| s.name.clone())
     }
 
+    /// Sends `req` upstream; once more on a new connection when the one it was given had closed
+    /// before the request went out.
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        let started = self.upstream.lock().await.start(req, true).await?;
+        match started.await {
+            Ok(resp) => Ok(resp),
+            Err(Failed {
+                unsent: Some(req), ..
+            }) => {
+                let again = self.upstream.lock().await.start(req, false).await?;
+                again.await.map_err(|f| f.msg)
+            }
+            Err(f) => Err(f.msg),
+        }
+    }
+
     /// `Upgrade` requests (WebSocket and the like): forwarded, then spliced both ways.
     async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
         let client_upgrade = hyper::upgrade::on(&mut req);
-        let started = self.upstream.lock().await.start(req.map(boxed)).await;
-        let result = match started {
-            Ok(fut) => fut.await,
-            Err(e) => Err(e),
-        };
-        let mut resp = match result {
+        let mut resp = match self.send(req.map(boxed)).await {
             Ok(r) => r,
             Err(e) => {
                 return text_response(

@@ -163,6 +163,7 @@ impl Kernel {
         let cg = fs::File::open(cgroup)
             .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
         let mut done = Attached::default();
+        let cgroup_id = crate::cgroup::cgroup_id(cgroup)?;
         for (name, _, _) in PROGRAMS {
             let pin = self.pin_dir.join("links").join(name);
             let prog = self
@@ -178,6 +179,20 @@ impl Kernel {
             // The program each link runs is pinned beside it: its tag tells whether it is this
             // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
             let prog_pin = self.pin_dir.join("progs").join(name);
+            if pin.exists() {
+                let on = link_cgroup_id(&pin)
+                    .with_context(|| format!("reading pinned link {}", pin.display()))?;
+                if on != cgroup_id {
+                    // Detached (its cgroup was removed) or attached elsewhere (the attach
+                    // cgroup changed): it guards nothing here. Replaced by a new link below.
+                    tracing::warn!(
+                        program = name,
+                        link_cgroup_id = on,
+                        "pinned link not attached at the attach cgroup: replaced"
+                    );
+                    unpin_link(&pin)?;
+                }
+            }
             if pin.exists() {
                 let link = FdLink::from(
                     PinnedLink::from_pin(&pin)
@@ -364,6 +379,47 @@ fn pin_program(prog: &mut aya::programs::Program, pin: &Path) -> Result<()> {
         .with_context(|| format!("pinning program {}", pin.display()))
 }
 
+/// The descriptor of the bpf object pinned at `pin` (`BPF_OBJ_GET`).
+fn obj_get(pin: &Path) -> Result<std::os::fd::OwnedFd> {
+    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
+    const BPF_OBJ_GET: libc::c_long = 7;
+    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
+    let mut get = ObjAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    // SAFETY: ObjAttr is BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
+    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut get) }.context("BPF_OBJ_GET")?;
+    // SAFETY: the kernel just returned this descriptor to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The id of the cgroup the pinned cgroup link at `pin` is attached to; 0 when it is detached
+/// (aya's `LinkInfo` does not expose it).
+fn link_cgroup_id(pin: &Path) -> Result<u64> {
+    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+    let link = obj_get(pin)?;
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned, at 16) the union whose cgroup
+    // member starts with cgroup_id.
+    let mut info = [0u64; 8];
+    #[repr(C)]
+    struct InfoByFd {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let mut attr = InfoByFd {
+        bpf_fd: link.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: InfoByFd is BPF_OBJ_GET_INFO_BY_FD's bpf_attr; info outlives the call and has
+    // the length given.
+    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.context("BPF_OBJ_GET_INFO_BY_FD")?;
+    Ok(info[2])
+}
+
 /// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
 #[repr(C)]
 pub struct ObjAttr {
@@ -376,19 +432,8 @@ pub struct ObjAttr {
 /// `BPF_LINK_UPDATE`: the pinned link at `pin` runs `prog` from now on (aya keeps this call to
 /// itself for cgroup links).
 pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    const BPF_OBJ_GET: libc::c_long = 7;
     const BPF_LINK_UPDATE: libc::c_long = 29;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
-    let mut get = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: ObjAttr is BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
-    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut get) }.context("BPF_OBJ_GET")?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let link = obj_get(pin)?;
     // union bpf_attr, BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
     #[repr(C)]
     struct LinkUpdate {

@@ -429,8 +429,8 @@ fn stop_and_detach(
             // The binary is gone already (an earlier, interrupted uninstall): unpin by hand.
             // Removing the last reference to a pinned link detaches its program.
             let pins = PathBuf::from(&settings.bpffs);
-            let links = pins.join("links");
-            for dir in [&links, &pins] {
+            let (links, progs) = (pins.join("links"), pins.join("progs"));
+            for dir in [&links, &progs, &pins] {
                 for e in fs::read_dir(dir).into_iter().flatten().flatten() {
                     if !e.file_type().is_ok_and(|t| t.is_dir()) {
                         fs::remove_file(e.path())?;
