@@ -680,7 +680,7 @@ impl Bench<'_> {
             Verdict::of(ratio >= 0.80),
         );
         self.rep.row(
-            "bare splice relay, no guard (the floor for any relay)",
+            "bare splice relay, no guard (for comparison)",
             format!("{d:.0} MiB/s"),
             format!("{f:.0} MiB/s"),
             format!("{:.0} %", f / d * 100.0),

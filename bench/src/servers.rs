@@ -34,9 +34,8 @@ pub struct Servers {
     pub accept: SocketAddr,
     pub sink: SocketAddr,
     pub echo: SocketAddr,
-    /// The least any relay can cost: a bare relay to the sink, two threads per connection doing
-    /// blocking splice(2) on CUBIC sockets as guard's are, no policy, no eBPF. The floor guard's
-    /// passthrough is held to.
+    /// A bare relay to the sink for comparison: two threads per connection doing blocking
+    /// splice(2) on CUBIC sockets as guard's are, no policy, no eBPF.
     pub relay: SocketAddr,
 }
 
