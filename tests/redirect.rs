@@ -272,6 +272,46 @@ fn guarded_udp_is_dns_only() {
 
 #[test]
 #[ignore = "needs root and eBPF"]
+fn guarded_dns_goes_only_to_the_listed_servers() {
+    let mut env = Env::new(r#"dns_servers = ["127.0.0.12", "::1"]"#);
+    env.start_daemon();
+    let listed = UdpCounter::start("127.0.0.12:53");
+    let other = UdpCounter::start("127.0.0.13:53");
+    let probe = r#"
+import socket
+def attempt(label, fn):
+    try:
+        fn()
+        print(label, "ok")
+    except OSError as e:
+        print(label, "errno", e.errno)
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("listed", lambda: u.sendto(b"q", ("127.0.0.12", 53)))
+attempt("other", lambda: u.sendto(b"q", ("127.0.0.13", 53)))
+c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+attempt("other-connect", lambda: c.connect(("127.0.0.13", 53)))
+m = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+attempt("other-mapped", lambda: m.sendto(b"q", ("::ffff:127.0.0.13", 53)))
+attempt("listed-mapped", lambda: m.sendto(b"q", ("::ffff:127.0.0.12", 53)))
+"#;
+    let out = run_ok(&mut env.exec("dns", &[PYTHON, "-c", probe]));
+    assert_eq!(
+        out,
+        "listed ok\nother errno 1\nother-connect errno 1\nother-mapped errno 1\nlisted-mapped ok\n"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while listed.count.load(std::sync::atomic::Ordering::SeqCst) < 2
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(listed.count.load(std::sync::atomic::Ordering::SeqCst), 2);
+    assert_eq!(other.count.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert_eq!(env.kernel_counter("refused_udp"), 3);
+}
+
+#[test]
+#[ignore = "needs root and eBPF"]
 fn a_guarded_process_in_a_new_network_namespace_gets_eperm() {
     let mut env = Env::new("");
     env.start_daemon();

@@ -16,6 +16,8 @@ pub const MAP_ORIGIN_BY_CLIENT: &str = "ORIGIN_BY_CLIENT";
 pub const MAP_EXEMPT_V4: &str = "EXEMPT_V4";
 pub const MAP_EXEMPT_V6: &str = "EXEMPT_V6";
 pub const MAP_COUNTERS: &str = "COUNTERS";
+pub const MAP_DNS_SERVERS: &str = "DNS_SERVERS";
+pub const MAP_DNS_RESTRICT: &str = "DNS_RESTRICT";
 
 /// Capacity of the origin maps (LRU: an entry a guarded socket, and one a connection not yet
 /// accepted by the proxy).
@@ -23,6 +25,9 @@ pub const ORIGIN_MAP_ENTRIES: u32 = 65_536;
 pub const GUARDED_CGROUP_ENTRIES: u32 = 4_096;
 pub const GUARDED_UID_ENTRIES: u32 = 1_024;
 pub const EXEMPT_ENTRIES: u32 = 1_024;
+/// `scope.dns_servers`: addresses (IPv4 as IPv4-mapped IPv6, four words in network byte order)
+/// guarded processes may send DNS to, when `DNS_RESTRICT[0]` is not 0.
+pub const DNS_SERVER_ENTRIES: u32 = 64;
 /// Deepest cgroup level checked for a guarded ancestor.
 pub const MAX_CGROUP_DEPTH: u32 = 32;
 

@@ -43,6 +43,10 @@ static EXEMPT_V4: LpmTrie<[u8; 4], ExemptPorts> = LpmTrie::pinned(EXEMPT_ENTRIES
 static EXEMPT_V6: LpmTrie<[u8; 16], ExemptPorts> = LpmTrie::pinned(EXEMPT_ENTRIES, 0);
 #[map]
 static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(guard_common::COUNTERS, 0);
+#[map]
+static DNS_SERVERS: HashMap<[u32; 4], u32> = HashMap::pinned(DNS_SERVER_ENTRIES, 0);
+#[map]
+static DNS_RESTRICT: Array<u32> = Array::pinned(1, 0);
 
 #[inline(always)]
 fn count(index: u32) {
@@ -155,12 +159,28 @@ fn exempt_v6(addr: &[u32; 4], port: u16) -> bool {
     }
 }
 
-/// The UDP (and other non-TCP) policy for a guarded socket sending to `port`.
+/// `a` (as in `user_ip4`) as the IPv4-mapped IPv6 address `DNS_SERVERS` is keyed by.
 #[inline(always)]
-fn datagram_allowed(cfg: &Config, protocol: u32, port: u16) -> bool {
+fn mapped4(a: u32) -> [u32; 4] {
+    [0, 0, u32::from_ne_bytes([0, 0, 0xff, 0xff]), a]
+}
+
+/// With `scope.dns_servers` set, DNS only to those servers (else to any address).
+#[inline(always)]
+fn dns_server_allowed(addr: &[u32; 4]) -> bool {
+    match DNS_RESTRICT.get(0) {
+        Some(r) if *r != 0 => unsafe { DNS_SERVERS.get(addr) }.is_some(),
+        _ => true,
+    }
+}
+
+/// The UDP (and other non-TCP) policy for a guarded socket sending to `addr` (IPv6 or
+/// IPv4-mapped) port `port`.
+#[inline(always)]
+fn datagram_allowed(cfg: &Config, protocol: u32, addr: &[u32; 4], port: u16) -> bool {
     match cfg.udp_mode {
         UDP_ALLOW => true,
-        UDP_DNS_ONLY => protocol == IPPROTO_UDP && port == DNS_PORT,
+        UDP_DNS_ONLY => protocol == IPPROTO_UDP && port == DNS_PORT && dns_server_allowed(addr),
         _ => false,
     }
 }
@@ -211,7 +231,11 @@ fn decide(
     let protocol = unsafe { (*sa).protocol };
     if ty != SOCK_STREAM || protocol != IPPROTO_TCP {
         if ty == SOCK_DGRAM && protocol == IPPROTO_UDP {
-            if datagram_allowed(cfg, protocol, port) {
+            let addr = match v4 {
+                Some(a) => mapped4(a),
+                None => *v6,
+            };
+            if datagram_allowed(cfg, protocol, &addr, port) {
                 return Verdict::Allow;
             }
             count(CTR_REFUSED_UDP);
@@ -305,7 +329,7 @@ pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
 }
 
 #[inline(always)]
-fn sendmsg_allowed(ctx: &SockAddrContext, port: u16) -> i32 {
+fn sendmsg_allowed(ctx: &SockAddrContext, v6: bool) -> i32 {
     let Some(cfg) = config() else { return ALLOW };
     if !is_guarded(cfg) {
         return ALLOW;
@@ -315,8 +339,15 @@ fn sendmsg_allowed(ctx: &SockAddrContext, port: u16) -> i32 {
         count(CTR_REFUSED_NETNS);
         return REFUSE;
     }
-    let protocol = unsafe { (*ctx.sock_addr).protocol };
-    if datagram_allowed(cfg, protocol, port) {
+    let sa = ctx.sock_addr;
+    let protocol = unsafe { (*sa).protocol };
+    let port = user_port(sa);
+    let addr = if v6 {
+        read_ip6(sa)
+    } else {
+        mapped4(unsafe { read_volatile(addr_of!((*sa).user_ip4)) })
+    };
+    if datagram_allowed(cfg, protocol, &addr, port) {
         ALLOW
     } else {
         count(CTR_REFUSED_UDP);
@@ -326,14 +357,12 @@ fn sendmsg_allowed(ctx: &SockAddrContext, port: u16) -> i32 {
 
 #[cgroup_sock_addr(sendmsg4)]
 pub fn guard_sendmsg4(ctx: SockAddrContext) -> i32 {
-    let port = user_port(ctx.sock_addr);
-    sendmsg_allowed(&ctx, port)
+    sendmsg_allowed(&ctx, false)
 }
 
 #[cgroup_sock_addr(sendmsg6)]
 pub fn guard_sendmsg6(ctx: SockAddrContext) -> i32 {
-    let port = user_port(ctx.sock_addr);
-    sendmsg_allowed(&ctx, port)
+    sendmsg_allowed(&ctx, true)
 }
 
 #[inline(always)]

@@ -7,6 +7,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
@@ -85,6 +86,9 @@ pub struct Scope {
     pub guarded_uids: Vec<u32>,
     pub exempt: Vec<ExemptRule>,
     pub udp: UdpMode,
+    /// With `udp = "dns-only"`: the only addresses guarded DNS may go to (IP addresses, or
+    /// `"resolv.conf"` for the nameservers /etc/resolv.conf lists at start). Empty: any.
+    pub dns_servers: Vec<String>,
 }
 
 impl Default for Scope {
@@ -95,6 +99,7 @@ impl Default for Scope {
             guarded_uids: vec![],
             exempt: vec![],
             udp: UdpMode::DnsOnly,
+            dns_servers: vec![],
         }
     }
 }
@@ -278,6 +283,53 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// The `scope.dns_servers` entry that stands for the nameservers /etc/resolv.conf lists.
+pub const RESOLV_CONF: &str = "resolv.conf";
+
+impl Scope {
+    /// `scope.dns_servers` as addresses (None: not set, DNS to any address), reading
+    /// `resolv_conf` for the `"resolv.conf"` entry.
+    pub fn dns_server_addrs(&self, resolv_conf: &Path) -> Result<Option<Vec<IpAddr>>> {
+        if self.dns_servers.is_empty() {
+            return Ok(None);
+        }
+        let mut out = Vec::new();
+        for d in &self.dns_servers {
+            if d == RESOLV_CONF {
+                let text = std::fs::read_to_string(resolv_conf).with_context(|| {
+                    format!("reading {} (scope.dns_servers)", resolv_conf.display())
+                })?;
+                let found = nameservers(&text);
+                if found.is_empty() {
+                    bail!(
+                        "scope.dns_servers names \"{RESOLV_CONF}\", but {} lists no nameserver: \
+                         list the DNS servers' addresses instead",
+                        resolv_conf.display()
+                    );
+                }
+                out.extend(found);
+            } else {
+                out.push(
+                    d.parse()
+                        .with_context(|| format!("scope.dns_servers: {d:?}"))?,
+                );
+            }
+        }
+        Ok(Some(out))
+    }
+}
+
+/// The `nameserver` addresses of a resolv.conf (a scope id such as `%eth0` dropped).
+pub fn nameservers(text: &str) -> Vec<IpAddr> {
+    text.lines()
+        .filter_map(|l| {
+            let mut w = l.split_whitespace();
+            (w.next() == Some("nameserver")).then(|| w.next()).flatten()
+        })
+        .filter_map(|a| a.split('%').next()?.parse().ok())
+        .collect()
+}
+
 /// One `scope.exempt` entry: `CIDR` or `CIDR:port` (IPv6 with a port: `[CIDR]:port`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ExemptRule {
@@ -432,6 +484,8 @@ struct LocatedScope {
     guarded_cgroups: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     exempt: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    dns_servers: Option<Vec<Spanned<String>>>,
 }
 
 impl Config {
@@ -461,6 +515,17 @@ impl Config {
         for e in scope.exempt.iter().flatten() {
             ExemptRule::parse(e.get_ref())
                 .map_err(|m| at(e.span().start, format!("scope.exempt: {m}")))?;
+        }
+        for d in scope.dns_servers.iter().flatten() {
+            let v = d.get_ref();
+            if v != RESOLV_CONF && v.parse::<std::net::IpAddr>().is_err() {
+                return Err(at(
+                    d.span().start,
+                    format!(
+                        "scope.dns_servers: {v:?} is neither an IP address nor \"{RESOLV_CONF}\""
+                    ),
+                ));
+            }
         }
         let config: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
@@ -635,6 +700,38 @@ approvers_group = "sec"
         assert!(e.starts_with("guard.toml:2:15:"), "{e}");
         let e = err("[proxy]\nlisten_port = 70000\n");
         assert!(e.starts_with("guard.toml:2:15:"), "{e}");
+    }
+
+    #[test]
+    fn dns_servers_are_addresses_or_resolv_conf() {
+        let c = Config::parse(
+            "guard.toml",
+            "[scope]\ndns_servers = [\"127.0.0.53\", \"resolv.conf\", \"fd00::1\"]\n",
+        )
+        .unwrap();
+        let dir = std::env::temp_dir().join(format!("guard-resolv-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let resolv = dir.join("resolv.conf");
+        std::fs::write(
+            &resolv,
+            "# generated\nsearch example.com\nnameserver 10.0.0.2\nnameserver fe80::1%eth0\n",
+        )
+        .unwrap();
+        let got = c.scope.dns_server_addrs(&resolv).unwrap().unwrap();
+        let want: Vec<IpAddr> = ["127.0.0.53", "10.0.0.2", "fe80::1", "fd00::1"]
+            .iter()
+            .map(|a| a.parse().unwrap())
+            .collect();
+        assert_eq!(got, want);
+        // Not set: DNS to any address.
+        assert_eq!(Scope::default().dns_server_addrs(&resolv).unwrap(), None);
+        // resolv.conf named but listing none: refused with what to do.
+        std::fs::write(&resolv, "search example.com\n").unwrap();
+        let e = c.scope.dns_server_addrs(&resolv).unwrap_err().to_string();
+        assert!(e.contains("lists no nameserver"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = err("[scope]\ndns_servers = [\"10.0.0.2\", \"dns.example\"]\n");
+        assert!(e.starts_with("guard.toml:2:28: scope.dns_servers:"), "{e}");
     }
 
     #[test]

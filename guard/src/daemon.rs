@@ -156,6 +156,13 @@ async fn start(
     let mut kernel = Kernel::load(&config.paths.bpffs, settings)?;
     kernel.set_uids(&config.scope.guarded_uids)?;
     kernel.set_exempt(&config.scope.exempt)?;
+    let dns = config
+        .scope
+        .dns_server_addrs(Path::new("/etc/resolv.conf"))?;
+    if let Some(d) = &dns {
+        tracing::info!(servers = ?d, "guarded DNS only to these servers (scope.dns_servers)");
+    }
+    kernel.set_dns_servers(dns.as_deref())?;
 
     // The guarded-cgroup map becomes: configured cgroups + agent cgroups still in use.
     let agents = Arc::new(Agents::default());

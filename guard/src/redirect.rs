@@ -63,6 +63,8 @@ pub struct Kernel {
     by_client: Mutex<HashMap<MapData, ClientKey, Origin>>,
     exempt_v4: Mutex<LpmTrie<MapData, [u8; 4], ExemptPorts>>,
     exempt_v6: Mutex<LpmTrie<MapData, [u8; 16], ExemptPorts>>,
+    dns_servers: Mutex<HashMap<MapData, [u32; 4], u32>>,
+    dns_restrict: Mutex<Array<MapData, u32>>,
     counters: PerCpuArray<MapData, u64>,
     /// Kept so the freshly loaded programs stay valid until attached and pinned.
     ebpf: Ebpf,
@@ -146,6 +148,8 @@ impl Kernel {
             by_client: Mutex::new(take_map(&mut ebpf, guard_common::MAP_ORIGIN_BY_CLIENT)?),
             exempt_v4: Mutex::new(take_map(&mut ebpf, guard_common::MAP_EXEMPT_V4)?),
             exempt_v6: Mutex::new(take_map(&mut ebpf, guard_common::MAP_EXEMPT_V6)?),
+            dns_servers: Mutex::new(take_map(&mut ebpf, guard_common::MAP_DNS_SERVERS)?),
+            dns_restrict: Mutex::new(take_map(&mut ebpf, guard_common::MAP_DNS_RESTRICT)?),
             counters: take_map(&mut ebpf, guard_common::MAP_COUNTERS)?,
             ebpf,
         })
@@ -327,6 +331,36 @@ impl Kernel {
                 IpAddr::V4(a) => v4.insert(&Key::new(rule.prefix as u32, a.octets()), ports, 0)?,
                 IpAddr::V6(a) => v6.insert(&Key::new(rule.prefix as u32, a.octets()), ports, 0)?,
             }
+        }
+        Ok(())
+    }
+
+    /// `scope.dns_servers`: with `Some`, guarded DNS (UDP port 53 under `dns-only`) may only go
+    /// to these addresses; with `None`, to any. The list is written before the switch is turned
+    /// on, and emptied only after it is turned off.
+    pub fn set_dns_servers(&self, servers: Option<&[IpAddr]>) -> Result<()> {
+        let mut map = self.dns_servers.lock().unwrap();
+        let mut restrict = self.dns_restrict.lock().unwrap();
+        let want: BTreeSet<[u32; 4]> = servers.unwrap_or(&[]).iter().map(|a| dns_key(*a)).collect();
+        if want.len() > guard_common::DNS_SERVER_ENTRIES as usize {
+            bail!(
+                "scope.dns_servers lists {} addresses; at most {}",
+                want.len(),
+                guard_common::DNS_SERVER_ENTRIES
+            );
+        }
+        if servers.is_none() {
+            restrict.set(0, 0, 0)?;
+        }
+        let have: Vec<[u32; 4]> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in have.iter().filter(|k| !want.contains(*k)) {
+            map.remove(k)?;
+        }
+        for k in &want {
+            map.insert(k, 1, 0)?;
+        }
+        if servers.is_some() {
+            restrict.set(0, 1, 0)?;
         }
         Ok(())
     }
@@ -543,6 +577,16 @@ pub fn client_key(client: SocketAddr) -> ClientKey {
             }
         }
     }
+}
+
+/// `addr` as `DNS_SERVERS` keys it: IPv6 (IPv4 as IPv4-mapped), four words in network order.
+fn dns_key(addr: IpAddr) -> [u32; 4] {
+    let o = match addr {
+        IpAddr::V4(a) => a.to_ipv6_mapped().octets(),
+        IpAddr::V6(a) => a.octets(),
+    };
+    let w = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
 }
 
 /// `::ffff:a.b.c.d` as the IPv4 address it is.
