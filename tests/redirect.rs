@@ -7,6 +7,23 @@ use std::{os::unix::process::CommandExt, path::Path, process::Command, time::Dur
 
 use common::*;
 
+/// curl of `url` (10 s at most) started inside cgroup `cg`.
+fn curl_in(cg: &Path, url: &str) -> Command {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10", url]);
+    in_cgroup(&mut cmd, cg);
+    cmd
+}
+
+/// An environment guarding the cgroup `guard.slice/static` (returned), with the daemon running.
+fn static_cgroup_env() -> (Env, std::path::PathBuf) {
+    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
+    let static_cg = env.cgroup("guard.slice/static");
+    guard::cgroup::create(&static_cg).unwrap();
+    env.start_daemon();
+    (env, static_cg)
+}
+
 fn curl(url: &str) -> Vec<String> {
     ["curl", "-sS", "--max-time", "10", url]
         .iter()
@@ -153,9 +170,7 @@ fn a_sibling_unguarded_cgroup_is_not_redirected() {
     // Below the attach point (the programs run for it) but not guarded.
     let sibling = env.cgroup("guard.slice/unguarded");
     guard::cgroup::create(&sibling).unwrap();
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", &server.url()]);
-    in_cgroup(&mut cmd, &sibling);
+    let mut cmd = curl_in(&sibling, &server.url());
     assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
     assert_eq!(server.hits(), 1);
     assert_eq!(
@@ -206,9 +221,7 @@ fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     guard::cgroup::create(&elsewhere).unwrap();
 
     // As the guarded uid: redirected.
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", &server.url()]);
-    in_cgroup(&mut cmd, &elsewhere);
+    let mut cmd = curl_in(&elsewhere, &server.url());
     as_user(&mut cmd, NOBODY, NOBODY);
     assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
     assert_eq!(server.via_watched(), 1);
@@ -216,9 +229,7 @@ fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     assert_eq!(r["agent"]["uid"], NOBODY);
 
     // Root in the same cgroup: not guarded.
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", &server.url()]);
-    in_cgroup(&mut cmd, &elsewhere);
+    let mut cmd = curl_in(&elsewhere, &server.url());
     assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
     assert_eq!((server.hits(), server.via_watched()), (2, 1));
     assert_eq!(env.status()["guarded_uids"], serde_json::json!([NOBODY]));
@@ -231,15 +242,19 @@ fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("guarded process cannot start an agent"));
 }
 
-const UDP_PROBE: &str = r#"
+/// Python: `attempt(label, fn)` prints `label ok` or `label errno N`.
+const PY_ATTEMPT: &str = r#"
 import socket, sys
-dns_port = int(sys.argv[1])
 def attempt(label, fn):
     try:
         fn()
         print(label, "ok")
     except OSError as e:
         print(label, "errno", e.errno)
+"#;
+
+const UDP_PROBE: &str = r#"
+dns_port = int(sys.argv[1])
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("sendto-443", lambda: u.sendto(b"quic", ("127.0.0.2", 443)))
 u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
@@ -261,7 +276,8 @@ fn guarded_udp_is_dns_only() {
     let mut env = Env::new("");
     env.start_daemon();
     let dns = UdpCounter::start("127.0.0.2:53");
-    let out = run_ok(&mut env.exec("udp", &[PYTHON, "-c", UDP_PROBE, "53"]));
+    let probe = format!("{PY_ATTEMPT}{UDP_PROBE}");
+    let out = run_ok(&mut env.exec("udp", &[PYTHON, "-c", &probe, "53"]));
     assert_eq!(
         out,
         "sendto-443 errno 1\nsendto6-443 errno 1\nconnect-443 errno 1\ndns-sendto ok\ndns-reply ok\ndns-connect ok\n"
@@ -277,14 +293,8 @@ fn guarded_dns_goes_only_to_the_listed_servers() {
     env.start_daemon();
     let listed = UdpCounter::start("127.0.0.12:53");
     let other = UdpCounter::start("127.0.0.13:53");
-    let probe = r#"
-import socket
-def attempt(label, fn):
-    try:
-        fn()
-        print(label, "ok")
-    except OSError as e:
-        print(label, "errno", e.errno)
+    let probe = PY_ATTEMPT.to_string()
+        + r#"
 u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 attempt("listed", lambda: u.sendto(b"q", ("127.0.0.12", 53)))
 attempt("other", lambda: u.sendto(b"q", ("127.0.0.13", 53)))
@@ -294,7 +304,7 @@ m = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
 attempt("other-mapped", lambda: m.sendto(b"q", ("::ffff:127.0.0.13", 53)))
 attempt("listed-mapped", lambda: m.sendto(b"q", ("::ffff:127.0.0.12", 53)))
 "#;
-    let out = run_ok(&mut env.exec("dns", &[PYTHON, "-c", probe]));
+    let out = run_ok(&mut env.exec("dns", &[PYTHON, "-c", &probe]));
     assert_eq!(
         out,
         "listed ok\nother errno 1\nother-connect errno 1\nother-mapped errno 1\nlisted-mapped ok\n"
@@ -335,10 +345,7 @@ except OSError as e:
 #[test]
 #[ignore = "needs root and eBPF"]
 fn sigkill_fails_closed_and_a_restart_reuses_the_pinned_programs() {
-    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
-    let static_cg = env.cgroup("guard.slice/static");
-    guard::cgroup::create(&static_cg).unwrap();
-    env.start_daemon();
+    let (mut env, static_cg) = static_cgroup_env();
     let server = HttpServer::start("127.0.0.2:0");
     let attached = env.attached();
     let count: usize = attached.values().map(Vec::len).sum();
@@ -794,17 +801,9 @@ fn link_and_pin(prog: &std::os::fd::OwnedFd, cgroup: &Path, attach_type: u32, pi
 #[ignore = "needs root and eBPF"]
 fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
     use std::os::fd::AsFd;
-    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
-    let static_cg = env.cgroup("guard.slice/static");
-    guard::cgroup::create(&static_cg).unwrap();
-    env.start_daemon();
+    let (mut env, static_cg) = static_cgroup_env();
     let server = HttpServer::start("127.0.0.2:0");
-    let get = |cg: &Path| {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "10", &server.url()]);
-        in_cgroup(&mut cmd, cg);
-        run_ok(&mut cmd).trim().to_string()
-    };
+    let get = |cg: &Path| run_ok(&mut curl_in(cg, &server.url())).trim().to_string();
     server.watch(env.daemon_pid());
     assert_eq!(get(&static_cg), "hello from the test server");
     assert_eq!((server.hits(), server.via_watched()), (1, 1));
@@ -853,10 +852,7 @@ fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
 #[ignore = "needs root and eBPF"]
 fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
     use std::os::{fd::AsRawFd, fd::FromRawFd, unix::ffi::OsStrExt};
-    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
-    let static_cg = env.cgroup("guard.slice/static");
-    guard::cgroup::create(&static_cg).unwrap();
-    env.start_daemon();
+    let (mut env, static_cg) = static_cgroup_env();
     env.stop_daemon();
     // A link that is pinned but detached (as when its cgroup is removed, or by BPF_LINK_DETACH):
     // it still names its program, and guards nothing.
@@ -887,9 +883,9 @@ fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
     assert_eq!(env.attached()["connect4"].len(), 1);
     let server = HttpServer::start("127.0.0.2:0");
     server.watch(env.daemon_pid());
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "--max-time", "10", &server.url()]);
-    in_cgroup(&mut cmd, &static_cg);
-    assert_eq!(run_ok(&mut cmd).trim(), "hello from the test server");
+    assert_eq!(
+        run_ok(&mut curl_in(&static_cg, &server.url())).trim(),
+        "hello from the test server"
+    );
     assert_eq!((server.hits(), server.via_watched()), (1, 1));
 }
