@@ -79,6 +79,18 @@ pub fn mib(kib: u64) -> String {
 }
 
 impl Report {
+    /// An informational row of two times (ns) and what guard adds.
+    pub fn timed(&mut self, metric: impl Into<String>, direct_ns: u64, guard_ns: u64) {
+        self.row(
+            metric,
+            us(direct_ns),
+            us(guard_ns),
+            added_us(guard_ns, direct_ns),
+            "",
+            Verdict::Info,
+        );
+    }
+
     pub fn row(
         &mut self,
         metric: impl Into<String>,

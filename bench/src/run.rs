@@ -404,29 +404,16 @@ impl Bench<'_> {
             "<= +10 µs",
             Verdict::of(added <= 10_000),
         );
-        self.rep.row(
-            "connect() p99",
-            us(d.p99),
-            us(g.p99),
-            added_us(g.p99, d.p99),
-            "",
-            Verdict::Info,
-        );
-        self.rep.row(
+        self.rep.timed("connect() p99", d.p99, g.p99);
+        self.rep.timed(
             "connect() median, unguarded below attach point",
-            us(d.p50),
-            us(p.p50),
-            added_us(p.p50, d.p50),
-            "",
-            Verdict::Info,
+            d.p50,
+            p.p50,
         );
-        self.rep.row(
+        self.rep.timed(
             "connect() median, back to back (20 µs apart)",
-            us(bd.p50),
-            us(bg.p50),
-            added_us(bg.p50, bd.p50),
-            "",
-            Verdict::Info,
+            bd.p50,
+            bg.p50,
         );
         self.rep.results.insert(
             "connect".into(),
@@ -629,14 +616,8 @@ impl Bench<'_> {
                            "iters": iters, "warmup": 200 });
         let mut m = self.abba(&[Side::Direct, Side::Guard], &spec, 1)?;
         let (d, g) = (m[0].summary(), m[1].summary());
-        self.rep.row(
-            "64-byte round trip median, TCP passthrough",
-            us(d.p50),
-            us(g.p50),
-            added_us(g.p50, d.p50),
-            "",
-            Verdict::Info,
-        );
+        self.rep
+            .timed("64-byte round trip median, TCP passthrough", d.p50, g.p50);
         self.rep.results.insert(
             "echo_rtt".into(),
             json!({

@@ -340,21 +340,12 @@ impl Proxy {
             forward::reset(client);
             return;
         }
-        let Some(mut upstream) = self
-            .upstream_or_connect(upstream, dst, &mut record, started)
+        let Some((client, mut upstream)) = self
+            .go_on(client, upstream, dst, &mut record, started)
             .await
         else {
-            forward::reset(client);
             return;
         };
-        record.latency_us = Some(started.elapsed().as_micros() as u64);
-        if !self.write_audit(&record) {
-            // No audit, no traffic.
-            forward::reset(client);
-            return;
-        }
-        self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
-        self.stats.active.fetch_add(1, Ordering::Relaxed);
         if kind == Kind::Http || kind == Kind::H2c {
             let upstream = http::Upstream::new(dst, http::Connector::Plain, Some(upstream));
             let floor = self.enforcer.named(dst);
@@ -374,6 +365,32 @@ impl Proxy {
             }
         }
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The step every connection that goes on takes: the upstream connection (`have`, or a new
+    /// one), the connection's audit record, the counters (the caller decrements `active` when
+    /// done). None, with the client reset, when the upstream connect or the audit write fails:
+    /// no audit, no traffic.
+    async fn go_on(
+        &self,
+        client: TcpStream,
+        have: Option<TcpStream>,
+        dst: SocketAddr,
+        record: &mut crate::audit::Record,
+        started: Instant,
+    ) -> Option<(TcpStream, TcpStream)> {
+        let Some(upstream) = self.upstream_or_connect(have, dst, record, started).await else {
+            forward::reset(client);
+            return None;
+        };
+        record.latency_us = Some(started.elapsed().as_micros() as u64);
+        if !self.write_audit(record) {
+            forward::reset(client);
+            return None;
+        }
+        self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        Some((client, upstream))
     }
 
     /// The TCP connection to the original destination: `have` when one was made already, else a
@@ -469,21 +486,12 @@ impl Proxy {
                 }
             }
             record.rule = Some("tls.passthrough".into());
-            let Some(mut upstream) = self
-                .upstream_or_connect(upstream, dst, &mut record, started)
+            let Some((mut client, mut upstream)) = self
+                .go_on(client, upstream, dst, &mut record, started)
                 .await
             else {
-                forward::reset(client);
                 return;
             };
-            record.latency_us = Some(started.elapsed().as_micros() as u64);
-            if !self.write_audit(&record) {
-                forward::reset(client);
-                return;
-            }
-            self.stats.passed_through.fetch_add(1, Ordering::Relaxed);
-            self.stats.active.fetch_add(1, Ordering::Relaxed);
-            let mut client = client;
             let _ = forward::passthrough(&mut client, &mut upstream).await;
             self.stats.active.fetch_sub(1, Ordering::Relaxed);
             return;
