@@ -7,7 +7,7 @@ mod common;
 
 use std::{
     fs,
-    os::unix::fs::PermissionsExt as _,
+    os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
     path::{Path, PathBuf},
     process::{Child, Command, Output, Stdio},
     sync::atomic::{AtomicUsize, Ordering},
@@ -100,29 +100,187 @@ impl Drop for Daemon {
     }
 }
 
-/// Starts the installed daemon (env.bin, env.config_path) as the unit would: in its own cgroup,
-/// with the unit's capability bounding set and no new privileges. Waits until it answers.
-fn start_installed(env: &Env, log_path: &Path) -> (Daemon, serde_json::Value) {
-    let caps: Vec<String> = unit_setting(&unit_text(), "CapabilityBoundingSet")
+/// A unit command line (`ExecStart=`, `ExecStartPre=`): its prefix characters (`+`, `-`, ...)
+/// and its arguments, unquoted the way systemd does (single and double quotes, backslash
+/// escapes, whitespace between words).
+fn unit_command(line: &str) -> (String, Vec<String>) {
+    let line = line.trim_start();
+    let prefix: String = line.chars().take_while(|c| "+-!:@|".contains(*c)).collect();
+    let mut args = Vec::new();
+    let mut cur: Option<String> = None;
+    let mut chars = line[prefix.len()..].chars();
+    let mut quote: Option<char> = None;
+    while let Some(c) = chars.next() {
+        match (quote, c) {
+            (None, c) if c.is_whitespace() => {
+                if let Some(w) = cur.take() {
+                    args.push(w);
+                }
+            }
+            (None, '\'' | '"') => {
+                quote = Some(c);
+                cur.get_or_insert_with(String::new);
+            }
+            (Some(q), c) if c == q => quote = None,
+            (_, '\\') => {
+                let next = chars.next().expect("a unit line ends in a backslash");
+                cur.get_or_insert_with(String::new).push(next);
+            }
+            (_, c) => cur.get_or_insert_with(String::new).push(c),
+        }
+    }
+    assert!(quote.is_none(), "unbalanced quotes in {line}");
+    args.extend(cur);
+    (prefix, args)
+}
+
+/// Every line of a unit setting (`ExecStartPre=` may come several times), in order.
+fn unit_lines(unit: &str, key: &str) -> Vec<String> {
+    let prefix = format!("{key}=");
+    unit.lines()
+        .filter_map(|l| l.strip_prefix(&prefix))
+        .map(str::to_string)
+        .collect()
+}
+
+/// systemd starts a service's commands with an environment of its own (not the caller's): a
+/// fixed PATH plus the unit's `Environment=` assignments.
+fn service_environment(unit: &str, cmd: &mut Command) {
+    cmd.env_clear().env(
+        "PATH",
+        "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    );
+    for assignment in unit_lines(unit, "Environment") {
+        for word in unit_command(&assignment).1 {
+            let (k, v) = word.split_once('=').expect("Environment= takes KEY=VALUE");
+            cmd.env(k, v);
+        }
+    }
+}
+
+/// `cmd` confined as the unit confines the daemon: the unit's capability bounding set, no new
+/// privileges, its resource limits, umask and environment.
+fn confine(unit: &str, cmd: Command) -> Command {
+    let caps: Vec<String> = unit_setting(unit, "CapabilityBoundingSet")
         .split_whitespace()
         .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
         .collect();
     assert!(!caps.is_empty());
+    let mut wrapped = Command::new("setpriv");
+    wrapped
+        .arg("--bounding-set")
+        .arg(format!("-all,{}", caps.join(",")));
+    if unit_setting(unit, "NoNewPrivileges") == "yes" {
+        wrapped.arg("--no-new-privs");
+    }
+    wrapped
+        .arg("--")
+        .arg(cmd.get_program())
+        .args(cmd.get_args());
+    service_environment(unit, &mut wrapped);
+    let limit = |key: &str| -> Option<u64> {
+        let v = unit_setting(unit, key);
+        (!v.is_empty()).then(|| {
+            if v == "infinity" {
+                libc::RLIM_INFINITY
+            } else {
+                v.parse().unwrap_or_else(|_| panic!("{key}={v}"))
+            }
+        })
+    };
+    let nofile = limit("LimitNOFILE");
+    let memlock = limit("LimitMEMLOCK");
+    let umask = u32::from_str_radix(&unit_setting(unit, "UMask"), 8).ok();
+    // SAFETY: only async-signal-safe calls (setrlimit, umask) between fork and exec.
+    unsafe {
+        wrapped.pre_exec(move || {
+            for (res, v) in [
+                (libc::RLIMIT_NOFILE, nofile),
+                (libc::RLIMIT_MEMLOCK, memlock),
+            ] {
+                if let Some(v) = v {
+                    // Up to the hard limit this test runs with: raising that needs
+                    // CAP_SYS_RESOURCE, which systemd has and a test may not.
+                    let mut lim = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(res, &mut lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    let v = v.min(lim.rlim_max);
+                    lim.rlim_cur = v;
+                    lim.rlim_max = v;
+                    if libc::setrlimit(res, &lim) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+            }
+            if let Some(m) = umask {
+                libc::umask(m as libc::mode_t);
+            }
+            Ok(())
+        });
+    }
+    wrapped
+}
+
+/// The unit's `ExecStartPre=` steps, run as systemd runs them before every start: `+` with full
+/// privileges, others confined like the daemon; a failure fails the start unless `-`.
+fn run_start_pre(unit: &str) {
+    for line in unit_lines(unit, "ExecStartPre") {
+        let (prefix, args) = unit_command(&line);
+        let mut cmd = Command::new(&args[0]);
+        cmd.args(&args[1..]);
+        let mut cmd = if prefix.contains('+') {
+            service_environment(unit, &mut cmd);
+            cmd
+        } else {
+            confine(unit, cmd)
+        };
+        let out = run(&mut cmd, Duration::from_secs(60));
+        assert!(
+            out.status.success() || prefix.contains('-'),
+            "ExecStartPre={line} failed with {}:\n{}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+/// Starts the installed daemon as the unit would: first its `ExecStartPre=` steps, then its
+/// `ExecStart=` command line (absolute paths that exist below the staging root taken from
+/// there), confined like the unit, in its own cgroup. Waits until it answers.
+fn start_installed(env: &Env, stage: &Staging, log_path: &Path) -> (Daemon, serde_json::Value) {
+    let unit = unit_text();
+    run_start_pre(&unit);
+    let exec_start = unit_lines(&unit, "ExecStart");
+    assert_eq!(exec_start.len(), 1, "one ExecStart= line");
+    let (_, args) = unit_command(&exec_start[0]);
+    let staged = |a: &String| -> String {
+        let p = stage.0.join(a.trim_start_matches('/'));
+        if a.starts_with('/') && p.exists() {
+            p.display().to_string()
+        } else {
+            a.clone()
+        }
+    };
+    let args: Vec<String> = args.iter().map(staged).collect();
+    assert_eq!(
+        Path::new(&args[0]),
+        env.bin.as_path(),
+        "ExecStart= runs the installed binary"
+    );
+    let mut daemon_cmd = Command::new(&args[0]);
+    daemon_cmd.args(&args[1..]);
+    let mut cmd = confine(&unit, daemon_cmd);
     let log = fs::OpenOptions::new()
         .create(true)
         .append(true)
         .open(log_path)
         .unwrap();
-    let mut cmd = Command::new("setpriv");
-    cmd.arg("--bounding-set")
-        .arg(format!("-all,{}", caps.join(",")))
-        .arg("--no-new-privs")
-        .arg("--")
-        .arg(&env.bin)
-        .arg("--config")
-        .arg(&env.config_path)
-        .arg("daemon")
-        .env_remove("GUARD_CONFIG")
+    cmd.env_remove("GUARD_CONFIG")
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log);
@@ -145,6 +303,28 @@ fn start_installed(env: &Env, log_path: &Path) -> (Daemon, serde_json::Value) {
             fs::read_to_string(log_path).unwrap_or_default()
         );
         thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn unit_command_lines_are_split_as_systemd_splits_them() {
+    assert_eq!(
+        unit_command(r#"+/bin/sh -c 'a || b "c"' x\ y"#),
+        (
+            "+".to_string(),
+            vec![
+                "/bin/sh".to_string(),
+                "-c".into(),
+                r#"a || b "c""#.into(),
+                "x y".into()
+            ]
+        )
+    );
+    assert_eq!(unit_command("-/bin/true").0, "-");
+    // The unit's own pre-start steps parse (and run a program that exists).
+    for line in unit_lines(&unit_text(), "ExecStartPre") {
+        let (_, args) = unit_command(&line);
+        assert!(Path::new(&args[0]).exists(), "{line}");
     }
 }
 
@@ -290,7 +470,7 @@ fn install_start_and_uninstall_in_a_staging_root() {
     env.config_path = installed_config.clone();
     let log_path = env.dir.join("daemon.log");
     let daemon_log = || fs::read_to_string(&log_path).unwrap_or_default();
-    let (mut daemon, status) = start_installed(&env, &log_path);
+    let (mut daemon, status) = start_installed(&env, &stage, &log_path);
     let pid = daemon.0.id();
     assert_eq!(status["pid"], pid);
     let proc_status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
@@ -338,7 +518,7 @@ fn install_start_and_uninstall_in_a_staging_root() {
     let stopped = daemon.0.wait().unwrap();
     assert!(stopped.success(), "{stopped}:\n{}", daemon_log());
     assert!(env.pin_dir.join("links").exists());
-    (daemon, _) = start_installed(&env, &log_path);
+    (daemon, _) = start_installed(&env, &stage, &log_path);
     assert!(
         daemon_log().contains("newly_attached=0 reused=10 updated=0"),
         "{}",

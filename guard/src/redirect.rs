@@ -73,10 +73,12 @@ pub struct Kernel {
 /// Mounts bpffs at the parent of `pin_dir` when that directory is not on a bpffs yet, then creates
 /// `pin_dir` (mode 0700).
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
-    let info = fs::read_to_string("/proc/self/mountinfo")?;
-    let mounts = crate::cgroup::mounts_of(&info, "bpf");
-    let on_bpffs = pin_dir.ancestors().any(|a| mounts.iter().any(|m| m == a));
-    if !on_bpffs {
+    let on_bpffs = || -> Result<bool> {
+        let info = fs::read_to_string("/proc/self/mountinfo")?;
+        let mounts = crate::cgroup::mounts_of(&info, "bpf");
+        Ok(pin_dir.ancestors().any(|a| mounts.iter().any(|m| m == a)))
+    };
+    if !on_bpffs()? {
         let parent = pin_dir.parent().ok_or_else(|| {
             anyhow!(
                 "the bpffs pin directory {} has no parent",
@@ -84,27 +86,35 @@ pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
             )
         })?;
         fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-        nix::mount::mount(
-            Some("bpf"),
-            parent,
-            Some("bpf"),
-            nix::mount::MsFlags::empty(),
-            Some("mode=700"),
-        )
-        .with_context(|| format!("mounting bpffs at {}", parent.display()))?;
-        tracing::info!(at = %parent.display(), "mounted bpffs");
+        // Two daemons starting at once on a fresh host would otherwise both mount, and the
+        // second bpffs would hide the first one's pins (a restart would not find them). The
+        // lock is on the mount point's directory, as the unit's ExecStartPre takes it.
+        let dir =
+            fs::File::open(parent).with_context(|| format!("opening {}", parent.display()))?;
+        let _lock = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| e)
+            .with_context(|| format!("locking {}", parent.display()))?;
+        // Whoever held the lock before may have mounted it.
+        if !on_bpffs()? {
+            nix::mount::mount(
+                Some("bpf"),
+                parent,
+                Some("bpf"),
+                nix::mount::MsFlags::empty(),
+                Some("mode=700"),
+            )
+            .with_context(|| format!("mounting bpffs at {}", parent.display()))?;
+            tracing::info!(at = %parent.display(), "mounted bpffs");
+        }
     }
     use std::os::unix::fs::DirBuilderExt as _;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(pin_dir.join("links"))
-        .with_context(|| format!("creating {}", pin_dir.display()))?;
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(pin_dir.join("progs"))
-        .with_context(|| format!("creating {}", pin_dir.display()))?;
+    for sub in ["links", "progs"] {
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(pin_dir.join(sub))
+            .with_context(|| format!("creating {}", pin_dir.display()))?;
+    }
     Ok(())
 }
 

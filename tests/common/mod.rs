@@ -128,6 +128,7 @@ impl Env {
     pub fn configured(scope_extra: &str, proxy_extra: &str, other: &str) -> Env {
         require_root();
         let cg_mount = guard::cgroup::cgroup2_mount().unwrap();
+        remove_stale_cgroups(&cg_mount);
         let name = format!(
             "guard-test-{}-{}",
             std::process::id(),
@@ -394,6 +395,37 @@ impl Drop for Env {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Test cgroups (`guard-test-PID-N`) of test processes that are gone, left by a run that was
+/// killed before its `Drop`s ran: their processes were started by that run, and nothing of
+/// another test may linger into this one. Once per test process.
+fn remove_stale_cgroups(cg_mount: &Path) {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        for e in fs::read_dir(cg_mount).into_iter().flatten().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name
+                .strip_prefix("guard-test-")
+                .and_then(|r| r.split('-').next())
+            else {
+                continue;
+            };
+            if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
+                continue;
+            }
+            let _ = fs::write(e.path().join("cgroup.kill"), "1");
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while guard::cgroup::populated(&e.path()).unwrap_or(false) && Instant::now() < deadline
+            {
+                thread::sleep(Duration::from_millis(20));
+            }
+            match guard::cgroup::remove(&e.path()) {
+                Ok(()) => eprintln!("removed the stale test cgroup {}", e.path().display()),
+                Err(err) => eprintln!("warning: stale cgroup {}: {err}", e.path().display()),
+            }
+        }
+    });
 }
 
 /// Makes `cmd` start inside cgroup `path` (it moves itself there before exec).

@@ -10,6 +10,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod fresh;
 mod install;
 
 #[derive(Parser)]
@@ -34,8 +35,18 @@ enum Cmd {
         #[arg(long)]
         config: Option<PathBuf>,
     },
-    /// Run every test; as root, including the integration tests with real eBPF.
+    /// Run every test; as root, including the integration tests with real eBPF, each test binary
+    /// in a fresh mount namespace (no bpffs mounted, empty /tmp and state directories).
     Test {
+        /// The default as root, accepted for clarity: a fresh machine's mounts (see above).
+        #[arg(long, conflicts_with = "host_mounts")]
+        fresh: bool,
+        /// As root: run with this machine's mounts as they are (for debugging a test).
+        #[arg(long)]
+        host_mounts: bool,
+        /// As root: run every root test alone, each in a fresh mount namespace of its own.
+        #[arg(long)]
+        each: bool,
         /// Extra arguments for `cargo test` (after `--`: test name filters).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -93,9 +104,21 @@ fn run(cli: Cli) -> Result<()> {
             }
             status(&mut cmd)
         }
-        Cmd::Test { args } => {
+        Cmd::Test {
+            fresh: _,
+            host_mounts,
+            each,
+            args,
+        } => {
             setup()?;
-            test(&args)
+            let fresh = is_root() && !host_mounts;
+            if fresh {
+                fresh::check()?;
+            }
+            if each {
+                return test_each(fresh, &args);
+            }
+            test(fresh, &args)
         }
         Cmd::Install(a) => install::install(a),
         Cmd::Uninstall(a) => install::uninstall(a),
@@ -460,13 +483,19 @@ fn build(release: bool) -> Result<()> {
 
 /// Runs `cmd` (a `cargo test`), echoing its output, and adds up its "test result" lines.
 fn run_tests(cmd: &mut Command) -> Result<(bool, u64, u64, u64)> {
+    run_tests_echo(cmd, true)
+}
+
+fn run_tests_echo(cmd: &mut Command, echo: bool) -> Result<(bool, u64, u64, u64)> {
     use std::io::{BufRead as _, BufReader};
     cmd.stdout(std::process::Stdio::piped());
     let mut child = cmd.spawn().context("running cargo test")?;
     let (mut passed, mut failed, mut ignored) = (0, 0, 0);
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let line = line?;
-        println!("{line}");
+        if echo {
+            println!("{line}");
+        }
         if let Some(rest) = line.strip_prefix("test result: ") {
             for part in rest.split(';') {
                 let mut it = part.split_whitespace().rev();
@@ -486,7 +515,67 @@ fn run_tests(cmd: &mut Command) -> Result<(bool, u64, u64, u64)> {
     Ok((child.wait()?.success(), passed, failed, ignored))
 }
 
-fn test(args: &[String]) -> Result<()> {
+/// As root, with `fresh`, every root test alone, each in a fresh mount namespace of its own:
+/// none may depend on what another test left behind.
+fn test_each(fresh: bool, args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("--each runs the root tests one by one: run it as root");
+    }
+    let root = repo_root();
+    let list = Command::new("cargo")
+        .current_dir(&root)
+        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--"])
+        .args(args.iter().filter(|a| !a.starts_with('-')))
+        .args(["--list", "--ignored"])
+        .output()?;
+    if !list.status.success() {
+        bail!("listing the root tests failed");
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
+        .lines()
+        .filter_map(|l| l.strip_suffix(": test"))
+        .map(str::to_string)
+        .collect();
+    names.sort();
+    names.dedup();
+    let mut failed = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        let started = std::time::Instant::now();
+        let mut cmd = Command::new("cargo");
+        cmd.current_dir(&root)
+            .args(["test", "--quiet", "--workspace", "--exclude", "guard-ebpf"])
+            .args(["--", "--exact", name, "--include-ignored"]);
+        if fresh {
+            fresh::isolate(&mut cmd)?;
+        }
+        let log = root.join("target/test-each.log");
+        let (ok, passed, _, _) = run_tests_echo(
+            cmd.stderr(fs::File::options().create(true).append(true).open(&log)?),
+            false,
+        )?;
+        let verdict = if ok && passed > 0 { "ok" } else { "FAILED" };
+        eprintln!(
+            "xtask: [{}/{}] {name}: {verdict} ({:.1} s)",
+            i + 1,
+            names.len(),
+            started.elapsed().as_secs_f64()
+        );
+        if verdict != "ok" {
+            failed.push(name.clone());
+        }
+    }
+    println!(
+        "tests alone: {} passed, {} failed",
+        names.len() - failed.len(),
+        failed.len()
+    );
+    if !failed.is_empty() {
+        bail!("failed when run alone: {}", failed.join(", "));
+    }
+    Ok(())
+}
+
+fn test(fresh: bool, args: &[String]) -> Result<()> {
     let root = repo_root();
     let mut cmd = Command::new("cargo");
     // --no-fail-fast: one failing test binary must not hide the results of the others.
@@ -505,6 +594,10 @@ fn test(args: &[String]) -> Result<()> {
     if is_root() {
         // Root-only tests carry #[ignore = "needs root ..."]; root runs them all.
         cmd.arg("--include-ignored");
+        if fresh {
+            eprintln!("xtask: the tests run in a private mount namespace, as on a fresh machine: no bpffs mounted, empty /tmp and guard state directories");
+            fresh::isolate(&mut cmd)?;
+        }
         let (ok, passed, failed, _) = run_tests(&mut cmd)?;
         // One closing line for the whole run (cargo's last line is the doc tests').
         println!("tests: {passed} passed, {failed} failed");
