@@ -571,7 +571,7 @@ fn install_start_and_uninstall_in_a_staging_root() {
     assert!(env.root.exists());
     for e in fs::read_dir(&env.root).unwrap().flatten() {
         if e.path().is_dir() {
-            let left = guard::redirect::attached_programs(&e.path()).unwrap();
+            let left = guard::kernel::attached_programs(&e.path()).unwrap();
             assert!(
                 left.values().all(Vec::is_empty),
                 "{}: {left:?}",

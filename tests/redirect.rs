@@ -19,7 +19,7 @@ fn curl_in(cg: &Path, url: &str) -> Command {
 fn static_cgroup_env() -> (Env, std::path::PathBuf) {
     let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
     let static_cg = env.cgroup("guard.slice/static");
-    guard::cgroup::create(&static_cg).unwrap();
+    guard::kernel::cgroup::create(&static_cg).unwrap();
     env.start_daemon();
     (env, static_cg)
 }
@@ -169,7 +169,7 @@ fn a_sibling_unguarded_cgroup_is_not_redirected() {
     server.watch(env.daemon_pid());
     // Below the attach point (the programs run for it) but not guarded.
     let sibling = env.cgroup("guard.slice/unguarded");
-    guard::cgroup::create(&sibling).unwrap();
+    guard::kernel::cgroup::create(&sibling).unwrap();
     let mut cmd = curl_in(&sibling, &server.url());
     assert_eq!(run_ok(&mut cmd), "hello from the test server\n");
     assert_eq!(server.hits(), 1);
@@ -218,7 +218,7 @@ fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     let server = HttpServer::start("127.0.0.2:0");
     server.watch(env.daemon_pid());
     let elsewhere = env.cgroup("guard.slice/some/where");
-    guard::cgroup::create(&elsewhere).unwrap();
+    guard::kernel::cgroup::create(&elsewhere).unwrap();
 
     // As the guarded uid: redirected.
     let mut cmd = curl_in(&elsewhere, &server.url());
@@ -610,7 +610,7 @@ fn disable_is_root_only_audited_and_detaches_everything() {
     // Now nothing is redirected.
     let server = HttpServer::start("127.0.0.2:0");
     let sibling = env.cgroup("guard.slice/x");
-    guard::cgroup::create(&sibling).unwrap();
+    guard::kernel::cgroup::create(&sibling).unwrap();
     let out = run(
         &mut env.exec("after", &strs(&curl(&server.url()))),
         Duration::from_secs(20),
@@ -764,7 +764,7 @@ fn load_allow_all_connect4() -> std::os::fd::OwnedFd {
         expected_attach_type: 10, // BPF_CGROUP_INET4_CONNECT
     };
     // SAFETY: ProgLoad is BPF_PROG_LOAD's bpf_attr; insns and license outlive the call.
-    let fd = unsafe { guard::redirect::sys_bpf(5, &mut attr) }
+    let fd = unsafe { guard::kernel::sys::sys_bpf(5, &mut attr) }
         .unwrap_or_else(|e| panic!("BPF_PROG_LOAD: {e}"));
     // SAFETY: a descriptor the kernel just gave us.
     unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) }
@@ -782,16 +782,16 @@ fn link_and_pin(prog: &std::os::fd::OwnedFd, cgroup: &Path, attach_type: u32, pi
         0,
     ];
     // SAFETY: BPF_LINK_CREATE's bpf_attr.
-    let link = unsafe { guard::redirect::sys_bpf(28, &mut create) }
+    let link = unsafe { guard::kernel::sys::sys_bpf(28, &mut create) }
         .unwrap_or_else(|e| panic!("BPF_LINK_CREATE: {e}"));
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
-    let mut attr = guard::redirect::ObjAttr {
+    let mut attr = guard::kernel::sys::ObjAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: link as u32,
         file_flags: 0,
     };
     // SAFETY: BPF_OBJ_PIN's bpf_attr, pointing at a NUL-terminated path.
-    unsafe { guard::redirect::sys_bpf(6, &mut attr) }
+    unsafe { guard::kernel::sys::sys_bpf(6, &mut attr) }
         .unwrap_or_else(|e| panic!("BPF_OBJ_PIN: {e}"));
     // SAFETY: our descriptor; the pin keeps the link.
     unsafe { libc::close(link as i32) };
@@ -811,7 +811,8 @@ fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
 
     // What an earlier build left pinned: its connect4 lets connects through unredirected.
     let old = load_allow_all_connect4();
-    guard::redirect::link_update(&env.pin_dir.join("links/guard_connect4"), old.as_fd()).unwrap();
+    guard::kernel::sys::link_update(&env.pin_dir.join("links/guard_connect4"), old.as_fd())
+        .unwrap();
     let swapped = env.attached();
     // ... and one more program, which this build does not have.
     let stale = env.pin_dir.join("links/guard_retired");
@@ -858,18 +859,18 @@ fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
     // it still names its program, and guards nothing.
     let pin = env.pin_dir.join("links/guard_connect4");
     let path = std::ffi::CString::new(pin.as_os_str().as_bytes()).unwrap();
-    let mut get = guard::redirect::ObjAttr {
+    let mut get = guard::kernel::sys::ObjAttr {
         pathname: path.as_ptr() as u64,
         bpf_fd: 0,
         file_flags: 0,
     };
     // SAFETY: BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
-    let fd = unsafe { guard::redirect::sys_bpf(7, &mut get) }.unwrap();
+    let fd = unsafe { guard::kernel::sys::sys_bpf(7, &mut get) }.unwrap();
     // SAFETY: a descriptor the kernel just gave us.
     let link = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     let mut detach: [u32; 4] = [link.as_raw_fd() as u32, 0, 0, 0];
     // SAFETY: BPF_LINK_DETACH's bpf_attr (link_fd).
-    unsafe { guard::redirect::sys_bpf(34, &mut detach) }.unwrap();
+    unsafe { guard::kernel::sys::sys_bpf(34, &mut detach) }.unwrap();
     assert!(pin.exists());
     assert!(env.attached()["connect4"].is_empty());
 

@@ -74,13 +74,13 @@ fn remove_subtree(root: &Path, pin_dir: &Path) {
         // Every process in the subtree was started by the benchmark.
         let _ = fs::write(root.join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while guard::cgroup::populated(root).unwrap_or(false) && Instant::now() < deadline {
+        while guard::kernel::cgroup::populated(root).unwrap_or(false) && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(20));
         }
     }
     // Links first (that detaches the programs), then the maps.
     if pin_dir.exists() {
-        if let Err(e) = guard::redirect::unpin_all(pin_dir) {
+        if let Err(e) = guard::kernel::unpin_all(pin_dir) {
             eprintln!(
                 "guard-bench: warning: unpinning {}: {e:#}",
                 pin_dir.display()
@@ -88,7 +88,7 @@ fn remove_subtree(root: &Path, pin_dir: &Path) {
         }
     }
     if root.exists() {
-        if let Err(e) = guard::cgroup::remove(root) {
+        if let Err(e) = guard::kernel::cgroup::remove(root) {
             eprintln!("guard-bench: warning: removing {}: {e}", root.display());
         }
     }
@@ -206,7 +206,7 @@ impl BenchEnv {
             "guard.slice/bench",
             "guard.slice/plain",
         ] {
-            guard::cgroup::create(&env.root.join(cg))?;
+            guard::kernel::cgroup::create(&env.root.join(cg))?;
         }
         fs::create_dir_all(env.dir.join("policies"))?;
         fs::set_permissions(&env.dir, fs::Permissions::from_mode(0o755))?;

@@ -858,7 +858,7 @@ pub fn run(opts: &Opts) -> Result<()> {
     }
     let started = Instant::now();
     worker::raise_nofile();
-    let mount = guard::cgroup::cgroup2_mount()?;
+    let mount = guard::kernel::cgroup::cgroup2_mount()?;
     env::remove_stale(&mount);
 
     let mut rep = Report {

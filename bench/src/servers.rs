@@ -90,7 +90,7 @@ fn bare_relay(c: std::net::TcpStream, to: SocketAddr) -> std::io::Result<()> {
     for s in [&c, &u] {
         s.set_nodelay(true)?;
         // As guard does on loopback (see guard::forward): no BBR pacing on the relay's sends.
-        guard::forward::loopback_congestion_control(s);
+        guard::proxy::tcp::loopback_congestion_control(s);
     }
     let (c2, u2) = (c.try_clone()?, u.try_clone()?);
     std::thread::spawn(move || splice_blocking(&c, &u));

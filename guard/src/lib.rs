@@ -1,23 +1,17 @@
-//! guard: a host-level guard for AI agents.
+//! guard: a host-level guard for AI agents. `ARCHITECTURE.md` at the repository's root describes
+//! the data path and which module may call which.
 //!
-//! The data path, one module a step: [`redirect`] (the kernel side) -> [`identify`] (who, where
-//! to) -> [`proxy`] (accept, and the steps after it) -> [`forward`] -> [`audit`]. The [`daemon`]
-//! wires them together; [`control`] is the CLI's way in.
-pub mod approvals;
+//! The data path, one module a step: [`kernel`] (the eBPF redirect) -> [`proxy`] (accept,
+//! identify, classify, TLS, HTTP, TCP passthrough) -> [`mcp`] (the transport-free enforcement
+//! core, which asks [`policy`]) -> [`audit`]. [`identity`] says who a caller is; [`daemon`]
+//! wires everything together and serves the control socket; [`cli`] is the command line.
 pub mod audit;
-pub mod cgroup;
-pub mod classify;
 pub mod cli;
 pub mod config;
-pub mod control;
 pub mod daemon;
-pub mod forward;
-pub mod http;
-pub mod identify;
+pub mod identity;
+pub mod kernel;
 pub mod mcp;
-pub mod metrics;
-pub mod pins;
+pub mod net;
 pub mod policy;
 pub mod proxy;
-pub mod redirect;
-pub mod tls;

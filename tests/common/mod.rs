@@ -127,7 +127,7 @@ impl Env {
     /// Like [`Env::new`], with lines for `[proxy]` and whole extra tables (`[policy]` ...).
     pub fn configured(scope_extra: &str, proxy_extra: &str, other: &str) -> Env {
         require_root();
-        let cg_mount = guard::cgroup::cgroup2_mount().unwrap();
+        let cg_mount = guard::kernel::cgroup::cgroup2_mount().unwrap();
         remove_stale_cgroups(&cg_mount);
         let name = format!(
             "guard-test-{}-{}",
@@ -135,7 +135,7 @@ impl Env {
             SEQ.fetch_add(1, Ordering::SeqCst)
         );
         let root = cg_mount.join(&name);
-        guard::cgroup::create(&root.join("daemon")).unwrap();
+        guard::kernel::cgroup::create(&root.join("daemon")).unwrap();
         let attach_rel = format!("{name}/guard.slice");
         let dir = std::env::temp_dir().join(&name);
         fs::create_dir_all(&dir).unwrap();
@@ -375,7 +375,7 @@ listen = "127.0.0.1:{metrics}"
 
     /// Programs attached at the attach cgroup, by attach type, straight from the kernel.
     pub fn attached(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
-        guard::redirect::attached_programs(&self.attach_path()).unwrap()
+        guard::kernel::attached_programs(&self.attach_path()).unwrap()
     }
 }
 
@@ -385,12 +385,14 @@ impl Drop for Env {
         // Every process left in the test's subtree was started by this test.
         let _ = fs::write(self.root.join("cgroup.kill"), "1");
         let deadline = Instant::now() + Duration::from_secs(10);
-        while guard::cgroup::populated(&self.root).unwrap_or(false) && Instant::now() < deadline {
+        while guard::kernel::cgroup::populated(&self.root).unwrap_or(false)
+            && Instant::now() < deadline
+        {
             thread::sleep(Duration::from_millis(20));
         }
         // Links first (detaches the programs), then maps.
-        let _ = guard::redirect::unpin_all(&self.pin_dir);
-        if let Err(e) = guard::cgroup::remove(&self.root) {
+        let _ = guard::kernel::unpin_all(&self.pin_dir);
+        if let Err(e) = guard::kernel::cgroup::remove(&self.root) {
             eprintln!("warning: could not remove {}: {e}", self.root.display());
         }
         let _ = fs::remove_dir_all(&self.dir);
@@ -416,11 +418,12 @@ fn remove_stale_cgroups(cg_mount: &Path) {
             }
             let _ = fs::write(e.path().join("cgroup.kill"), "1");
             let deadline = Instant::now() + Duration::from_secs(5);
-            while guard::cgroup::populated(&e.path()).unwrap_or(false) && Instant::now() < deadline
+            while guard::kernel::cgroup::populated(&e.path()).unwrap_or(false)
+                && Instant::now() < deadline
             {
                 thread::sleep(Duration::from_millis(20));
             }
-            match guard::cgroup::remove(&e.path()) {
+            match guard::kernel::cgroup::remove(&e.path()) {
                 Ok(()) => eprintln!("removed the stale test cgroup {}", e.path().display()),
                 Err(err) => eprintln!("warning: stale cgroup {}: {err}", e.path().display()),
             }

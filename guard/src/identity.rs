@@ -1,12 +1,11 @@
-//! Who is behind an accepted connection and where it was going: the origin recorded in the kernel
-//! at `connect()` time, taken from the origin map by the client's address, plus attribution
-//! (agent name, executable, cgroup path) read at accept time.
+//! Who an agent is: the identity the kernel recorded at `connect()` (or the control socket's
+//! peer credentials), with the attribution read from /proc, and the registry of agent cgroups
+//! that gives an identity its agent name. The proxy, the MCP core and the audit trail all speak
+//! of callers in these terms.
 
-use std::{collections::HashMap, net::SocketAddr, sync::RwLock};
+use std::{collections::HashMap, sync::RwLock};
 
 use serde::Serialize;
-
-use crate::redirect::{self, Kernel};
 
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Identity {
@@ -24,12 +23,17 @@ pub struct Identity {
     pub cgroup: Option<String>,
 }
 
-/// A redirected connection, identified.
-#[derive(Debug, Clone)]
-pub struct Connection {
-    pub client: SocketAddr,
-    pub original_dst: SocketAddr,
-    pub identity: Identity,
+impl Identity {
+    /// The caller as the policy engine sees it (no MCP session yet).
+    pub fn caller(&self) -> crate::policy::Caller {
+        crate::policy::Caller {
+            agent: self.agent.clone(),
+            uid: self.uid,
+            exe: self.exe.clone(),
+            cgroup: self.cgroup.clone(),
+            session: None,
+        }
+    }
 }
 
 /// Agent cgroups created by `guard exec`, by cgroup id.
@@ -74,41 +78,6 @@ impl Agents {
             .find(|a| rel == a.cgroup || rel.starts_with(&format!("{}/", a.cgroup)))
             .cloned()
     }
-}
-
-/// Takes the origin of `client` from the kernel. None: the connection did not come through the
-/// redirect (or its entry is gone), and must be closed.
-pub fn identify(kernel: &Kernel, agents: &Agents, client: SocketAddr) -> Option<Connection> {
-    let origin = kernel.take_origin(client)?;
-    let comm_len = origin
-        .comm
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(origin.comm.len());
-    let cgroup = crate::cgroup::cgroup_of(origin.tgid).ok();
-    let agent = agents
-        .get(origin.cgroup_id)
-        .or_else(|| cgroup.as_deref().and_then(|c| agents.containing(c)))
-        .map(|a| a.name);
-    let identity = Identity {
-        pid: origin.pid,
-        tgid: origin.tgid,
-        uid: origin.uid,
-        gid: origin.gid,
-        comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
-        cgroup_id: origin.cgroup_id,
-        netns_cookie: origin.netns_cookie,
-        agent,
-        exe: std::fs::read_link(format!("/proc/{}/exe", origin.tgid))
-            .ok()
-            .map(|p| p.display().to_string()),
-        cgroup: cgroup.map(|c| format!("/{c}")),
-    };
-    Some(Connection {
-        client,
-        original_dst: redirect::original_dst(&origin),
-        identity,
-    })
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context as _, Result};
 use serde_json::{json, Value};
 
-use crate::mcp::sha256_hex;
+use super::wire::sha256_hex;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Change {

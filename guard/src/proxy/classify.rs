@@ -4,6 +4,8 @@ use std::{io, time::Duration};
 
 use tokio::net::TcpStream;
 
+use super::peek::{peek_until, PeekError};
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     /// A TLS handshake record.
@@ -112,10 +114,6 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     }
 }
 
-/// Peeks at the client's first bytes until they classify (nothing is consumed). There is no
-/// classification by time: a client that waits is waited for (until `idle`, then the
-/// connection is closed), so waiting cannot turn HTTP into an unread passthrough. An error when
-/// the client closes or stays silent.
 /// Classifies what the client has sent so far, without waiting: `None` when that is not enough
 /// (or nothing yet).
 pub fn peek_now(client: &TcpStream) -> Option<Kind> {
@@ -136,43 +134,27 @@ pub fn peek_now(client: &TcpStream) -> Option<Kind> {
     classify(&buf[..n as usize])
 }
 
+/// Peeks at the client's first bytes until they classify (nothing is consumed). There is no
+/// classification by time: a client that waits is waited for (until `idle`, then the
+/// connection is closed), so waiting cannot turn HTTP into an unread passthrough. An error when
+/// the client closes or stays silent.
 pub async fn peek(client: &TcpStream, idle: Duration) -> io::Result<Kind> {
-    let mut buf = vec![0u8; MAX_REQUEST_LINE + 128];
     let deadline = tokio::time::Instant::now() + idle;
-    let mut last = 0;
-    loop {
-        let n = match tokio::time::timeout_at(deadline, client.peek(&mut buf)).await {
-            Ok(r) => r?,
-            Err(_) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    "the client sent nothing",
-                ));
-            }
-        };
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "client closed",
-            ));
-        }
-        if let Some(k) = classify(&buf[..n]) {
-            return Ok(k);
-        }
-        if n == buf.len() {
-            return Ok(Kind::Other);
-        }
-        if n == last {
-            // Only a prefix so far: wait for more without spinning on the same bytes.
-            tokio::time::sleep(Duration::from_millis(2)).await;
-        }
-        last = n;
-        if tokio::time::Instant::now() >= deadline {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client stopped sending",
-            ));
-        }
+    let parse = |b: &[u8]| Ok::<_, std::convert::Infallible>(classify(b));
+    match peek_until(client, MAX_REQUEST_LINE + 128, deadline, parse).await {
+        Ok(k) => Ok(k),
+        // More bytes than any request line, and still undecided: not HTTP.
+        Err(PeekError::Full) => Ok(Kind::Other),
+        Err(PeekError::Closed) => Err(io::Error::new(
+            io::ErrorKind::UnexpectedEof,
+            "client closed",
+        )),
+        Err(PeekError::TimedOut) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "the client sent nothing classifiable",
+        )),
+        Err(PeekError::Io(e)) => Err(e),
+        Err(PeekError::Invalid(never)) => match never {},
     }
 }
 

@@ -1,4 +1,4 @@
-//! Forwarding to the server the agent asked for: the upstream connection (from the daemon's own,
+//! TCP towards the server the agent asked for: the upstream connection (from the daemon's own,
 //! unguarded cgroup, so it escapes the redirect) and byte-for-byte passthrough.
 
 use std::{io, net::SocketAddr, time::Duration};
@@ -14,7 +14,7 @@ pub async fn connect(dst: SocketAddr) -> io::Result<TcpStream> {
     } else {
         tokio::net::TcpSocket::new_v6()?
     };
-    if crate::redirect::canonical(dst).ip().is_loopback() {
+    if crate::net::canonical_addr(dst).ip().is_loopback() {
         loopback_congestion_control(&socket);
     }
     let s = tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(dst))
@@ -198,10 +198,12 @@ mod tests {
             eprintln!("skipped: this kernel offers no cubic congestion control");
             return;
         }
-        let listeners = crate::proxy::bind(0).await.unwrap();
-        let addr = listeners[0].local_addr().unwrap();
+        let std_listener = crate::proxy::bind(0).unwrap().remove(0);
+        std_listener.set_nonblocking(true).unwrap();
+        let listener = tokio::net::TcpListener::from_std(std_listener).unwrap();
+        let addr = listener.local_addr().unwrap();
         let (upstream, accepted) =
-            tokio::join!(super::connect(addr), async { listeners[0].accept().await });
+            tokio::join!(super::connect(addr), async { listener.accept().await });
         let (accepted, _) = accepted.unwrap();
         // The upstream side (a loopback destination) and the agent side (accepted by the proxy
         // listener, which they inherit it from).

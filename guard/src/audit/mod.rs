@@ -1,5 +1,9 @@
-//! The audit trail (SPEC §8): one JSON object per line, written and flushed before the decision it
-//! records takes effect on the wire.
+//! The audit trail: one JSON object per line ([`Record`]), written and flushed before the
+//! decision it records takes effect on the wire, rotated by size.
+
+mod record;
+
+pub use record::{rfc3339, AgentRef, Decision, Event, Record, ServerRef};
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -14,85 +18,9 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::identify::Identity;
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct Record {
-    pub ts: String,
-    pub id: String,
-    pub event: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub agent: Option<AgentRef>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub server: Option<ServerRef>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub original_dst: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub client: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub transport: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub session_id: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub jsonrpc_id: Option<serde_json::Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub method: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tool: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub args_sha256: Option<String>,
-    /// Only with `audit.log_arguments = true`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub arguments: Option<serde_json::Value>,
-    pub decision: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub rule: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub latency_us: Option<u64>,
-    /// Who asked for a control-plane action (uid), for `exec`, `disable`, ...
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub actor_uid: Option<u32>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub detail: Option<serde_json::Value>,
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct AgentRef {
-    pub name: Option<String>,
-    pub pid: u32,
-    pub tgid: u32,
-    pub uid: u32,
-    pub gid: u32,
-    pub comm: String,
-    pub exe: Option<String>,
-    pub cgroup: Option<String>,
-}
-
-impl From<&Identity> for AgentRef {
-    fn from(i: &Identity) -> Self {
-        AgentRef {
-            name: i.agent.clone(),
-            pid: i.pid,
-            tgid: i.tgid,
-            uid: i.uid,
-            gid: i.gid,
-            comm: i.comm.clone(),
-            exe: i.exe.clone(),
-            cgroup: i.cgroup.clone(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
-pub struct ServerRef {
-    pub name: Option<String>,
-    pub host: String,
-    pub port: u16,
-}
+/// What [`Audit::observe`] calls with every record written.
+type Observer = Box<dyn Fn(&Record) + Send + Sync>;
 
 pub struct Audit {
     path: PathBuf,
@@ -101,7 +29,8 @@ pub struct Audit {
     /// This process's id, part of every record id (read once: it is a syscall).
     pid: u32,
     rotation: Rotation,
-    metrics: crate::metrics::Metrics,
+    /// Called with every record written (the daemon's metrics count them there).
+    observer: Option<Observer>,
 }
 
 struct Open {
@@ -152,12 +81,14 @@ impl Audit {
             seq: AtomicU64::new(0),
             pid: std::process::id(),
             rotation,
-            metrics: Default::default(),
+            observer: None,
         })
     }
 
-    pub fn metrics(&self) -> &crate::metrics::Metrics {
-        &self.metrics
+    /// Calls `f` with every record once it is written.
+    pub fn observe(mut self, f: impl Fn(&Record) + Send + Sync + 'static) -> Audit {
+        self.observer = Some(Box::new(f));
+        self
     }
 
     /// `audit.jsonl` -> `.1` -> `.2` ... (the oldest beyond `keep` is removed), then a new file.
@@ -181,18 +112,15 @@ impl Audit {
     }
 
     /// A new record with its time and a unique id filled in.
-    pub fn record(&self, event: &str, decision: &str) -> Record {
+    pub fn record(&self, event: Event, decision: Decision) -> Record {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default();
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        Record {
-            ts: rfc3339(now.as_secs(), now.subsec_micros()),
-            id: format!("{:x}-{:x}-{seq:x}", now.as_micros(), self.pid),
-            event: event.into(),
-            decision: decision.into(),
-            ..Default::default()
-        }
+        let mut r = Record::new(event, decision);
+        r.ts = rfc3339(now.as_secs(), now.subsec_micros());
+        r.id = format!("{:x}-{:x}-{seq:x}", now.as_micros(), self.pid);
+        r
     }
 
     /// Appends `record` as one line; returns once the kernel has it (one `write`), so a crash
@@ -211,31 +139,11 @@ impl Audit {
             .with_context(|| format!("writing the audit log {}", self.path.display()))?;
         open.size += line.len() as u64;
         drop(open);
-        self.metrics.observe(record);
+        if let Some(f) = &self.observer {
+            f(record);
+        }
         Ok(())
     }
-}
-
-/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without a date library (civil-from-days, Howard Hinnant).
-pub fn rfc3339(secs: u64, micros: u32) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let y = yoe + era * 400;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = if m <= 2 { y + 1 } else { y };
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -254,9 +162,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("guard-audit-test-{}", std::process::id()));
         let path = dir.join("audit.jsonl");
         let audit = Audit::open(&path).unwrap();
-        let mut a = audit.record("connection", "pass");
+        let mut a = audit.record(Event::Connection, Decision::Pass);
         a.original_dst = Some("127.0.0.2:80".into());
-        let b = audit.record("connection", "pass");
+        let b = audit.record(Event::Connection, Decision::Pass);
         assert_ne!(a.id, b.id);
         audit.write(&a).unwrap();
         audit.write(&b).unwrap();
@@ -283,7 +191,7 @@ mod tests {
         )
         .unwrap();
         for _ in 0..20 {
-            let r = audit.record("connection", "pass");
+            let r = audit.record(Event::Connection, Decision::Pass);
             audit.write(&r).unwrap();
         }
         let mut files: Vec<String> = fs::read_dir(&dir)

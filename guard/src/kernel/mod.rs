@@ -1,12 +1,18 @@
-//! The kernel side, seen from the daemon: loading guard's eBPF programs, attaching them with
-//! pinned links (reused on restart), and the maps that say who is guarded and where their
-//! connections were going.
+//! The kernel side, seen from the daemon: loading guard's eBPF programs ([`Kernel::load`]), the
+//! maps that say who is guarded and where their connections were going, attaching with pinned
+//! links ([`attach`]), the raw bpf calls ([`sys`]) and cgroupfs ([`cgroup`]). Nothing here knows
+//! HTTP or MCP.
+
+mod attach;
+pub mod cgroup;
+pub mod sys;
+
+pub use attach::{attached_programs, unpin_all, Attached};
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::fd::{AsFd, AsRawFd},
     path::{Path, PathBuf},
     sync::Mutex,
 };
@@ -14,10 +20,6 @@ use std::{
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
     maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
-    programs::{
-        links::{FdLink, PinnedLink},
-        CgroupAttachMode,
-    },
     Ebpf, EbpfLoader,
 };
 use guard_common::{
@@ -25,7 +27,7 @@ use guard_common::{
     EXEMPT_MAX_PORTS,
 };
 
-use crate::config::ExemptRule;
+use crate::{config::ExemptRule, net::canonical_addr};
 
 /// The compiled eBPF object (built by build.rs from guard-ebpf).
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/guard"));
@@ -75,7 +77,7 @@ pub struct Kernel {
 pub fn ensure_bpffs(pin_dir: &Path) -> Result<()> {
     let on_bpffs = || -> Result<bool> {
         let info = fs::read_to_string("/proc/self/mountinfo")?;
-        let mounts = crate::cgroup::mounts_of(&info, "bpf");
+        let mounts = cgroup::mounts_of(&info, "bpf");
         Ok(pin_dir.ancestors().any(|a| mounts.iter().any(|m| m == a)))
     };
     if !on_bpffs()? {
@@ -167,111 +169,6 @@ impl Kernel {
 
     pub fn config(&self) -> Result<KConfig> {
         Ok(self.config.get(&0, 0)?)
-    }
-
-    /// Attaches every program at `cgroup` with a pinned link. A pinned link from an earlier run
-    /// keeps enforcing (no gap, no duplicate); when its program is not this build's (an upgrade),
-    /// the link is switched to this build's program atomically (`BPF_LINK_UPDATE`): connects are
-    /// never unguarded in between.
-    pub fn attach(&mut self, cgroup: &Path) -> Result<Attached> {
-        let cg = fs::File::open(cgroup)
-            .with_context(|| format!("opening cgroup {}", cgroup.display()))?;
-        let mut done = Attached::default();
-        let cgroup_id = crate::cgroup::cgroup_id(cgroup)?;
-        for (name, _, _) in PROGRAMS {
-            let pin = self.pin_dir.join("links").join(name);
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
-            match prog {
-                aya::programs::Program::CgroupSockAddr(p) => load_once(p.load())?,
-                aya::programs::Program::CgroupSock(p) => load_once(p.load())?,
-                aya::programs::Program::SockOps(p) => load_once(p.load())?,
-                _ => bail!("program {name} has an unexpected type"),
-            }
-            // The program each link runs is pinned beside it: its tag tells whether it is this
-            // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
-            let prog_pin = self.pin_dir.join("progs").join(name);
-            if pin.exists() {
-                let on = link_cgroup_id(&pin)
-                    .with_context(|| format!("reading pinned link {}", pin.display()))?;
-                if on != cgroup_id {
-                    // Detached (its cgroup was removed) or attached elsewhere (the attach
-                    // cgroup changed): it guards nothing here. Replaced by a new link below.
-                    tracing::warn!(
-                        program = name,
-                        link_cgroup_id = on,
-                        "pinned link not attached at the attach cgroup: replaced"
-                    );
-                    unpin_link(&pin)?;
-                }
-            }
-            if pin.exists() {
-                let link = FdLink::from(
-                    PinnedLink::from_pin(&pin)
-                        .with_context(|| format!("reusing pinned link {}", pin.display()))?,
-                );
-                let running = link
-                    .info()
-                    .with_context(|| format!("reading pinned link {}", pin.display()))?
-                    .program_id();
-                let pinned = aya::programs::ProgramInfo::from_pin(&prog_pin).ok();
-                let ours = prog.info()?.tag();
-                // No program pin (a build from before they were pinned), or not the one the
-                // link runs: not known to be this build's, so it is replaced.
-                if pinned.is_some_and(|p| p.id() == running && p.tag() == ours) {
-                    done.reused += 1;
-                    continue;
-                }
-                link_update(&pin, prog.fd()?.as_fd())
-                    .with_context(|| format!("updating pinned link {}", pin.display()))?;
-                pin_program(prog, &prog_pin)?;
-                tracing::info!(
-                    program = name,
-                    "pinned link switched to this build's program"
-                );
-                done.updated += 1;
-                continue;
-            }
-            let link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                _ => bail!("program {name} has an unexpected type"),
-            };
-            link.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
-            pin_program(prog, &prog_pin)?;
-            done.attached += 1;
-        }
-        // Links (and programs) an earlier build pinned that this one does not have: detached.
-        for dir in ["links", "progs"] {
-            for entry in fs::read_dir(self.pin_dir.join(dir))? {
-                let path = entry?.path();
-                let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if !PROGRAMS.iter().any(|(p, _, _)| *p == name) {
-                    unpin_link(&path)
-                        .with_context(|| format!("removing stale pin {}", path.display()))?;
-                    tracing::info!(pin = %path.display(), "stale pin of an earlier build removed");
-                    done.removed += usize::from(dir == "links");
-                }
-            }
-        }
-        Ok(done)
     }
 
     pub fn guard_cgroup(&self, id: u64) -> Result<()> {
@@ -399,137 +296,6 @@ impl Kernel {
     }
 }
 
-/// What [`Kernel::attach`] did, program by program.
-#[derive(Debug, Default, Clone, Copy)]
-pub struct Attached {
-    /// New links (nothing was pinned).
-    pub attached: usize,
-    /// Pinned links already running this build's program.
-    pub reused: usize,
-    /// Pinned links switched from another build's program to this one's.
-    pub updated: usize,
-    /// Pinned links of programs this build does not have, detached.
-    pub removed: usize,
-}
-
-/// Pins `prog` at `pin`, replacing what was pinned there.
-fn pin_program(prog: &mut aya::programs::Program, pin: &Path) -> Result<()> {
-    match fs::remove_file(pin) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e).with_context(|| format!("removing {}", pin.display())),
-    }
-    prog.pin(pin)
-        .with_context(|| format!("pinning program {}", pin.display()))
-}
-
-/// The descriptor of the bpf object pinned at `pin` (`BPF_OBJ_GET`).
-fn obj_get(pin: &Path) -> Result<std::os::fd::OwnedFd> {
-    use std::os::{fd::FromRawFd, unix::ffi::OsStrExt};
-    const BPF_OBJ_GET: libc::c_long = 7;
-    let path = std::ffi::CString::new(pin.as_os_str().as_bytes())?;
-    let mut get = ObjAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    // SAFETY: ObjAttr is BPF_OBJ_GET's bpf_attr, pointing at a NUL-terminated path.
-    let fd = unsafe { sys_bpf(BPF_OBJ_GET, &mut get) }.context("BPF_OBJ_GET")?;
-    // SAFETY: the kernel just returned this descriptor to us.
-    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
-}
-
-/// The id of the cgroup the pinned cgroup link at `pin` is attached to; 0 when it is detached
-/// (aya's `LinkInfo` does not expose it).
-fn link_cgroup_id(pin: &Path) -> Result<u64> {
-    const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
-    let link = obj_get(pin)?;
-    // struct bpf_link_info: type, id, prog_id, then (8-aligned, at 16) the union whose cgroup
-    // member starts with cgroup_id.
-    let mut info = [0u64; 8];
-    #[repr(C)]
-    struct InfoByFd {
-        bpf_fd: u32,
-        info_len: u32,
-        info: u64,
-    }
-    let mut attr = InfoByFd {
-        bpf_fd: link.as_raw_fd() as u32,
-        info_len: std::mem::size_of_val(&info) as u32,
-        info: info.as_mut_ptr() as u64,
-    };
-    // SAFETY: InfoByFd is BPF_OBJ_GET_INFO_BY_FD's bpf_attr; info outlives the call and has
-    // the length given.
-    unsafe { sys_bpf(BPF_OBJ_GET_INFO_BY_FD, &mut attr) }.context("BPF_OBJ_GET_INFO_BY_FD")?;
-    Ok(info[2])
-}
-
-/// `union bpf_attr` for `BPF_OBJ_PIN` and `BPF_OBJ_GET`.
-#[repr(C)]
-pub struct ObjAttr {
-    /// A pointer to a NUL-terminated path in bpffs.
-    pub pathname: u64,
-    pub bpf_fd: u32,
-    pub file_flags: u32,
-}
-
-/// `BPF_LINK_UPDATE`: the pinned link at `pin` runs `prog` from now on (aya keeps this call to
-/// itself for cgroup links).
-pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> {
-    const BPF_LINK_UPDATE: libc::c_long = 29;
-    let link = obj_get(pin)?;
-    // union bpf_attr, BPF_LINK_UPDATE: link_fd, new_prog_fd, flags, old_prog_fd.
-    #[repr(C)]
-    struct LinkUpdate {
-        link_fd: u32,
-        new_prog_fd: u32,
-        flags: u32,
-        old_prog_fd: u32,
-    }
-    let mut upd = LinkUpdate {
-        link_fd: link.as_raw_fd() as u32,
-        new_prog_fd: prog.as_raw_fd() as u32,
-        flags: 0,
-        old_prog_fd: 0,
-    };
-    // SAFETY: LinkUpdate is BPF_LINK_UPDATE's bpf_attr.
-    unsafe { sys_bpf(BPF_LINK_UPDATE, &mut upd) }.context("BPF_LINK_UPDATE")?;
-    Ok(())
-}
-
-/// The `bpf(2)` syscall with `attr` (its size given to the kernel); returns what the call
-/// returns (a new fd for the commands that make one).
-///
-/// # Safety
-/// `attr` must be the `union bpf_attr` member `cmd` reads, and every pointer in it valid for the
-/// call.
-pub unsafe fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
-    // SAFETY: the caller's promise; the kernel reads (and for some commands writes back) at
-    // most size_of::<T>() bytes of attr.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if r < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(r)
-    }
-}
-
-fn load_once(r: Result<(), aya::programs::ProgramError>) -> Result<()> {
-    match r {
-        Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => Ok(()),
-        Err(e) => {
-            Err(anyhow::Error::new(e).context("loading a program into the kernel (verifier)"))
-        }
-    }
-}
-
 /// One trie entry per distinct prefix, each carrying the ports of every prefix that contains it,
 /// because an LPM lookup returns only the longest matching prefix.
 pub fn exempt_entries(rules: &[ExemptRule]) -> Result<Vec<(ExemptRule, ExemptPorts)>> {
@@ -571,7 +337,7 @@ pub fn exempt_entries(rules: &[ExemptRule]) -> Result<Vec<(ExemptRule, ExemptPor
 
 /// The origin map key for a client address as `accept()` reports it.
 pub fn client_key(client: SocketAddr) -> ClientKey {
-    match canonical(client) {
+    match canonical_addr(client) {
         SocketAddr::V4(a) => ClientKey {
             family: AF_INET,
             port: a.port(),
@@ -599,17 +365,6 @@ fn dns_key(addr: IpAddr) -> [u32; 4] {
     [w(0), w(4), w(8), w(12)]
 }
 
-/// `::ffff:a.b.c.d` as the IPv4 address it is.
-pub fn canonical(addr: SocketAddr) -> SocketAddr {
-    match addr {
-        SocketAddr::V6(a) => match a.ip().to_ipv4_mapped() {
-            Some(v4) => SocketAddr::new(IpAddr::V4(v4), a.port()),
-            None => addr,
-        },
-        v4 => v4,
-    }
-}
-
 /// The destination an origin records, canonical (IPv4-mapped becomes IPv4).
 pub fn original_dst(o: &Origin) -> SocketAddr {
     let port = u16::from_be(o.dst_port);
@@ -622,99 +377,7 @@ pub fn original_dst(o: &Origin) -> SocketAddr {
         }
         IpAddr::V6(Ipv6Addr::from(b))
     };
-    canonical(SocketAddr::new(addr, port))
-}
-
-/// Programs attached directly at a cgroup, by attach type (`BPF_PROG_QUERY`).
-pub fn attached_programs(cgroup: &Path) -> Result<BTreeMap<String, Vec<u32>>> {
-    let cg = fs::File::open(cgroup).with_context(|| format!("opening {}", cgroup.display()))?;
-    let mut out = BTreeMap::new();
-    for (_, attach, attach_type) in PROGRAMS {
-        let ids = prog_query(cg.as_fd().as_raw_fd(), *attach_type)
-            .with_context(|| format!("querying {attach} programs at {}", cgroup.display()))?;
-        out.insert(attach.to_string(), ids);
-    }
-    Ok(out)
-}
-
-fn prog_query(fd: i32, attach_type: u32) -> std::io::Result<Vec<u32>> {
-    const BPF_PROG_QUERY: libc::c_long = 16;
-    let mut ids = [0u32; 64];
-    // union bpf_attr, query member: target_fd, attach_type, query_flags, attach_flags,
-    // prog_ids (u64 pointer), prog_cnt. The rest must be zero.
-    let mut attr = [0u8; 128];
-    attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
-    attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
-    attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
-    attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
-    // SAFETY: attr is a valid bpf_attr for BPF_PROG_QUERY; ids outlives the call. The kernel
-    // writes prog_cnt back into attr.
-    unsafe { sys_bpf(BPF_PROG_QUERY, &mut attr) }?;
-    let cnt = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
-    Ok(ids[..cnt.min(ids.len())].to_vec())
-}
-
-/// Unpinning and dropping the last reference detaches the program (a pin that is not a link, a
-/// program pin say, is just removed).
-fn unpin_link(pin: &Path) -> Result<()> {
-    match PinnedLink::from_pin(pin) {
-        Ok(link) => drop(link.unpin()?),
-        Err(_) => fs::remove_file(pin)?,
-    }
-    Ok(())
-}
-
-/// Removes every pin under `pin_dir` (links first, which detaches the programs, then maps) and the
-/// directory itself. Used by `guard disable` and by uninstall.
-pub fn unpin_all(pin_dir: &Path) -> Result<Vec<String>> {
-    let mut removed = Vec::new();
-    let links = pin_dir.join("links");
-    if let Ok(entries) = fs::read_dir(&links) {
-        for e in entries.flatten() {
-            let p = e.path();
-            unpin_link(&p)?;
-            removed.push(p.display().to_string());
-        }
-        let _ = fs::remove_dir(&links);
-    }
-    if let Ok(entries) = fs::read_dir(pin_dir.join("progs")) {
-        for e in entries.flatten() {
-            fs::remove_file(e.path())?;
-            removed.push(e.path().display().to_string());
-        }
-        let _ = fs::remove_dir(pin_dir.join("progs"));
-    }
-    if let Ok(entries) = fs::read_dir(pin_dir) {
-        for e in entries.flatten() {
-            fs::remove_file(e.path())?;
-            removed.push(e.path().display().to_string());
-        }
-    }
-    let _ = fs::remove_dir(pin_dir);
-    Ok(removed)
-}
-
-/// The netns cookie of the calling process's network namespace (`SO_NETNS_COOKIE`, Linux 5.14).
-pub fn own_netns_cookie() -> Result<u64> {
-    const SO_NETNS_COOKIE: libc::c_int = 71;
-    let sock = std::net::UdpSocket::bind("127.0.0.1:0")?;
-    let mut cookie: u64 = 0;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: valid socket fd, out pointer and length.
-    let r = unsafe {
-        libc::getsockopt(
-            sock.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_NETNS_COOKIE,
-            &mut cookie as *mut u64 as *mut libc::c_void,
-            &mut len,
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error())
-            .context("reading SO_NETNS_COOKIE (Linux 5.14+)");
-    }
-    Ok(cookie)
+    canonical_addr(SocketAddr::new(addr, port))
 }
 
 #[cfg(test)]

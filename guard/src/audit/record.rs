@@ -1,0 +1,247 @@
+//! What an audit record says: one JSON object per line, its `event` and `decision` as enums so
+//! that every writer spells them the same way.
+
+use serde::{Deserialize, Serialize};
+
+use crate::identity::Identity;
+
+/// What a record is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Event {
+    /// A redirected connection (one per connection; TLS ones say whether they were intercepted).
+    Connection,
+    /// A `tools/call`.
+    ToolCall,
+    /// A filtered `tools/list` answer.
+    ToolsList,
+    /// Another MCP request guard refused (unknown server, batch, upgrade, ...).
+    McpRequest,
+    /// A tool whose definition differs from its pin.
+    ToolChanged,
+    /// A held call: pending, approved, denied, timed out.
+    Approval,
+    /// The server could not be reached or answered badly.
+    UpstreamError,
+    /// A request over a size limit.
+    Limit,
+    PolicyReload,
+    /// A refused control-socket request.
+    Control,
+    AgentStart,
+    AgentExit,
+    DaemonStart,
+    DaemonStop,
+    /// `guard disable`.
+    Disable,
+}
+
+impl Event {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Event::Connection => "connection",
+            Event::ToolCall => "tool_call",
+            Event::ToolsList => "tools_list",
+            Event::McpRequest => "mcp_request",
+            Event::ToolChanged => "tool_changed",
+            Event::Approval => "approval",
+            Event::UpstreamError => "upstream_error",
+            Event::Limit => "limit",
+            Event::PolicyReload => "policy_reload",
+            Event::Control => "control",
+            Event::AgentStart => "agent_start",
+            Event::AgentExit => "agent_exit",
+            Event::DaemonStart => "daemon_start",
+            Event::DaemonStop => "daemon_stop",
+            Event::Disable => "disable",
+        }
+    }
+}
+
+/// What was decided (or what happened), per event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Decision {
+    /// connection: forwarded.
+    Pass,
+    /// connection: the client closed (or stayed silent) before sending anything classifiable.
+    Closed,
+    /// connection / upstream_error: something failed; nothing was forwarded.
+    Error,
+    Allow,
+    Deny,
+    RateLimited,
+    /// tool_call refused because the tool's definition changed since it was pinned.
+    ToolChanged,
+    ApprovalDenied,
+    ApprovalTimeout,
+    /// tool_changed under `on_tool_change = "block"`.
+    Block,
+    /// tools_list.
+    Filter,
+    /// approval steps.
+    Pending,
+    Approved,
+    Denied,
+    Timeout,
+    /// policy_reload.
+    Applied,
+    Rejected,
+    /// daemon and agent lifecycle.
+    Enforce,
+    /// disable.
+    FailOpen,
+}
+
+impl Decision {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Decision::Pass => "pass",
+            Decision::Closed => "closed",
+            Decision::Error => "error",
+            Decision::Allow => "allow",
+            Decision::Deny => "deny",
+            Decision::RateLimited => "rate_limited",
+            Decision::ToolChanged => "tool_changed",
+            Decision::ApprovalDenied => "approval_denied",
+            Decision::ApprovalTimeout => "approval_timeout",
+            Decision::Block => "block",
+            Decision::Filter => "filter",
+            Decision::Pending => "pending",
+            Decision::Approved => "approved",
+            Decision::Denied => "denied",
+            Decision::Timeout => "timeout",
+            Decision::Applied => "applied",
+            Decision::Rejected => "rejected",
+            Decision::Enforce => "enforce",
+            Decision::FailOpen => "fail_open",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Record {
+    pub ts: String,
+    pub id: String,
+    pub event: Event,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub server: Option<ServerRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub original_dst: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub transport: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub session_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jsonrpc_id: Option<serde_json::Value>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub args_sha256: Option<String>,
+    /// Only with `audit.log_arguments = true`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<serde_json::Value>,
+    pub decision: Decision,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rule: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub latency_us: Option<u64>,
+    /// Who asked for a control-plane action (uid), for `exec`, `disable`, ...
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub actor_uid: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub detail: Option<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct AgentRef {
+    pub name: Option<String>,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: String,
+    pub exe: Option<String>,
+    pub cgroup: Option<String>,
+}
+
+impl From<&Identity> for AgentRef {
+    fn from(i: &Identity) -> Self {
+        AgentRef {
+            name: i.agent.clone(),
+            pid: i.pid,
+            tgid: i.tgid,
+            uid: i.uid,
+            gid: i.gid,
+            comm: i.comm.clone(),
+            exe: i.exe.clone(),
+            cgroup: i.cgroup.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct ServerRef {
+    pub name: Option<String>,
+    pub host: String,
+    pub port: u16,
+}
+
+impl Record {
+    /// A record with only its event and decision (`ts` and `id` empty: [`super::Audit::record`]
+    /// fills them in).
+    pub fn new(event: Event, decision: Decision) -> Record {
+        Record {
+            ts: String::new(),
+            id: String::new(),
+            event,
+            agent: None,
+            server: None,
+            original_dst: None,
+            client: None,
+            transport: None,
+            session_id: None,
+            jsonrpc_id: None,
+            method: None,
+            tool: None,
+            args_sha256: None,
+            arguments: None,
+            decision,
+            rule: None,
+            reason: None,
+            latency_us: None,
+            actor_uid: None,
+            detail: None,
+        }
+    }
+}
+
+/// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without a date library (civil-from-days, Howard Hinnant).
+pub fn rfc3339(secs: u64, micros: u32) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = if m <= 2 { y + 1 } else { y };
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{micros:06}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

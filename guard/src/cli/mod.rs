@@ -1,0 +1,233 @@
+//! The `guard` command line (SPEC §2).
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+
+mod approvals;
+mod audit;
+mod ca;
+mod exec;
+mod policy;
+mod status;
+
+use crate::{
+    config::Config,
+    daemon::{
+        self,
+        control::{self, Request},
+    },
+    policy::Caller,
+};
+
+/// Variables through which `guard exec` gives agents the CA bundle.
+pub const CA_VARIABLES: [&str; 4] = [
+    "SSL_CERT_FILE",
+    "NODE_EXTRA_CA_CERTS",
+    "REQUESTS_CA_BUNDLE",
+    "CURL_CA_BUNDLE",
+];
+
+/// Exit status of `guard exec` when guard itself fails (as env(1) and chroot(1) do).
+const EXIT_GUARD_FAILED: i32 = 125;
+
+#[derive(Parser, Debug)]
+#[command(name = "guard", version, about = "A host-level guard for AI agents")]
+pub struct Cli {
+    /// Configuration file (default: /etc/guard/guard.toml, else the embedded defaults).
+    #[arg(long, global = true, env = "GUARD_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(subcommand)]
+    pub command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Cmd {
+    /// Run the root daemon in the foreground.
+    Daemon {
+        /// Policy directory (overrides paths.policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+    },
+    /// Run CMD (and everything it starts) guarded, as the calling user.
+    Exec {
+        /// Agent name, for policies and the audit trail (default: CMD's file name).
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+        cmd: Vec<String>,
+    },
+    /// Programs attached, guarded cgroups and uids, counters.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Emergency fail-open: detach every program and remove every pin (audited; root only).
+    Disable,
+    /// Validate and explain policies (no daemon needed).
+    #[command(subcommand)]
+    Policy(PolicyCmd),
+    /// Read the audit trail.
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// The interception CA (TLS).
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Calls held for a human (root or members of guard.approvers_group).
+    #[command(subcommand)]
+    Approvals(ApprovalsCmd),
+    /// Reload the policies now (root; same as SIGHUP to the daemon).
+    Reload,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ApprovalsCmd {
+    /// Held calls: agent, server, tool, arguments, age, time left.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Release a held call.
+    Approve {
+        id: String,
+        /// Also approve identical calls from the same agent for this long (90s, 10m, 1h).
+        #[arg(long = "for")]
+        for_: Option<String>,
+    },
+    /// Refuse a held call (the agent gets -32003 with the reason).
+    Deny {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum CaCmd {
+    /// Create the CA (key mode 0600 in paths.state_dir); refuses to replace one without --force.
+    Init {
+        #[arg(long)]
+        force: bool,
+    },
+    /// Print the CA certificate (PEM).
+    Export,
+    /// Add the CA to the system trust store, and say what each runtime needs.
+    Install,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PolicyCmd {
+    /// Validate a policy file or directory (default: the running daemon's, else paths.policies);
+    /// errors name file:line:col.
+    Check { path: Option<PathBuf> },
+    /// The decision and the rule for one tool call, without traffic.
+    Explain {
+        #[arg(long)]
+        server: String,
+        #[arg(long)]
+        tool: String,
+        #[arg(long)]
+        agent: Option<String>,
+        /// Caller uid (default: yours).
+        #[arg(long)]
+        uid: Option<u32>,
+        #[arg(long)]
+        exe: Option<String>,
+        #[arg(long)]
+        cgroup: Option<String>,
+        /// The call's arguments as a JSON object.
+        #[arg(long, default_value = "{}")]
+        args: String,
+        /// Policy directory (default: the running daemon's, else paths.policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AuditCmd {
+    /// The most recent decisions; -f keeps following.
+    Tail {
+        #[arg(short = 'f', long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+        /// How many records to show first.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
+    },
+}
+
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr)
+        .init();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("guard: {e}");
+            return 2;
+        }
+    };
+    let result = match cli.command {
+        Cmd::Daemon { policies } => {
+            let (mut config, source) = config;
+            if let Some(p) = policies {
+                config.paths.policies = p;
+            }
+            daemon::run(config, source).map(|()| 0)
+        }
+        Cmd::Exec { agent, cmd } => return exec::exec(&config.0, agent, cmd),
+        Cmd::Status { json } => status::status(&config.0, json).map(|()| 0),
+        Cmd::Disable => status::disable(&config.0).map(|()| 0),
+        Cmd::Policy(PolicyCmd::Check { path }) => policy::policy_check(&config.0, path),
+        Cmd::Policy(PolicyCmd::Explain {
+            server,
+            tool,
+            agent,
+            uid,
+            exe,
+            cgroup,
+            args,
+            policies,
+            json,
+        }) => {
+            let caller = Caller {
+                agent,
+                uid: uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
+                exe,
+                cgroup,
+                session: None,
+            };
+            let dir = policies.unwrap_or_else(|| policy::policies_dir(&config.0));
+            policy::policy_explain(&dir, &server, &tool, &caller, &args, json)
+        }
+        Cmd::Ca(cmd) => ca::ca(&config.0, cmd).map(|()| 0),
+        Cmd::Approvals(cmd) => approvals::approvals(&config.0, cmd).map(|()| 0),
+        Cmd::Reload => control::call(&config.0.paths.control_socket, Request::Reload).map(|_| {
+            println!(
+                "policies reloaded (see the daemon's log or `guard audit tail` for the outcome)"
+            );
+            0
+        }),
+        Cmd::Audit(AuditCmd::Tail {
+            follow,
+            json,
+            lines,
+        }) => audit::audit_tail(&config.0.paths.audit_log, follow, json, lines).map(|()| 0),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("guard: {e:#}");
+            1
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! `guard status` and `guard disable`.
+
+use anyhow::{Context as _, Result};
+use serde_json::Value;
+
+use crate::{
+    config::Config,
+    daemon::{
+        self,
+        control::{self, Request},
+    },
+};
+
+pub(super) fn status(config: &Config, json: bool) -> Result<()> {
+    let s = control::call(&config.paths.control_socket, Request::Status)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&s)?);
+        return Ok(());
+    }
+    let g = |k: &str| s.get(k).cloned().unwrap_or(Value::Null);
+    let c = g("counters");
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    println!(
+        "guard {} (pid {}, up {}s): {}",
+        g("version").as_str().unwrap_or("?"),
+        g("pid"),
+        g("uptime_s"),
+        if g("enforcing").as_bool() == Some(true) {
+            "enforcing"
+        } else {
+            "DISABLED"
+        }
+    );
+    println!("config:          {}", g("config").as_str().unwrap_or("?"));
+    println!(
+        "attach point:    {}",
+        g("attach_cgroup").as_str().unwrap_or("?")
+    );
+    let programs = g("programs");
+    let mut names: Vec<String> = Vec::new();
+    if let Some(m) = programs.as_object() {
+        for (k, v) in m {
+            let count = v.as_array().map_or(0, |a| a.len());
+            names.push(if count == 1 {
+                k.clone()
+            } else {
+                format!("{k} x{count}")
+            });
+        }
+    }
+    println!(
+        "programs:        {} attached ({})",
+        g("programs_attached"),
+        names.join(", ")
+    );
+    println!(
+        "proxy:           {}",
+        g("proxy").as_array().map_or(String::new(), |a| a
+            .iter()
+            .filter_map(Value::as_str)
+            .collect::<Vec<_>>()
+            .join(", "))
+    );
+    let cgroups = g("guarded_cgroups");
+    let cg_list: Vec<String> = cgroups
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| match e.get("cgroup").and_then(Value::as_str) {
+                    Some(p) => format!(
+                        "{p} ({})",
+                        e.get("agent").and_then(Value::as_str).unwrap_or("")
+                    ),
+                    None => format!("cgroup id {}", e.get("id").unwrap_or(&Value::Null)),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    println!(
+        "guarded cgroups: {}",
+        if cg_list.is_empty() {
+            "none".into()
+        } else {
+            cg_list.join(", ")
+        }
+    );
+    println!("guarded uids:    {}", g("guarded_uids"));
+    println!(
+        "counters:        redirected {}, passed through {}, origin missing {}, refused {}",
+        n(&c, "redirected"),
+        n(&c, "passed_through"),
+        n(&c, "origin_missing"),
+        n(&c, "refused")
+    );
+    println!(
+        "audit log:       {}",
+        g("audit_log").as_str().unwrap_or("?")
+    );
+    Ok(())
+}
+
+pub(super) fn disable(config: &Config) -> Result<()> {
+    match control::call(&config.paths.control_socket, Request::Disable) {
+        Ok(v) => {
+            let n = v
+                .get("removed")
+                .and_then(Value::as_array)
+                .map_or(0, |a| a.len());
+            println!("guard disabled: {n} pins removed; guarded processes now connect directly. Restart the daemon to enforce again.");
+            Ok(())
+        }
+        Err(e)
+            if std::os::unix::net::UnixStream::connect(&config.paths.control_socket).is_err() =>
+        {
+            eprintln!("guard: {e:#}; unpinning directly");
+            let removed =
+                daemon::disable_offline(config).context("disabling without the daemon")?;
+            println!("guard disabled: {} pins removed.", removed.len());
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}

@@ -1,0 +1,203 @@
+//! Agent cgroups: `guard exec` asks for one (`exec`: a root-owned `agent-NAME-N` below the
+//! attach cgroup, guarded before the caller is moved in), and they are removed once their last
+//! process is gone (`reap`).
+
+use std::{
+    sync::{atomic::Ordering, Arc},
+    time::Duration,
+};
+
+use anyhow::{bail, Result};
+use serde_json::json;
+
+use super::{control::Peer, Daemon};
+use crate::{
+    audit::{AgentRef, Decision, Event},
+    identity::{AgentCgroup, Identity},
+    kernel::cgroup,
+    proxy::tls::CaFiles,
+};
+
+const REAP_INTERVAL: Duration = Duration::from_millis(200);
+
+/// Agent names end up in cgroup names, audit records and policy grants.
+pub fn valid_agent_name(name: &str) -> bool {
+    let b = name.as_bytes();
+    !b.is_empty()
+        && b.len() <= 64
+        && b[0].is_ascii_alphanumeric()
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+/// `agent-NAME-N` -> (NAME, N)
+pub fn parse_agent_dir(dir: &str) -> Option<(String, u64)> {
+    let rest = dir.strip_prefix("agent-")?;
+    let (name, n) = rest.rsplit_once('-')?;
+    let n = n.parse().ok()?;
+    valid_agent_name(name).then(|| (name.to_string(), n))
+}
+
+/// Whether cgroup `rel` is `base` or below it (both relative to the mount).
+pub(super) fn under(rel: &str, base: &str) -> bool {
+    let rel = rel.trim_matches('/');
+    let base = base.trim_matches('/');
+    base.is_empty() || rel == base || rel.starts_with(&format!("{base}/"))
+}
+
+impl Daemon {
+    /// Removes agent cgroups once their last process is gone.
+    pub(super) async fn reap(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(REAP_INTERVAL);
+        loop {
+            tick.tick().await;
+            for a in self.agents.all() {
+                let path = self.cgroup_mount.join(&a.cgroup);
+                if cgroup::populated(&path).unwrap_or(false) {
+                    continue;
+                }
+                self.agents.remove(a.id);
+                if let Err(e) = self.kernel.unguard_cgroup(a.id) {
+                    tracing::warn!("unguarding {}: {e:#}", a.cgroup);
+                }
+                if let Err(e) = cgroup::remove(&path) {
+                    tracing::warn!("removing {}: {e}", path.display());
+                }
+                let mut r = self.audit.record(Event::AgentExit, Decision::Enforce);
+                r.detail = Some(json!({"agent": a.name, "cgroup": format!("/{}", a.cgroup)}));
+                let _ = self.audit.write(&r);
+            }
+        }
+    }
+
+    pub(super) fn exec(&self, peer: Peer, agent: String) -> Result<serde_json::Value> {
+        if !valid_agent_name(&agent) {
+            bail!("invalid agent name `{agent}`: use 1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit");
+        }
+        if self.disabled.load(Ordering::SeqCst) {
+            bail!("guard is disabled on this host (guard disable); restart the daemon to enforce again");
+        }
+        let caller_cgroup = cgroup::cgroup_of(peer.pid)?;
+        let current = self.agents.containing(&caller_cgroup);
+        if current.is_none() && self.is_guarded(&peer) {
+            // A process guarded by uid or by a configured cgroup must not pick a name (and the
+            // grants that come with it).
+            bail!("a guarded process cannot start an agent under a name of its choosing");
+        }
+        if let Some(current) = current {
+            // A guarded agent must not re-enrol under another name (and another name's grants).
+            if current.name != agent {
+                bail!(
+                    "this process is already guarded as agent `{}`; it cannot become `{agent}`",
+                    current.name
+                );
+            }
+            return Ok(
+                json!({"agent": agent, "cgroup": format!("/{}", current.cgroup), "moved": false}),
+            );
+        }
+        let n = self.next_agent.fetch_add(1, Ordering::SeqCst);
+        let dir = format!("agent-{agent}-{n}");
+        let rel = format!("{}/{dir}", self.attach_rel)
+            .trim_start_matches('/')
+            .to_string();
+        let path = self.attach_path.join(&dir);
+        cgroup::create(&path)?;
+        let id = cgroup::cgroup_id(&path)?;
+        // Guarded before the process arrives, so not one connect slips through.
+        let moved = self
+            .kernel
+            .guard_cgroup(id)
+            .and_then(|()| cgroup::move_pid(&path, peer.pid));
+        if let Err(e) = moved {
+            let _ = self.kernel.unguard_cgroup(id);
+            let _ = cgroup::remove(&path);
+            return Err(e);
+        }
+        self.agents.insert(AgentCgroup {
+            name: agent.clone(),
+            cgroup: rel.clone(),
+            id,
+        });
+        let mut r = self.audit.record(Event::AgentStart, Decision::Enforce);
+        r.actor_uid = Some(peer.uid);
+        r.agent = Some(AgentRef::from(&Identity {
+            pid: peer.pid,
+            tgid: peer.pid,
+            uid: peer.uid,
+            gid: peer.gid,
+            agent: Some(agent.clone()),
+            cgroup: Some(format!("/{rel}")),
+            exe: std::fs::read_link(format!("/proc/{}/exe", peer.pid))
+                .ok()
+                .map(|p| p.display().to_string()),
+            comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+            ..Default::default()
+        }));
+        self.audit.write(&r)?;
+        Ok(
+            json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true,
+                  "ca_bundle": CaFiles::new(&self.config.paths.state_dir).bundle}),
+        )
+    }
+
+    /// The kernel's rule, seen from here: a guarded uid, or a cgroup (or ancestor) in the
+    /// guarded set. Unknown means guarded.
+    pub(super) fn is_guarded(&self, peer: &Peer) -> bool {
+        if self.kernel.guarded_uids().contains(&peer.uid) {
+            return true;
+        }
+        let Ok(rel) = cgroup::cgroup_of(peer.pid) else {
+            return true;
+        };
+        let guarded = self.kernel.guarded_cgroups();
+        let mut path = self.cgroup_mount.clone();
+        for part in rel.split('/').filter(|p| !p.is_empty()) {
+            path.push(part);
+            match cgroup::cgroup_id(&path) {
+                Ok(id) if guarded.contains(&id) => return true,
+                Ok(_) => {}
+                Err(_) => return true,
+            }
+        }
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_names() {
+        assert!(valid_agent_name("research-bot"));
+        assert!(valid_agent_name("a.b_c-1"));
+        assert!(!valid_agent_name(""));
+        assert!(!valid_agent_name("-x"));
+        assert!(!valid_agent_name("a/b"));
+        assert!(!valid_agent_name("../x"));
+        assert!(!valid_agent_name(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn agent_dirs() {
+        assert_eq!(parse_agent_dir("agent-bot-3"), Some(("bot".into(), 3)));
+        assert_eq!(
+            parse_agent_dir("agent-research-bot-12"),
+            Some(("research-bot".into(), 12))
+        );
+        assert_eq!(parse_agent_dir("agent-bot"), None);
+        assert_eq!(parse_agent_dir("other"), None);
+    }
+
+    #[test]
+    fn under_attach_point() {
+        assert!(under("guard.slice/agent-a-1", "guard.slice"));
+        assert!(under("guard.slice", "guard.slice"));
+        assert!(!under("guard.slicex", "guard.slice"));
+        assert!(under("anything", ""));
+    }
+}

@@ -1,0 +1,322 @@
+//! Starting the daemon: the attach point, the audit log, the policies (an invalid set stops the
+//! start before anything is attached), the listeners, the kernel side, the agent cgroups a
+//! previous run left, and the proxy around the enforcement core ([`assemble`], which tests use
+//! too, around an [`Identify`] of their own).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicBool, AtomicU64},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result};
+use serde_json::json;
+
+use super::{
+    agents::{parse_agent_dir, under},
+    control,
+    metrics::Metrics,
+    policies::{load_policies, policy_fingerprint, restore_rate_limits},
+    Daemon,
+};
+use crate::{
+    audit::{Audit, Decision, Event},
+    config::{Config, UdpMode},
+    identity::{AgentCgroup, Agents},
+    kernel::{self, cgroup, Kernel, Settings},
+    mcp::{self, pins::Pins, Engine},
+    policy::PolicySet,
+    proxy::{
+        self,
+        http::{HttpLayer, HttpSettings},
+        identify::{Identify, KernelIdentify},
+        named::{self, Named},
+        tls::{CaFiles, Interceptor},
+        Proxy, Stats, Workers,
+    },
+};
+
+/// Where the daemon attaches, and where it runs itself.
+struct AttachPoint {
+    cgroup_mount: PathBuf,
+    attach_rel: String,
+    attach_path: PathBuf,
+    daemon_cgroup: String,
+    daemon_cgroup_id: u64,
+}
+
+fn attach_point(config: &Config) -> Result<AttachPoint> {
+    let cgroup_mount = cgroup::cgroup2_mount()?;
+    let attach_rel = config.attach_cgroup_rel().to_string();
+    let attach_path = cgroup_mount.join(&attach_rel);
+    if attach_rel.is_empty() {
+        tracing::warn!(
+            "attaching at the cgroup v2 root ({}): every process on this host runs guard's programs",
+            cgroup_mount.display()
+        );
+    }
+    cgroup::create(&attach_path)?;
+    let daemon_cgroup = cgroup::cgroup_of(std::process::id())?;
+    let daemon_cgroup_id = cgroup::cgroup_id(&cgroup_mount.join(&daemon_cgroup))?;
+    if under(&daemon_cgroup, &attach_rel) {
+        let procs = std::fs::read_to_string(cgroup_mount.join(&daemon_cgroup).join("cgroup.procs"))
+            .unwrap_or_default();
+        if procs.lines().count() > 1 {
+            tracing::warn!(
+                "the daemon's cgroup /{daemon_cgroup} holds other processes; they are never guarded. Run the daemon in a cgroup of its own (systemd does)"
+            );
+        }
+    }
+    Ok(AttachPoint {
+        cgroup_mount,
+        attach_rel,
+        attach_path,
+        daemon_cgroup,
+        daemon_cgroup_id,
+    })
+}
+
+/// Loads the programs and fills the maps the configuration describes (not attached yet).
+fn load_kernel(config: &Config, at: &AttachPoint) -> Result<Kernel> {
+    let settings = Settings {
+        proxy_port: config.proxy.listen_port,
+        udp_mode: match config.scope.udp {
+            UdpMode::DnsOnly => guard_common::UDP_DNS_ONLY,
+            UdpMode::Allow => guard_common::UDP_ALLOW,
+            UdpMode::Deny => guard_common::UDP_DENY,
+        },
+        daemon_cgroup_id: at.daemon_cgroup_id,
+        host_netns_cookie: kernel::sys::own_netns_cookie()?,
+        attach_level: cgroup::level(&at.attach_rel),
+    };
+    let kernel = Kernel::load(&config.paths.bpffs, settings)?;
+    kernel.set_uids(&config.scope.guarded_uids)?;
+    kernel.set_exempt(&config.scope.exempt)?;
+    let dns = config
+        .scope
+        .dns_server_addrs(Path::new("/etc/resolv.conf"))?;
+    if let Some(d) = &dns {
+        tracing::info!(servers = ?d, "guarded DNS only to these servers (scope.dns_servers)");
+    }
+    kernel.set_dns_servers(dns.as_deref())?;
+    Ok(kernel)
+}
+
+/// Makes the guarded-cgroup map exactly: the configured cgroups plus the agent cgroups of an
+/// earlier run that still hold processes (registered in `agents`; empty ones are removed).
+/// Returns the next free agent number.
+fn adopt_agents(
+    kernel: &Kernel,
+    config: &Config,
+    at: &AttachPoint,
+    agents: &Agents,
+) -> Result<u64> {
+    let mut want: Vec<u64> = Vec::new();
+    for g in &config.scope.guarded_cgroups {
+        let rel = g.trim_matches('/');
+        if !under(rel, &at.attach_rel) {
+            tracing::warn!(
+                "guarded cgroup /{rel} is outside the attach point /{}: its processes run no guard program (set scope.attach_cgroup = \"/\" for host-wide enrolment)",
+                at.attach_rel
+            );
+        }
+        match cgroup::cgroup_id(&at.cgroup_mount.join(rel)) {
+            Ok(id) => want.push(id),
+            Err(e) => tracing::warn!("guarded cgroup /{rel} is not usable: {e:#}"),
+        }
+    }
+    let mut next_agent = 1;
+    for entry in std::fs::read_dir(&at.attach_path)?.flatten() {
+        let dir = entry.file_name().to_string_lossy().into_owned();
+        let Some((name, n)) = parse_agent_dir(&dir) else {
+            continue;
+        };
+        next_agent = next_agent.max(n + 1);
+        let path = entry.path();
+        if cgroup::populated(&path).unwrap_or(false) {
+            let id = cgroup::cgroup_id(&path)?;
+            want.push(id);
+            agents.insert(AgentCgroup {
+                name,
+                cgroup: format!("{}/{dir}", at.attach_rel)
+                    .trim_start_matches('/')
+                    .to_string(),
+                id,
+            });
+        } else if let Err(e) = cgroup::remove(&path) {
+            tracing::warn!("removing empty agent cgroup {}: {e}", path.display());
+        }
+    }
+    for id in kernel.guarded_cgroups() {
+        if !want.contains(&id) {
+            kernel.unguard_cgroup(id)?;
+        }
+    }
+    for id in &want {
+        kernel.guard_cgroup(*id)?;
+    }
+    Ok(next_agent)
+}
+
+/// The enforcing part of a daemon, as its configuration describes it.
+pub struct Enforcement {
+    pub engine: Arc<Engine>,
+    pub proxy: Arc<Proxy>,
+    pub named: Arc<Named>,
+}
+
+/// Builds the enforcement core, restores its rate-limit counters, resolves the addresses the
+/// policies name, and puts the proxy (with its threads) around it. Nothing is listening yet:
+/// hand listeners to [`Proxy::start`].
+pub async fn assemble(
+    config: &Config,
+    policies: PolicySet,
+    audit: Arc<Audit>,
+    identify: Arc<dyn Identify>,
+) -> Result<Enforcement> {
+    let state_dir = &config.paths.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let engine = Arc::new(Engine::new(
+        policies,
+        Pins::new(state_dir),
+        audit.clone(),
+        mcp::Settings {
+            unknown_servers: config.policy.unknown_servers,
+            denial: config.policy.denial,
+            log_arguments: config.audit.log_arguments,
+        },
+    ));
+    restore_rate_limits(&engine, state_dir);
+    let interceptor = Interceptor::load(&CaFiles::new(state_dir), &config.tls.extra_roots)
+        .context("setting up TLS interception")?;
+    let named = Arc::new(Named::default());
+    named.set(named::resolve(&engine.policies()).await);
+    let header_timeout = Duration::from_secs(config.proxy.header_timeout_s);
+    let http = HttpLayer::new(
+        engine.clone(),
+        HttpSettings {
+            max_body: config.proxy.max_body.0 as usize,
+            max_header: 64 * 1024,
+            header_timeout,
+        },
+        named.clone(),
+    );
+    let proxy = Arc::new(Proxy {
+        identify,
+        audit,
+        stats: Arc::new(Stats::default()),
+        http: Arc::new(http),
+        named: named.clone(),
+        interceptor: Arc::new(interceptor),
+        settings: proxy::Settings {
+            other: config.proxy.other,
+            intercept: config.tls.intercept,
+            header_timeout,
+        },
+        capacity: Arc::new(tokio::sync::Semaphore::new(
+            config.proxy.max_connections.max(1),
+        )),
+        workers: Arc::new(Workers::start(config.proxy.threads)?),
+    });
+    Ok(Enforcement {
+        engine,
+        proxy,
+        named,
+    })
+}
+
+pub(super) async fn start(
+    config: Config,
+    config_source: String,
+) -> Result<(Daemon, tokio::net::UnixListener)> {
+    let at = attach_point(&config)?;
+    let state_dir = &config.paths.state_dir;
+    std::fs::create_dir_all(state_dir)
+        .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
+    let metrics = Arc::new(Metrics::default());
+    let counted = metrics.clone();
+    let audit = Arc::new(
+        Audit::open_rotating(
+            &config.paths.audit_log,
+            crate::audit::Rotation {
+                max_size: config.audit.max_size.0,
+                keep: config.audit.keep,
+            },
+        )?
+        .observe(move |r| counted.observe(r)),
+    );
+    // Invalid policies stop the start, before anything is attached.
+    let policies = load_policies(&config.paths.policies)?;
+    let listeners = proxy::bind(config.proxy.listen_port)?;
+    let listen: Vec<SocketAddr> = listeners
+        .iter()
+        .filter_map(|l| l.local_addr().ok())
+        .collect();
+    let control_listener = control::bind(&config.paths.control_socket)?;
+
+    let mut kernel = load_kernel(&config, &at)?;
+    let agents = Arc::new(Agents::default());
+    let next_agent = adopt_agents(&kernel, &config, &at, &agents)?;
+    let done = kernel.attach(&at.attach_path)?;
+    let kernel = Arc::new(kernel);
+    tracing::info!(
+        attach = %at.attach_path.display(),
+        newly_attached = done.attached,
+        reused = done.reused,
+        updated = done.updated,
+        removed = done.removed,
+        proxy = ?listen,
+        "guard is enforcing"
+    );
+    let mut r = audit.record(Event::DaemonStart, Decision::Enforce);
+    r.detail = Some(json!({
+        "config": config_source,
+        "attach_cgroup": at.attach_path.display().to_string(),
+        "programs_attached": done.attached,
+        "programs_reused": done.reused,
+        "programs_updated": done.updated,
+        "stale_links_removed": done.removed,
+        "pid": std::process::id(),
+    }));
+    audit.write(&r)?;
+
+    let identify = Arc::new(KernelIdentify {
+        kernel: kernel.clone(),
+        agents: agents.clone(),
+    });
+    let Enforcement {
+        engine,
+        proxy,
+        named,
+    } = assemble(&config, policies, audit.clone(), identify).await?;
+    for l in listeners {
+        proxy.clone().start(l)?;
+    }
+    let daemon = Daemon {
+        saved_generation: AtomicU64::new(engine.limiter.generation()),
+        stats: proxy.stats.clone(),
+        engine,
+        named,
+        metrics,
+        policies_fingerprint: Mutex::new(policy_fingerprint(&config.paths.policies)),
+        config,
+        config_source,
+        cgroup_mount: at.cgroup_mount,
+        attach_rel: at.attach_rel,
+        attach_path: at.attach_path,
+        daemon_cgroup: at.daemon_cgroup,
+        kernel,
+        agents,
+        audit,
+        listen,
+        disabled: AtomicBool::new(false),
+        next_agent: AtomicU64::new(next_agent),
+        started: Instant::now(),
+    };
+    Ok((daemon, control_listener))
+}

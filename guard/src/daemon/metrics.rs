@@ -1,0 +1,273 @@
+//! Prometheus metrics, derived from the audit records (every decision is one; the audit log
+//! hands each record written to [`Metrics::observe`]) plus the daemon's counters, served on a
+//! loopback address (`metrics.listen`).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    sync::{atomic::Ordering, Arc, Mutex},
+};
+
+use super::Daemon;
+use crate::audit::{Decision, Event, Record};
+
+/// Upper bounds (µs) of the decision latency histogram.
+const BUCKETS_US: [u64; 12] = [
+    50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 50_000, 250_000, 1_000_000, 10_000_000,
+];
+
+#[derive(Default)]
+struct Inner {
+    /// (event, server, tool, decision) -> count
+    decisions: BTreeMap<(Event, String, String, Decision), u64>,
+    /// (event) -> bucket counts, sum µs, count
+    latency: BTreeMap<Event, ([u64; BUCKETS_US.len()], u64, u64)>,
+}
+
+#[derive(Default)]
+pub struct Metrics {
+    inner: Mutex<Inner>,
+}
+
+/// Label values are quoted with `\`, `"` and newlines escaped.
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+impl Metrics {
+    pub fn observe(&self, r: &Record) {
+        let server = r
+            .server
+            .as_ref()
+            .and_then(|s| s.name.clone())
+            .unwrap_or_default();
+        let tool = r.tool.clone().unwrap_or_default();
+        let mut inner = self.inner.lock().unwrap();
+        *inner
+            .decisions
+            .entry((r.event, server, tool, r.decision))
+            .or_default() += 1;
+        if let Some(us) = r.latency_us {
+            let e = inner
+                .latency
+                .entry(r.event)
+                .or_insert(([0; BUCKETS_US.len()], 0, 0));
+            for (i, b) in BUCKETS_US.iter().enumerate() {
+                if us <= *b {
+                    e.0[i] += 1;
+                }
+            }
+            e.1 += us;
+            e.2 += 1;
+        }
+    }
+
+    /// The text exposition format; `gauges` and `counters` are added as they are.
+    pub fn render(&self, counters: &[(&str, &str, u64)], gauges: &[(&str, &str, u64)]) -> String {
+        let inner = self.inner.lock().unwrap();
+        let mut out = String::new();
+        out.push_str("# HELP guard_decisions_total Decisions written to the audit trail, by event, server, tool and decision.\n");
+        out.push_str("# TYPE guard_decisions_total counter\n");
+        for ((event, server, tool, decision), n) in &inner.decisions {
+            let _ = writeln!(
+                out,
+                "guard_decisions_total{{event=\"{}\",server=\"{}\",tool=\"{}\",decision=\"{}\"}} {n}",
+                esc(event.as_str()),
+                esc(server),
+                esc(tool),
+                esc(decision.as_str())
+            );
+        }
+        out.push_str("# HELP guard_decision_latency_seconds Time from accepting a request to its decision.\n");
+        out.push_str("# TYPE guard_decision_latency_seconds histogram\n");
+        for (event, (buckets, sum, count)) in &inner.latency {
+            for (i, b) in BUCKETS_US.iter().enumerate() {
+                let _ = writeln!(
+                    out,
+                    "guard_decision_latency_seconds_bucket{{event=\"{}\",le=\"{}\"}} {}",
+                    esc(event.as_str()),
+                    *b as f64 / 1e6,
+                    buckets[i]
+                );
+            }
+            let _ = writeln!(
+                out,
+                "guard_decision_latency_seconds_bucket{{event=\"{}\",le=\"+Inf\"}} {count}",
+                esc(event.as_str())
+            );
+            let _ = writeln!(
+                out,
+                "guard_decision_latency_seconds_sum{{event=\"{}\"}} {}",
+                esc(event.as_str()),
+                *sum as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "guard_decision_latency_seconds_count{{event=\"{}\"}} {count}",
+                esc(event.as_str())
+            );
+        }
+        for (name, help, v) in counters {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}"
+            );
+        }
+        for (name, help, v) in gauges {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
+        }
+        out
+    }
+}
+
+/// Serves `/metrics` until the daemon stops.
+pub(super) async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let me = daemon.clone();
+        tokio::spawn(async move {
+            let service =
+                hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                    let me = me.clone();
+                    async move {
+                        let (status, body) = if req.uri().path() == "/metrics" {
+                            (200, me.render_metrics())
+                        } else {
+                            (404, "see /metrics\n".to_string())
+                        };
+                        let mut resp = http::Response::new(http_body_util::Full::new(
+                            bytes::Bytes::from(body),
+                        ));
+                        *resp.status_mut() = http::StatusCode::from_u16(status).unwrap();
+                        resp.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            http::HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        Ok::<_, std::convert::Infallible>(resp)
+                    }
+                });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+impl Daemon {
+    fn render_metrics(&self) -> String {
+        let k = self.kernel.counters();
+        let p = self.stats.snapshot();
+        let kc = |n: &str| k.get(n).copied().unwrap_or(0);
+        let refused: u64 = k
+            .iter()
+            .filter(|(n, _)| n.starts_with("refused_"))
+            .map(|(_, v)| v)
+            .sum();
+        self.metrics.render(
+            &[
+                (
+                    "guard_redirected_total",
+                    "Guarded connects rewritten to the proxy (kernel).",
+                    kc("redirected"),
+                ),
+                (
+                    "guard_refused_total",
+                    "Guarded socket operations refused in the kernel (netns, UDP, bind, direct).",
+                    refused,
+                ),
+                (
+                    "guard_exempt_total",
+                    "Guarded connects left alone by scope.exempt.",
+                    kc("exempt"),
+                ),
+                (
+                    "guard_connections_accepted_total",
+                    "Connections accepted by the proxy.",
+                    p.accepted,
+                ),
+                (
+                    "guard_connections_passed_total",
+                    "Connections forwarded (passthrough, HTTP or TLS).",
+                    p.passed_through,
+                ),
+                (
+                    "guard_origin_missing_total",
+                    "Accepted connections with no recorded origin (closed).",
+                    p.origin_missing,
+                ),
+                (
+                    "guard_upstream_failed_total",
+                    "Upstream connects that failed.",
+                    p.upstream_failed,
+                ),
+            ],
+            &[
+                (
+                    "guard_connections_active",
+                    "Connections open through the proxy.",
+                    p.active,
+                ),
+                (
+                    "guard_approvals_pending",
+                    "Calls held for a human.",
+                    self.engine.approvals.len() as u64,
+                ),
+                (
+                    "guard_agents",
+                    "Agent cgroups alive.",
+                    self.agents.all().len() as u64,
+                ),
+                (
+                    "guard_enforcing",
+                    "1 while guard enforces, 0 after guard disable.",
+                    u64::from(!self.disabled.load(Ordering::SeqCst)),
+                ),
+            ],
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::audit::ServerRef;
+
+    #[test]
+    fn renders_decisions_and_latency() {
+        let m = Metrics::default();
+        let mut r = Record::new(Event::ToolCall, Decision::Deny);
+        r.tool = Some("rm \"x\"".into());
+        r.server = Some(ServerRef {
+            name: Some("files".into()),
+            ..Default::default()
+        });
+        r.latency_us = Some(120);
+        m.observe(&r);
+        m.observe(&r);
+        let text = m.render(
+            &[("guard_redirected_total", "Redirected connects.", 5)],
+            &[],
+        );
+        assert!(text.contains(
+            "guard_decisions_total{event=\"tool_call\",server=\"files\",tool=\"rm \\\"x\\\"\",decision=\"deny\"} 2"
+        ), "{text}");
+        assert!(
+            text.contains(
+                "guard_decision_latency_seconds_bucket{event=\"tool_call\",le=\"0.00025\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "guard_decision_latency_seconds_bucket{event=\"tool_call\",le=\"0.0001\"} 0"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("guard_decision_latency_seconds_count{event=\"tool_call\"} 2"));
+        assert!(text.contains("guard_redirected_total 5"));
+    }
+}

@@ -1,0 +1,155 @@
+//! `guard daemon`: started by [`bootstrap`] (kernel side, proxy, enforcement core), then it
+//! serves the control socket ([`control`], answered by [`admin`]) and the metrics ([`metrics`]),
+//! keeps agent cgroups tidy ([`agents`]), reloads policies and saves rate-limit state
+//! ([`policies`]) until SIGTERM.
+
+mod admin;
+mod agents;
+mod bootstrap;
+pub mod control;
+mod metrics;
+mod policies;
+
+pub use admin::disable_offline;
+pub use agents::{parse_agent_dir, valid_agent_name};
+pub use bootstrap::{assemble, Enforcement};
+pub use policies::load_policies;
+
+use std::{
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{
+        atomic::{AtomicBool, AtomicU64, Ordering},
+        Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Context as _, Result};
+
+use self::policies::policy_fingerprint;
+
+use crate::{
+    audit::{Audit, Decision, Event},
+    config::Config,
+    identity::Agents,
+    kernel::Kernel,
+    mcp::Engine,
+    proxy::{named::Named, Stats},
+};
+
+pub struct Daemon {
+    engine: Arc<Engine>,
+    named: Arc<Named>,
+    metrics: Arc<metrics::Metrics>,
+    saved_generation: AtomicU64,
+    policies_fingerprint: Mutex<Vec<(String, u64, i64)>>,
+    config: Config,
+    config_source: String,
+    cgroup_mount: PathBuf,
+    attach_rel: String,
+    attach_path: PathBuf,
+    daemon_cgroup: String,
+    kernel: Arc<Kernel>,
+    agents: Arc<Agents>,
+    audit: Arc<Audit>,
+    stats: Arc<Stats>,
+    listen: Vec<SocketAddr>,
+    disabled: AtomicBool,
+    next_agent: AtomicU64,
+    started: Instant,
+}
+
+/// Every proxied connection holds two descriptors: lift the soft limit to the hard one (a
+/// default soft limit of 1024 would cap guard at ~500 agent connections).
+fn raise_nofile() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::warn!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
+            }
+        }
+    }
+}
+
+pub fn run(config: Config, config_source: String) -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        bail!("guard daemon must run as root: it loads eBPF programs and manages cgroups");
+    }
+    raise_nofile();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let (daemon, control_listener) = bootstrap::start(config, config_source).await?;
+        Arc::new(daemon).serve(control_listener).await
+    })
+}
+
+/// How often the policy directory is checked for changes (SIGHUP reloads at once).
+const POLICY_POLL: Duration = Duration::from_secs(2);
+/// How often changed rate-limit counters are saved (also on a clean stop).
+const RATE_LIMIT_SAVE: Duration = Duration::from_secs(1);
+/// How often the host names of `server.match` entries are resolved again.
+const NAMED_REFRESH: Duration = Duration::from_secs(60);
+
+impl Daemon {
+    async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) -> Result<()> {
+        if let Some(addr) = self.config.metrics.addr() {
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding metrics.listen {addr}"))?;
+            tracing::info!(%addr, "metrics on http://{addr}/metrics");
+            tokio::spawn(metrics::serve(self.clone(), l));
+        }
+        // Control last: a daemon that answers `status` serves everything else already.
+        tokio::spawn(control::serve(listener, self.clone()));
+        tokio::spawn(self.clone().reap());
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+        let mut watch = tokio::time::interval(POLICY_POLL);
+        let mut persist = tokio::time::interval(RATE_LIMIT_SAVE);
+        let mut resolve = tokio::time::interval(NAMED_REFRESH);
+        let sig = loop {
+            tokio::select! {
+                _ = term.recv() => break "SIGTERM",
+                _ = int.recv() => break "SIGINT",
+                _ = hup.recv() => {
+                    self.reload_policies("SIGHUP");
+                    self.refresh_named().await;
+                }
+                _ = resolve.tick() => self.refresh_named().await,
+                _ = persist.tick() => {
+                    let generation = self.engine.limiter.generation();
+                    if generation != self.saved_generation.swap(generation, Ordering::SeqCst) {
+                        self.save_rate_limits();
+                    }
+                }
+                _ = watch.tick() => {
+                    let fp = policy_fingerprint(&self.config.paths.policies);
+                    let changed = *self.policies_fingerprint.lock().unwrap() != fp;
+                    if changed {
+                        *self.policies_fingerprint.lock().unwrap() = fp;
+                        self.reload_policies("file change");
+                        self.refresh_named().await;
+                    }
+                }
+            }
+        };
+        tracing::info!("{sig}: stopping; the pinned programs keep guarded connects away from the network until the daemon is back");
+        // Held calls get an answer (denied), never a hang.
+        let held = self.engine.approvals.shutdown();
+        if held > 0 {
+            tracing::info!("{held} held calls denied: the daemon is stopping");
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        self.save_rate_limits();
+        let mut r = self.audit.record(Event::DaemonStop, Decision::Enforce);
+        r.reason = Some(sig.into());
+        let _ = self.audit.write(&r);
+        let _ = std::fs::remove_file(&self.config.paths.control_socket);
+        Ok(())
+    }
+}

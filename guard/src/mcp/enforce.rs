@@ -1,0 +1,558 @@
+//! The enforcement core: every MCP message guard reads, from any transport, is decided here.
+//! [`Engine::enforce`] decides one message; [`Engine::enforce_body`] a request body (one message
+//! or a batch, which is forwarded whole or not at all). Decisions are audited here, before the
+//! adapter acts on them. No HTTP, no sockets: the HTTP, SSE and stdio adapters hand it parsed
+//! messages and turn its [`Outcome`] into their own answers.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::{Duration, Instant},
+};
+
+use serde_json::{json, Value};
+
+use super::{
+    approvals::{agent_key, Approvals, Held, Verdict as Approval},
+    pins::Pins,
+    verdict::{Refusal, RefusalKind, Verdict},
+    wire::{self, Body, BodyError, Message},
+};
+use crate::{
+    audit::{AgentRef, Audit, Decision, Event, Record, ServerRef},
+    config::{Denial, UnknownServers},
+    identity::Identity,
+    policy::{self, PolicySet, RateLimiter, ServerPolicy, ToolChange},
+};
+
+/// How the core answers, from the configuration.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub unknown_servers: UnknownServers,
+    pub denial: Denial,
+    /// `audit.log_arguments`: tool-call arguments go into the audit record.
+    pub log_arguments: bool,
+}
+
+/// The transport a message came over, as the audit trail names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Transport {
+    /// Streamable HTTP (POST, JSON or SSE answers, GET streams).
+    StreamableHttp,
+    /// Legacy HTTP+SSE (answers travel on the session's event stream).
+    Sse,
+}
+
+impl Transport {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Transport::StreamableHttp => "streamable-http",
+            Transport::Sse => "sse",
+        }
+    }
+}
+
+/// Where a message goes, for decisions and audit.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The policy-named server; None: no policy matches (an unknown server).
+    pub server: Option<String>,
+    pub host: String,
+    pub port: u16,
+    /// The connection's original destination, when the transport has one.
+    pub original_dst: Option<SocketAddr>,
+    pub session: Option<String>,
+    pub transport: Transport,
+    /// When the request carrying the message arrived (the decision latency counts from here).
+    pub received: Instant,
+}
+
+impl Target {
+    /// `host:port`, for unknown servers.
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+/// What to do with a request body.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every message may go to the server as it is.
+    Forward,
+    /// Nothing is forwarded; these are the answers, one per request in the body (a JSON-RPC
+    /// batch when `batch`). Empty when the body held only notifications.
+    Answer { batch: bool, answers: Vec<Value> },
+    /// The request is refused as a whole, before any message is decided (its `Mcp-Method` /
+    /// `Mcp-Name` headers disagree with the body): a client error carrying this answer.
+    Reject(Value),
+    /// A decision could not be audited: nothing is forwarded (no record, no call).
+    Unaudited,
+}
+
+/// The `Mcp-Method` / `Mcp-Name` values a transport carried beside the body (2026-07-28 draft).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Headers<'a> {
+    pub method: Option<&'a str>,
+    pub name: Option<&'a str>,
+}
+
+/// Everything decisions need, shared by every connection and transport.
+pub struct Engine {
+    policies: RwLock<Arc<PolicySet>>,
+    pub limiter: RateLimiter,
+    pub pins: Pins,
+    pub approvals: Approvals,
+    pub(super) audit: Arc<Audit>,
+    pub settings: Settings,
+}
+
+/// Removes a held call when the request holding it ends, however it ends.
+struct ForgetOnDrop<'a>(&'a Approvals, String);
+
+impl Drop for ForgetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.remove(&self.1);
+    }
+}
+
+/// What the policy said, before approvals.
+enum Step {
+    Allow { rule: String },
+    Refuse(Refusal),
+    Hold { rule: String, timeout_s: u64 },
+}
+
+impl Engine {
+    pub fn new(policies: PolicySet, pins: Pins, audit: Arc<Audit>, settings: Settings) -> Engine {
+        Engine {
+            policies: RwLock::new(Arc::new(policies)),
+            limiter: RateLimiter::new(),
+            pins,
+            approvals: Approvals::default(),
+            audit,
+            settings,
+        }
+    }
+
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.read().unwrap().clone()
+    }
+
+    pub fn set_policies(&self, p: PolicySet) {
+        *self.policies.write().unwrap() = Arc::new(p);
+    }
+
+    pub fn audit_log(&self) -> &Audit {
+        &self.audit
+    }
+
+    /// A new record about `caller`'s message to `t`.
+    pub fn record(
+        &self,
+        event: Event,
+        decision: Decision,
+        caller: &Identity,
+        t: &Target,
+    ) -> Record {
+        let mut r = self.audit.record(event, decision);
+        r.agent = Some(AgentRef::from(caller));
+        r.server = Some(ServerRef {
+            name: t.server.clone(),
+            host: t.host.clone(),
+            port: t.port,
+        });
+        r.original_dst = t.original_dst.map(|d| d.to_string());
+        r.transport = Some(t.transport.as_str().into());
+        r.session_id = t.session.clone();
+        r
+    }
+
+    /// Writes `r`; false (and an error log) when it cannot be written: the caller fails closed.
+    pub fn write(&self, r: &Record) -> bool {
+        match self.audit.write(r) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!("{e:#}");
+                false
+            }
+        }
+    }
+
+    /// Audits a request refused by its transport (an upgrade, a CONNECT tunnel, a size limit):
+    /// `event` with decision deny, the `rule` and `reason`, and returns the record's id.
+    pub fn audit_refused(
+        &self,
+        event: Event,
+        caller: &Identity,
+        t: &Target,
+        method: Option<&str>,
+        rule: &str,
+        reason: &str,
+    ) -> String {
+        let mut r = self.record(event, Decision::Deny, caller, t);
+        r.method = method.map(str::to_string);
+        r.rule = Some(rule.into());
+        r.reason = Some(reason.into());
+        self.write(&r);
+        r.id
+    }
+
+    /// The answer to a body guard could not read as JSON-RPC, sent to a policy-named server
+    /// (audited; the body is not forwarded).
+    pub fn refuse_malformed(&self, caller: &Identity, t: &Target, e: &BodyError) -> Value {
+        let mut r = self.record(Event::ToolCall, Decision::Deny, caller, t);
+        r.reason = Some(format!("malformed JSON-RPC: {e}"));
+        r.rule = Some("protocol".into());
+        self.write(&r);
+        let code = match e {
+            BodyError::Json(_) => wire::PARSE_ERROR,
+            BodyError::NotJsonRpc(_) => wire::INVALID_REQUEST,
+        };
+        wire::error(&Value::Null, code, &format!("guard: {e}"))
+    }
+
+    /// Decides a whole request body: the unknown-server rule first, then the headers, then every
+    /// message. A body with one refused message is not forwarded at all; each of its requests is
+    /// answered (the refused ones with their refusal, the others with a "batch" refusal).
+    pub async fn enforce_body(
+        &self,
+        caller: &Identity,
+        t: &Target,
+        body: &Body,
+        headers: Headers<'_>,
+    ) -> Outcome {
+        if t.server.is_none() && self.settings.unknown_servers == UnknownServers::Deny {
+            return self.refuse_unknown(caller, t, body);
+        }
+        if let Some(answer) = self.check_headers(caller, t, body, headers) {
+            return Outcome::Reject(answer);
+        }
+        let mut refused: Vec<(usize, Value)> = Vec::new();
+        for (i, m) in body.messages.iter().enumerate() {
+            match self.enforce(caller, t, m).await {
+                Verdict::Allow { .. } => {}
+                Verdict::Refuse(refusal) => {
+                    let id = m.id.clone().unwrap_or(Value::Null);
+                    refused.push((i, refusal.answer(&id, self.settings.denial)));
+                }
+                Verdict::Unaudited => return Outcome::Unaudited,
+            }
+        }
+        let Some(first) = refused.first().map(|(i, _)| *i) else {
+            return Outcome::Forward;
+        };
+        let first_tool = body.messages[first].tool().unwrap_or("?").to_string();
+        let mut answers = Vec::new();
+        for (i, m) in body.messages.iter().enumerate() {
+            if let Some((_, v)) = refused.iter().find(|(j, _)| *j == i) {
+                answers.push(v.clone());
+            } else if let (true, Some(id)) = (m.is_request(), &m.id) {
+                let reason =
+                    format!("not forwarded: the batch contained a blocked call ({first_tool})");
+                let mut r = self.record(Event::McpRequest, Decision::Deny, caller, t);
+                r.method = m.method.clone();
+                r.jsonrpc_id = Some(id.clone());
+                r.rule = Some("batch".into());
+                r.reason = Some(reason.clone());
+                self.write(&r);
+                let mut refusal = Refusal::new(
+                    RefusalKind::Denied,
+                    t.server.as_deref().unwrap_or_default(),
+                    m.tool(),
+                    "batch",
+                    reason,
+                );
+                refusal.audit_id = r.id;
+                answers.push(refusal.error(id));
+            }
+        }
+        Outcome::Answer {
+            batch: body.batch,
+            answers,
+        }
+    }
+
+    /// Decides one message. Only `tools/call`s are decided (and audited); every other message
+    /// is allowed as it is.
+    pub async fn enforce(&self, caller: &Identity, t: &Target, m: &Message) -> Verdict {
+        if m.method.as_deref() != Some("tools/call") {
+            return Verdict::Allow {
+                rule: "method".into(),
+            };
+        }
+        let policies = self.policies();
+        let server = t.server.as_deref().and_then(|n| policies.by_name(n));
+        let id = m.id.clone().unwrap_or(Value::Null);
+        let tool = m.tool().unwrap_or("").to_string();
+        let args = m.arguments();
+        let mut r = self.record(Event::ToolCall, Decision::Allow, caller, t);
+        r.method = m.method.clone();
+        r.tool = Some(tool.clone());
+        r.jsonrpc_id = Some(id);
+        r.args_sha256 = Some(wire::sha256_hex(&args));
+        if self.settings.log_arguments {
+            r.arguments = Some(args.clone());
+        }
+        let refusal = match server {
+            // A call with no id is a "notification" no answer can refuse, yet lenient servers
+            // run it: never forwarded.
+            _ if !m.is_request() => Some(Refusal::new(
+                RefusalKind::Denied,
+                t.server.as_deref().unwrap_or_default(),
+                Some(&tool),
+                "protocol",
+                "tools/call without an id is refused",
+            )),
+            None => {
+                // An unknown server let through by unknown_servers = allow | audit.
+                r.rule = Some("policy.unknown_servers".into());
+                None
+            }
+            Some(sp) => {
+                let mut policy_caller = caller.caller();
+                policy_caller.session = t.session.clone();
+                match self.decide(sp, &tool, &args, &policy_caller) {
+                    Step::Allow { rule } => {
+                        r.rule = Some(rule);
+                        None
+                    }
+                    Step::Refuse(x) => Some(x),
+                    Step::Hold { rule, timeout_s } => {
+                        let held = Hold {
+                            sp,
+                            tool: &tool,
+                            args: &args,
+                            args_sha256: r.args_sha256.clone().unwrap_or_default(),
+                            jsonrpc_id: r.jsonrpc_id.clone(),
+                            rule: &rule,
+                            timeout_s,
+                        };
+                        let (refusal, why) = self.hold(caller, t, held).await;
+                        r.reason = why;
+                        r.rule = Some(rule);
+                        refusal
+                    }
+                }
+            }
+        };
+        if let Some(x) = &refusal {
+            r.decision = x.kind.audit();
+            r.rule = Some(x.rule.clone());
+            r.reason = Some(x.reason.clone());
+        }
+        r.latency_us = Some(t.received.elapsed().as_micros() as u64);
+        if !self.write(&r) {
+            return Verdict::Unaudited;
+        }
+        match refusal {
+            Some(mut x) => {
+                x.audit_id = r.id;
+                Verdict::Refuse(x)
+            }
+            None => Verdict::Allow {
+                rule: r.rule.unwrap_or_default(),
+            },
+        }
+    }
+
+    /// The policy's word on a `tools/call`: pins first, then [`ServerPolicy::decide`].
+    fn decide(&self, sp: &ServerPolicy, tool: &str, args: &Value, caller: &policy::Caller) -> Step {
+        let refusal = |kind, rule: &str, reason: String| {
+            Step::Refuse(Refusal::new(kind, &sp.name, Some(tool), rule, reason))
+        };
+        if sp.on_tool_change == ToolChange::Block && self.pins.blocked(&sp.name, tool) {
+            return refusal(
+                RefusalKind::ToolChanged,
+                "on_tool_change",
+                "the tool's definition changed since it was pinned".into(),
+            );
+        }
+        match sp.decide(tool, args, caller, &self.limiter, Instant::now()) {
+            policy::Decision::Allow { rule } => Step::Allow { rule },
+            policy::Decision::Deny { rule, reason } => refusal(RefusalKind::Denied, &rule, reason),
+            policy::Decision::RateLimited {
+                rule,
+                reason,
+                retry_after_s,
+            } => {
+                let mut x = Refusal::new(
+                    RefusalKind::RateLimited,
+                    &sp.name,
+                    Some(tool),
+                    &rule,
+                    reason,
+                );
+                x.retry_after_s = Some(retry_after_s);
+                Step::Refuse(x)
+            }
+            policy::Decision::RequireApproval { rule, timeout_s } => Step::Hold { rule, timeout_s },
+        }
+    }
+}
+
+/// A `require_approval` call being held.
+struct Hold<'a> {
+    sp: &'a ServerPolicy,
+    tool: &'a str,
+    args: &'a Value,
+    args_sha256: String,
+    jsonrpc_id: Option<Value>,
+    rule: &'a str,
+    timeout_s: u64,
+}
+
+impl Engine {
+    /// Holds a `require_approval` call until an approver answers or the time runs out. Returns
+    /// the refusal (None: approved) and what the call's record should give as its reason.
+    async fn hold(
+        &self,
+        caller: &Identity,
+        t: &Target,
+        h: Hold<'_>,
+    ) -> (Option<Refusal>, Option<String>) {
+        let approvals = &self.approvals;
+        if approvals.standing(
+            &agent_key(&caller.agent, caller.uid),
+            &h.sp.name,
+            h.tool,
+            &h.args_sha256,
+        ) {
+            let why = "approved earlier for identical calls (approve --for)";
+            return (None, Some(why.into()));
+        }
+        let (id, rx) = approvals.request(Held {
+            id: String::new(),
+            agent: caller.agent.clone(),
+            uid: caller.uid,
+            pid: caller.pid,
+            server: h.sp.name.clone(),
+            tool: h.tool.to_string(),
+            arguments: h.args.clone(),
+            args_sha256: h.args_sha256.clone(),
+            requested_at: 0,
+            timeout_s: h.timeout_s,
+            created: None,
+        });
+        // An agent that goes away takes its held call with it.
+        let _forget = ForgetOnDrop(approvals, id.clone());
+        let mut p = self.record(Event::Approval, Decision::Pending, caller, t);
+        p.tool = Some(h.tool.to_string());
+        p.rule = Some(h.rule.to_string());
+        p.args_sha256 = Some(h.args_sha256.clone());
+        p.jsonrpc_id = h.jsonrpc_id.clone();
+        p.detail = Some(json!({ "approval_id": id, "timeout_s": h.timeout_s }));
+        self.write(&p);
+        let answer = tokio::time::timeout(Duration::from_secs(h.timeout_s), rx).await;
+        let (kind, reason) = match answer {
+            Ok(Ok(Approval::Approved { by })) => {
+                return (None, Some(format!("approved by uid {by} (approval {id})")));
+            }
+            Ok(Ok(Approval::Denied { reason, .. })) => (RefusalKind::ApprovalDenied, reason),
+            Ok(Ok(Approval::Shutdown)) | Ok(Err(_)) => (
+                RefusalKind::ApprovalDenied,
+                "the guard daemon stopped before an approver answered".to_string(),
+            ),
+            Err(_) => {
+                approvals.remove(&id);
+                let mut a = self.record(Event::Approval, Decision::Timeout, caller, t);
+                a.tool = Some(h.tool.to_string());
+                a.rule = Some(h.rule.to_string());
+                a.detail = Some(json!({ "approval_id": id }));
+                self.write(&a);
+                (
+                    RefusalKind::ApprovalTimeout,
+                    format!("no approver answered within {} s", h.timeout_s),
+                )
+            }
+        };
+        let refusal = Refusal::new(kind, &h.sp.name, Some(h.tool), h.rule, reason.clone());
+        (Some(refusal), Some(reason))
+    }
+
+    /// `Mcp-Method` / `Mcp-Name` (2026-07-28 draft) must agree with the body the policy reads:
+    /// a mismatch is an evasion attempt, refused (and audited) before anything is decided.
+    fn check_headers(
+        &self,
+        caller: &Identity,
+        t: &Target,
+        body: &Body,
+        h: Headers<'_>,
+    ) -> Option<Value> {
+        if h.method.is_none() && h.name.is_none() {
+            return None;
+        }
+        let m = &body.messages[0];
+        let problem = if body.batch {
+            "Mcp-Method / Mcp-Name headers cannot describe a batch".to_string()
+        } else {
+            let method = m.method.as_deref().unwrap_or("");
+            let name = match method {
+                "resources/read" | "resources/subscribe" | "resources/unsubscribe" => {
+                    m.params.get("uri").and_then(Value::as_str)
+                }
+                _ => m.params.get("name").and_then(Value::as_str),
+            };
+            match (h.method, h.name) {
+                (Some(hm), _) if hm != method => format!(
+                    "Mcp-Method header \"{hm}\" does not match the body's method \"{method}\""
+                ),
+                (_, Some(hn)) if Some(hn) != name => format!(
+                    "Mcp-Name header \"{hn}\" does not match the body's name \"{}\"",
+                    name.unwrap_or("")
+                ),
+                _ => return None,
+            }
+        };
+        let mut r = self.record(Event::ToolCall, Decision::Deny, caller, t);
+        r.method = m.method.clone();
+        r.tool = m.tool().map(str::to_string);
+        r.jsonrpc_id = m.id.clone();
+        r.rule = Some("headers".into());
+        r.reason = Some(problem.clone());
+        self.write(&r);
+        let mut refusal = Refusal::new(
+            RefusalKind::Denied,
+            t.server.as_deref().unwrap_or_default(),
+            m.tool(),
+            "headers",
+            problem,
+        );
+        refusal.audit_id = r.id;
+        Some(refusal.error(&m.id.clone().unwrap_or(Value::Null)))
+    }
+
+    /// `unknown_servers = "deny"`: every message is refused (-32005) and audited.
+    fn refuse_unknown(&self, caller: &Identity, t: &Target, body: &Body) -> Outcome {
+        let reason = format!("no policy names the MCP server {}", t.address());
+        let mut answers = Vec::new();
+        for m in &body.messages {
+            let event = if m.method.as_deref() == Some("tools/call") {
+                Event::ToolCall
+            } else {
+                Event::McpRequest
+            };
+            let mut r = self.record(event, Decision::Deny, caller, t);
+            r.method = m.method.clone();
+            r.tool = m.tool().map(str::to_string);
+            r.jsonrpc_id = m.id.clone();
+            r.rule = Some("policy.unknown_servers".into());
+            r.reason = Some(reason.clone());
+            self.write(&r);
+            if let (Some(id), true) = (&m.id, m.is_request()) {
+                let mut refusal = Refusal::new(
+                    RefusalKind::UnknownServer,
+                    &t.address(),
+                    m.tool(),
+                    "policy.unknown_servers",
+                    reason.clone(),
+                );
+                refusal.audit_id = r.id;
+                answers.push(refusal.error(id));
+            }
+        }
+        Outcome::Answer {
+            batch: body.batch,
+            answers,
+        }
+    }
+}

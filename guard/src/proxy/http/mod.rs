@@ -1,0 +1,372 @@
+//! HTTP in the proxy: hyper serves the agent's connection (HTTP/1.1, or HTTP/2 when ALPN or the
+//! h2c preface chose it) and every request is routed here: protocol upgrades and CONNECT
+//! tunnels, bodyless requests (GET streams, DELETE), and requests with a body, which go to the
+//! MCP adapter ([`mcp`](self::mcp)) when they are MCP. Requests go upstream over HTTP/1.1
+//! ([`upstream`]); everything that is not MCP passes unchanged.
+
+mod body;
+mod legacy;
+mod mcp;
+mod pool;
+mod upstream;
+
+pub use body::{Body, BoxError};
+pub use pool::{prune_pool_forever, PoolKey};
+pub use upstream::{Connector, Upstream};
+
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioIo, TokioTimer};
+
+use self::{
+    body::{boxed, header_str, query_session, text_response},
+    legacy::Legacy,
+    upstream::Failed,
+};
+use super::{identify::Connection, named::Named};
+use crate::{
+    audit::{AgentRef, Decision, Event},
+    mcp::{Engine, Target, Transport},
+    policy::PolicySet,
+};
+
+#[derive(Debug, Clone)]
+pub struct HttpSettings {
+    pub max_body: usize,
+    pub max_header: usize,
+    pub header_timeout: Duration,
+}
+
+/// What the HTTP layer shares across connections: the enforcement core, its limits, the
+/// addresses policies name, and the legacy HTTP+SSE sessions.
+pub struct HttpLayer {
+    pub engine: Arc<Engine>,
+    pub settings: HttpSettings,
+    pub named: Arc<Named>,
+    legacy: Legacy,
+}
+
+impl HttpLayer {
+    pub fn new(engine: Arc<Engine>, settings: HttpSettings, named: Arc<Named>) -> HttpLayer {
+        HttpLayer {
+            engine,
+            settings,
+            named,
+            legacy: Legacy::default(),
+        }
+    }
+}
+
+/// One client connection.
+struct Ctx {
+    http: Arc<HttpLayer>,
+    /// The server this connection belongs to by its destination (or SNI): every request on it is
+    /// that server's, whatever its Host and path say.
+    floor: Option<String>,
+    conn: Connection,
+    upstream: tokio::sync::Mutex<Upstream>,
+}
+
+/// Serves HTTP on a redirected (or TLS-terminated) client connection until it closes: HTTP/2
+/// when `h2`, else HTTP/1.1.
+pub async fn serve<C>(
+    http: Arc<HttpLayer>,
+    conn: Connection,
+    client: C,
+    upstream: Upstream,
+    h2: bool,
+    floor: Option<String>,
+) where
+    C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = http.settings.clone();
+    let ctx = Arc::new(Ctx {
+        upstream: tokio::sync::Mutex::new(upstream),
+        floor,
+        http,
+        conn,
+    });
+    let service = hyper::service::service_fn(move |req| {
+        let ctx = ctx.clone();
+        async move { Ok::<_, Infallible>(ctx.handle(req).await) }
+    });
+    let result = if h2 {
+        let mut builder =
+            hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(settings.max_header as u32);
+        builder
+            .serve_connection(TokioIo::new(client), service)
+            .await
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_timeout)
+            .max_buf_size(settings.max_header.max(8192));
+        builder
+            .serve_connection(TokioIo::new(client), service)
+            .with_upgrades()
+            .await
+    };
+    if let Err(e) = result {
+        tracing::debug!("client connection: {e}");
+    }
+}
+
+impl Ctx {
+    fn engine(&self) -> &Engine {
+        &self.http.engine
+    }
+
+    /// Where a request goes: the server by its Host, destination and path (or, failing that,
+    /// by the connection's destination), its MCP session.
+    fn target(&self, req: &Request<Incoming>, policies: &PolicySet, received: Instant) -> Target {
+        let host_header = header_str(req.headers(), "host")
+            .map(str::to_string)
+            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        let host = host_header
+            .as_deref()
+            .map(|h| {
+                h.rsplit_once(':')
+                    .filter(|(_, p)| p.parse::<u16>().is_ok())
+                    .map_or(h, |(h, _)| h)
+            })
+            .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
+            .unwrap_or_else(|| self.conn.original_dst.ip().to_string());
+        let server = policies
+            .match_request(
+                host_header.as_deref(),
+                self.conn.original_dst,
+                req.uri().path(),
+            )
+            .map(|s| s.name.clone())
+            .or_else(|| self.floor.clone());
+        let session = header_str(req.headers(), "mcp-session-id")
+            .map(str::to_string)
+            .or_else(|| query_session(req.uri()));
+        Target {
+            server,
+            host,
+            port: self.conn.original_dst.port(),
+            original_dst: Some(self.conn.original_dst),
+            session,
+            transport: Transport::StreamableHttp,
+            received,
+        }
+    }
+
+    async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
+        let policies = self.engine().policies();
+        let target = self.target(&req, &policies, Instant::now());
+        if target.server.is_some() {
+            // Answers guard must read (tools/list, pins) come back uncompressed.
+            req.headers_mut().remove(header::ACCEPT_ENCODING);
+        }
+        if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
+            return self.upgrade(req, &target, &policies).await;
+        }
+        let bodyless = matches!(
+            *req.method(),
+            Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
+        );
+        if bodyless {
+            return self.bodyless(req, target).await;
+        }
+        self.with_body(req, target).await
+    }
+
+    /// `Upgrade` requests (WebSocket and the like) and CONNECT: forwarded and then spliced, except
+    /// towards a policy-named server, which is only reached through requests guard can read.
+    async fn upgrade(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        policies: &PolicySet,
+    ) -> Response<Body> {
+        let caller = &self.conn.identity;
+        if target.server.is_some() {
+            let reason = "protocol upgrades and CONNECT to a policy-named MCP server are refused";
+            let method = req.method().to_string();
+            self.engine().audit_refused(
+                Event::McpRequest,
+                caller,
+                target,
+                Some(&method),
+                "policy.server",
+                reason,
+            );
+            return text_response(
+                StatusCode::FORBIDDEN,
+                "guard: protocol upgrades to a policy-named MCP server are refused\n".into(),
+            );
+        }
+        if req.method() == Method::CONNECT {
+            // A tunnel through an HTTP proxy to a policy-named server would carry its MCP past
+            // guard: refused.
+            if let Some(name) = self.connect_target_named(req.uri(), policies).await {
+                let reason = format!("CONNECT tunnel to the policy-named MCP server {name}");
+                self.engine().audit_refused(
+                    Event::McpRequest,
+                    caller,
+                    target,
+                    Some("CONNECT"),
+                    "policy.server",
+                    &reason,
+                );
+                return text_response(
+                    StatusCode::FORBIDDEN,
+                    format!("guard: a CONNECT tunnel to the MCP server {name} is refused\n"),
+                );
+            }
+        }
+        self.forward_upgrade(req).await
+    }
+
+    /// GET streams, DELETE and the like: forwarded, and MCP streams inspected. A body on them
+    /// is refused towards a policy-named server (nothing guard does not read reaches it).
+    async fn bodyless(
+        self: &Arc<Self>,
+        req: Request<Incoming>,
+        mut target: Target,
+    ) -> Response<Body> {
+        let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
+            || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
+        if target.server.is_some() && has_body {
+            return text_response(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "guard: a {} with a body to a policy-named MCP server is refused\n",
+                    req.method()
+                ),
+            );
+        }
+        let resp = self.forward(req.map(boxed)).await;
+        match target.server.clone() {
+            Some(name) => self.inspect_response(resp, name, &mut target).await,
+            None => resp,
+        }
+    }
+
+    async fn forward(&self, mut req: Request<Body>) -> Response<Body> {
+        let dst = self.conn.original_dst;
+        // Upstream is HTTP/1.1: an HTTP/2 request (absolute URI, :authority) becomes origin-form
+        // with a Host header.
+        if req.version() != http::Version::HTTP_11 && req.version() != http::Version::HTTP_10 {
+            if let Some(auth) = req.uri().authority().cloned() {
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+            }
+            let pq = req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into());
+            if let Ok(u) = pq.parse() {
+                *req.uri_mut() = u;
+            }
+            *req.version_mut() = http::Version::HTTP_11;
+        }
+        match self.send(req).await {
+            Ok(resp) => resp.map(boxed),
+            Err(e) => {
+                let audit = self.engine().audit_log();
+                let mut r = audit.record(Event::UpstreamError, Decision::Error);
+                r.agent = Some(AgentRef::from(&self.conn.identity));
+                r.original_dst = Some(dst.to_string());
+                r.reason = Some(e.clone());
+                self.engine().write(&r);
+                text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: upstream {dst} failed: {e}\n"),
+                )
+            }
+        }
+    }
+
+    /// The policy-named server a CONNECT's authority points at, by name or address.
+    async fn connect_target_named(&self, uri: &http::Uri, policies: &PolicySet) -> Option<String> {
+        let auth = uri.authority()?;
+        let host = auth
+            .host()
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_string();
+        let port = auth.port_u16().unwrap_or(443);
+        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
+            Ok(ip) => vec![SocketAddr::new(ip, port)],
+            Err(_) => match tokio::time::timeout(
+                Duration::from_secs(3),
+                tokio::net::lookup_host(format!("{host}:{port}")),
+            )
+            .await
+            {
+                Ok(Ok(a)) => a.collect(),
+                // Cannot tell: a named host that does not resolve here is still named.
+                _ => vec![],
+            },
+        };
+        for a in &addrs {
+            if let Some(n) = self.http.named.get(*a) {
+                return Some(n);
+            }
+            if let Some(s) = policies.match_sni(Some(&host), *a) {
+                return Some(s.name.clone());
+            }
+        }
+        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
+        policies.match_sni(Some(&host), any).map(|s| s.name.clone())
+    }
+
+    /// Sends `req` upstream; once more on a new connection when the one it was given had closed
+    /// before the request went out.
+    async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        let started = self.upstream.lock().await.start(req, true).await?;
+        match started.await {
+            Ok(resp) => Ok(resp),
+            Err(Failed {
+                unsent: Some(req), ..
+            }) => {
+                let again = self.upstream.lock().await.start(req, false).await?;
+                again.await.map_err(|f| f.msg)
+            }
+            Err(f) => Err(f.msg),
+        }
+    }
+
+    /// Forwards an `Upgrade` request, then splices both ways once the server switches.
+    async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let client_upgrade = hyper::upgrade::on(&mut req);
+        let mut resp = match self.send(req.map(boxed)).await {
+            Ok(r) => r,
+            Err(e) => {
+                return text_response(
+                    StatusCode::BAD_GATEWAY,
+                    format!("guard: upstream failed: {e}\n"),
+                );
+            }
+        };
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            let server_upgrade = hyper::upgrade::on(&mut resp);
+            tokio::spawn(async move {
+                if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
+                    let mut c = TokioIo::new(c);
+                    let mut s = TokioIo::new(s);
+                    let _ = tokio::io::copy_bidirectional(&mut c, &mut s).await;
+                }
+            });
+        }
+        resp.map(boxed)
+    }
+}

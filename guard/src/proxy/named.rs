@@ -1,0 +1,119 @@
+//! Which policy-named server an address belongs to: every address a policy's `server.match`
+//! names, literally or through its host name (resolved at start, at every reload and every
+//! 60 s). A connection to one of them is that server's, whatever the agent writes in SNI,
+//! `Host` or path.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use crate::{net::canonical_addr, policy::PolicySet};
+
+/// The current address -> server map, swapped whole when it is resolved again.
+#[derive(Default)]
+pub struct Named {
+    map: RwLock<Arc<HashMap<SocketAddr, String>>>,
+}
+
+impl Named {
+    pub fn set(&self, named: HashMap<SocketAddr, String>) {
+        *self.map.write().unwrap() = Arc::new(named);
+    }
+
+    /// The server a policy names at this address, if any.
+    pub fn get(&self, dst: SocketAddr) -> Option<String> {
+        self.map.read().unwrap().get(&canonical_addr(dst)).cloned()
+    }
+}
+
+/// `(host, port)` of a `server.match` entry: a URL or `host:port`.
+pub fn entry_host_port(entry: &str) -> Option<(String, u16)> {
+    let (default_port, rest) = match entry.split_once("://") {
+        Some((scheme, rest)) => (
+            if scheme.eq_ignore_ascii_case("https") {
+                443
+            } else {
+                80
+            },
+            rest,
+        ),
+        None => (0, entry),
+    };
+    let authority = rest.split('/').next()?;
+    let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+        let (h, after) = v6.split_once(']')?;
+        (h.to_string(), after.strip_prefix(':').map(str::to_string))
+    } else {
+        match authority.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p.to_string())),
+            None => (authority.to_string(), None),
+        }
+    };
+    let port = match port {
+        Some(p) => p.parse().ok()?,
+        None if default_port != 0 => default_port,
+        None => return None,
+    };
+    Some((host.to_ascii_lowercase(), port))
+}
+
+/// Resolves every server's match entries to addresses (names through the system resolver).
+pub async fn resolve(policies: &PolicySet) -> HashMap<SocketAddr, String> {
+    let mut out = HashMap::new();
+    for s in policies.servers() {
+        for entry in s.match_entries() {
+            let Some((host, port)) = entry_host_port(entry) else {
+                continue;
+            };
+            if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+                out.insert(canonical_addr(SocketAddr::new(ip, port)), s.name.clone());
+                continue;
+            }
+            let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
+            match tokio::time::timeout(Duration::from_secs(3), lookup).await {
+                Ok(Ok(addrs)) => {
+                    for a in addrs {
+                        out.entry(canonical_addr(a))
+                            .or_insert_with(|| s.name.clone());
+                    }
+                }
+                _ => tracing::warn!(
+                    "{}: cannot resolve {host} (server.match of {}): matched by name only",
+                    s.file,
+                    s.name
+                ),
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::entry_host_port;
+
+    #[test]
+    fn match_entries_to_host_and_port() {
+        assert_eq!(
+            entry_host_port("https://api.acedata.cloud/flux/mcp"),
+            Some(("api.acedata.cloud".into(), 443))
+        );
+        assert_eq!(
+            entry_host_port("http://Example.com:8080/mcp"),
+            Some(("example.com".into(), 8080))
+        );
+        assert_eq!(
+            entry_host_port("127.0.0.1:8000"),
+            Some(("127.0.0.1".into(), 8000))
+        );
+        assert_eq!(entry_host_port("[::1]:3001"), Some(("::1".into(), 3001)));
+        assert_eq!(
+            entry_host_port("http://[::1]/mcp"),
+            Some(("::1".into(), 80))
+        );
+        assert_eq!(entry_host_port("example.com"), None);
+    }
+}
