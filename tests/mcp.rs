@@ -1,11 +1,12 @@
-//! MCP enforcement end to end: real daemon and eBPF, the Python MCP SDK client under
-//! `guard exec`, the SDK's FastMCP server and `@modelcontextprotocol/server-everything`.
+//! MCP enforcement end to end, without root: guard's real proxy and enforcement core in this
+//! process (`guard_testkit::inproc`), the Python MCP SDK's client and FastMCP server,
+//! `@modelcontextprotocol/server-everything`, and curl. Every client reaches its server through
+//! a route that stands for one agent's connects to it, as the kernel redirect does (the root
+//! suite, `integration-test/`, drives the same path through real eBPF).
 
-mod common;
+use std::time::Duration;
 
-use std::time::{Duration, Instant};
-
-use common::{peers::*, *};
+use guard_testkit::{inproc::*, peers::*, process::*, servers::HttpServer};
 use serde_json::{json, Value};
 
 /// The policy the tests enforce on the FastMCP test server.
@@ -42,44 +43,58 @@ const VISIBLE: &[&str] = &[
 ];
 
 struct Setup {
-    env: Env,
+    // Dropped in this order: guard, the server, then the directory.
+    env: Guard,
     server: Server,
+    _dir: TestDir,
 }
 
-/// A daemon enforcing [`policy`] on a FastMCP server started with `server_args`.
+/// guard enforcing [`policy`] on a FastMCP server started with `server_args`.
 fn setup(server_args: &[&str]) -> Setup {
-    setup_with(server_args, "", "")
+    setup_with(server_args, "")
 }
 
-fn setup_with(server_args: &[&str], proxy: &str, other: &str) -> Setup {
-    let mut env = Env::configured("", proxy, other);
+/// [`setup`] with `proxy` lines in the configuration's `[proxy]` table.
+fn setup_with(server_args: &[&str], proxy: &str) -> Setup {
+    let dir = TestDir::new("mcp");
     let mut args = vec!["--host", "127.0.0.3", "--port", "0"];
     args.extend_from_slice(server_args);
-    let server = python_server(&env.dir.join("calls.jsonl"), &args);
-    env.write_policy("testserver.json", &policy("testserver", server.port));
-    env.start_daemon();
-    Setup { env, server }
+    let server = python_server(&dir.join("calls.jsonl"), &args);
+    dir.write_policy("testserver.json", &policy("testserver", server.port));
+    let env = Guard::start(&dir, proxy, "");
+    Setup {
+        env,
+        server,
+        _dir: dir,
+    }
 }
 
+/// The Python SDK client as `agent`, through guard, to `url`.
 fn client(
-    env: &Env,
+    env: &Guard,
     agent: &str,
     url: &str,
     transport: &str,
     list: bool,
     calls: &[(&str, &str)],
 ) -> ClientRun {
-    let args = client_args(url, transport, list, calls);
+    let args = client_args(&env.url(agent, url), transport, list, calls);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(&mut env.exec(agent, &args), Duration::from_secs(120));
+    let out = run(&mut env.command(&args), Duration::from_secs(120));
     parse_client(&out)
 }
 
-fn tool_calls(env: &Env) -> Vec<Value> {
+fn tool_calls(env: &Guard) -> Vec<Value> {
     env.audit()
         .into_iter()
         .filter(|r| r["event"] == "tool_call")
         .collect()
+}
+
+/// The route `agent` takes to the FastMCP server of `s` (for raw sockets).
+fn route_port(s: &Setup, agent: &str) -> u16 {
+    let dst = format!("127.0.0.3:{}", s.server.port).parse().unwrap();
+    s.env.route(dst, agent).port()
 }
 
 fn sorted(mut v: Vec<String>) -> Vec<String> {
@@ -92,7 +107,6 @@ fn visible() -> Vec<String> {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn allowed_and_denied_calls_over_streamable_http_json() {
     let s = setup(&["--transport", "streamable-http", "--json-response"]);
     let run = client(
@@ -148,7 +162,6 @@ fn allowed_and_denied_calls_over_streamable_http_json() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn the_same_policy_holds_over_json_sse_and_legacy_sse() {
     for (server_args, transport) in [
         (
@@ -198,7 +211,6 @@ fn the_same_policy_holds_over_json_sse_and_legacy_sse() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn rate_limits_slide() {
     let s = setup(&["--transport", "streamable-http", "--json-response"]);
     let add = r#"{"a":1,"b":2}"#;
@@ -235,7 +247,6 @@ fn rate_limits_slide() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn conditions_and_grants() {
     let s = setup(&["--transport", "streamable-http"]);
     let run = client(
@@ -286,18 +297,16 @@ fn conditions_and_grants() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn batches_headers_unknown_servers_and_malformed_bodies() {
     let s = setup_with(
         &["--transport", "streamable-http", "--json-response"],
         "max_body = \"2KiB\"",
-        "",
     );
     let url = &s.server.url;
     // A batch with one denied call: nothing is forwarded; every request is answered.
     let batch = r#"[{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"a"}}},
                    {"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}]"#;
-    let (code, body) = curl_post(&s.env, url, &[], batch);
+    let (code, body) = s.env.curl_post(url, &[], batch);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     let arr = v.as_array().unwrap();
@@ -317,18 +326,15 @@ fn batches_headers_unknown_servers_and_malformed_bodies() {
 
     // Mcp-Name that disagrees with the body: refused before the policy is even asked.
     let call = r#"{"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
-    let (code, body) = curl_post(
-        &s.env,
-        url,
-        &["Mcp-Method: tools/call", "Mcp-Name: echo"],
-        call,
-    );
+    let (code, body) = s
+        .env
+        .curl_post(url, &["Mcp-Method: tools/call", "Mcp-Name: echo"], call);
     assert_eq!(code, 400, "{body}");
     assert!(body.contains("Mcp-Name header"), "{body}");
     assert!(s.server.calls().is_empty());
 
     // Malformed JSON to a policy-named server: a parse error, nothing forwarded.
-    let (code, body) = curl_post(&s.env, url, &[], "{\"jsonrpc\":\"2.0\",");
+    let (code, body) = s.env.curl_post(url, &[], "{\"jsonrpc\":\"2.0\",");
     assert_eq!(code, 400, "{body}");
     assert_eq!(
         serde_json::from_str::<Value>(&body).unwrap()["error"]["code"],
@@ -340,17 +346,17 @@ fn batches_headers_unknown_servers_and_malformed_bodies() {
         r#"{{"jsonrpc":"2.0","id":4,"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"{}"}}}}}}"#,
         "x".repeat(4096)
     );
-    let (code, body) = curl_post(&s.env, url, &[], &big);
+    let (code, body) = s.env.curl_post(url, &[], &big);
     assert_eq!(code, 413, "{body}");
     assert!(body.contains("max_body"));
 
     // An MCP server no policy names: -32005 under the default unknown_servers = "deny".
     let other = python_server(
-        &s.env.dir.join("other.jsonl"),
+        &s._dir.join("other.jsonl"),
         &["--host", "127.0.0.4", "--port", "0", "--json-response"],
     );
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let (code, body) = curl_post(&s.env, &other.url, &[], init);
+    let (code, body) = s.env.curl_post(&other.url, &[], init);
     assert_eq!(code, 200, "{body}");
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], -32005, "{v}");
@@ -367,12 +373,10 @@ fn batches_headers_unknown_servers_and_malformed_bodies() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn slow_headers_are_cut_off_and_others_are_served() {
     let s = setup_with(
         &["--transport", "streamable-http", "--json-response"],
         "header_timeout_s = 1",
-        "",
     );
     let slow = format!(
         r#"
@@ -387,10 +391,10 @@ try:
 except OSError as e:
     print("error", e)
 "#,
-        s.server.port
+        route_port(&s, "slowloris")
     );
     let python = peer_python().display().to_string();
-    let mut slow_cmd = s.env.exec("slowloris", &[&python, "-c", &slow]);
+    let mut slow_cmd = s.env.command(&[&python, "-c", &slow]);
     let handle = std::thread::spawn(move || run(&mut slow_cmd, Duration::from_secs(30)));
     let run1 = client(
         &s.env,
@@ -409,17 +413,16 @@ except OSError as e:
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_changed_tool_definition_is_blocked() {
-    let mut env = Env::new("");
-    let log = env.dir.join("calls.jsonl");
+    let dir = TestDir::new("pins");
+    let log = dir.join("calls.jsonl");
     let v1 = python_server(
         &log,
         &["--host", "127.0.0.3", "--port", "0", "--json-response"],
     );
     let port = v1.port.to_string();
-    env.write_policy("testserver.json", &policy("testserver", v1.port));
-    env.start_daemon();
+    dir.write_policy("testserver.json", &policy("testserver", v1.port));
+    let mut env = Guard::start(&dir, "", "");
     let run1 = client(
         &env,
         "bot",
@@ -432,7 +435,7 @@ fn a_changed_tool_definition_is_blocked() {
     drop(v1);
     // The same server comes back with a poisoned description for echo.
     let v2 = python_server(
-        &env.dir.join("calls2.jsonl"),
+        &dir.join("calls2.jsonl"),
         &[
             "--host",
             "127.0.0.3",
@@ -458,9 +461,8 @@ fn a_changed_tool_definition_is_blocked() {
         vec!["add"],
         "the blocked call reached the server"
     );
-    // A restarted daemon still blocks it, before any tools/list.
-    env.stop_daemon();
-    env.start_daemon();
+    // A restarted guard still blocks it, before any tools/list.
+    env = env.restart();
     let run3 = client(
         &env,
         "bot",
@@ -480,15 +482,11 @@ fn a_changed_tool_definition_is_blocked() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn server_everything_is_enforced() {
-    let mut env = Env::new("");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
-    let server = everything_server(port, &env.dir.join("calls.jsonl"));
-    env.write_policy(
+    let dir = TestDir::new("everything");
+    let port = free_port();
+    let server = everything_server(port, &dir.join("calls.jsonl"));
+    dir.write_policy(
         "everything.json",
         &json!({
             "version": "1",
@@ -498,7 +496,7 @@ fn server_everything_is_enforced() {
         })
         .to_string(),
     );
-    env.start_daemon();
+    let env = Guard::start(&dir, "", "");
     let run = client(
         &env,
         "bot",
@@ -520,97 +518,25 @@ fn server_everything_is_enforced() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
-fn invalid_policies_stop_the_start_and_a_bad_reload_keeps_the_last_good_set() {
-    let mut env = Env::new("");
-    env.write_policy(
-        "bad.json",
-        "{\n  \"version\": \"1\",\n  \"default\": \"maybe\"\n}\n",
-    );
-    let out = run(env.guard().args(["daemon"]), Duration::from_secs(30));
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("bad.json:3:"), "{err}");
-    assert!(err.contains("default"), "{err}");
-    assert!(
-        env.attached().values().all(Vec::is_empty),
-        "programs attached despite a bad policy"
-    );
-
-    // The seed-style file works as is.
-    std::fs::remove_file(env.dir.join("policies/bad.json")).unwrap();
-    let server = python_server(
-        &env.dir.join("calls.jsonl"),
-        &["--host", "127.0.0.3", "--port", "0", "--json-response"],
-    );
-    env.write_policy(
-        "seed.json",
-        &json!({"version":"1","default":"deny","tools":{"echo":{}},
-                "server": {"match": [format!("127.0.0.3:{}", server.port)]}})
-        .to_string(),
-    );
-    env.start_daemon();
-    let run1 = client(
-        &env,
-        "bot",
-        &server.url,
-        "streamable-http",
-        false,
-        &[("echo", r#"{"text":"seed"}"#), ("add", r#"{"a":1,"b":1}"#)],
-    );
-    assert_eq!(run1.text(0), "seed");
-    assert_eq!(run1.error(1)["code"], -32001);
-
-    // A broken edit is refused; the last good set stays in force.
-    env.write_policy("seed.json", "{ \"version\": \"1\", \"tools\": [ }");
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while !env
-        .audit()
-        .iter()
-        .any(|r| r["event"] == "policy_reload" && r["decision"] == "rejected")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "no rejected reload in the audit log:\n{}",
-            env.daemon_log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
-    let run2 = client(
-        &env,
-        "bot",
-        &server.url,
-        "streamable-http",
-        false,
-        &[("echo", r#"{"text":"still"}"#), ("add", r#"{"a":1,"b":1}"#)],
-    );
-    assert_eq!(run2.text(0), "still");
-    assert_eq!(run2.error(1)["code"], -32001);
-    assert!(env.daemon_log().contains("NOT reloaded"));
-}
-
-#[test]
-#[ignore = "needs root and eBPF"]
 fn non_mcp_http_passes_unchanged() {
-    let mut env = Env::new("");
-    env.start_daemon();
+    let dir = TestDir::new("plain");
+    let env = Guard::start(&dir, "", "");
     let server = HttpServer::start("127.0.0.2:0");
-    server.watch(env.daemon_pid());
+    // The proxy runs in this process: its upstream sockets are this process's.
+    server.watch(std::process::id());
     // A JSON POST that is not JSON-RPC, to a server no policy names: forwarded as it is.
-    let out = run_ok(&mut env.exec(
+    let url = env.url("curl", &server.url());
+    let out = run_ok(&mut env.command(&[
         "curl",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "10",
-            "-H",
-            "content-type: application/json",
-            "--data",
-            "{\"hello\":1}",
-            &server.url(),
-        ],
-    ));
+        "-sS",
+        "--max-time",
+        "10",
+        "-H",
+        "content-type: application/json",
+        "--data",
+        "{\"hello\":1}",
+        &url,
+    ]));
     assert_eq!(out, "hello from the test server\n");
     assert_eq!(server.via_watched(), 1);
     let c = env.audit_connections();
@@ -618,67 +544,63 @@ fn non_mcp_http_passes_unchanged() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn smuggling_attempts_are_refused() {
     let s = setup(&["--transport", "streamable-http", "--json-response"]);
     let url = &s.server.url;
+    let routed = s.env.url("curl", url);
     let denied = r#"{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
     // HTTP/2 with prior knowledge (h2c) is parsed and enforced like HTTP/1.1.
-    let (_, out) = curl_post_with(&s.env, &["--http2-prior-knowledge"], &[], denied, url);
+    let (_, out) = s
+        .env
+        .curl_post_with("curl", &["--http2-prior-knowledge"], &[], denied, url);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32001, "{out}");
     // A protocol upgrade towards a policy-named server is refused.
-    let out = run_ok(&mut s.env.exec(
-        "ws",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-H",
-            "Connection: Upgrade",
-            "-H",
-            "Upgrade: websocket",
-            "-H",
-            "Sec-WebSocket-Version: 13",
-            "-H",
-            "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
-            url,
-        ],
-    ));
+    let out = run_ok(&mut s.env.command(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Connection: Upgrade",
+        "-H",
+        "Upgrade: websocket",
+        "-H",
+        "Sec-WebSocket-Version: 13",
+        "-H",
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==",
+        &routed,
+    ]));
     assert_eq!(out, "403");
     // A body on a GET to a policy-named server is refused.
-    let out = run_ok(&mut s.env.exec(
-        "get-body",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "GET",
-            "--data",
-            denied,
-            url,
-        ],
-    ));
+    let out = run_ok(&mut s.env.command(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-X",
+        "GET",
+        "--data",
+        denied,
+        &routed,
+    ]));
     assert_eq!(out, "400");
     // Raw bytes that are neither HTTP nor TLS never reach a policy-named server.
     let raw = format!(
         "import socket\ns = socket.create_connection(('127.0.0.3', {}), timeout=10)\ns.sendall(b'\\x00\\x01 not http')\ntry:\n    print('closed' if not s.recv(100) else 'answered')\nexcept ConnectionResetError:\n    print('closed')",
-        s.server.port
+        route_port(&s, "raw")
     );
     let py = peer_python().display().to_string();
     assert_eq!(
-        run_ok(&mut s.env.exec("raw", &[&py, "-c", &raw])).trim(),
+        run_ok(&mut s.env.command(&[&py, "-c", &raw])).trim(),
         "closed",
         "{:#?}",
         s.env.audit_connections()
@@ -702,28 +624,25 @@ def call(prefix):
 call(b"\r\n\r\n")
 call(b"PROPFIND /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
 "#;
-    let port = s.server.port.to_string();
-    let out = run_ok(
-        &mut s
-            .env
-            .exec("raw-http", &[&py, "-c", raw_http, &port, denied]),
-    );
+    let port = route_port(&s, "raw-http").to_string();
+    let out = run_ok(&mut s.env.command(&[&py, "-c", raw_http, &port, denied]));
     assert_eq!(out, "denied\ndenied\n");
     // Host and path chosen to miss the policy's entries: the destination still names the server.
     let spoofed = format!("http://127.0.0.3:{}/MCP", s.server.port);
-    let (_, out) = curl_post(&s.env, &spoofed, &["Host: elsewhere.example"], denied);
+    let (_, out) = s
+        .env
+        .curl_post(&spoofed, &["Host: elsewhere.example"], denied);
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32001, "{out}");
     // A tools/call without an id, and keys that differ only in case, are refused.
     let no_id =
         r#"{"jsonrpc":"2.0","method":"tools/call","params":{"name":"delete_file","arguments":{}}}"#;
-    let (code, body) = curl_post(&s.env, url, &[], no_id);
+    let (code, body) = s.env.curl_post(url, &[], no_id);
     assert!(
         code == 200 && body.contains("-32001") && body.contains("without an id"),
         "{code} {body}"
     );
-    let (code, _) = curl_post(
-        &s.env,
+    let (code, _) = s.env.curl_post(
         url,
         &[],
         r#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#,
@@ -744,24 +663,22 @@ call(b"PROPFIND /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
 
     // JSON-RPC to an unknown server is recognised whatever its Content-Type.
     let other = python_server(
-        &s.env.dir.join("other.jsonl"),
+        &s._dir.join("other.jsonl"),
         &["--host", "127.0.0.4", "--port", "0", "--json-response"],
     );
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let out = run_ok(&mut s.env.exec(
-        "text-plain",
-        &[
-            "curl",
-            "-sS",
-            "--max-time",
-            "20",
-            "-H",
-            "content-type: text/plain",
-            "--data",
-            init,
-            &other.url,
-        ],
-    ));
+    let other_url = s.env.url("curl", &other.url);
+    let out = run_ok(&mut s.env.command(&[
+        "curl",
+        "-sS",
+        "--max-time",
+        "20",
+        "-H",
+        "content-type: text/plain",
+        "--data",
+        init,
+        &other_url,
+    ]));
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32005, "{out}");
 }

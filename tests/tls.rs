@@ -1,105 +1,13 @@
-//! TLS interception end to end: HTTPS MCP servers named by a policy are enforced exactly as over
-//! plain HTTP, everything else passes through untouched, and a bad upstream never gets a
-//! plaintext fallback.
+//! TLS interception end to end, without root (guard in-process, `guard_testkit::inproc`):
+//! HTTPS MCP servers named by a policy are enforced exactly as over plain HTTP, everything else
+//! passes through untouched, and a bad upstream never gets a plaintext fallback. Clients trust
+//! guard's CA through the variables `guard exec` sets (the root suite checks `guard exec`
+//! itself).
 
-mod common;
+use std::{fs, path::Path, time::Duration};
 
-use std::{
-    fs,
-    path::{Path, PathBuf},
-    time::Duration,
-};
-
-use common::{peers::*, *};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
-};
+use guard_testkit::{inproc::*, peers::*, pki::*, process::*};
 use serde_json::{json, Value};
-
-/// A test CA and the server certificates it (or a stranger) signs.
-struct Pki {
-    dir: PathBuf,
-    ca: Issuer<'static, KeyPair>,
-    pub ca_pem: PathBuf,
-}
-
-impl Pki {
-    fn new(dir: &Path, name: &str) -> Pki {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        let mut dn = DistinguishedName::new();
-        dn.push(DnType::CommonName, name);
-        params.distinguished_name = dn;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let cert = params.self_signed(&key).unwrap();
-        let ca_pem = dir.join(format!("{name}.pem"));
-        fs::write(&ca_pem, cert.pem()).unwrap();
-        Pki {
-            dir: dir.to_path_buf(),
-            ca: Issuer::new(params, key),
-            ca_pem,
-        }
-    }
-
-    /// A server certificate for `sans` (DNS names or IPs); `expired` makes it end yesterday.
-    fn leaf(&self, file: &str, sans: &[&str], expired: bool) -> (PathBuf, PathBuf) {
-        let key = KeyPair::generate().unwrap();
-        let mut params = CertificateParams::default();
-        params.subject_alt_names = sans
-            .iter()
-            .map(|s| match s.parse() {
-                Ok(ip) => SanType::IpAddress(ip),
-                Err(_) => SanType::DnsName((*s).try_into().unwrap()),
-            })
-            .collect();
-        let now = time::OffsetDateTime::now_utc();
-        if expired {
-            params.not_before = now - time::Duration::days(10);
-            params.not_after = now - time::Duration::days(1);
-        } else {
-            params.not_before = now - time::Duration::days(1);
-            params.not_after = now + time::Duration::days(10);
-        }
-        let cert = params.signed_by(&key, &self.ca).unwrap();
-        let c = self.dir.join(format!("{file}.pem"));
-        let k = self.dir.join(format!("{file}.key"));
-        fs::write(&c, cert.pem()).unwrap();
-        fs::write(&k, key.serialize_pem()).unwrap();
-        for p in [&c, &k, &self.ca_pem] {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(p, fs::Permissions::from_mode(0o644)).unwrap();
-        }
-        (c, k)
-    }
-}
-
-fn https_server(
-    env: &Env,
-    log: &str,
-    host: &str,
-    cert: &(PathBuf, PathBuf),
-    extra: &[&str],
-) -> Server {
-    let c = cert.0.to_str().unwrap().to_string();
-    let k = cert.1.to_str().unwrap().to_string();
-    let mut args = vec![
-        "--host",
-        host,
-        "--port",
-        "0",
-        "--certfile",
-        &c,
-        "--keyfile",
-        &k,
-    ];
-    args.extend_from_slice(extra);
-    python_server(&env.dir.join(log), &args)
-}
 
 fn policy(port: u16) -> String {
     json!({
@@ -111,41 +19,53 @@ fn policy(port: u16) -> String {
     .to_string()
 }
 
-/// An environment trusting `pki` upstream, with a policy for an HTTPS server on 127.0.0.3.
-fn setup(extra_proxy: &str) -> (Env, Pki, Server) {
-    setup_with(extra_proxy, false)
+struct Setup {
+    // Dropped in this order: guard, the server, then the directory.
+    env: Guard,
+    pki: Pki,
+    server: Server,
+    dir: TestDir,
 }
 
-/// `setup`, the server also logging every HTTP request to `http.jsonl` in the env's dir.
-fn setup_with(extra_proxy: &str, http_log: bool) -> (Env, Pki, Server) {
-    let env0 = Env::configured("", extra_proxy, "");
-    let pki = Pki::new(&env0.dir, "test-ca");
+/// guard trusting a test CA upstream, with a policy for an HTTPS server on 127.0.0.3.
+fn setup(proxy: &str) -> Setup {
+    setup_with(proxy, false)
+}
+
+/// `setup`, the server also logging every HTTP request to `http.jsonl` in the directory.
+fn setup_with(proxy: &str, http_log: bool) -> Setup {
+    let dir = TestDir::new("tls");
+    let pki = Pki::new(dir.path(), "test-ca");
     let cert = pki.leaf("server", &["127.0.0.3", "mcp.test"], false);
-    let log = env0.dir.join("http.jsonl").display().to_string();
+    let log = dir.join("http.jsonl").display().to_string();
     let mut args = vec!["--json-response"];
     if http_log {
         args.extend(["--http-log", &log]);
     }
-    let server = https_server(&env0, "calls.jsonl", "127.0.0.3", &cert, &args);
-    env0.write_policy("secure.json", &policy(server.port));
-    let env = env0.with_tls_extra_roots(&[&pki.ca_pem]);
-    (env, pki, server)
-}
-
-trait TlsEnv {
-    fn with_tls_extra_roots(self, roots: &[&Path]) -> Env;
-}
-
-impl TlsEnv for Env {
-    fn with_tls_extra_roots(mut self, roots: &[&Path]) -> Env {
-        let list: Vec<String> = roots
-            .iter()
-            .map(|p| format!("\"{}\"", p.display()))
-            .collect();
-        self.append_config(&format!("[tls]\nextra_roots = [{}]\n", list.join(", ")));
-        self.start_daemon();
-        self
+    let server = https_server(dir.path(), "calls.jsonl", "127.0.0.3", &cert, &args);
+    dir.write_policy("secure.json", &policy(server.port));
+    let env = Guard::start(&dir, proxy, &extra_roots(&[&pki.ca_pem]));
+    Setup {
+        env,
+        pki,
+        server,
+        dir,
     }
+}
+
+/// The `[tls]` table trusting `roots` upstream.
+fn extra_roots(roots: &[&Path]) -> String {
+    let list: Vec<String> = roots
+        .iter()
+        .map(|p| format!("\"{}\"", p.display()))
+        .collect();
+    format!("[tls]\nextra_roots = [{}]\n", list.join(", "))
+}
+
+/// The route `agent` takes to `host:port`.
+fn route(env: &Guard, host: &str, port: u16, agent: &str) -> u16 {
+    let dst = format!("{host}:{port}").parse().unwrap();
+    env.route(dst, agent).port()
 }
 
 const ISSUER_PROBE: &str = r#"
@@ -161,8 +81,9 @@ except (ssl.SSLError, OSError) as e:
     print("error", type(e).__name__, e)
 "#;
 
-fn issuer_probe(env: &Env, host: &str, port: u16, name: &str, cafile: Option<&Path>) -> String {
-    let port = port.to_string();
+/// What a client connecting to `host:port` (through guard) with SNI `name` sees as the issuer.
+fn issuer_probe(env: &Guard, host: &str, port: u16, name: &str, cafile: Option<&Path>) -> String {
+    let port = route(env, host, port, "probe").to_string();
     let py = peer_python().display().to_string();
     let mut args = vec![py.as_str(), "-c", ISSUER_PROBE, host, &port, name];
     let ca;
@@ -170,15 +91,15 @@ fn issuer_probe(env: &Env, host: &str, port: u16, name: &str, cafile: Option<&Pa
         ca = c.display().to_string();
         args.push(&ca);
     }
-    run_ok(&mut env.exec("probe", &args)).trim().to_string()
+    run_ok(&mut env.command(&args)).trim().to_string()
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn python_sdk_over_https_is_enforced_with_a_guard_minted_certificate() {
-    let (env, _pki, server) = setup("");
+    let s = setup("");
+    let (env, server) = (&s.env, &s.server);
     let args = client_args(
-        &server.url,
+        &env.url("tls-bot", &server.url),
         "streamable-http",
         true,
         &[
@@ -187,11 +108,8 @@ fn python_sdk_over_https_is_enforced_with_a_guard_minted_certificate() {
         ],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    // No CA flags: the client relies on SSL_CERT_FILE, set by guard exec.
-    let run = parse_client(&run(
-        &mut env.exec("tls-bot", &args),
-        Duration::from_secs(120),
-    ));
+    // No CA flags: the client relies on SSL_CERT_FILE, as guard exec sets it.
+    let run = parse_client(&run(&mut env.command(&args), Duration::from_secs(120)));
     assert_eq!(run.tools.clone().unwrap(), vec!["echo"]);
     assert_eq!(run.text(0), "over tls");
     assert_eq!(run.error(1)["code"], -32001);
@@ -199,7 +117,7 @@ fn python_sdk_over_https_is_enforced_with_a_guard_minted_certificate() {
     assert_eq!(server.tools_called(), vec!["echo"]);
     // The agent saw a certificate minted by guard.
     assert_eq!(
-        issuer_probe(&env, "127.0.0.3", server.port, "127.0.0.3", None),
+        issuer_probe(env, "127.0.0.3", server.port, "127.0.0.3", None),
         "issuer guard interception CA"
     );
     let call = env
@@ -218,53 +136,14 @@ fn python_sdk_over_https_is_enforced_with_a_guard_minted_certificate() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
-fn node_sdk_client_relies_only_on_the_injected_variables() {
-    let (env, _pki, server) = setup("");
-    let node_modules = peers_dir().join("node/node_modules");
-    let script = script("mcp_client.mjs");
-    let out = run(
-        &mut env.exec(
-            "node-bot",
-            &[
-                "node",
-                script.to_str().unwrap(),
-                &server.url,
-                "--node-modules",
-                node_modules.to_str().unwrap(),
-                "--list",
-                "--call",
-                "echo",
-                r#"{"text":"from node"}"#,
-                "--call",
-                "delete_file",
-                r#"{"path":"/"}"#,
-            ],
-        ),
-        Duration::from_secs(120),
-    );
-    let run = parse_client(&out);
-    assert_eq!(run.tools.clone().unwrap(), vec!["echo"]);
-    assert_eq!(run.text(0), "from node");
-    assert_eq!(run.error(1)["code"], -32001);
-    assert_eq!(server.tools_called(), vec!["echo"]);
-}
-
-#[test]
-#[ignore = "needs root and eBPF"]
 fn https_to_a_host_no_policy_names_passes_through_untouched() {
-    let (env, pki, _server) = setup("");
+    let s = setup("");
+    let (env, pki, dir) = (&s.env, &s.pki, &s.dir);
     let cert = pki.leaf("localhost", &["localhost"], false);
-    let plain = https_server(&env, "plain.jsonl", "127.0.0.1", &cert, &[]);
+    let plain = https_server(dir.path(), "plain.jsonl", "127.0.0.1", &cert, &[]);
     // The client sees the real server's certificate (issued by the test CA, not by guard).
     assert_eq!(
-        issuer_probe(
-            &env,
-            "localhost",
-            plain.port,
-            "localhost",
-            Some(&pki.ca_pem)
-        ),
+        issuer_probe(env, "127.0.0.1", plain.port, "localhost", Some(&pki.ca_pem)),
         "issuer test-ca"
     );
     let conn = env
@@ -280,19 +159,13 @@ fn https_to_a_host_no_policy_names_passes_through_untouched() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn sni_that_does_not_resolve_to_the_destination_is_refused() {
-    let (env, pki, _server) = setup("");
+    let s = setup("");
+    let (env, pki, dir) = (&s.env, &s.pki, &s.dir);
     let cert = pki.leaf("elsewhere", &["localhost"], false);
-    let other = https_server(&env, "other.jsonl", "127.0.0.5", &cert, &[]);
+    let other = https_server(dir.path(), "other.jsonl", "127.0.0.5", &cert, &[]);
     // SNI "localhost" (127.0.0.1 / ::1) while connecting to 127.0.0.5: domain fronting.
-    let out = issuer_probe(
-        &env,
-        "127.0.0.5",
-        other.port,
-        "localhost",
-        Some(&pki.ca_pem),
-    );
+    let out = issuer_probe(env, "127.0.0.5", other.port, "localhost", Some(&pki.ca_pem));
     assert!(out.starts_with("error"), "{out}");
     let conn = env
         .audit_connections()
@@ -308,13 +181,13 @@ fn sni_that_does_not_resolve_to_the_destination_is_refused() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_named_destination_is_intercepted_whatever_the_sni() {
-    let (env, _pki, server) = setup("");
+    let s = setup("");
+    let (env, server) = (&s.env, &s.server);
     // SNI "localhost" resolves elsewhere, but the destination is the policy's server: intercepted
     // (the agent sees guard's certificate), never passed through.
     assert_eq!(
-        issuer_probe(&env, "127.0.0.3", server.port, "localhost", None),
+        issuer_probe(env, "127.0.0.3", server.port, "localhost", None),
         "issuer guard interception CA"
     );
     let conn = env
@@ -326,11 +199,10 @@ fn a_named_destination_is_intercepted_whatever_the_sni() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn an_invalid_upstream_certificate_gives_502_and_never_plaintext() {
-    let env = Env::new("");
-    let pki = Pki::new(&env.dir, "test-ca");
-    let stranger = Pki::new(&env.dir, "stranger-ca");
+    let dir = TestDir::new("tls-bad-upstream");
+    let pki = Pki::new(dir.path(), "test-ca");
+    let stranger = Pki::new(dir.path(), "stranger-ca");
     let cases = [
         ("wrong-name", pki.leaf("wrong", &["other.example"], false)),
         (
@@ -345,7 +217,7 @@ fn an_invalid_upstream_certificate_gives_502_and_never_plaintext() {
             (
                 *label,
                 https_server(
-                    &env,
+                    dir.path(),
                     &format!("{label}.jsonl"),
                     "127.0.0.3",
                     cert,
@@ -358,15 +230,15 @@ fn an_invalid_upstream_certificate_gives_502_and_never_plaintext() {
         .iter()
         .map(|(_, s)| format!("127.0.0.3:{}", s.port))
         .collect();
-    env.write_policy(
+    dir.write_policy(
         "secure.json",
         &json!({"version":"1","server":{"name":"secure","match":matches},"default":"allow"})
             .to_string(),
     );
-    let env = env.with_tls_extra_roots(&[&pki.ca_pem]);
+    let env = Guard::start(&dir, "", &extra_roots(&[&pki.ca_pem]));
     for (label, server) in &servers {
         let body = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-        let (code, _) = curl_post(&env, &server.url, &[], body);
+        let (code, _) = env.curl_post(&server.url, &[], body);
         assert_eq!(code, 502, "{label}");
         assert!(server.calls().is_empty(), "{label}");
     }
@@ -407,12 +279,12 @@ attempt("tls1.0", b"\x16\x03\x01" + len(hs).to_bytes(2, "big") + hs, 0)
 "#;
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn bad_client_hellos_are_closed_cleanly_and_audited() {
-    let (env, _pki, server) = setup("header_timeout_s = 2");
+    let s = setup("header_timeout_s = 2");
+    let (env, server) = (&s.env, &s.server);
     let py = peer_python().display().to_string();
-    let port = server.port.to_string();
-    let out = run_ok(&mut env.exec("bad-tls", &[&py, "-c", BAD_HELLOS, &port]));
+    let port = route(env, "127.0.0.3", server.port, "bad-tls").to_string();
+    let out = run_ok(&mut env.command(&[&py, "-c", BAD_HELLOS, &port]));
     let lines: Vec<&str> = out.lines().collect();
     assert_eq!(lines.len(), 3, "{out}");
     assert!(lines[0].starts_with("garbage closed"), "{out}");
@@ -429,46 +301,41 @@ fn bad_client_hellos_are_closed_cleanly_and_audited() {
     assert_eq!(denied.len(), 3, "{denied:#?}");
     // The daemon is unaffected.
     let args = client_args(
-        &server.url,
+        &env.url("after", &server.url),
         "streamable-http",
         false,
         &[("echo", r#"{"text":"fine"}"#)],
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let run = parse_client(&run(
-        &mut env.exec("after", &args),
-        Duration::from_secs(120),
-    ));
+    let run = parse_client(&run(&mut env.command(&args), Duration::from_secs(120)));
     assert_eq!(run.text(0), "fine");
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn http2_and_http1_clients_are_both_enforced() {
-    let (env, _pki, server) = setup("");
+    let s = setup("");
+    let (env, server) = (&s.env, &s.server);
+    let url = env.url("curl", &server.url);
     let denied = r#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"delete_file","arguments":{"path":"/"}}}"#;
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
     for version in ["--http2", "--http1.1"] {
         let post = |body: &str| {
-            let out = run_ok(&mut env.exec(
+            let out = run_ok(&mut env.command(&[
                 "curl",
-                &[
-                    "curl",
-                    "-sS",
-                    version,
-                    "--max-time",
-                    "20",
-                    "-w",
-                    "\n%{http_version} %{http_code}",
-                    "-H",
-                    "content-type: application/json",
-                    "-H",
-                    "accept: application/json, text/event-stream",
-                    "--data",
-                    body,
-                    &server.url,
-                ],
-            ));
+                "-sS",
+                version,
+                "--max-time",
+                "20",
+                "-w",
+                "\n%{http_version} %{http_code}",
+                "-H",
+                "content-type: application/json",
+                "-H",
+                "accept: application/json, text/event-stream",
+                "--data",
+                body,
+                &url,
+            ]));
             let (body, status) = out.rsplit_once('\n').unwrap();
             (body.to_string(), status.to_string())
         };
@@ -504,20 +371,23 @@ fn http2_and_http1_clients_are_both_enforced() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn upstream_tls_connections_are_reused_only_by_the_same_agent_instance() {
-    let (env, _pki, server) = setup_with("", true);
+    let s = setup_with("", true);
+    let (env, server, dir) = (&s.env, &s.server, &s.dir);
     let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
-    let curl = format!(
-        "curl -sS --fail --max-time 20 -o /dev/null -H 'content-type: application/json' \
-         -H 'accept: application/json, text/event-stream' --data '{init}' {}",
-        server.url
-    );
+    let curl = |url: String| {
+        format!(
+            "curl -sS --fail --max-time 20 -o /dev/null -H 'content-type: application/json' \
+             -H 'accept: application/json, text/event-stream' --data '{init}' {url}"
+        )
+    };
     // One agent instance, two connections one after the other (two processes), then another
     // instance of the same agent name.
-    run_ok(&mut env.exec("pool", &["sh", "-c", &format!("{curl} && {curl}")]));
-    run_ok(&mut env.exec("pool", &["sh", "-c", &curl]));
-    let log = fs::read_to_string(env.dir.join("http.jsonl")).unwrap();
+    let first = curl(env.url_instance("pool", 1, &server.url));
+    let second = curl(env.url_instance("pool", 2, &server.url));
+    run_ok(&mut env.command(&["sh", "-c", &format!("{first} && {first}")]));
+    run_ok(&mut env.command(&["sh", "-c", &second]));
+    let log = fs::read_to_string(dir.join("http.jsonl")).unwrap();
     let ports: Vec<u64> = log
         .lines()
         .map(|l| serde_json::from_str::<Value>(l).unwrap())

@@ -515,21 +515,32 @@ fn run_tests_echo(cmd: &mut Command, echo: bool) -> Result<(bool, u64, u64, u64)
     Ok((child.wait()?.success(), passed, failed, ignored))
 }
 
-/// As root, with `fresh`, every root test alone, each in a fresh mount namespace of its own:
-/// none may depend on what another test left behind.
-fn test_each(fresh: bool, args: &[String]) -> Result<()> {
-    if !is_root() {
-        bail!("--each runs the root tests one by one: run it as root");
+/// The root suite: every test of the `guard-integration` crate needs root and real eBPF.
+const ROOT_SUITE: &str = "guard-integration";
+
+/// `cargo test` for the root suite or for everything else (the default members).
+fn cargo_test(root_suite: bool) -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(repo_root()).arg("test");
+    if root_suite {
+        cmd.args(["--package", ROOT_SUITE]);
     }
-    let root = repo_root();
-    let list = Command::new("cargo")
-        .current_dir(&root)
-        .args(["test", "--workspace", "--exclude", "guard-ebpf", "--"])
-        .args(args.iter().filter(|a| !a.starts_with('-')))
-        .args(["--list", "--ignored"])
+    cmd
+}
+
+/// The root tests' names (`cargo test -- --list`), filtered by `filters`.
+fn root_tests(filters: &[&String]) -> Result<Vec<String>> {
+    let list = cargo_test(true)
+        .arg("--quiet")
+        .arg("--")
+        .args(filters)
+        .arg("--list")
         .output()?;
     if !list.status.success() {
-        bail!("listing the root tests failed");
+        bail!(
+            "listing the root tests failed:\n{}",
+            String::from_utf8_lossy(&list.stderr)
+        );
     }
     let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
         .lines()
@@ -538,21 +549,40 @@ fn test_each(fresh: bool, args: &[String]) -> Result<()> {
         .collect();
     names.sort();
     names.dedup();
+    Ok(names)
+}
+
+/// The binaries the root tests start (they are not part of the test build).
+fn build_binaries() -> Result<()> {
+    status(Command::new("cargo").current_dir(repo_root()).args([
+        "build",
+        "--package",
+        "guard",
+        "--package",
+        "guard-bench",
+    ]))
+}
+
+/// As root, with `fresh`, every root test alone, each in a fresh mount namespace of its own:
+/// none may depend on what another test left behind.
+fn test_each(fresh: bool, args: &[String]) -> Result<()> {
+    if !is_root() {
+        bail!("--each runs the root tests one by one: run it as root");
+    }
+    build_binaries()?;
+    let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
+    let names = root_tests(&filters)?;
+    let log = repo_root().join("target/test-each.log");
     let mut failed = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let started = std::time::Instant::now();
-        let mut cmd = Command::new("cargo");
-        cmd.current_dir(&root)
-            .args(["test", "--quiet", "--workspace", "--exclude", "guard-ebpf"])
-            .args(["--", "--exact", name, "--include-ignored"]);
+        let mut cmd = cargo_test(true);
+        cmd.args(["--quiet", "--", "--exact", name]);
         if fresh {
             fresh::isolate(&mut cmd)?;
         }
-        let log = root.join("target/test-each.log");
-        let (ok, passed, _, _) = run_tests_echo(
-            cmd.stderr(fs::File::options().create(true).append(true).open(&log)?),
-            false,
-        )?;
+        cmd.stderr(fs::File::options().create(true).append(true).open(&log)?);
+        let (ok, passed, _, _) = run_tests_echo(&mut cmd, false)?;
         let verdict = if ok && passed > 0 { "ok" } else { "FAILED" };
         eprintln!(
             "xtask: [{}/{}] {name}: {verdict} ({:.1} s)",
@@ -570,81 +600,66 @@ fn test_each(fresh: bool, args: &[String]) -> Result<()> {
         failed.len()
     );
     if !failed.is_empty() {
-        bail!("failed when run alone: {}", failed.join(", "));
+        bail!(
+            "failed when run alone (output in {}): {}",
+            log.display(),
+            failed.join(", ")
+        );
     }
     Ok(())
 }
 
+/// Every test: the default members' (unit tests and the in-process suites, no root needed),
+/// then, as root, the root suite. `args`: test name filters, and other `cargo test` flags.
 fn test(fresh: bool, args: &[String]) -> Result<()> {
-    let root = repo_root();
-    let mut cmd = Command::new("cargo");
-    // --no-fail-fast: one failing test binary must not hide the results of the others.
-    cmd.current_dir(&root).args([
-        "test",
-        "--workspace",
-        "--exclude",
-        "guard-ebpf",
-        "--no-fail-fast",
-    ]);
     let (filters, extra): (Vec<&String>, Vec<&String>) =
         args.iter().partition(|a| !a.starts_with('-'));
-    cmd.args(extra);
-    cmd.arg("--");
-    cmd.args(filters);
+    // --no-fail-fast: one failing test binary must not hide the results of the others.
+    let mut plain = cargo_test(false);
+    plain
+        .arg("--no-fail-fast")
+        .args(&extra)
+        .arg("--")
+        .args(&filters);
+    let (mut ok, mut passed, mut failed, _) = run_tests(&mut plain)?;
     if is_root() {
-        // Root-only tests carry #[ignore = "needs root ..."]; root runs them all.
-        cmd.arg("--include-ignored");
+        build_binaries()?;
+        let mut rooted = cargo_test(true);
+        rooted
+            .arg("--no-fail-fast")
+            .args(&extra)
+            .arg("--")
+            .args(&filters);
         if fresh {
-            eprintln!("xtask: the tests run in a private mount namespace, as on a fresh machine: no bpffs mounted, empty /tmp and guard state directories");
-            fresh::isolate(&mut cmd)?;
+            eprintln!("xtask: the root tests run in a private mount namespace, as on a fresh machine: no bpffs mounted, empty /tmp and guard state directories");
+            fresh::isolate(&mut rooted)?;
         }
-        let (ok, passed, failed, _) = run_tests(&mut cmd)?;
+        let (r_ok, r_passed, r_failed, _) = run_tests(&mut rooted)?;
+        ok &= r_ok;
+        passed += r_passed;
+        failed += r_failed;
         // One closing line for the whole run (cargo's last line is the doc tests').
         println!("tests: {passed} passed, {failed} failed");
-        if !ok {
-            bail!("tests failed");
-        }
-        Ok(())
     } else {
-        let (ok, passed, failed, ignored) = run_tests(&mut cmd)?;
-        let result = if ok {
-            Ok(())
-        } else {
-            Err(anyhow!("tests failed"))
-        };
-        let list = Command::new("cargo")
-            .current_dir(&root)
-            .args([
-                "test",
-                "--workspace",
-                "--exclude",
-                "guard-ebpf",
-                "--",
-                "--list",
-                "--ignored",
-            ])
-            .output()?;
-        let skipped: Vec<String> = String::from_utf8_lossy(&list.stdout)
-            .lines()
-            .filter_map(|l| l.strip_suffix(": test"))
-            .map(str::to_string)
-            .collect();
+        let skipped = root_tests(&filters)?;
         eprintln!();
+        eprintln!("{}", "#".repeat(80));
         eprintln!(
-            "################################################################################"
-        );
-        eprintln!(
-            "# NOT ROOT: {} integration tests that need root and real eBPF were SKIPPED:",
+            "# NOT ROOT: the {} tests of the root suite ({ROOT_SUITE}: real eBPF) were SKIPPED:",
             skipped.len()
         );
         for t in &skipped {
             eprintln!("#   {t}");
         }
         eprintln!("# Run `sudo cargo xtask test` (CI runs as root and runs them all).");
-        eprintln!(
-            "################################################################################"
+        eprintln!("{}", "#".repeat(80));
+        println!(
+            "tests: {passed} passed, {failed} failed, {} skipped",
+            skipped.len()
         );
-        println!("tests: {passed} passed, {failed} failed, {ignored} skipped");
-        result
     }
+    if !ok {
+        bail!("tests failed");
+    }
+    Ok(())
 }

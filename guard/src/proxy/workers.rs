@@ -14,6 +14,8 @@ use tokio::net::TcpStream;
 /// call paid for cross-thread wake-ups: futex calls, and on a VM inter-processor interrupts).
 pub struct Workers {
     workers: Vec<Worker>,
+    /// Set once by [`Workers::stop`]: every thread then ends, and its runtime with all its tasks.
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 struct Worker {
@@ -23,13 +25,15 @@ struct Worker {
 }
 
 impl Workers {
-    /// Starts `n` threads (0: one per CPU). They run until the process exits.
+    /// Starts `n` threads (0: one per CPU). They run until [`Workers::stop`] or the process
+    /// exits.
     pub fn start(n: usize) -> Result<Workers> {
         let n = if n == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
         } else {
             n
         };
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         let mut workers = Vec::with_capacity(n);
         for i in 0..n {
             let rt = tokio::runtime::Builder::new_current_thread()
@@ -38,16 +42,27 @@ impl Workers {
                 .context("starting a proxy thread's runtime")?;
             let handle = rt.handle().clone();
             handle.spawn(super::http::prune_pool_forever());
+            let mut stopped = stopped.clone();
             std::thread::Builder::new()
                 .name(format!("guard-proxy-{i}"))
-                .spawn(move || rt.block_on(std::future::pending::<()>()))
+                .spawn(move || {
+                    rt.block_on(async move {
+                        while stopped.changed().await.is_ok() && !*stopped.borrow() {}
+                    })
+                })
                 .context("starting a proxy thread")?;
             workers.push(Worker {
                 handle,
                 active: Arc::new(AtomicU64::new(0)),
             });
         }
-        Ok(Workers { workers })
+        Ok(Workers { workers, stop })
+    }
+
+    /// Ends every thread: the connections they serve are dropped (closed) and their listeners
+    /// with them. The daemon never does this (it exits); an in-process proxy in a test does.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
     }
 
     /// Runs the accept loops on the first thread (which also serves connections itself while it

@@ -3,8 +3,6 @@
 //! `cargo xtask uninstall` then stops and removes completely (pins, cgroups, binary, unit),
 //! keeping the configuration and the audit log.
 
-mod common;
-
 use std::{
     fs,
     os::unix::{fs::PermissionsExt as _, process::CommandExt as _},
@@ -15,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
+use guard_testkit::{process::*, root::*, servers::*};
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -329,7 +327,6 @@ fn unit_command_lines_are_split_as_systemd_splits_them() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn unit_passes_systemd_analyze_verify() {
     // verify insists that the binary exists: point ExecStart at the one just built.
     let unit = unit_text();
@@ -338,7 +335,7 @@ fn unit_passes_systemd_analyze_verify() {
     let path = stage.path("guard.service");
     fs::write(
         &path,
-        unit.replace("/usr/local/bin/guard", env!("CARGO_BIN_EXE_guard")),
+        unit.replace("/usr/local/bin/guard", bin_path("guard").to_str().unwrap()),
     )
     .unwrap();
     let out = run(
@@ -403,7 +400,6 @@ fn unit_passes_systemd_analyze_verify() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn install_start_and_uninstall_in_a_staging_root() {
     // Test-only cgroups, pins, socket, state, audit log and port (the harness's configuration).
     let mut env = Env::new("");
@@ -414,6 +410,7 @@ fn install_start_and_uninstall_in_a_staging_root() {
     let policies = stage.path("etc/guard/policies");
     let unit = stage.path("etc/systemd/system/guard.service");
     let started = Instant::now();
+    let built = bin_path("guard");
 
     let install = [
         "install",
@@ -422,16 +419,13 @@ fn install_start_and_uninstall_in_a_staging_root() {
         "--config",
         env.config_path.to_str().unwrap(),
         "--binary",
-        env!("CARGO_BIN_EXE_guard"),
+        built.to_str().unwrap(),
         "--no-start",
     ];
     xtask_ok(&install);
     let build_time = started.elapsed();
     let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
-    assert_eq!(
-        fs::read(&installed_bin).unwrap(),
-        fs::read(env!("CARGO_BIN_EXE_guard")).unwrap()
-    );
+    assert_eq!(fs::read(&installed_bin).unwrap(), fs::read(&built).unwrap());
     assert_eq!(mode(&installed_bin), 0o755);
     assert_eq!(fs::read_to_string(&installed_config).unwrap(), config_text);
     assert_eq!(mode(&installed_config), 0o644);

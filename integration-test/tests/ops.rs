@@ -1,15 +1,13 @@
 //! Human approvals, the control plane's authorisation, metrics and state that survives a
 //! restart — with the real daemon, eBPF and the Python MCP SDK.
 
-mod common;
-
 use std::{
     process::Command,
     thread,
     time::{Duration, Instant},
 };
 
-use common::{peers::*, *};
+use guard_testkit::{peers::*, process::*, root::*};
 use serde_json::{json, Value};
 
 /// A uid/gid that is neither root nor in the approvers group.
@@ -98,7 +96,6 @@ fn wait_held(env: &Env, n: usize) -> Vec<Value> {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn held_calls_are_approved_denied_or_time_out() {
     let (env, server) = setup();
     // Approved: the client gets the server's result.
@@ -196,7 +193,6 @@ fn as_uid(env: &Env, uid: u32, args: &[&str]) -> std::process::Output {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn only_root_and_approvers_may_steer_the_daemon() {
     let (env, _server) = setup();
     let c = client_bg(&env, &[("delete_file", r#"{"path":"/x"}"#)]);
@@ -264,7 +260,6 @@ fn only_root_and_approvers_may_steer_the_daemon() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn metrics_follow_decisions() {
     let (env, _server) = setup();
     let allowed =
@@ -301,7 +296,6 @@ fn metrics_follow_decisions() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn rate_limits_survive_a_restart_and_held_calls_are_answered_at_shutdown() {
     let (mut env, server) = setup();
     let run1 = client_bg(

@@ -4,19 +4,16 @@
 
 use std::{path::PathBuf, process::Command};
 
+use guard_testkit::root::{bin_path, require_root};
 use serde_json::Value;
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_quick_run_measures_everything_and_writes_the_report() {
-    // target/<profile>/deps/smoke-HASH -> target/<profile>/guard (built by the workspace tests).
-    let exe = std::env::current_exe().unwrap();
-    let profile_dir = exe.parent().and_then(|d| d.parent()).unwrap();
-    let guard = profile_dir.join("guard");
-    assert!(guard.exists(), "{} is not built", guard.display());
+    require_root();
+    let guard = bin_path("guard");
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let out = std::env::temp_dir().join(format!("guard-bench-smoke-{}.json", std::process::id()));
-    let run = Command::new(env!("CARGO_BIN_EXE_guard-bench"))
+    let run = Command::new(bin_path("guard-bench"))
         .arg("run")
         .arg("--quick")
         .arg("--guard")

@@ -1,11 +1,9 @@
 //! The foundation, end to end: real daemon, real eBPF attached at a cgroup each test creates, real
 //! clients (curl, python) and servers on loopback addresses.
 
-mod common;
-
 use std::{os::unix::process::CommandExt, path::Path, process::Command, time::Duration};
 
-use common::*;
+use guard_testkit::{process::*, root::*, servers::*};
 
 /// curl of `url` (10 s at most) started inside cgroup `cg`.
 fn curl_in(cg: &Path, url: &str) -> Command {
@@ -43,7 +41,6 @@ fn connections_to(env: &Env, dst: &str) -> Vec<serde_json::Value> {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn guarded_curl_reaches_the_server_through_the_proxy() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -122,7 +119,6 @@ fn peer_and_fetch(env: &Env, family: &str, host: &str, port: u16) -> String {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn ipv6_and_ipv4_mapped_connects_are_redirected_and_getpeername_shows_the_original() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -161,7 +157,6 @@ fn ipv6_and_ipv4_mapped_connects_are_redirected_and_getpeername_shows_the_origin
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_sibling_unguarded_cgroup_is_not_redirected() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -187,7 +182,6 @@ fn a_sibling_unguarded_cgroup_is_not_redirected() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn children_and_grandchildren_are_redirected() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -211,7 +205,6 @@ fn children_and_grandchildren_are_redirected() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_guarded_uid_is_redirected_wherever_it_runs_below_the_attach_point() {
     let mut env = Env::new(&format!("guarded_uids = [{NOBODY}]"));
     env.start_daemon();
@@ -271,7 +264,6 @@ attempt("dns-connect", lambda: (e.connect(("127.0.0.2", dns_port)), e.send(b"q")
 "#;
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn guarded_udp_is_dns_only() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -287,7 +279,6 @@ fn guarded_udp_is_dns_only() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn guarded_dns_goes_only_to_the_listed_servers() {
     let mut env = Env::new(r#"dns_servers = ["127.0.0.12", "::1"]"#);
     env.start_daemon();
@@ -321,7 +312,6 @@ attempt("listed-mapped", lambda: m.sendto(b"q", ("::ffff:127.0.0.12", 53)))
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_guarded_process_in_a_new_network_namespace_gets_eperm() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -343,7 +333,6 @@ except OSError as e:
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn sigkill_fails_closed_and_a_restart_reuses_the_pinned_programs() {
     let (mut env, static_cg) = static_cgroup_env();
     let server = HttpServer::start("127.0.0.2:0");
@@ -403,7 +392,6 @@ except OSError as e:
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn two_thousand_connections_from_sixteen_concurrent_clients() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -453,7 +441,6 @@ print(sum(ok))
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_guarded_process_cannot_bind_the_proxy_port_nor_leave_its_cgroup() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -503,7 +490,6 @@ for port in ({port}, 0):
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_connection_with_no_recorded_origin_is_closed() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -533,7 +519,6 @@ fn a_connection_with_no_recorded_origin_is_closed() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn guard_exec_returns_the_commands_exit_status() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -569,7 +554,6 @@ fn guard_exec_returns_the_commands_exit_status() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn guard_exec_without_a_daemon_refuses_to_run_the_command() {
     let env = Env::new("");
     let marker = env.dir.join("ran");
@@ -583,7 +567,6 @@ fn guard_exec_without_a_daemon_refuses_to_run_the_command() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn disable_is_root_only_audited_and_detaches_everything() {
     let mut env = Env::new("");
     env.start_daemon();
@@ -637,7 +620,6 @@ fn one_connection_server(
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn passthrough_carries_bulk_bytes_and_half_closes_intact() {
     use std::io::{Read, Write};
     let mut env = Env::new("");
@@ -690,7 +672,6 @@ print(len(back), hashlib.sha256(back).hexdigest() == hashlib.sha256(data).hexdig
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_server_that_speaks_first_is_reached_without_the_client_sending_anything() {
     use std::io::{Read, Write};
     let mut env = Env::new("");
@@ -798,7 +779,6 @@ fn link_and_pin(prog: &std::os::fd::OwnedFd, cgroup: &Path, attach_type: u32, pi
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
     use std::os::fd::AsFd;
     let (mut env, static_cg) = static_cgroup_env();
@@ -850,7 +830,6 @@ fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
 }
 
 #[test]
-#[ignore = "needs root and eBPF"]
 fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
     use std::os::{fd::AsRawFd, fd::FromRawFd, unix::ffi::OsStrExt};
     let (mut env, static_cg) = static_cgroup_env();

@@ -1,6 +1,5 @@
 //! The real MCP peers `cargo xtask setup` installs (tests/peers/README.md): the Python SDK's
 //! FastMCP server and client, and `@modelcontextprotocol/server-everything`.
-#![allow(dead_code)]
 
 use std::{
     fs,
@@ -148,7 +147,7 @@ fn stderr_file(log: &Path) -> Stdio {
 }
 
 fn start(mut cmd: Command, log: &Path) -> Server {
-    let mut child = super::spawn(&mut cmd).expect("starting an MCP peer");
+    let mut child = crate::process::spawn(&mut cmd).expect("starting an MCP peer");
     let stdout = child.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {

@@ -1,0 +1,297 @@
+//! guard's real proxy and enforcement core, in the test's own process, without eBPF or root.
+//!
+//! [`Guard::start`] assembles exactly what the daemon assembles (`guard::daemon::assemble`:
+//! engine, pins, CA, named addresses, proxy threads) from a configuration, around an
+//! [`Identify`] of the test's: *routes*. A route is a listener on the destination's own IP
+//! address (another port) that stands for one (destination, agent) pair, the way the kernel
+//! redirect stands for every guarded connect: a client that connects to the route is, to the
+//! proxy, that agent connecting to that destination. [`Guard::url`] turns a server's URL into
+//! the route's, so a real client reaches the real server through guard.
+
+use std::{
+    collections::HashMap,
+    fs,
+    net::{SocketAddr, ToSocketAddrs},
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{Arc, Mutex, RwLock},
+};
+
+use guard::{
+    audit::Audit,
+    config::Config,
+    daemon::{assemble, load_policies, Enforcement},
+    identity::Identity,
+    mcp::Engine,
+    proxy::identify::{Connection, Identify},
+};
+use serde_json::Value;
+
+use crate::{curl, process::run_ok};
+
+/// A directory for one test (policies, state, audit log, peer logs), removed on drop.
+pub struct TestDir(pub PathBuf);
+
+impl TestDir {
+    pub fn new(label: &str) -> TestDir {
+        use std::sync::atomic::{AtomicUsize, Ordering};
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let dir = std::env::temp_dir().join(format!(
+            "guard-inproc-{label}-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("policies")).unwrap();
+        TestDir(dir)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, rel: &str) -> PathBuf {
+        self.0.join(rel)
+    }
+
+    pub fn write_policy(&self, name: &str, text: &str) {
+        fs::write(self.0.join("policies").join(name), text).unwrap();
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The identity a route gives its connections: agent `name`, instance `n` (its own cgroup id),
+/// the test's uid.
+pub fn agent_identity(name: &str, instance: u64) -> Identity {
+    // SAFETY: getuid/getgid have no preconditions.
+    let (uid, gid) = unsafe { (libc::getuid(), libc::getgid()) };
+    let mut id: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in name.bytes() {
+        id = (id ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    Identity {
+        pid: std::process::id(),
+        tgid: std::process::id(),
+        uid,
+        gid,
+        comm: name.chars().take(15).collect(),
+        cgroup_id: id.wrapping_add(instance),
+        netns_cookie: 0,
+        agent: Some(name.to_string()),
+        exe: None,
+        cgroup: Some(format!("/guard.slice/agent-{name}-{instance}")),
+    }
+}
+
+struct Route {
+    dst: SocketAddr,
+    identity: Identity,
+}
+
+/// The test's [`Identify`]: which destination and agent each route listener stands for.
+#[derive(Default)]
+struct Routes {
+    by_listener: RwLock<HashMap<SocketAddr, Route>>,
+    /// (destination, agent, instance) -> its listener, so a route is made once.
+    by_key: Mutex<HashMap<(SocketAddr, String, u64), SocketAddr>>,
+}
+
+impl Identify for Routes {
+    fn identify(&self, client: SocketAddr, local: SocketAddr) -> Option<Connection> {
+        let routes = self.by_listener.read().unwrap();
+        let route = routes.get(&local)?;
+        Some(Connection {
+            client,
+            original_dst: route.dst,
+            identity: route.identity.clone(),
+        })
+    }
+}
+
+/// guard in-process: see the module documentation.
+pub struct Guard {
+    pub dir: PathBuf,
+    pub audit_log: PathBuf,
+    /// System roots plus guard's CA, as `guard exec` gives agents.
+    pub ca_bundle: PathBuf,
+    config_text: String,
+    enforcement: Option<Enforcement>,
+    routes: Arc<Routes>,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Guard {
+    /// Starts guard with the policies in `dir/policies`, `proxy` lines in its `[proxy]` table
+    /// (`max_body = "2KiB"`) and `other` whole tables (`[tls]\nextra_roots = [...]`).
+    pub fn start(dir: &TestDir, proxy: &str, other: &str) -> Guard {
+        let d = dir.path();
+        let config_text = format!(
+            r#"[paths]
+state_dir = "{state}"
+audit_log = "{audit}"
+policies = "{policies}"
+control_socket = "{d}/unused.sock"
+bpffs = "{d}/unused-bpffs"
+
+[proxy]
+threads = 1
+{proxy}
+
+{other}
+"#,
+            state = d.join("state").display(),
+            audit = d.join("audit.jsonl").display(),
+            policies = d.join("policies").display(),
+            d = d.display(),
+        );
+        Guard::with_config(d, config_text)
+    }
+
+    fn with_config(dir: &Path, config_text: String) -> Guard {
+        let path = dir.join("guard.toml");
+        fs::write(&path, &config_text).unwrap();
+        let config = Config::parse(&path.display().to_string(), &config_text)
+            .unwrap_or_else(|e| panic!("the test's configuration is invalid: {e}\n{config_text}"));
+        let policies = load_policies(&config.paths.policies).unwrap();
+        let audit = Arc::new(Audit::open(&config.paths.audit_log).unwrap());
+        let routes = Arc::new(Routes::default());
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let identify: Arc<dyn Identify> = routes.clone();
+        let enforcement = rt
+            .block_on(assemble(&config, policies, audit, identify))
+            .unwrap();
+        Guard {
+            dir: dir.to_path_buf(),
+            audit_log: config.paths.audit_log.clone(),
+            ca_bundle: config.paths.state_dir.join("ca-bundle.pem"),
+            config_text,
+            enforcement: Some(enforcement),
+            routes,
+            _rt: rt,
+        }
+    }
+
+    /// A new guard on the same directory and configuration (state and pins kept), as a
+    /// restarted daemon would be.
+    pub fn restart(mut self) -> Guard {
+        self.stop();
+        let (dir, text) = (self.dir.clone(), self.config_text.clone());
+        drop(self);
+        Guard::with_config(&dir, text)
+    }
+
+    fn stop(&mut self) {
+        if let Some(e) = self.enforcement.take() {
+            e.proxy.workers.stop();
+        }
+    }
+
+    fn enforcement(&self) -> &Enforcement {
+        self.enforcement.as_ref().expect("guard is running")
+    }
+
+    pub fn engine(&self) -> &Engine {
+        &self.enforcement().engine
+    }
+
+    /// The route for `agent` (instance 1) to `dst`.
+    pub fn route(&self, dst: SocketAddr, agent: &str) -> SocketAddr {
+        self.route_instance(dst, agent, 1)
+    }
+
+    /// The route for instance `n` of `agent` to `dst`, made on first use: a listener on `dst`'s
+    /// IP address whose connections the proxy takes for that agent's connects to `dst`.
+    pub fn route_instance(&self, dst: SocketAddr, agent: &str, n: u64) -> SocketAddr {
+        let key = (dst, agent.to_string(), n);
+        let mut by_key = self.routes.by_key.lock().unwrap();
+        if let Some(l) = by_key.get(&key) {
+            return *l;
+        }
+        let listener = std::net::TcpListener::bind(SocketAddr::new(dst.ip(), 0))
+            .unwrap_or_else(|e| panic!("a route listener on {}: {e}", dst.ip()));
+        let local = listener.local_addr().unwrap();
+        self.routes.by_listener.write().unwrap().insert(
+            local,
+            Route {
+                dst,
+                identity: agent_identity(agent, n),
+            },
+        );
+        self.enforcement().proxy.clone().start(listener).unwrap();
+        by_key.insert(key, local);
+        local
+    }
+
+    /// `url` (`scheme://host:port/...`) with its port replaced by the route's for `agent`.
+    pub fn url(&self, agent: &str, url: &str) -> String {
+        self.url_instance(agent, 1, url)
+    }
+
+    pub fn url_instance(&self, agent: &str, n: u64, url: &str) -> String {
+        let (scheme, rest) = url.split_once("://").expect("a URL");
+        let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+        let (host, port) = authority.rsplit_once(':').expect("a URL with a port");
+        let dst = format!("{host}:{port}")
+            .to_socket_addrs()
+            .unwrap()
+            .next()
+            .unwrap();
+        let route = self.route_instance(dst, agent, n);
+        format!("{scheme}://{host}:{}{path}", route.port())
+    }
+
+    /// A command for a client: it trusts guard's CA the way `guard exec` makes agents trust it.
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(args[0]);
+        c.args(&args[1..]);
+        for v in guard::cli::CA_VARIABLES {
+            c.env(v, &self.ca_bundle);
+        }
+        c
+    }
+
+    /// A JSON POST from curl (MCP's Accept header, `flags` first) to `url` through `agent`'s
+    /// route, returning (status, body).
+    pub fn curl_post_with(
+        &self,
+        agent: &str,
+        flags: &[&str],
+        headers: &[&str],
+        body: &str,
+        url: &str,
+    ) -> (u16, String) {
+        let url = self.url(agent, url);
+        let args = curl::post_args(flags, headers, body, &url);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        curl::parse(&run_ok(&mut self.command(&args)))
+    }
+
+    pub fn curl_post(&self, url: &str, headers: &[&str], body: &str) -> (u16, String) {
+        self.curl_post_with("curl", &[], headers, body, url)
+    }
+
+    pub fn audit(&self) -> Vec<Value> {
+        crate::read_audit(&self.audit_log)
+    }
+
+    pub fn audit_connections(&self) -> Vec<Value> {
+        self.audit()
+            .into_iter()
+            .filter(|r| r["event"] == "connection")
+            .collect()
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

@@ -1,0 +1,24 @@
+//! What guard's tests share: running processes ([`process`]), the real MCP peers
+//! ([`peers`]), a test PKI ([`pki`]), plain servers ([`servers`]), curl ([`curl`]), guard in-process without eBPF
+//! ([`inproc`]), and the root harness around a real daemon with real eBPF ([`root`]).
+
+pub mod curl;
+pub mod inproc;
+pub mod peers;
+pub mod pki;
+pub mod process;
+pub mod root;
+pub mod servers;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+/// The records of an audit log, in order.
+pub fn read_audit(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("audit line is JSON"))
+        .collect()
+}
