@@ -80,8 +80,7 @@ fn client(
 ) -> ClientRun {
     let args = client_args(&env.url(agent, url), transport, list, calls);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(&mut env.command(&args), Duration::from_secs(120));
-    parse_client(&out)
+    run_client(&mut env.command(&args))
 }
 
 fn tool_calls(env: &Guard) -> Vec<Value> {

@@ -1,17 +1,20 @@
 //! guard-bench: what guard costs on this machine, measured against a direct connection, in one
-//! run (SPEC §10). Run it through `cargo xtask bench` (which builds guard in release first); it
-//! needs root. See README "Performance" for what each number means.
+//! run. Run it through `cargo xtask bench` (which builds guard in release first); it needs root.
+//! See README "Performance" for what each number means and the targets.
 //!
 //! `guard-bench run` sets up its own cgroup subtree, pin directory and daemon (see `env`), runs the
 //! load generators as child processes (`guard-bench worker SPEC`, see `worker`) once in a guarded
 //! cgroup and once in an unguarded one, prints a table and writes the results as JSON.
 
 mod env;
+mod machine;
+mod measure;
 mod policy;
 mod report;
 mod run;
 mod servers;
 mod stats;
+mod upstreams;
 mod worker;
 
 use std::{path::PathBuf, process::ExitCode};

@@ -110,6 +110,7 @@ impl Report {
         });
     }
 
+    /// The report as text: the machine, the table, the targets met and missed, the notes.
     pub fn text(&self) -> String {
         let mut out = String::new();
         out.push_str("guard-bench: what guard costs, against the same work done directly\n");
@@ -121,6 +122,18 @@ impl Report {
             out.push_str(&format!("  {k}: {v}\n"));
         }
         out.push('\n');
+        out.push_str(&self.table());
+        out.push('\n');
+        out.push_str(&self.summary());
+        for n in &self.notes {
+            out.push_str(&format!("note: {n}\n"));
+        }
+        out
+    }
+
+    /// The rows as a table: a header, a rule, then one line a row, each column as wide as its
+    /// widest cell (the metric and the result left-aligned, the numbers right-aligned).
+    fn table(&self) -> String {
         let header = [
             "metric",
             "direct",
@@ -149,27 +162,7 @@ impl Report {
                 *w = (*w).max(s.chars().count());
             }
         }
-        let line = |cols: [&str; 6]| {
-            let mut s = String::new();
-            for (i, (c, w)) in cols.iter().zip(width).enumerate() {
-                let pad = w - c.chars().count();
-                if i == 0 {
-                    s.push_str(c);
-                    s.push_str(&" ".repeat(pad));
-                } else {
-                    s.push_str(" | ");
-                    if i == 5 {
-                        s.push_str(c);
-                        s.push_str(&" ".repeat(pad));
-                    } else {
-                        s.push_str(&" ".repeat(pad));
-                        s.push_str(c);
-                    }
-                }
-            }
-            s.trim_end().to_string() + "\n"
-        };
-        out.push_str(&line(header));
+        let mut out = line(header, width);
         out.push_str(
             &width
                 .iter()
@@ -179,8 +172,13 @@ impl Report {
         );
         out.push('\n');
         for c in cells {
-            out.push_str(&line(c));
+            out.push_str(&line(c, width));
         }
+        out
+    }
+
+    /// The line counting the targets met and naming those missed.
+    fn summary(&self) -> String {
         let missed: Vec<&str> = self
             .rows
             .iter()
@@ -192,20 +190,15 @@ impl Report {
             .iter()
             .filter(|r| r.verdict == Verdict::Pass)
             .count();
-        out.push('\n');
         if missed.is_empty() {
-            out.push_str(&format!("targets: {passed} met, none missed\n"));
+            format!("targets: {passed} met, none missed\n")
         } else {
-            out.push_str(&format!(
+            format!(
                 "targets: {passed} met, {} MISSED: {}\n",
                 missed.len(),
                 missed.join("; ")
-            ));
+            )
         }
-        for n in &self.notes {
-            out.push_str(&format!("note: {n}\n"));
-        }
-        out
     }
 
     pub fn json(&self) -> Value {
@@ -226,6 +219,28 @@ impl Report {
             "notes": self.notes,
         })
     }
+}
+
+/// One table line: the cells padded to `width`, the metric and the result on the left.
+fn line(cols: [&str; 6], width: [usize; 6]) -> String {
+    let mut s = String::new();
+    for (i, (c, w)) in cols.iter().zip(width).enumerate() {
+        let pad = w - c.chars().count();
+        if i == 0 {
+            s.push_str(c);
+            s.push_str(&" ".repeat(pad));
+        } else {
+            s.push_str(" | ");
+            if i == 5 {
+                s.push_str(c);
+                s.push_str(&" ".repeat(pad));
+            } else {
+                s.push_str(&" ".repeat(pad));
+                s.push_str(c);
+            }
+        }
+    }
+    s.trim_end().to_string() + "\n"
 }
 
 #[cfg(test)]

@@ -4,22 +4,23 @@
 
 use std::{
     fs,
-    net::SocketAddr,
     path::{Path, PathBuf},
     process::Command,
     thread,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use anyhow::{anyhow, bail, Context as _, Result};
-use serde_json::{json, Map, Value};
+use anyhow::{bail, Context as _, Result};
+use serde_json::json;
 
 use crate::{
-    env::{self, BenchEnv, Holder, Peer},
+    env::{self, BenchEnv},
+    machine::{self, loadavg},
+    measure::{Bench, Targets},
     policy,
-    report::{added_us, mib, us, Report, Verdict},
+    report::{Report, Verdict},
     servers::Servers,
-    stats::Summary,
+    upstreams::{self, mcp_policy, RealPeer, Upstream},
     worker,
 };
 
@@ -45,795 +46,6 @@ impl Opts {
             .as_ref()
             .is_none_or(|o| o.iter().any(|g| g == group))
     }
-}
-
-/// Where a worker runs.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Side {
-    /// `direct/`: outside the attach point, no guard program runs.
-    Direct,
-    /// `guard.slice/bench`: guarded, every connect redirected to the proxy.
-    Guard,
-    /// `guard.slice/plain`: below the attach point but not guarded (the programs run and let
-    /// the connect through).
-    Plain,
-}
-
-impl Side {
-    fn cgroup(self) -> &'static str {
-        match self {
-            Side::Direct => "direct",
-            Side::Guard => "guard.slice/bench",
-            Side::Plain => "guard.slice/plain",
-        }
-    }
-}
-
-/// One side's samples and totals over its rounds.
-#[derive(Default)]
-struct Merged {
-    samples: Vec<u64>,
-    calls: u64,
-    secs: f64,
-    /// TLS handshakes that resumed a session (`mcp_conn`).
-    resumed: u64,
-    /// Per round: the median of each quarter of its calls, in order (drift over a connection).
-    quarters: Vec<Vec<f64>>,
-}
-
-impl Merged {
-    fn add(&mut self, v: &Value) {
-        if let Some(q) = v["p50_us_by_quarter"].as_array() {
-            self.quarters
-                .push(q.iter().filter_map(Value::as_f64).collect());
-        }
-        if let Some(a) = v["samples_ns"].as_array() {
-            self.samples.extend(a.iter().filter_map(Value::as_u64));
-        }
-        self.calls += v["calls"].as_u64().unwrap_or(0);
-        self.secs += v["secs"].as_f64().unwrap_or(0.0);
-        self.resumed += v["resumed"].as_u64().unwrap_or(0);
-    }
-
-    fn summary(&mut self) -> Summary {
-        Summary::of(&mut self.samples)
-    }
-
-    fn rate(&self) -> f64 {
-        if self.secs > 0.0 {
-            self.calls as f64 / self.secs
-        } else {
-            0.0
-        }
-    }
-}
-
-const WORKER_LIMIT: Duration = Duration::from_secs(120);
-
-/// Added-latency targets (SPEC §10) for one client.
-#[derive(Clone, Copy)]
-struct Targets {
-    median_us: u64,
-    p99_us: Option<u64>,
-}
-
-struct Bench<'a> {
-    env: &'a mut BenchEnv,
-    started: Instant,
-    daemon: u32,
-    quick: bool,
-    rep: Report,
-}
-
-fn read_trim(path: &str) -> String {
-    fs::read_to_string(path)
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn loadavg() -> String {
-    read_trim("/proc/loadavg")
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn now_rfc3339() -> String {
-    let d = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default();
-    guard::audit::rfc3339(d.as_secs(), d.subsec_micros())
-}
-
-fn machine(opts: &Opts) -> Map<String, Value> {
-    let cpuinfo = read_trim("/proc/cpuinfo");
-    let model = cpuinfo
-        .lines()
-        .find_map(|l| l.strip_prefix("model name"))
-        .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
-        .unwrap_or_default();
-    let mem = read_trim("/proc/meminfo")
-        .lines()
-        .find_map(|l| l.strip_prefix("MemTotal:"))
-        .map(|v| v.trim().to_string())
-        .unwrap_or_default();
-    let version = Command::new(&opts.guard)
-        .arg("--version")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
-    let cores = thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
-    let mut m = Map::new();
-    m.insert("date".into(), json!(now_rfc3339()));
-    m.insert("cores".into(), json!(cores));
-    m.insert("cpu".into(), json!(model));
-    m.insert(
-        "kernel".into(),
-        json!(format!(
-            "{} {}",
-            read_trim("/proc/sys/kernel/ostype"),
-            read_trim("/proc/sys/kernel/osrelease")
-        )),
-    );
-    m.insert("memory".into(), json!(mem));
-    m.insert(
-        "clocksource".into(),
-        json!(read_trim(
-            "/sys/devices/system/clocksource/clocksource0/current_clocksource"
-        )),
-    );
-    m.insert("guard".into(), json!(format!("{version} (release)")));
-    m.insert("guard_source".into(), json!(source_revision(&opts.repo)));
-    m.insert("loadavg_at_start".into(), json!(loadavg()));
-    m.insert(
-        "mode".into(),
-        json!(if opts.quick { "quick" } else { "full" }),
-    );
-    m
-}
-
-/// The commit the benchmarked source is at, and whether guard's sources differ from it.
-fn source_revision(repo: &Path) -> String {
-    let git = |args: &[&str]| {
-        Command::new("git")
-            .arg("-C")
-            .arg(repo)
-            .args(args)
-            .output()
-            .ok()
-            .filter(|o| o.status.success())
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-    };
-    let Some(head) = git(&["rev-parse", "--short=12", "HEAD"]) else {
-        return "unknown (not a git checkout)".into();
-    };
-    let changed = [
-        "status",
-        "--porcelain",
-        "--",
-        "guard",
-        "guard-common",
-        "guard-ebpf",
-    ];
-    if git(&changed).is_some_and(|s| !s.is_empty()) {
-        format!("{head} + uncommitted changes in guard sources")
-    } else {
-        head
-    }
-}
-
-/// CPU time the daemon's threads have used so far, in ns (`/proc/<pid>/task/*/schedstat`).
-fn cpu_ns(pid: u32) -> u64 {
-    fs::read_dir(format!("/proc/{pid}/task"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|t| fs::read_to_string(t.path().join("schedstat")).ok())
-        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
-        .sum()
-}
-
-fn peers_dir() -> PathBuf {
-    if let Some(d) = std::env::var_os("GUARD_TEST_PEERS").filter(|d| !d.is_empty()) {
-        return PathBuf::from(d);
-    }
-    let opt = PathBuf::from("/opt/guard-test-peers");
-    if opt.join("py").exists() {
-        return opt;
-    }
-    std::env::var_os("HOME")
-        .map(|h| PathBuf::from(h).join(".cache/guard/test-peers"))
-        .unwrap_or(opt)
-}
-
-/// An MCP server to call: where, and the arguments its `echo` tool takes.
-struct Upstream {
-    addr: SocketAddr,
-    path: String,
-    args: Value,
-}
-
-/// A real MCP server from tests/peers, in the `peers` cgroup; parses its `READY <url>` line.
-fn start_peer(
-    env: &BenchEnv,
-    program: &Path,
-    args: &[&str],
-    log: &str,
-    echo_args: Value,
-) -> Result<(Peer, Upstream)> {
-    if program.is_absolute() && !program.exists() {
-        bail!(
-            "{} is missing: the test peers are not installed (cargo xtask setup)",
-            program.display()
-        );
-    }
-    let mut cmd = Command::new(program);
-    cmd.args(args);
-    let peer = Peer::start(
-        cmd,
-        &env.cgroup("peers"),
-        "READY ",
-        &env.dir.join(log),
-        Duration::from_secs(60),
-    )?;
-    let url = peer.first_line["READY ".len()..].trim().to_string();
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| anyhow!("unexpected READY url {url}"))?;
-    let (hostport, path) = rest.split_once('/').unwrap_or((rest, "mcp"));
-    let addr: SocketAddr = hostport.parse().context("READY url address")?;
-    Ok((
-        peer,
-        Upstream {
-            addr,
-            path: format!("/{path}"),
-            args: echo_args,
-        },
-    ))
-}
-
-fn mcp_policy(name: &str, addr: SocketAddr) -> String {
-    json!({
-        "version": "1",
-        "server": { "name": name, "match": [addr.to_string()] },
-        "default": "deny",
-        "tools": { "echo": {} }
-    })
-    .to_string()
-}
-
-impl Bench<'_> {
-    fn progress(&self, what: &str) {
-        eprintln!(
-            "guard-bench: [{:5.1} s] {what}",
-            self.started.elapsed().as_secs_f64()
-        );
-    }
-
-    fn n(&self, full: u64) -> u64 {
-        if self.quick {
-            (full / 4).max(1)
-        } else {
-            full
-        }
-    }
-
-    fn secs(&self, full: f64) -> f64 {
-        if self.quick {
-            full / 3.0
-        } else {
-            full
-        }
-    }
-
-    /// Runs one worker on `side`, checking from the kernel's counter that its connections went
-    /// through guard (guarded side: at least `conns` redirected) or did not (other sides).
-    fn side(&self, side: Side, spec: &Value, conns: u64) -> Result<Value> {
-        let before = self.env.redirected()?;
-        let out = env::run_worker(&self.env.cgroup(side.cgroup()), spec, WORKER_LIMIT)?;
-        self.env.check_daemon()?;
-        let after = self.env.redirected()?;
-        let redirected = after.saturating_sub(before);
-        match side {
-            Side::Guard if redirected < conns => bail!(
-                "only {redirected} of the guarded worker's {conns} connections were redirected"
-            ),
-            Side::Direct | Side::Plain if redirected != 0 => bail!(
-                "{redirected} connections of the {side:?} worker were redirected: not a direct path"
-            ),
-            _ => {}
-        }
-        Ok(out)
-    }
-
-    /// Runs `spec` on each side, in the order given and then reversed (A B B A), and merges each
-    /// side's rounds.
-    fn abba(&self, sides: &[Side], spec: &Value, conns: u64) -> Result<Vec<Merged>> {
-        let specs: Vec<Value> = sides.iter().map(|_| spec.clone()).collect();
-        self.abba_specs(sides, &specs, conns)
-    }
-
-    /// [`Bench::abba`] with a spec of its own for each side.
-    fn abba_specs(&self, sides: &[Side], specs: &[Value], conns: u64) -> Result<Vec<Merged>> {
-        let mut merged: Vec<Merged> = sides.iter().map(|_| Merged::default()).collect();
-        let order: Vec<usize> = (0..sides.len()).chain((0..sides.len()).rev()).collect();
-        for i in order {
-            let out = self.side(sides[i], &specs[i], conns)?;
-            merged[i].add(&out);
-        }
-        Ok(merged)
-    }
-
-    /// `spec` for the direct and for the guarded side; over TLS (`tls`: resume or not) each side
-    /// trusts the CA it meets: the upstream's, or guard's.
-    fn two_specs(&self, spec: &Value, tls: Option<bool>) -> [Value; 2] {
-        let mut d = spec.clone();
-        let mut g = spec.clone();
-        if let Some(resume) = tls {
-            d["tls"] = json!({ "ca": self.env.upstream_ca(), "resume": resume });
-            g["tls"] = json!({ "ca": self.env.guard_ca(), "resume": resume });
-        }
-        [d, g]
-    }
-
-    /// The `connect()` syscall: spaced 0.5 ms apart, so that the daemon has finished with the
-    /// previous connection (the target); and back to back, 20 µs apart, where the daemon's work
-    /// on the previous connections competes for the CPUs (for information).
-    fn connect(&mut self, target: SocketAddr) -> Result<()> {
-        self.progress("connect(): direct, guarded, unguarded below the attach point");
-        let iters = self.n(2000);
-        let warmup = 100;
-        let spec = |pause_us: u64| {
-            json!({ "kind": "connect", "addr": target.to_string(),
-                    "iters": iters, "warmup": warmup, "pause_us": pause_us })
-        };
-        let sides = [Side::Direct, Side::Guard, Side::Plain];
-        let mut m = self.abba(&sides, &spec(500), iters + warmup)?;
-        let (d, g, p) = (m[0].summary(), m[1].summary(), m[2].summary());
-        let mut burst = self.abba(&sides[..2], &spec(20), iters + warmup)?;
-        let (bd, bg) = (burst[0].summary(), burst[1].summary());
-        let added = g.p50 as i64 - d.p50 as i64;
-        self.rep.row(
-            "connect() median",
-            us(d.p50),
-            us(g.p50),
-            added_us(g.p50, d.p50),
-            "<= +10 µs",
-            Verdict::of(added <= 10_000),
-        );
-        self.rep.timed("connect() p99", d.p99, g.p99);
-        self.rep.timed(
-            "connect() median, unguarded below attach point",
-            d.p50,
-            p.p50,
-        );
-        self.rep.timed(
-            "connect() median, back to back (20 µs apart)",
-            bd.p50,
-            bg.p50,
-        );
-        self.rep.results.insert(
-            "connect".into(),
-            json!({
-                "target": target.to_string(),
-                "iterations_per_side": 2 * iters,
-                "spaced_500us": { "direct": d.to_json(), "guard": g.to_json(),
-                                  "unguarded_below_attach": p.to_json() },
-                "back_to_back_20us": { "direct": bd.to_json(), "guard": bg.to_json() },
-                "added_median_us": added as f64 / 1000.0,
-            }),
-        );
-        Ok(())
-    }
-
-    /// `tools/call` round trips on keep-alive connections, at each concurrency of `levels`
-    /// (clients, timed calls or none, seconds); the latency targets apply to one client when
-    /// `targets`.
-    fn mcp(
-        &mut self,
-        key: &str,
-        label: &str,
-        up: &Upstream,
-        levels: &[(u64, Option<u64>, f64)],
-        tls: bool,
-        targets: Option<Targets>,
-    ) -> Result<()> {
-        let mut out = Map::new();
-        let (mut cpu_total, mut guarded_calls, mut guarded_secs) = (0u64, 0u64, 0f64);
-        // With one client every call finds the daemon asleep (and wakes it twice): its CPU per
-        // call is the one that shows in that latency; with more, wake-ups are shared.
-        let mut one_client_cpu = None;
-        for &(conc, calls, secs) in levels {
-            self.progress(&format!("tools/call, {label}, {conc} client(s)"));
-            // Real servers are slow (FastMCP: 44 ms a call): a short warm-up there.
-            let warmup = match (conc, targets.is_some()) {
-                (1, true) => 100,
-                (_, true) => 10,
-                _ => 5,
-            };
-            let mut spec = json!({
-                "kind": "mcp", "addr": up.addr.to_string(), "path": up.path,
-                "concurrency": conc, "warmup": warmup,
-                "tool": "echo", "args": up.args, "secs": self.secs(secs),
-            });
-            if let Some(c) = calls {
-                spec["calls"] = json!(self.n(c));
-            }
-            let specs = self.two_specs(&spec, tls.then_some(true));
-            let cpu0 = cpu_ns(self.daemon);
-            let mut m = self.abba_specs(&[Side::Direct, Side::Guard], &specs, conc)?;
-            let daemon_cpu = cpu_ns(self.daemon).saturating_sub(cpu0);
-            cpu_total += daemon_cpu;
-            if conc == 1 {
-                one_client_cpu = Some(daemon_cpu as f64 / 1000.0 / m[1].calls.max(1) as f64);
-            }
-            guarded_calls += m[1].calls;
-            guarded_secs += m[1].secs;
-            let (d, g) = (m[0].summary(), m[1].summary());
-            let (dr, gr) = (m[0].rate(), m[1].rate());
-            if conc == 1 {
-                let check = |limit_us: Option<u64>, guard_ns: u64, direct_ns: u64| match limit_us {
-                    Some(l) => (
-                        format!("<= +{l} µs"),
-                        Verdict::of(guard_ns as i64 - direct_ns as i64 <= l as i64 * 1000),
-                    ),
-                    None => (String::new(), Verdict::Info),
-                };
-                let (t50, v50) = check(targets.map(|t| t.median_us), g.p50, d.p50);
-                let (t99, v99) = check(targets.and_then(|t| t.p99_us), g.p99, d.p99);
-                self.rep.row(
-                    format!("tools/call median, {label}, 1 client"),
-                    us(d.p50),
-                    us(g.p50),
-                    added_us(g.p50, d.p50),
-                    t50,
-                    v50,
-                );
-                self.rep.row(
-                    format!("tools/call p99, {label}, 1 client"),
-                    us(d.p99),
-                    us(g.p99),
-                    added_us(g.p99, d.p99),
-                    t99,
-                    v99,
-                );
-            }
-            self.rep.row(
-                format!(
-                    "tools/call calls/s, {label}, {conc} client{}",
-                    if conc == 1 { "" } else { "s" }
-                ),
-                format!("{dr:.0}"),
-                format!("{gr:.0}"),
-                format!("{:.0} %", gr / dr * 100.0),
-                "",
-                Verdict::Info,
-            );
-            out.insert(
-                format!("c{conc}"),
-                json!({
-                    "concurrency": conc,
-                    "direct": { "latency": d.to_json(), "calls": m[0].calls, "secs": m[0].secs,
-                                "calls_per_s": dr },
-                    "guard": { "latency": g.to_json(), "calls": m[1].calls, "secs": m[1].secs,
-                               "calls_per_s": gr },
-                    "added_median_us": (g.p50 as f64 - d.p50 as f64) / 1000.0,
-                    "added_p99_us": (g.p99 as f64 - d.p99 as f64) / 1000.0,
-                    "p50_us_by_quarter": { "direct": m[0].quarters, "guard": m[1].quarters },
-                    "calls_per_s_ratio": gr / dr,
-                    "daemon_cpu_us_per_call": daemon_cpu as f64 / 1000.0 / m[1].calls.max(1) as f64,
-                }),
-            );
-        }
-        let per_call = cpu_total as f64 / 1000.0 / guarded_calls.max(1) as f64;
-        if guarded_calls as f64 > 1000.0 * guarded_secs {
-            // (With a slow upstream the daemon's idle housekeeping would dominate the figure.)
-            self.rep.row(
-                format!("daemon CPU per tools/call (1 client / all), {label}"),
-                "-",
-                match one_client_cpu {
-                    Some(one) => format!("{one:.0} / {per_call:.1} µs"),
-                    None => format!("{per_call:.1} µs"),
-                },
-                "",
-                "",
-                Verdict::Info,
-            );
-        }
-        out.insert("daemon_cpu_us_per_call".into(), json!(per_call));
-        self.rep.results.insert(key.into(), Value::Object(out));
-        Ok(())
-    }
-
-    /// A new connection for every `tools/call`: plain (`tls` None), or TLS with a full
-    /// (`Some(false)`) or a resumed (`Some(true)`) handshake.
-    fn per_connection(
-        &mut self,
-        key: &str,
-        label: &str,
-        up: &Upstream,
-        calls: u64,
-        tls: Option<bool>,
-        target_us: Option<u64>,
-    ) -> Result<()> {
-        self.progress(&format!("tools/call, {label}"));
-        let calls = self.n(calls);
-        let spec = json!({
-            "kind": "mcp_conn", "addr": up.addr.to_string(), "path": up.path,
-            "warmup": 20, "calls": calls, "tool": "echo", "args": up.args,
-        });
-        let specs = self.two_specs(&spec, tls);
-        let cpu0 = cpu_ns(self.daemon);
-        let mut m = self.abba_specs(&[Side::Direct, Side::Guard], &specs, calls)?;
-        let daemon_cpu = cpu_ns(self.daemon).saturating_sub(cpu0);
-        let (d, g) = (m[0].summary(), m[1].summary());
-        let added = g.p50 as i64 - d.p50 as i64;
-        let (target, verdict) = match target_us {
-            Some(t) => (format!("<= +{t} µs"), Verdict::of(added <= t as i64 * 1000)),
-            None => (String::new(), Verdict::Info),
-        };
-        self.rep.row(
-            format!("tools/call median, {label}"),
-            us(d.p50),
-            us(g.p50),
-            added_us(g.p50, d.p50),
-            target,
-            verdict,
-        );
-        if tls == Some(true) {
-            let want = 2 * calls;
-            for (side, merged) in [("direct", &m[0]), ("guard", &m[1])] {
-                if merged.resumed < want {
-                    self.rep.notes.push(format!(
-                        "{label}: only {} of {want} {side} handshakes resumed a session",
-                        merged.resumed
-                    ));
-                }
-            }
-        }
-        self.rep.results.insert(
-            key.into(),
-            json!({
-                "calls_per_side": 2 * calls,
-                "direct": d.to_json(), "guard": g.to_json(),
-                "added_median_us": added as f64 / 1000.0,
-                "added_p99_us": (g.p99 as f64 - d.p99 as f64) / 1000.0,
-                "resumed": { "direct": m[0].resumed, "guard": m[1].resumed },
-                "daemon_cpu_us_per_call": daemon_cpu as f64 / 1000.0 / (2 * calls) as f64,
-            }),
-        );
-        Ok(())
-    }
-
-    /// The relay hop alone: small messages echoed over one guarded passthrough connection.
-    fn echo_rtt(&mut self, echo: SocketAddr) -> Result<()> {
-        self.progress("64-byte round trips over a TCP passthrough connection");
-        let iters = self.n(5000);
-        let spec = json!({ "kind": "echo_rtt", "addr": echo.to_string(),
-                           "iters": iters, "warmup": 200 });
-        let mut m = self.abba(&[Side::Direct, Side::Guard], &spec, 1)?;
-        let (d, g) = (m[0].summary(), m[1].summary());
-        self.rep
-            .timed("64-byte round trip median, TCP passthrough", d.p50, g.p50);
-        self.rep.results.insert(
-            "echo_rtt".into(),
-            json!({
-                "round_trips_per_side": 2 * iters,
-                "direct": d.to_json(), "guard": g.to_json(),
-                "added_median_us": (g.p50 as f64 - d.p50 as f64) / 1000.0,
-            }),
-        );
-        Ok(())
-    }
-
-    fn bulk(&mut self, sink: SocketAddr, relay: SocketAddr) -> Result<()> {
-        let bytes = self.n(1 << 30);
-        self.progress(&format!(
-            "passthrough throughput, {} MiB per transfer",
-            bytes >> 20
-        ));
-        let spec = |addr: SocketAddr| json!({ "kind": "bulk", "addr": addr.to_string(), "bytes": bytes, "timeout_s": 60 });
-        // Three transfers each, interleaved: direct (0), guard (1), the bare relay (2), unguarded;
-        // the median of each counts.
-        let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
-        for which in [0, 1, 2, 2, 1, 0, 0, 1, 2] {
-            let out = match which {
-                0 => self.side(Side::Direct, &spec(sink), 1)?,
-                1 => self.side(Side::Guard, &spec(sink), 1)?,
-                _ => self.side(Side::Direct, &spec(relay), 1)?,
-            };
-            rates[which].push(out["mib_per_s"].as_f64().unwrap_or(0.0));
-        }
-        for r in rates.iter_mut() {
-            r.sort_by(|a, b| a.total_cmp(b));
-        }
-        let (d, g, f) = (rates[0][1], rates[1][1], rates[2][1]);
-        let ratio = g / d;
-        self.rep.row(
-            "passthrough throughput (1 connection)",
-            format!("{d:.0} MiB/s"),
-            format!("{g:.0} MiB/s"),
-            format!("{:.0} %", ratio * 100.0),
-            ">= 80 %",
-            Verdict::of(ratio >= 0.80),
-        );
-        self.rep.row(
-            "bare splice relay, no guard (for comparison)",
-            format!("{d:.0} MiB/s"),
-            format!("{f:.0} MiB/s"),
-            format!("{:.0} %", f / d * 100.0),
-            "",
-            Verdict::Info,
-        );
-        self.rep.results.insert(
-            "bulk".into(),
-            json!({ "bytes_per_transfer": bytes, "direct_mib_per_s": rates[0],
-                    "guard_mib_per_s": rates[1], "bare_relay_mib_per_s": rates[2],
-                    "median_ratio": ratio, "bare_relay_ratio": f / d,
-                    "guard_vs_bare_relay": g / f }),
-        );
-        Ok(())
-    }
-
-    /// On a freshly started daemon: its idle RSS, then its RSS (max of a few samples, KiB) while
-    /// a hold worker keeps `n` guarded connections open.
-    fn hold(&mut self, kind: &str, spec: Value, n: u64) -> Result<Value> {
-        self.progress(&format!(
-            "daemon RSS with {n} guarded {kind} held (fresh daemon)"
-        ));
-        self.daemon = self.env.restart_daemon()?;
-        thread::sleep(Duration::from_secs(1));
-        let (idle, _) = env::rss_kib(self.daemon)?;
-        let before = self.env.redirected()?;
-        let h = Holder::start(&self.env.cgroup(Side::Guard.cgroup()), &spec, WORKER_LIMIT)?;
-        let held = h.held["held"].as_u64().unwrap_or(0);
-        // `guard status` itself may fail while the daemon is out of file descriptors.
-        match self.env.redirected() {
-            Ok(after) if after.saturating_sub(before) < held => bail!(
-                "only {} of the {held} held connections were redirected",
-                after.saturating_sub(before)
-            ),
-            Ok(_) => {}
-            Err(e) => self.rep.notes.push(format!(
-                "guard status failed while {held} {kind} were held: {e:#}"
-            )),
-        }
-        thread::sleep(Duration::from_millis(500));
-        let (mut rss, mut hwm) = (0, 0);
-        for _ in 0..5 {
-            let (r, h) = env::rss_kib(self.daemon)?;
-            rss = rss.max(r);
-            hwm = hwm.max(h);
-            thread::sleep(Duration::from_millis(100));
-        }
-        let active = self
-            .env
-            .status()
-            .ok()
-            .and_then(|s| s["counters"]["proxy"]["active"].as_u64());
-        if active.is_some_and(|a| a < held) {
-            let active = active.unwrap_or(0);
-            self.rep.notes.push(format!(
-                "while {held} {kind} were held the proxy counted only {active} active connections"
-            ));
-        }
-        let secs = h.held["secs"].as_f64().unwrap_or(0.0);
-        let first_error = h.held["first_error"].as_str().map(str::to_string);
-        h.release()?;
-        let (guard_col, verdict) = if held < n {
-            self.rep.notes.push(format!(
-                "{kind}: only {held} of {n} could be held (the daemon's open-file limit is {}): {}",
-                env::nofile(self.daemon).map_or("?".into(), |v| v.to_string()),
-                first_error.as_deref().unwrap_or("?")
-            ));
-            (
-                format!("only {held} of {n} held, {}", mib(rss)),
-                Verdict::Miss,
-            )
-        } else {
-            (mib(rss), Verdict::of(rss <= 100 * 1024))
-        };
-        self.rep.row(
-            format!("daemon RSS, {n} guarded {kind} held"),
-            "-",
-            guard_col,
-            format!("+{} over idle", mib(rss.saturating_sub(idle))),
-            "<= 100 MiB",
-            verdict,
-        );
-        let out = json!({ "idle_kib": idle, "held_kib": rss, "hwm_kib": hwm, "active": active,
-                          "held": held, "first_error": first_error, "open_secs": secs });
-        Ok(out)
-    }
-
-    fn rss(&mut self, idle_kib: u64, servers: &Servers, fast_tls: Option<&Upstream>) -> Result<()> {
-        let (after_load, hwm) = env::rss_kib(self.daemon)?;
-        self.rep.row(
-            "daemon RSS idle (fresh start)",
-            "-",
-            mib(idle_kib),
-            "",
-            "",
-            Verdict::Info,
-        );
-        self.rep.row(
-            "daemon RSS after the runs above (peak)",
-            "-",
-            format!("{} ({})", mib(after_load), mib(hwm)),
-            "",
-            "",
-            Verdict::Info,
-        );
-        let n = 1000;
-        let mut out = Map::new();
-        out.insert("idle_kib".into(), json!(idle_kib));
-        out.insert("after_load_kib".into(), json!(after_load));
-        out.insert("after_load_hwm_kib".into(), json!(hwm));
-        let tcp = json!({ "kind": "hold_tcp", "addr": servers.echo.to_string(), "n": n });
-        out.insert(
-            "held_tcp".into(),
-            self.hold("TCP passthrough connections", tcp, n)?,
-        );
-        let mcp = json!({ "kind": "hold_mcp", "addr": servers.mcp.to_string(), "path": "/mcp",
-                          "n": n, "tool": "echo", "args": { "text": "held" } });
-        out.insert(
-            "held_mcp".into(),
-            self.hold("MCP sessions (HTTP keep-alive)", mcp, n)?,
-        );
-        if let Some(up) = fast_tls {
-            let mut spec = json!({ "kind": "hold_mcp", "addr": up.addr.to_string(),
-                                   "path": up.path, "n": n, "tool": "echo",
-                                   "args": { "text": "held" } });
-            spec["tls"] = json!({ "ca": self.env.guard_ca(), "resume": true });
-            out.insert(
-                "held_mcp_tls".into(),
-                self.hold("MCP sessions over intercepted TLS", spec, n)?,
-            );
-        }
-        self.rep.results.insert("rss".into(), Value::Object(out));
-        Ok(())
-    }
-}
-
-fn policy_rows(rep: &mut Report, quick: bool) -> Result<()> {
-    eprintln!("guard-bench: policy decision time with 10, 100 and 1,000 rules");
-    let overhead = policy::timer_overhead_ns();
-    let results = policy::run(if quick { 20_000 } else { 100_000 })?;
-    let mut detail = Map::new();
-    for r in &results {
-        let target = r.rules == 1_000;
-        rep.row(
-            format!("policy decide() p50 / p99, {} rules", r.rules),
-            "-",
-            format!("{} / {}", us(r.all.p50), us(r.all.p99)),
-            "",
-            if target { "p99 <= 5 µs" } else { "" },
-            if target {
-                Verdict::of(r.all.p99 <= 5_000)
-            } else {
-                Verdict::Info
-            },
-        );
-        let kinds: Map<String, Value> = r
-            .kinds
-            .iter()
-            .map(|(k, s)| (k.to_string(), s.to_json()))
-            .collect();
-        detail.insert(
-            r.rules.to_string(),
-            json!({ "all": r.all.to_json(), "by_rule_kind": kinds }),
-        );
-    }
-    detail.insert("timer_overhead_ns".into(), json!(overhead));
-    rep.results
-        .insert("policy_decide".into(), Value::Object(detail));
-    rep.notes.push(format!(
-        "decide() samples are single calls timed with Instant (a timer pair costs {overhead} ns here, included)"
-    ));
-    Ok(())
 }
 
 fn tls_available(guard: &Path) -> bool {
@@ -862,12 +74,12 @@ pub fn run(opts: &Opts) -> Result<()> {
     env::remove_stale(&mount);
 
     let mut rep = Report {
-        machine: machine(opts),
+        machine: machine::machine(opts),
         ..Default::default()
     };
     // In-process, before anything else runs.
     if opts.wants("policy") {
-        policy_rows(&mut rep, opts.quick)?;
+        policy::rows(&mut rep, opts.quick)?;
     }
 
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -877,7 +89,50 @@ pub fn run(opts: &Opts) -> Result<()> {
     env::install_signal_teardown(&rt);
     // The servers keep running on the runtime's threads after block_on returns.
     let servers = rt.block_on(Servers::start())?;
-    let mut env = BenchEnv::new(&opts.guard, &mount, &servers.tls_ca_pem)?;
+    let mut setup = prepare(opts, &mount, &servers, &mut rep)?;
+
+    let mut b = Bench {
+        env: &mut setup.env,
+        started,
+        daemon: setup.daemon,
+        quick: opts.quick,
+        rep,
+    };
+    let measured = measure(
+        opts,
+        &mut b,
+        &servers,
+        &setup.real,
+        setup.idle_kib,
+        setup.tls,
+    );
+    let mut rep = collect(b, &measured);
+    // The real servers (in the `peers` cgroup) stop before the environment's teardown removes
+    // its cgroups.
+    drop(setup.real);
+    drop(setup.env);
+    env::teardown();
+    rt.shutdown_timeout(Duration::from_secs(2));
+
+    finish(opts, &mut rep, started)?;
+    measured
+}
+
+/// What `prepare` set up: the environment with its daemon running, and the upstreams.
+struct Setup {
+    env: BenchEnv,
+    /// The real MCP servers that started.
+    real: Vec<RealPeer>,
+    daemon: u32,
+    /// The daemon's RSS before any load, KiB.
+    idle_kib: u64,
+    /// Whether this guard intercepts TLS (it has `guard ca` and made its CA).
+    tls: bool,
+}
+
+/// The benchmark environment, the real upstreams and their policies, and the daemon.
+fn prepare(opts: &Opts, mount: &Path, servers: &Servers, rep: &mut Report) -> Result<Setup> {
+    let mut env = BenchEnv::new(&opts.guard, mount, &servers.tls_ca_pem)?;
     env.daemon_nofile = opts.daemon_nofile;
     eprintln!(
         "guard-bench: cgroups under {}, pins in {}, proxy port {}",
@@ -885,66 +140,18 @@ pub fn run(opts: &Opts) -> Result<()> {
         env.pin_dir.display(),
         env.port
     );
-    let text = |k: &str| json!({ k: "hello from guard-bench" });
-    let fast = Upstream {
-        addr: servers.mcp,
-        path: "/mcp".into(),
-        args: text("text"),
+    let real = if opts.wants("real") {
+        upstreams::start_real(&env, &opts.repo, &mut rep.notes)
+    } else {
+        Vec::new()
     };
-    let fast_tls = Upstream {
-        addr: servers.tls_mcp,
-        path: "/mcp".into(),
-        args: text("text"),
-    };
-    let peers = peers_dir();
-    let mut real: Vec<(&str, &str, Peer, Upstream)> = Vec::new();
-    let script = |name: &str| opts.repo.join("tests/peers").join(name);
-    let fastmcp_script = script("mcp_server.py");
-    let everything_script = script("everything_http.mjs");
-    let node_modules = peers.join("node/node_modules");
-    let candidates = [
-        (
-            "mcp_fastmcp",
-            "FastMCP (Python SDK)",
-            peers.join("py/bin/python"),
-            vec![
-                fastmcp_script.to_string_lossy().into_owned(),
-                "--json-response".into(),
-            ],
-            text("text"),
-        ),
-        (
-            "mcp_everything",
-            "server-everything (TypeScript SDK)",
-            PathBuf::from("node"),
-            vec![
-                everything_script.to_string_lossy().into_owned(),
-                "--json-response".into(),
-                "--node-modules".into(),
-                node_modules.to_string_lossy().into_owned(),
-            ],
-            text("message"),
-        ),
-    ];
-    for (key, label, program, mut args, echo) in
-        candidates.into_iter().filter(|_| opts.wants("real"))
-    {
-        args.extend(["--host", "127.0.0.3", "--port", "0"].map(String::from));
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        match start_peer(&env, &program, &args, &format!("{key}.log"), echo) {
-            Ok((peer, up)) => real.push((key, label, peer, up)),
-            Err(e) => rep
-                .notes
-                .push(format!("{label} upstream not measured: {e:#}")),
-        }
-    }
     env.write_policy("bench-fast.json", &mcp_policy("bench-fast", servers.mcp))?;
     env.write_policy(
         "bench-fast-tls.json",
         &mcp_policy("bench-fast-tls", servers.tls_mcp),
     )?;
-    for (key, _, _, up) in &real {
-        env.write_policy(&format!("{key}.json"), &mcp_policy(key, up.addr))?;
+    for r in &real {
+        env.write_policy(&format!("{}.json", r.key), &mcp_policy(r.key, r.up.addr))?;
     }
     let daemon = env.start_daemon()?;
     let nofile = env::nofile(daemon).unwrap_or(0);
@@ -956,132 +163,163 @@ pub fn run(opts: &Opts) -> Result<()> {
         ));
     }
     thread::sleep(Duration::from_secs(1));
-    let (idle, _) = env::rss_kib(daemon)?;
+    let (idle_kib, _) = env::rss_kib(daemon)?;
     let tls = tls_available(&opts.guard) && env.guard_ca().exists();
-
-    let mut b = Bench {
-        env: &mut env,
-        started,
+    Ok(Setup {
+        env,
+        real,
         daemon,
-        quick: opts.quick,
-        rep,
-    };
-    let measured = (|| -> Result<()> {
-        if opts.wants("mcp") {
-            b.mcp(
-                "mcp_fast",
-                "fast upstream",
-                &fast,
-                &[(1, Some(3000), 60.0), (16, None, 1.0), (64, None, 1.0)],
-                false,
-                Some(Targets {
-                    median_us: 100,
-                    p99_us: Some(1000),
-                }),
-            )?;
+        idle_kib,
+        tls,
+    })
+}
+
+/// Every selected group of measurements through the daemon, in order (`rss` last: it restarts
+/// the daemon).
+fn measure(
+    opts: &Opts,
+    b: &mut Bench,
+    servers: &Servers,
+    real: &[RealPeer],
+    idle_kib: u64,
+    tls: bool,
+) -> Result<()> {
+    let fast = Upstream::local(servers.mcp);
+    let fast_tls = Upstream::local(servers.tls_mcp);
+    if opts.wants("mcp") {
+        b.mcp(
+            "mcp_fast",
+            "fast upstream",
+            &fast,
+            &[(1, Some(3000), 60.0), (16, None, 1.0), (64, None, 1.0)],
+            false,
+            Some(Targets {
+                median_us: 100,
+                p99_us: Some(1000),
+            }),
+        )?;
+    }
+    if opts.wants("echo") {
+        b.echo_rtt(servers.echo)?;
+    }
+    if opts.wants("conn") {
+        b.per_connection(
+            "conn_plain",
+            "new connection per call, plain HTTP",
+            &fast,
+            1000,
+            None,
+            None,
+        )?;
+    }
+    if opts.wants("tls") {
+        measure_tls(b, &fast_tls, tls)?;
+    }
+    measure_real(b, real)?;
+    if opts.wants("connect") {
+        b.connect(servers.accept)?;
+    }
+    if opts.wants("bulk") {
+        b.bulk(servers.sink, servers.relay)?;
+    }
+    if opts.wants("rss") {
+        b.rss(idle_kib, servers, tls.then_some(&fast_tls))?;
+    }
+    Ok(())
+}
+
+/// The TLS interception group, or a row saying why it was not measured.
+fn measure_tls(b: &mut Bench, fast_tls: &Upstream, tls: bool) -> Result<()> {
+    if !tls {
+        b.rep.row(
+            "tools/call through TLS interception",
+            "-",
+            "no TLS interception in this guard (no `guard ca`)",
+            "",
+            "<= +300 µs (resumed)",
+            Verdict::NotMeasured,
+        );
+        return Ok(());
+    }
+    b.mcp(
+        "mcp_fast_tls",
+        "TLS intercepted, fast upstream",
+        fast_tls,
+        &[(1, Some(3000), 60.0), (16, None, 1.0)],
+        true,
+        Some(Targets {
+            median_us: 300,
+            p99_us: None,
+        }),
+    )?;
+    b.per_connection(
+        "conn_tls_full",
+        "new TLS connection per call, full handshake",
+        fast_tls,
+        400,
+        Some(false),
+        None,
+    )?;
+    b.per_connection(
+        "conn_tls_resumed",
+        "new TLS connection per call, resumed session",
+        fast_tls,
+        1000,
+        Some(true),
+        Some(300),
+    )
+}
+
+/// The real MCP servers that started (for information: no targets).
+fn measure_real(b: &mut Bench, real: &[RealPeer]) -> Result<()> {
+    for r in real {
+        b.mcp(
+            r.key,
+            r.label,
+            &r.up,
+            &[(1, Some(400), 3.0), (16, None, 1.5)],
+            false,
+            None,
+        )?;
+        let d50 = b.rep.results[r.key]["c1"]["direct"]["latency"]["p50_us"]
+            .as_f64()
+            .unwrap_or(0.0);
+        if d50 > 30_000.0 {
+            b.rep.notes.push(format!(
+                "{}: {:.0} ms a call even directly: the server writes the response head \
+                 and body in two sends without TCP_NODELAY, so the body waits for the client's \
+                 delayed ACK (Nagle, ~40 ms); the same with and without guard",
+                r.label,
+                d50 / 1000.0
+            ));
         }
-        if opts.wants("echo") {
-            b.echo_rtt(servers.echo)?;
-        }
-        if opts.wants("conn") {
-            b.per_connection(
-                "conn_plain",
-                "new connection per call, plain HTTP",
-                &fast,
-                1000,
-                None,
-                None,
-            )?;
-        }
-        if opts.wants("tls") && tls {
-            b.mcp(
-                "mcp_fast_tls",
-                "TLS intercepted, fast upstream",
-                &fast_tls,
-                &[(1, Some(3000), 60.0), (16, None, 1.0)],
-                true,
-                Some(Targets {
-                    median_us: 300,
-                    p99_us: None,
-                }),
-            )?;
-            b.per_connection(
-                "conn_tls_full",
-                "new TLS connection per call, full handshake",
-                &fast_tls,
-                400,
-                Some(false),
-                None,
-            )?;
-            b.per_connection(
-                "conn_tls_resumed",
-                "new TLS connection per call, resumed session",
-                &fast_tls,
-                1000,
-                Some(true),
-                Some(300),
-            )?;
-        } else if opts.wants("tls") {
-            b.rep.row(
-                "tools/call through TLS interception",
-                "-",
-                "no TLS interception in this guard (no `guard ca`)",
-                "",
-                "<= +300 µs (resumed)",
-                Verdict::NotMeasured,
-            );
-        }
-        for (key, label, _, up) in &real {
-            b.mcp(
-                key,
-                label,
-                up,
-                &[(1, Some(400), 3.0), (16, None, 1.5)],
-                false,
-                None,
-            )?;
-            let d50 = b.rep.results[*key]["c1"]["direct"]["latency"]["p50_us"]
-                .as_f64()
-                .unwrap_or(0.0);
-            if d50 > 30_000.0 {
-                b.rep.notes.push(format!(
-                    "{label}: {:.0} ms a call even directly: the server writes the response head \
-                     and body in two sends without TCP_NODELAY, so the body waits for the client's \
-                     delayed ACK (Nagle, ~40 ms); the same with and without guard",
-                    d50 / 1000.0
-                ));
-            }
-        }
-        if opts.wants("connect") {
-            b.connect(servers.accept)?;
-        }
-        if opts.wants("bulk") {
-            b.bulk(servers.sink, servers.relay)?;
-        }
-        if opts.wants("rss") {
-            b.rss(idle, &servers, tls.then_some(&fast_tls))?;
-        }
-        Ok(())
-    })();
+    }
+    Ok(())
+}
+
+/// The report, with the daemon's counters, the audit log's size and, when the measurements
+/// failed, why (and the daemon's log on stderr).
+fn collect(b: Bench, measured: &Result<()>) -> Report {
     let status = b.env.status().ok();
     let mut rep = b.rep;
     if let Some(s) = status {
         rep.results
             .insert("daemon_counters".into(), s["counters"].clone());
     }
-    if let Ok(meta) = fs::metadata(env.audit_log()) {
+    if let Ok(meta) = fs::metadata(b.env.audit_log()) {
         rep.results
             .insert("audit_log_bytes".into(), json!(meta.len()));
     }
-    if let Err(e) = &measured {
-        eprintln!("guard-bench: daemon log:\n{}", env.daemon_log());
+    if let Err(e) = measured {
+        eprintln!("guard-bench: daemon log:\n{}", b.env.daemon_log());
         rep.notes.push(format!("run FAILED: {e:#}"));
     }
-    drop(real);
-    drop(env);
-    env::teardown();
-    rt.shutdown_timeout(Duration::from_secs(2));
+    rep
+}
 
+/// After teardown: the end of the machine description, the table on stdout and the JSON file
+/// (nothing when interrupted).
+fn finish(opts: &Opts, rep: &mut Report, started: Instant) -> Result<()> {
     if env::interrupted() {
         bail!("interrupted: nothing reported");
     }
@@ -1109,5 +347,5 @@ pub fn run(opts: &Opts) -> Result<()> {
     fs::write(&opts.out, serde_json::to_string_pretty(&rep.json())? + "\n")
         .with_context(|| format!("writing {}", opts.out.display()))?;
     println!("results: {}", opts.out.display());
-    measured
+    Ok(())
 }

@@ -25,8 +25,8 @@ use guard::{
     mcp::Engine,
     proxy::identify::{Connection, Identify},
 };
-use serde_json::Value;
 
+pub use crate::AuditLog;
 use crate::{curl, process::run_ok};
 
 /// A directory for one test (policies, state, audit log, peer logs), removed on drop.
@@ -277,16 +277,11 @@ threads = 1
     pub fn curl_post(&self, url: &str, headers: &[&str], body: &str) -> (u16, String) {
         self.curl_post_with("curl", &[], headers, body, url)
     }
+}
 
-    pub fn audit(&self) -> Vec<Value> {
-        crate::read_audit(&self.audit_log)
-    }
-
-    pub fn audit_connections(&self) -> Vec<Value> {
-        self.audit()
-            .into_iter()
-            .filter(|r| r["event"] == "connection")
-            .collect()
+impl crate::AuditLog for Guard {
+    fn audit_log(&self) -> &Path {
+        &self.audit_log
     }
 }
 

@@ -14,6 +14,24 @@ use std::path::Path;
 
 use serde_json::Value;
 
+/// What a guard under test has written to its audit log.
+pub trait AuditLog {
+    fn audit_log(&self) -> &Path;
+
+    /// Every record, in order.
+    fn audit(&self) -> Vec<Value> {
+        read_audit(self.audit_log())
+    }
+
+    /// The `connection` records.
+    fn audit_connections(&self) -> Vec<Value> {
+        self.audit()
+            .into_iter()
+            .filter(|r| r["event"] == "connection")
+            .collect()
+    }
+}
+
 /// The records of an audit log, in order.
 pub fn read_audit(path: &Path) -> Vec<Value> {
     std::fs::read_to_string(path)

@@ -38,9 +38,12 @@ pub fn peer_python() -> PathBuf {
 
 /// The peer scripts, copied where every user can read them (the checkout may be private).
 pub fn script(name: &str) -> PathBuf {
-    let src = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/peers")
-        .join(name);
+    // `GUARD_TEST_SCRIPTS`: a copy of tests/peers (xtask runs suites as uid 65534 from one, since
+    // the checkout may be closed to other users).
+    let dir = std::env::var_os("GUARD_TEST_SCRIPTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/peers"));
+    let src = dir.join(name);
     static CLEAN: std::sync::Once = std::sync::Once::new();
     CLEAN.call_once(|| {
         // Copies left by earlier test processes that are gone.
@@ -224,6 +227,11 @@ pub fn client_args(url: &str, transport: &str, list: bool, calls: &[(&str, &str)
         v.push(args.to_string());
     }
     v
+}
+
+/// Runs `mcp_client.py` (`cmd`: a command made from [`client_args`]) and parses its output.
+pub fn run_client(cmd: &mut Command) -> ClientRun {
+    parse_client(&crate::process::run(cmd, Duration::from_secs(120)))
 }
 
 pub fn parse_client(out: &std::process::Output) -> ClientRun {

@@ -17,6 +17,7 @@ use std::{
 use serde_json::Value;
 
 use crate::process::{free_port, in_cgroup, run_ok, spawn};
+pub use crate::AuditLog;
 
 static SEQ: AtomicUsize = AtomicUsize::new(0);
 
@@ -343,20 +344,15 @@ listen = "127.0.0.1:{metrics}"
             .unwrap_or_else(|| panic!("no kernel counter {name}"))
     }
 
-    pub fn audit(&self) -> Vec<Value> {
-        crate::read_audit(&self.audit_log)
-    }
-
-    pub fn audit_connections(&self) -> Vec<Value> {
-        self.audit()
-            .into_iter()
-            .filter(|r| r["event"] == "connection")
-            .collect()
-    }
-
     /// Programs attached at the attach cgroup, by attach type, straight from the kernel.
     pub fn attached(&self) -> std::collections::BTreeMap<String, Vec<u32>> {
         guard::kernel::attached_programs(&self.attach_path()).unwrap()
+    }
+}
+
+impl crate::AuditLog for Env {
+    fn audit_log(&self) -> &Path {
+        &self.audit_log
     }
 }
 

@@ -1,4 +1,4 @@
-//! Policy decision latency (SPEC §10: p99 at most 5 µs with 1,000 rules).
+//! Policy decision latency (README "Performance": p99 at most 5 µs with 1,000 rules).
 //!
 //! `cargo bench -p guard --bench policy` (or `-- --quick` for a short run). A benchmark only:
 //! nothing here asserts a time.

@@ -1,4 +1,4 @@
-//! The daemon's configuration (`guard.toml`, SPEC §2): every key optional, unknown keys refused,
+//! The daemon's configuration (`guard.toml`, README "Configuration"): every key optional, unknown keys refused,
 //! errors located at `file:line:col`.
 
 use std::{
@@ -14,7 +14,8 @@ use toml::Spanned;
 /// Where the CLI and the daemon look when neither `--config` nor `GUARD_CONFIG` is given.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/guard/guard.toml";
 
-/// The configuration `cargo xtask run` and a config-less start use: every default of SPEC §2.
+/// The configuration `cargo xtask run` and a config-less start use: every default README
+/// "Configuration" lists.
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 #[derive(Debug, Clone, Default, Deserialize, PartialEq)]

@@ -1,6 +1,7 @@
-//! `guard-bench run --quick` end to end against the debug daemon: every measurement of issue 7
-//! is made and written to the JSON report. No timing is asserted (SPEC §10: benchmarks, not
-//! timed tests): this checks that the benchmark works, not what it measures.
+//! `guard-bench run --quick` end to end against the debug daemon: every measurement README
+//! "Performance" lists is made and written to the JSON report. No timing is asserted (targets
+//! are checked by benchmarks, not timed tests): this checks that the benchmark works, not what
+//! it measures.
 
 use std::{path::PathBuf, process::Command};
 

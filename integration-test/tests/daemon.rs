@@ -29,8 +29,7 @@ fn client(
 ) -> ClientRun {
     let args = client_args(url, transport, list, calls);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run(&mut env.exec(agent, &args), Duration::from_secs(120));
-    parse_client(&out)
+    run_client(&mut env.exec(agent, &args))
 }
 
 #[test]

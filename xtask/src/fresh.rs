@@ -77,7 +77,9 @@ pub fn isolate(cmd: &mut Command) -> Result<()> {
     Ok(())
 }
 
-/// Mount points of filesystems of type `fstype`, once per mount, in mountinfo order.
+/// Mount points of filesystems of type `fstype`, once per mount, in mountinfo order. (guard's
+/// `kernel::cgroup` has the same reader; xtask cannot use it: it builds before guard can, since
+/// it installs what guard's eBPF build needs.)
 fn mounts_of(mountinfo: &str, fstype: &str) -> Vec<PathBuf> {
     mountinfo
         .lines()

@@ -1,4 +1,4 @@
-//! The `guard` command line (SPEC §2).
+//! The `guard` command line (README "Commands").
 
 use std::path::PathBuf;
 

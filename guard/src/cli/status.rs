@@ -36,22 +36,10 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         "attach point:    {}",
         g("attach_cgroup").as_str().unwrap_or("?")
     );
-    let programs = g("programs");
-    let mut names: Vec<String> = Vec::new();
-    if let Some(m) = programs.as_object() {
-        for (k, v) in m {
-            let count = v.as_array().map_or(0, |a| a.len());
-            names.push(if count == 1 {
-                k.clone()
-            } else {
-                format!("{k} x{count}")
-            });
-        }
-    }
     println!(
         "programs:        {} attached ({})",
         g("programs_attached"),
-        names.join(", ")
+        program_names(&g("programs"))
     );
     println!(
         "proxy:           {}",
@@ -61,28 +49,9 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
             .collect::<Vec<_>>()
             .join(", "))
     );
-    let cgroups = g("guarded_cgroups");
-    let cg_list: Vec<String> = cgroups
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|e| match e.get("cgroup").and_then(Value::as_str) {
-                    Some(p) => format!(
-                        "{p} ({})",
-                        e.get("agent").and_then(Value::as_str).unwrap_or("")
-                    ),
-                    None => format!("cgroup id {}", e.get("id").unwrap_or(&Value::Null)),
-                })
-                .collect()
-        })
-        .unwrap_or_default();
     println!(
         "guarded cgroups: {}",
-        if cg_list.is_empty() {
-            "none".into()
-        } else {
-            cg_list.join(", ")
-        }
+        guarded_cgroups(&g("guarded_cgroups"))
     );
     println!("guarded uids:    {}", g("guarded_uids"));
     println!(
@@ -97,6 +66,45 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         g("audit_log").as_str().unwrap_or("?")
     );
     Ok(())
+}
+
+/// `connect4, connect6 x2, ...`: the attach types and how many programs each has.
+fn program_names(programs: &Value) -> String {
+    let mut names: Vec<String> = Vec::new();
+    if let Some(m) = programs.as_object() {
+        for (k, v) in m {
+            let count = v.as_array().map_or(0, |a| a.len());
+            names.push(if count == 1 {
+                k.clone()
+            } else {
+                format!("{k} x{count}")
+            });
+        }
+    }
+    names.join(", ")
+}
+
+/// `/guard.slice/agent-bot-1 (bot), cgroup id 7`, or `none`.
+fn guarded_cgroups(cgroups: &Value) -> String {
+    let list: Vec<String> = cgroups
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|e| match e.get("cgroup").and_then(Value::as_str) {
+                    Some(p) => format!(
+                        "{p} ({})",
+                        e.get("agent").and_then(Value::as_str).unwrap_or("")
+                    ),
+                    None => format!("cgroup id {}", e.get("id").unwrap_or(&Value::Null)),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    if list.is_empty() {
+        "none".into()
+    } else {
+        list.join(", ")
+    }
 }
 
 pub(super) fn disable(config: &Config) -> Result<()> {

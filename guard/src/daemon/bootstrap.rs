@@ -27,7 +27,7 @@ use crate::{
     audit::{Audit, Decision, Event},
     config::{Config, UdpMode},
     identity::{AgentCgroup, Agents},
-    kernel::{self, cgroup, Kernel, Settings},
+    kernel::{self, cgroup, Attached, Kernel, Settings},
     mcp::{self, pins::Pins, Engine},
     policy::PolicySet,
     proxy::{
@@ -162,6 +162,21 @@ fn adopt_agents(
     Ok(next_agent)
 }
 
+/// The `daemon_start` record: what was attached, reused, switched and removed.
+fn audit_start(audit: &Audit, source: &str, at: &AttachPoint, done: &Attached) -> Result<()> {
+    let mut r = audit.record(Event::DaemonStart, Decision::Enforce);
+    r.detail = Some(json!({
+        "config": source,
+        "attach_cgroup": at.attach_path.display().to_string(),
+        "programs_attached": done.attached,
+        "programs_reused": done.reused,
+        "programs_updated": done.updated,
+        "stale_links_removed": done.removed,
+        "pid": std::process::id(),
+    }));
+    audit.write(&r)
+}
+
 /// The enforcing part of a daemon, as its configuration describes it.
 pub struct Enforcement {
     pub engine: Arc<Engine>,
@@ -235,6 +250,7 @@ pub(super) async fn start(
     config_source: String,
 ) -> Result<(Daemon, tokio::net::UnixListener)> {
     let at = attach_point(&config)?;
+    // Before anything is attached: a state directory that cannot be made stops the start.
     let state_dir = &config.paths.state_dir;
     std::fs::create_dir_all(state_dir)
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
@@ -273,17 +289,7 @@ pub(super) async fn start(
         proxy = ?listen,
         "guard is enforcing"
     );
-    let mut r = audit.record(Event::DaemonStart, Decision::Enforce);
-    r.detail = Some(json!({
-        "config": config_source,
-        "attach_cgroup": at.attach_path.display().to_string(),
-        "programs_attached": done.attached,
-        "programs_reused": done.reused,
-        "programs_updated": done.updated,
-        "stale_links_removed": done.removed,
-        "pid": std::process::id(),
-    }));
-    audit.write(&r)?;
+    audit_start(&audit, &config_source, &at, &done)?;
 
     let identify = Arc::new(KernelIdentify {
         kernel: kernel.clone(),

@@ -15,6 +15,13 @@ use super::{
     Kernel, PROGRAMS,
 };
 
+/// What attaching one program did.
+enum Step {
+    Attached,
+    Reused,
+    Updated,
+}
+
 impl Kernel {
     /// Attaches every program at `cgroup` with a pinned link. A pinned link from an earlier run
     /// keeps enforcing (no gap, no duplicate); when its program is not this build's (an upgrade),
@@ -26,84 +33,11 @@ impl Kernel {
         let mut done = Attached::default();
         let cgroup_id = super::cgroup::cgroup_id(cgroup)?;
         for (name, _, _) in PROGRAMS {
-            let pin = self.pin_dir.join("links").join(name);
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
-            match prog {
-                aya::programs::Program::CgroupSockAddr(p) => load_once(p.load())?,
-                aya::programs::Program::CgroupSock(p) => load_once(p.load())?,
-                aya::programs::Program::SockOps(p) => load_once(p.load())?,
-                _ => bail!("program {name} has an unexpected type"),
+            match self.attach_one(name, &cg, cgroup_id)? {
+                Step::Attached => done.attached += 1,
+                Step::Reused => done.reused += 1,
+                Step::Updated => done.updated += 1,
             }
-            // The program each link runs is pinned beside it: its tag tells whether it is this
-            // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
-            let prog_pin = self.pin_dir.join("progs").join(name);
-            if pin.exists() {
-                let on = link_cgroup_id(&pin)
-                    .with_context(|| format!("reading pinned link {}", pin.display()))?;
-                if on != cgroup_id {
-                    // Detached (its cgroup was removed) or attached elsewhere (the attach
-                    // cgroup changed): it guards nothing here. Replaced by a new link below.
-                    tracing::warn!(
-                        program = name,
-                        link_cgroup_id = on,
-                        "pinned link not attached at the attach cgroup: replaced"
-                    );
-                    unpin_link(&pin)?;
-                }
-            }
-            if pin.exists() {
-                let link = FdLink::from(
-                    PinnedLink::from_pin(&pin)
-                        .with_context(|| format!("reusing pinned link {}", pin.display()))?,
-                );
-                let running = link
-                    .info()
-                    .with_context(|| format!("reading pinned link {}", pin.display()))?
-                    .program_id();
-                let pinned = aya::programs::ProgramInfo::from_pin(&prog_pin).ok();
-                let ours = prog.info()?.tag();
-                // No program pin (a build from before they were pinned), or not the one the
-                // link runs: not known to be this build's, so it is replaced.
-                if pinned.is_some_and(|p| p.id() == running && p.tag() == ours) {
-                    done.reused += 1;
-                    continue;
-                }
-                link_update(&pin, prog.fd()?.as_fd())
-                    .with_context(|| format!("updating pinned link {}", pin.display()))?;
-                pin_program(prog, &prog_pin)?;
-                tracing::info!(
-                    program = name,
-                    "pinned link switched to this build's program"
-                );
-                done.updated += 1;
-                continue;
-            }
-            let link: FdLink = match prog {
-                aya::programs::Program::CgroupSockAddr(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                aya::programs::Program::CgroupSock(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                aya::programs::Program::SockOps(p) => {
-                    let id = p.attach(&cg, CgroupAttachMode::Single)?;
-                    p.take_link(id)?.try_into()?
-                }
-                _ => bail!("program {name} has an unexpected type"),
-            };
-            link.pin(&pin)
-                .with_context(|| format!("pinning link {}", pin.display()))?;
-            let prog = self
-                .ebpf
-                .program_mut(name)
-                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
-            pin_program(prog, &prog_pin)?;
-            done.attached += 1;
         }
         // Links (and programs) an earlier build pinned that this one does not have: detached.
         for dir in ["links", "progs"] {
@@ -119,6 +53,82 @@ impl Kernel {
             }
         }
         Ok(done)
+    }
+
+    /// Program `name`: loaded, then its pinned link reused, switched, or made.
+    fn attach_one(&mut self, name: &str, cg: &fs::File, cgroup_id: u64) -> Result<Step> {
+        let pin = self.pin_dir.join("links").join(name);
+        // The program each link runs is pinned beside it: its tag tells whether it is this
+        // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
+        let prog_pin = self.pin_dir.join("progs").join(name);
+        let prog = self
+            .ebpf
+            .program_mut(name)
+            .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?;
+        match prog {
+            aya::programs::Program::CgroupSockAddr(p) => load_once(p.load())?,
+            aya::programs::Program::CgroupSock(p) => load_once(p.load())?,
+            aya::programs::Program::SockOps(p) => load_once(p.load())?,
+            _ => bail!("program {name} has an unexpected type"),
+        }
+        if pin.exists() {
+            let on = link_cgroup_id(&pin)
+                .with_context(|| format!("reading pinned link {}", pin.display()))?;
+            if on != cgroup_id {
+                // Detached (its cgroup was removed) or attached elsewhere (the attach cgroup
+                // changed): it guards nothing here. Replaced by a new link below.
+                tracing::warn!(
+                    program = name,
+                    link_cgroup_id = on,
+                    "pinned link not attached at the attach cgroup: replaced"
+                );
+                unpin_link(&pin)?;
+            }
+        }
+        if pin.exists() {
+            let link = FdLink::from(
+                PinnedLink::from_pin(&pin)
+                    .with_context(|| format!("reusing pinned link {}", pin.display()))?,
+            );
+            let running = link
+                .info()
+                .with_context(|| format!("reading pinned link {}", pin.display()))?
+                .program_id();
+            let pinned = aya::programs::ProgramInfo::from_pin(&prog_pin).ok();
+            let ours = prog.info()?.tag();
+            // No program pin (a build from before they were pinned), or not the one the link
+            // runs: not known to be this build's, so it is replaced.
+            if pinned.is_some_and(|p| p.id() == running && p.tag() == ours) {
+                return Ok(Step::Reused);
+            }
+            link_update(&pin, prog.fd()?.as_fd())
+                .with_context(|| format!("updating pinned link {}", pin.display()))?;
+            pin_program(prog, &prog_pin)?;
+            tracing::info!(
+                program = name,
+                "pinned link switched to this build's program"
+            );
+            return Ok(Step::Updated);
+        }
+        let link: FdLink = match prog {
+            aya::programs::Program::CgroupSockAddr(p) => {
+                let id = p.attach(cg, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into()?
+            }
+            aya::programs::Program::CgroupSock(p) => {
+                let id = p.attach(cg, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into()?
+            }
+            aya::programs::Program::SockOps(p) => {
+                let id = p.attach(cg, CgroupAttachMode::Single)?;
+                p.take_link(id)?.try_into()?
+            }
+            _ => bail!("program {name} has an unexpected type"),
+        };
+        link.pin(&pin)
+            .with_context(|| format!("pinning link {}", pin.display()))?;
+        pin_program(prog, &prog_pin)?;
+        Ok(Step::Attached)
     }
 }
 

@@ -58,45 +58,7 @@ pub(super) fn compile(file: &str, raw: RawPolicy) -> Result<ServerPolicy, Vec<Pr
         ));
     }
 
-    let (name, match_entries) = match raw.server {
-        Some(s) => (s.name, s.matches),
-        None => (None, Vec::new()),
-    };
-    let name_from_file = name.is_none();
-    let name = name.unwrap_or_else(|| {
-        Path::new(file)
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default()
-    });
-    if let Err(e) = check_server_name(&name) {
-        let (path, what) = if name_from_file {
-            (
-                Vec::new(),
-                format!(
-                    "the server name taken from the file name, \"{name}\", {e}; set server.name"
-                ),
-            )
-        } else {
-            (
-                vec!["server".into(), "name".into()],
-                format!("\"{name}\" {e}"),
-            )
-        };
-        errs.push(Problem::new(path, what));
-    }
-
-    let mut matchers = Vec::new();
-    for (i, entry) in match_entries.iter().enumerate() {
-        match Matcher::parse(entry) {
-            Ok(m) => matchers.push((entry.clone(), m)),
-            Err(e) => errs.push(Problem::new(
-                vec!["server".into(), "match".into(), i.into()],
-                e,
-            )),
-        }
-    }
-
+    let (name, matchers) = server(file, raw.server, &mut errs);
     let mut hidden = HashSet::new();
     let mut hide_all = false;
     for (i, h) in raw.hide.iter().enumerate() {
@@ -154,6 +116,54 @@ pub(super) fn compile(file: &str, raw: RawPolicy) -> Result<ServerPolicy, Vec<Pr
         all_tools,
         grants,
     })
+}
+
+/// `server`: its name (default: the file's stem) and its `match` entries.
+fn server(
+    file: &str,
+    raw: Option<super::raw::RawServer>,
+    errs: &mut Vec<Problem>,
+) -> (String, Vec<(String, Matcher)>) {
+    let (name, match_entries) = match raw {
+        Some(s) => (s.name, s.matches),
+        None => (None, Vec::new()),
+    };
+    let name_from_file = name.is_none();
+    let name = name.unwrap_or_else(|| {
+        Path::new(file)
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    });
+    if let Err(e) = check_server_name(&name) {
+        let (path, what) = if name_from_file {
+            (
+                Vec::new(),
+                format!(
+                    "the server name taken from the file name, \"{name}\", {e}; set server.name"
+                ),
+            )
+        } else {
+            (
+                vec!["server".into(), "name".into()],
+                format!("\"{name}\" {e}"),
+            )
+        };
+        errs.push(Problem::new(path, what));
+    }
+
+    let mut matchers = Vec::new();
+    for (i, entry) in match_entries.iter().enumerate() {
+        match Matcher::parse(entry) {
+            Ok(m) => matchers.push((entry.to_string(), m)),
+            Err(e) => errs.push(Problem::new(
+                vec!["server".into(), "match".into(), i.into()],
+                e,
+            )),
+        }
+    }
+
+    (name, matchers)
 }
 
 fn check_server_name(name: &str) -> Result<(), &'static str> {
@@ -321,14 +331,8 @@ fn limits(
     out
 }
 
-fn grant(
-    base: &[Seg],
-    gi: usize,
-    g: RawGrant,
-    is_hidden: &dyn Fn(&str) -> bool,
-    errs: &mut Vec<Problem>,
-) -> Option<Grant> {
-    let before = errs.len();
+/// A grant's selectors: at least one, none empty, executables as absolute paths.
+fn check_selectors(base: &[Seg], g: &RawGrant, errs: &mut Vec<Problem>) {
     if g.agents.is_none() && g.uids.is_none() && g.exes.is_none() && g.cgroups.is_none() {
         errs.push(Problem::new(
             base.to_vec(),
@@ -371,6 +375,17 @@ fn grant(
             ));
         }
     }
+}
+
+fn grant(
+    base: &[Seg],
+    gi: usize,
+    g: RawGrant,
+    is_hidden: &dyn Fn(&str) -> bool,
+    errs: &mut Vec<Problem>,
+) -> Option<Grant> {
+    let before = errs.len();
+    check_selectors(base, &g, errs);
     let tbase = at(base, ["tools".into()]);
     for (tool, _) in &g.tools.0 {
         if is_hidden(tool) {

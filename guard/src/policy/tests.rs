@@ -119,7 +119,6 @@ fn policylayer_seed_loads_and_decides() {
     );
     let d = p.decide("other_tool", &json!({}), &c, &lim, now);
     assert_eq!(d.rule(), "default");
-    assert_eq!(d.error_code(), Some(-32001));
     assert!(p.visible("some_tool", &c));
     assert!(!p.visible("other_tool", &c));
     // No `server`: found by name only, never by address.
@@ -313,7 +312,6 @@ fn rate_limit_comes_before_approval_and_approval_consumes() {
     );
     let d = p.decide("t", &json!({}), &c, &lim, now);
     assert_eq!(d.kind(), "rate_limited");
-    assert_eq!(d.error_code(), Some(-32002));
 }
 
 #[test]

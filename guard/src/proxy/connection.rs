@@ -21,6 +21,14 @@ use crate::{
     config::OtherTraffic,
 };
 
+/// Why a connection ended before it was classified.
+enum Ended {
+    /// The upstream connect failed.
+    Failed,
+    /// The client closed, or stayed silent.
+    Closed,
+}
+
 /// How long a new connection may stay silent, both sides, before it is closed.
 const CLIENT_SILENCE: Duration = Duration::from_secs(300);
 
@@ -130,31 +138,12 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         let dst = conn.original_dst;
         let mut rec = ConnectionRecord::new(self, &conn, started);
-        // What the client speaks, from its first bytes. Usually they are there already (clients
-        // write right after connecting): then the upstream connection waits until it is needed
-        // (an intercepted TLS connection may take a pooled one, a refused one needs none).
-        // Otherwise it is made while waiting, and a server that speaks first (SSH, SMTP, ...)
-        // makes the connection a plain TCP passthrough without waiting for the client.
-        let (kind, upstream) = match classify::peek_now(&client) {
-            Some(k) => (k, None),
-            None => {
-                let Some(upstream) = self.upstream_or_connect(None, dst, &mut rec).await else {
-                    return rec.refuse(client);
-                };
-                let k = tokio::select! {
-                    k = classify::peek(&client, CLIENT_SILENCE) => match k {
-                        Ok(k) => k,
-                        Err(_) => {
-                            // Closed (or silent) before sending anything classifiable: nothing
-                            // is forwarded.
-                            rec.end(Decision::Closed, "the client sent nothing guard could classify");
-                            return;
-                        }
-                    },
-                    _ = upstream.readable() => Kind::Other,
-                };
-                (k, Some(upstream))
-            }
+        let (kind, upstream) = match self.first_bytes(&client, dst, &mut rec).await {
+            Ok(k) => k,
+            // The upstream connect failed: reset, as a refusal.
+            Err(Ended::Failed) => return rec.refuse(client),
+            // The client is gone, or was silent: its record is written as this returns.
+            Err(Ended::Closed) => return,
         };
         rec.record.transport = Some(kind.as_str().into());
         if kind == Kind::Tls {
@@ -197,6 +186,38 @@ impl Proxy {
         } else if let Err(e) = tcp::passthrough(&mut client, &mut upstream).await {
             tracing::debug!(%peer, %dst, "passthrough ended: {e}");
         }
+    }
+
+    /// What the client speaks, from its first bytes. Usually they are there already (clients
+    /// write right after connecting): then the upstream connection waits until it is needed
+    /// (an intercepted TLS connection may take a pooled one, a refused one needs none).
+    /// Otherwise it is made while waiting, and a server that speaks first (SSH, SMTP, ...)
+    /// makes the connection a plain TCP passthrough without waiting for the client.
+    async fn first_bytes(
+        &self,
+        client: &TcpStream,
+        dst: SocketAddr,
+        rec: &mut ConnectionRecord<'_>,
+    ) -> Result<(Kind, Option<TcpStream>), Ended> {
+        if let Some(k) = classify::peek_now(client) {
+            return Ok((k, None));
+        }
+        let Some(upstream) = self.upstream_or_connect(None, dst, rec).await else {
+            return Err(Ended::Failed);
+        };
+        let k = tokio::select! {
+            k = classify::peek(client, CLIENT_SILENCE) => match k {
+                Ok(k) => k,
+                Err(_) => {
+                    // Closed (or silent) before sending anything classifiable: nothing is
+                    // forwarded.
+                    rec.end(Decision::Closed, "the client sent nothing guard could classify");
+                    return Err(Ended::Closed);
+                }
+            },
+            _ = upstream.readable() => Kind::Other,
+        };
+        Ok((k, Some(upstream)))
     }
 
     /// The step every connection that goes on takes: the upstream connection (`have`, or a new

@@ -28,6 +28,14 @@ use crate::{
 /// Largest SSE event held while incomplete, and largest JSON response inspected.
 const MAX_EVENT: usize = 64 << 20;
 
+/// A request body that was not read whole.
+enum Unread {
+    /// Too long, and not MCP: what was read, and the rest still to come.
+    Stream(Bytes, Body),
+    /// Refused: the answer to give.
+    Refused(Response<Body>),
+}
+
 impl Ctx {
     /// A request with a body. Every body is read (up to `proxy.max_body`) and checked for MCP,
     /// whatever its Content-Type says: JSON-RPC to an unknown server must not slip past as
@@ -39,39 +47,15 @@ impl Ctx {
     ) -> Response<Body> {
         let caller = &self.conn.identity;
         let (parts, body) = req.into_parts();
-        let max = self.http.settings.max_body;
-        let bytes = match read_up_to(boxed(body), max).await {
-            Read::Whole(b) => b,
-            Read::Over { prefix, rest } => {
-                let looks_json = prefix
-                    .iter()
-                    .find(|b| !b.is_ascii_whitespace())
-                    .is_some_and(|b| *b == b'{' || *b == b'[');
-                if target.server.is_none() && !looks_json {
-                    // A large upload that is not JSON: not MCP, streamed on unchanged.
-                    let req = Request::from_parts(parts, chain(prefix, rest));
-                    return self.forward(req).await;
-                }
-                let reason = format!("request body over proxy.max_body ({max} bytes)");
-                self.engine().audit_refused(
-                    Event::Limit,
-                    caller,
-                    &target,
-                    None,
-                    "proxy.max_body",
-                    &reason,
-                );
-                return text_response(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("guard: request body exceeds proxy.max_body ({max} bytes)\n"),
-                );
+        let bytes = match self.read_body(&target, body).await {
+            Ok(b) => b,
+            Err(Unread::Stream(prefix, rest)) => {
+                // A large upload that is not JSON, to no named server: not MCP, streamed on.
+                return self
+                    .forward(Request::from_parts(parts, chain(prefix, rest)))
+                    .await;
             }
-            Read::Failed(e) => {
-                return text_response(
-                    StatusCode::BAD_REQUEST,
-                    format!("guard: reading the request body: {e}\n"),
-                );
-            }
+            Err(Unread::Refused(resp)) => return resp,
         };
         let body = match (&target.server, wire::parse_body(&bytes)) {
             (_, Ok(b)) if target.server.is_some() || wire::looks_like_mcp(&b) => b,
@@ -125,6 +109,41 @@ impl Ctx {
         match target.server.clone() {
             Some(name) if lists => self.inspect_response(resp, name, &mut target).await,
             _ => resp,
+        }
+    }
+
+    /// Reads a request body up to `proxy.max_body`. Longer: streamed on unread when it cannot be
+    /// MCP (not JSON, to no named server), else refused with 413 (audited).
+    async fn read_body(&self, target: &Target, body: Incoming) -> Result<Bytes, Unread> {
+        let max = self.http.settings.max_body;
+        match read_up_to(boxed(body), max).await {
+            Read::Whole(b) => Ok(b),
+            Read::Over { prefix, rest } => {
+                let looks_json = prefix
+                    .iter()
+                    .find(|b| !b.is_ascii_whitespace())
+                    .is_some_and(|b| *b == b'{' || *b == b'[');
+                if target.server.is_none() && !looks_json {
+                    return Err(Unread::Stream(prefix, rest));
+                }
+                let reason = format!("request body over proxy.max_body ({max} bytes)");
+                self.engine().audit_refused(
+                    Event::Limit,
+                    &self.conn.identity,
+                    target,
+                    None,
+                    "proxy.max_body",
+                    &reason,
+                );
+                Err(Unread::Refused(text_response(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("guard: request body exceeds proxy.max_body ({max} bytes)\n"),
+                )))
+            }
+            Read::Failed(e) => Err(Unread::Refused(text_response(
+                StatusCode::BAD_REQUEST,
+                format!("guard: reading the request body: {e}\n"),
+            ))),
         }
     }
 

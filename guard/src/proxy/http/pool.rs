@@ -7,7 +7,10 @@ use std::{
     time::{Duration, Instant},
 };
 
-use super::upstream::Sender;
+use super::body::Body;
+
+/// The sending half of one upstream HTTP/1.1 connection (what the pool keeps).
+pub(super) type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 /// Upstream TLS connections outlive the agent connection they were made for: the next connection
 /// of the same agent instance (same uid and cgroup) to the same destination, verified for the

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::{
     body::Body,
-    pool::{pool_put, pool_take, PoolKey},
+    pool::{pool_put, pool_take, PoolKey, Sender},
 };
 use crate::proxy::tcp;
 
@@ -38,8 +38,6 @@ pub struct Upstream {
     /// one (TLS only: a new plain connection already has its upstream TCP connection).
     pool: Option<PoolKey>,
 }
-
-pub(super) type Sender = hyper::client::conn::http1::SendRequest<Body>;
 
 /// An upstream HTTP/1.1 connection's I/O, run as a task of its own until either side closes.
 type ConnFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;

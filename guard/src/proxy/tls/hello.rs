@@ -61,9 +61,13 @@ pub fn parse_client_hello(b: &[u8]) -> Result<Option<ClientHello>, String> {
         return Ok(Some(hello));
     }
     let ext_len = r.u16()? as usize;
-    let mut exts = Reader {
-        b: r.take(ext_len)?,
-    };
+    read_extensions(r.take(ext_len)?, &mut hello)?;
+    Ok(Some(hello))
+}
+
+/// The extensions guard reads: server_name (0), ALPN (16), supported_versions (43).
+fn read_extensions(b: &[u8], hello: &mut ClientHello) -> Result<(), String> {
+    let mut exts = Reader { b };
     while !exts.b.is_empty() {
         let ty = exts.u16()?;
         let len = exts.u16()? as usize;
@@ -117,7 +121,7 @@ pub fn parse_client_hello(b: &[u8]) -> Result<Option<ClientHello>, String> {
             _ => {}
         }
     }
-    Ok(Some(hello))
+    Ok(())
 }
 
 struct Reader<'a> {

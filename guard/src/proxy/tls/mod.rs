@@ -52,32 +52,58 @@ impl Proxy {
             "sni": sni, "alpn": hello.alpn, "intercepted": intercept,
         }));
         if !intercept {
-            // Passthrough: the SNI must be a name of the destination (no domain fronting).
-            if let Some(name) = &sni {
-                let problem = match hello::resolves_to(name, dst).await {
-                    Ok(true) => None,
-                    Ok(false) => Some(format!(
-                        "SNI {name} does not resolve to the destination {} (domain fronting)",
-                        dst.ip()
-                    )),
-                    Err(e) => Some(format!(
-                        "SNI {name} could not be checked against the destination: {e}"
-                    )),
-                };
-                if let Some(reason) = problem {
-                    rec.deny("tls.sni", reason);
-                    return rec.refuse(client);
-                }
-            }
-            rec.record.rule = Some("tls.passthrough".into());
-            let Some((mut client, mut upstream)) =
-                self.go_on(client, upstream, dst, &mut rec).await
-            else {
-                return;
-            };
-            let _ = tcp::passthrough(&mut client, &mut upstream).await;
-            return;
+            return self.tls_passthrough(client, dst, sni, upstream, rec).await;
         }
+        self.intercept(client, conn, sni, server, upstream, rec)
+            .await;
+    }
+
+    /// Passthrough: the bytes go on untouched, once the SNI (if any) is known to be a name of
+    /// the destination (no domain fronting).
+    async fn tls_passthrough(
+        &self,
+        client: TcpStream,
+        dst: std::net::SocketAddr,
+        sni: Option<String>,
+        upstream: Option<TcpStream>,
+        mut rec: ConnectionRecord<'_>,
+    ) {
+        if let Some(name) = &sni {
+            let problem = match hello::resolves_to(name, dst).await {
+                Ok(true) => None,
+                Ok(false) => Some(format!(
+                    "SNI {name} does not resolve to the destination {} (domain fronting)",
+                    dst.ip()
+                )),
+                Err(e) => Some(format!(
+                    "SNI {name} could not be checked against the destination: {e}"
+                )),
+            };
+            if let Some(reason) = problem {
+                rec.deny("tls.sni", reason);
+                return rec.refuse(client);
+            }
+        }
+        rec.record.rule = Some("tls.passthrough".into());
+        let Some((mut client, mut upstream)) = self.go_on(client, upstream, dst, &mut rec).await
+        else {
+            return;
+        };
+        let _ = tcp::passthrough(&mut client, &mut upstream).await;
+    }
+
+    /// Interception: TLS with the agent under a leaf minted for the name it asked for, HTTP
+    /// served over it, and a verified TLS connection (or a pooled one) upstream.
+    async fn intercept(
+        &self,
+        client: TcpStream,
+        conn: Connection,
+        sni: Option<String>,
+        server: Option<String>,
+        upstream: Option<TcpStream>,
+        mut rec: ConnectionRecord<'_>,
+    ) {
+        let dst = conn.original_dst;
         let name = sni
             .clone()
             .unwrap_or_else(|| canonical_addr(dst).ip().to_string());

@@ -1,0 +1,637 @@
+//! The measurements: where a worker runs (`Side`), how its rounds merge (`Merged`), and `Bench`,
+//! which runs each measurement on both sides and adds its rows and results to the report.
+
+use std::{
+    net::SocketAddr,
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, Result};
+use serde_json::{json, Map, Value};
+
+use crate::{
+    env::{self, BenchEnv, Holder},
+    machine::cpu_ns,
+    report::{added_us, mib, us, Report, Verdict},
+    servers::Servers,
+    stats::Summary,
+    upstreams::Upstream,
+};
+
+/// Where a worker runs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Side {
+    /// `direct/`: outside the attach point, no guard program runs.
+    Direct,
+    /// `guard.slice/bench`: guarded, every connect redirected to the proxy.
+    Guard,
+    /// `guard.slice/plain`: below the attach point but not guarded (the programs run and let
+    /// the connect through).
+    Plain,
+}
+
+impl Side {
+    fn cgroup(self) -> &'static str {
+        match self {
+            Side::Direct => "direct",
+            Side::Guard => "guard.slice/bench",
+            Side::Plain => "guard.slice/plain",
+        }
+    }
+}
+
+/// One side's samples and totals over its rounds.
+#[derive(Default)]
+struct Merged {
+    samples: Vec<u64>,
+    calls: u64,
+    secs: f64,
+    /// TLS handshakes that resumed a session (`mcp_conn`).
+    resumed: u64,
+    /// Per round: the median of each quarter of its calls, in order (drift over a connection).
+    quarters: Vec<Vec<f64>>,
+}
+
+impl Merged {
+    fn add(&mut self, v: &Value) {
+        if let Some(q) = v["p50_us_by_quarter"].as_array() {
+            self.quarters
+                .push(q.iter().filter_map(Value::as_f64).collect());
+        }
+        if let Some(a) = v["samples_ns"].as_array() {
+            self.samples.extend(a.iter().filter_map(Value::as_u64));
+        }
+        self.calls += v["calls"].as_u64().unwrap_or(0);
+        self.secs += v["secs"].as_f64().unwrap_or(0.0);
+        self.resumed += v["resumed"].as_u64().unwrap_or(0);
+    }
+
+    fn summary(&mut self) -> Summary {
+        Summary::of(&mut self.samples)
+    }
+
+    fn rate(&self) -> f64 {
+        if self.secs > 0.0 {
+            self.calls as f64 / self.secs
+        } else {
+            0.0
+        }
+    }
+}
+
+const WORKER_LIMIT: Duration = Duration::from_secs(120);
+
+/// Added-latency targets (README "Performance") for one client.
+#[derive(Clone, Copy)]
+pub struct Targets {
+    pub median_us: u64,
+    pub p99_us: Option<u64>,
+}
+
+/// One run's measurements on one benchmark environment; each adds its rows and results to `rep`.
+pub struct Bench<'a> {
+    pub env: &'a mut BenchEnv,
+    /// When the run started (for the progress lines).
+    pub started: Instant,
+    /// The daemon's pid (it changes when `hold` restarts it).
+    pub daemon: u32,
+    pub quick: bool,
+    pub rep: Report,
+}
+
+impl Bench<'_> {
+    fn progress(&self, what: &str) {
+        eprintln!(
+            "guard-bench: [{:5.1} s] {what}",
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+
+    fn n(&self, full: u64) -> u64 {
+        if self.quick {
+            (full / 4).max(1)
+        } else {
+            full
+        }
+    }
+
+    fn secs(&self, full: f64) -> f64 {
+        if self.quick {
+            full / 3.0
+        } else {
+            full
+        }
+    }
+
+    /// Runs one worker on `side`, checking from the kernel's counter that its connections went
+    /// through guard (guarded side: at least `conns` redirected) or did not (other sides).
+    fn side(&self, side: Side, spec: &Value, conns: u64) -> Result<Value> {
+        let before = self.env.redirected()?;
+        let out = env::run_worker(&self.env.cgroup(side.cgroup()), spec, WORKER_LIMIT)?;
+        self.env.check_daemon()?;
+        let after = self.env.redirected()?;
+        let redirected = after.saturating_sub(before);
+        match side {
+            Side::Guard if redirected < conns => bail!(
+                "only {redirected} of the guarded worker's {conns} connections were redirected"
+            ),
+            Side::Direct | Side::Plain if redirected != 0 => bail!(
+                "{redirected} connections of the {side:?} worker were redirected: not a direct path"
+            ),
+            _ => {}
+        }
+        Ok(out)
+    }
+
+    /// Runs `spec` on each side, in the order given and then reversed (A B B A), and merges each
+    /// side's rounds.
+    fn abba(&self, sides: &[Side], spec: &Value, conns: u64) -> Result<Vec<Merged>> {
+        let specs: Vec<Value> = sides.iter().map(|_| spec.clone()).collect();
+        self.abba_specs(sides, &specs, conns)
+    }
+
+    /// [`Bench::abba`] with a spec of its own for each side.
+    fn abba_specs(&self, sides: &[Side], specs: &[Value], conns: u64) -> Result<Vec<Merged>> {
+        let mut merged: Vec<Merged> = sides.iter().map(|_| Merged::default()).collect();
+        let order: Vec<usize> = (0..sides.len()).chain((0..sides.len()).rev()).collect();
+        for i in order {
+            let out = self.side(sides[i], &specs[i], conns)?;
+            merged[i].add(&out);
+        }
+        Ok(merged)
+    }
+
+    /// `spec` for the direct and for the guarded side; over TLS (`tls`: resume or not) each side
+    /// trusts the CA it meets: the upstream's, or guard's.
+    fn two_specs(&self, spec: &Value, tls: Option<bool>) -> [Value; 2] {
+        let mut d = spec.clone();
+        let mut g = spec.clone();
+        if let Some(resume) = tls {
+            d["tls"] = json!({ "ca": self.env.upstream_ca(), "resume": resume });
+            g["tls"] = json!({ "ca": self.env.guard_ca(), "resume": resume });
+        }
+        [d, g]
+    }
+
+    /// The `connect()` syscall: spaced 0.5 ms apart, so that the daemon has finished with the
+    /// previous connection (the target); and back to back, 20 µs apart, where the daemon's work
+    /// on the previous connections competes for the CPUs (for information).
+    pub fn connect(&mut self, target: SocketAddr) -> Result<()> {
+        self.progress("connect(): direct, guarded, unguarded below the attach point");
+        let iters = self.n(2000);
+        let warmup = 100;
+        let spec = |pause_us: u64| {
+            json!({ "kind": "connect", "addr": target.to_string(),
+                    "iters": iters, "warmup": warmup, "pause_us": pause_us })
+        };
+        let sides = [Side::Direct, Side::Guard, Side::Plain];
+        let mut m = self.abba(&sides, &spec(500), iters + warmup)?;
+        let (d, g, p) = (m[0].summary(), m[1].summary(), m[2].summary());
+        let mut burst = self.abba(&sides[..2], &spec(20), iters + warmup)?;
+        let (bd, bg) = (burst[0].summary(), burst[1].summary());
+        let added = g.p50 as i64 - d.p50 as i64;
+        self.rep.row(
+            "connect() median",
+            us(d.p50),
+            us(g.p50),
+            added_us(g.p50, d.p50),
+            "<= +10 µs",
+            Verdict::of(added <= 10_000),
+        );
+        self.rep.timed("connect() p99", d.p99, g.p99);
+        self.rep.timed(
+            "connect() median, unguarded below attach point",
+            d.p50,
+            p.p50,
+        );
+        self.rep.timed(
+            "connect() median, back to back (20 µs apart)",
+            bd.p50,
+            bg.p50,
+        );
+        self.rep.results.insert(
+            "connect".into(),
+            json!({
+                "target": target.to_string(),
+                "iterations_per_side": 2 * iters,
+                "spaced_500us": { "direct": d.to_json(), "guard": g.to_json(),
+                                  "unguarded_below_attach": p.to_json() },
+                "back_to_back_20us": { "direct": bd.to_json(), "guard": bg.to_json() },
+                "added_median_us": added as f64 / 1000.0,
+            }),
+        );
+        Ok(())
+    }
+
+    /// `tools/call` round trips on keep-alive connections, at each concurrency of `levels`
+    /// (clients, timed calls or none, seconds); the latency targets apply to one client when
+    /// `targets`.
+    pub fn mcp(
+        &mut self,
+        key: &str,
+        label: &str,
+        up: &Upstream,
+        levels: &[(u64, Option<u64>, f64)],
+        tls: bool,
+        targets: Option<Targets>,
+    ) -> Result<()> {
+        let mut out = Map::new();
+        let (mut cpu_total, mut guarded_calls, mut guarded_secs) = (0u64, 0u64, 0f64);
+        // With one client every call finds the daemon asleep (and wakes it twice): its CPU per
+        // call is the one that shows in that latency; with more, wake-ups are shared.
+        let mut one_client_cpu = None;
+        for &(conc, calls, secs) in levels {
+            self.progress(&format!("tools/call, {label}, {conc} client(s)"));
+            let (mut m, daemon_cpu) = self.mcp_level(up, conc, calls, secs, tls, targets)?;
+            cpu_total += daemon_cpu;
+            let cpu_per_call = daemon_cpu as f64 / 1000.0 / m[1].calls.max(1) as f64;
+            if conc == 1 {
+                one_client_cpu = Some(cpu_per_call);
+            }
+            guarded_calls += m[1].calls;
+            guarded_secs += m[1].secs;
+            let level = self.mcp_level_rows(label, conc, &mut m, targets, cpu_per_call);
+            out.insert(format!("c{conc}"), level);
+        }
+        let per_call = cpu_total as f64 / 1000.0 / guarded_calls.max(1) as f64;
+        if guarded_calls as f64 > 1000.0 * guarded_secs {
+            // (With a slow upstream the daemon's idle housekeeping would dominate the figure.)
+            self.rep.row(
+                format!("daemon CPU per tools/call (1 client / all), {label}"),
+                "-",
+                match one_client_cpu {
+                    Some(one) => format!("{one:.0} / {per_call:.1} µs"),
+                    None => format!("{per_call:.1} µs"),
+                },
+                "",
+                "",
+                Verdict::Info,
+            );
+        }
+        out.insert("daemon_cpu_us_per_call".into(), json!(per_call));
+        self.rep.results.insert(key.into(), Value::Object(out));
+        Ok(())
+    }
+
+    /// One concurrency level of [`Bench::mcp`] on both sides: their merged rounds and the
+    /// daemon's CPU time over them (ns).
+    fn mcp_level(
+        &self,
+        up: &Upstream,
+        conc: u64,
+        calls: Option<u64>,
+        secs: f64,
+        tls: bool,
+        targets: Option<Targets>,
+    ) -> Result<(Vec<Merged>, u64)> {
+        // Real servers are slow (FastMCP: 44 ms a call): a short warm-up there.
+        let warmup = match (conc, targets.is_some()) {
+            (1, true) => 100,
+            (_, true) => 10,
+            _ => 5,
+        };
+        let mut spec = json!({
+            "kind": "mcp", "addr": up.addr.to_string(), "path": up.path,
+            "concurrency": conc, "warmup": warmup,
+            "tool": "echo", "args": up.args, "secs": self.secs(secs),
+        });
+        if let Some(c) = calls {
+            spec["calls"] = json!(self.n(c));
+        }
+        let specs = self.two_specs(&spec, tls.then_some(true));
+        let cpu0 = cpu_ns(self.daemon);
+        let m = self.abba_specs(&[Side::Direct, Side::Guard], &specs, conc)?;
+        let daemon_cpu = cpu_ns(self.daemon).saturating_sub(cpu0);
+        Ok((m, daemon_cpu))
+    }
+
+    /// The rows of one concurrency level of [`Bench::mcp`] (latency for one client, calls/s for
+    /// all), and its results.
+    fn mcp_level_rows(
+        &mut self,
+        label: &str,
+        conc: u64,
+        m: &mut [Merged],
+        targets: Option<Targets>,
+        cpu_per_call: f64,
+    ) -> Value {
+        let (d, g) = (m[0].summary(), m[1].summary());
+        let (dr, gr) = (m[0].rate(), m[1].rate());
+        if conc == 1 {
+            self.mcp_latency_rows(label, &d, &g, targets);
+        }
+        self.rep.row(
+            format!(
+                "tools/call calls/s, {label}, {conc} client{}",
+                if conc == 1 { "" } else { "s" }
+            ),
+            format!("{dr:.0}"),
+            format!("{gr:.0}"),
+            format!("{:.0} %", gr / dr * 100.0),
+            "",
+            Verdict::Info,
+        );
+        json!({
+            "concurrency": conc,
+            "direct": { "latency": d.to_json(), "calls": m[0].calls, "secs": m[0].secs,
+                        "calls_per_s": dr },
+            "guard": { "latency": g.to_json(), "calls": m[1].calls, "secs": m[1].secs,
+                       "calls_per_s": gr },
+            "added_median_us": (g.p50 as f64 - d.p50 as f64) / 1000.0,
+            "added_p99_us": (g.p99 as f64 - d.p99 as f64) / 1000.0,
+            "p50_us_by_quarter": { "direct": m[0].quarters, "guard": m[1].quarters },
+            "calls_per_s_ratio": gr / dr,
+            "daemon_cpu_us_per_call": cpu_per_call,
+        })
+    }
+
+    /// One client's median and p99 rows, checked against `targets` where there are any.
+    fn mcp_latency_rows(
+        &mut self,
+        label: &str,
+        d: &Summary,
+        g: &Summary,
+        targets: Option<Targets>,
+    ) {
+        let check = |limit_us: Option<u64>, guard_ns: u64, direct_ns: u64| match limit_us {
+            Some(l) => (
+                format!("<= +{l} µs"),
+                Verdict::of(guard_ns as i64 - direct_ns as i64 <= l as i64 * 1000),
+            ),
+            None => (String::new(), Verdict::Info),
+        };
+        let (t50, v50) = check(targets.map(|t| t.median_us), g.p50, d.p50);
+        let (t99, v99) = check(targets.and_then(|t| t.p99_us), g.p99, d.p99);
+        self.rep.row(
+            format!("tools/call median, {label}, 1 client"),
+            us(d.p50),
+            us(g.p50),
+            added_us(g.p50, d.p50),
+            t50,
+            v50,
+        );
+        self.rep.row(
+            format!("tools/call p99, {label}, 1 client"),
+            us(d.p99),
+            us(g.p99),
+            added_us(g.p99, d.p99),
+            t99,
+            v99,
+        );
+    }
+
+    /// A new connection for every `tools/call`: plain (`tls` None), or TLS with a full
+    /// (`Some(false)`) or a resumed (`Some(true)`) handshake.
+    pub fn per_connection(
+        &mut self,
+        key: &str,
+        label: &str,
+        up: &Upstream,
+        calls: u64,
+        tls: Option<bool>,
+        target_us: Option<u64>,
+    ) -> Result<()> {
+        self.progress(&format!("tools/call, {label}"));
+        let calls = self.n(calls);
+        let spec = json!({
+            "kind": "mcp_conn", "addr": up.addr.to_string(), "path": up.path,
+            "warmup": 20, "calls": calls, "tool": "echo", "args": up.args,
+        });
+        let specs = self.two_specs(&spec, tls);
+        let cpu0 = cpu_ns(self.daemon);
+        let mut m = self.abba_specs(&[Side::Direct, Side::Guard], &specs, calls)?;
+        let daemon_cpu = cpu_ns(self.daemon).saturating_sub(cpu0);
+        let (d, g) = (m[0].summary(), m[1].summary());
+        let added = g.p50 as i64 - d.p50 as i64;
+        let (target, verdict) = match target_us {
+            Some(t) => (format!("<= +{t} µs"), Verdict::of(added <= t as i64 * 1000)),
+            None => (String::new(), Verdict::Info),
+        };
+        self.rep.row(
+            format!("tools/call median, {label}"),
+            us(d.p50),
+            us(g.p50),
+            added_us(g.p50, d.p50),
+            target,
+            verdict,
+        );
+        if tls == Some(true) {
+            let want = 2 * calls;
+            for (side, merged) in [("direct", &m[0]), ("guard", &m[1])] {
+                if merged.resumed < want {
+                    self.rep.notes.push(format!(
+                        "{label}: only {} of {want} {side} handshakes resumed a session",
+                        merged.resumed
+                    ));
+                }
+            }
+        }
+        self.rep.results.insert(
+            key.into(),
+            json!({
+                "calls_per_side": 2 * calls,
+                "direct": d.to_json(), "guard": g.to_json(),
+                "added_median_us": added as f64 / 1000.0,
+                "added_p99_us": (g.p99 as f64 - d.p99 as f64) / 1000.0,
+                "resumed": { "direct": m[0].resumed, "guard": m[1].resumed },
+                "daemon_cpu_us_per_call": daemon_cpu as f64 / 1000.0 / (2 * calls) as f64,
+            }),
+        );
+        Ok(())
+    }
+
+    /// The relay hop alone: small messages echoed over one guarded passthrough connection.
+    pub fn echo_rtt(&mut self, echo: SocketAddr) -> Result<()> {
+        self.progress("64-byte round trips over a TCP passthrough connection");
+        let iters = self.n(5000);
+        let spec = json!({ "kind": "echo_rtt", "addr": echo.to_string(),
+                           "iters": iters, "warmup": 200 });
+        let mut m = self.abba(&[Side::Direct, Side::Guard], &spec, 1)?;
+        let (d, g) = (m[0].summary(), m[1].summary());
+        self.rep
+            .timed("64-byte round trip median, TCP passthrough", d.p50, g.p50);
+        self.rep.results.insert(
+            "echo_rtt".into(),
+            json!({
+                "round_trips_per_side": 2 * iters,
+                "direct": d.to_json(), "guard": g.to_json(),
+                "added_median_us": (g.p50 as f64 - d.p50 as f64) / 1000.0,
+            }),
+        );
+        Ok(())
+    }
+
+    pub fn bulk(&mut self, sink: SocketAddr, relay: SocketAddr) -> Result<()> {
+        let bytes = self.n(1 << 30);
+        self.progress(&format!(
+            "passthrough throughput, {} MiB per transfer",
+            bytes >> 20
+        ));
+        let spec = |addr: SocketAddr| json!({ "kind": "bulk", "addr": addr.to_string(), "bytes": bytes, "timeout_s": 60 });
+        // Three transfers each, interleaved: direct (0), guard (1), the bare relay (2), unguarded;
+        // the median of each counts.
+        let mut rates: [Vec<f64>; 3] = [Vec::new(), Vec::new(), Vec::new()];
+        for which in [0, 1, 2, 2, 1, 0, 0, 1, 2] {
+            let out = match which {
+                0 => self.side(Side::Direct, &spec(sink), 1)?,
+                1 => self.side(Side::Guard, &spec(sink), 1)?,
+                _ => self.side(Side::Direct, &spec(relay), 1)?,
+            };
+            rates[which].push(out["mib_per_s"].as_f64().unwrap_or(0.0));
+        }
+        for r in rates.iter_mut() {
+            r.sort_by(|a, b| a.total_cmp(b));
+        }
+        let (d, g, f) = (rates[0][1], rates[1][1], rates[2][1]);
+        let ratio = g / d;
+        self.rep.row(
+            "passthrough throughput (1 connection)",
+            format!("{d:.0} MiB/s"),
+            format!("{g:.0} MiB/s"),
+            format!("{:.0} %", ratio * 100.0),
+            ">= 80 %",
+            Verdict::of(ratio >= 0.80),
+        );
+        self.rep.row(
+            "bare splice relay, no guard (for comparison)",
+            format!("{d:.0} MiB/s"),
+            format!("{f:.0} MiB/s"),
+            format!("{:.0} %", f / d * 100.0),
+            "",
+            Verdict::Info,
+        );
+        self.rep.results.insert(
+            "bulk".into(),
+            json!({ "bytes_per_transfer": bytes, "direct_mib_per_s": rates[0],
+                    "guard_mib_per_s": rates[1], "bare_relay_mib_per_s": rates[2],
+                    "median_ratio": ratio, "bare_relay_ratio": f / d,
+                    "guard_vs_bare_relay": g / f }),
+        );
+        Ok(())
+    }
+
+    /// On a freshly started daemon: its idle RSS, then its RSS (max of a few samples, KiB) while
+    /// a hold worker keeps `n` guarded connections open.
+    fn hold(&mut self, kind: &str, spec: Value, n: u64) -> Result<Value> {
+        self.progress(&format!(
+            "daemon RSS with {n} guarded {kind} held (fresh daemon)"
+        ));
+        self.daemon = self.env.restart_daemon()?;
+        thread::sleep(Duration::from_secs(1));
+        let (idle, _) = env::rss_kib(self.daemon)?;
+        let before = self.env.redirected()?;
+        let h = Holder::start(&self.env.cgroup(Side::Guard.cgroup()), &spec, WORKER_LIMIT)?;
+        let held = h.held["held"].as_u64().unwrap_or(0);
+        // `guard status` itself may fail while the daemon is out of file descriptors.
+        match self.env.redirected() {
+            Ok(after) if after.saturating_sub(before) < held => bail!(
+                "only {} of the {held} held connections were redirected",
+                after.saturating_sub(before)
+            ),
+            Ok(_) => {}
+            Err(e) => self.rep.notes.push(format!(
+                "guard status failed while {held} {kind} were held: {e:#}"
+            )),
+        }
+        thread::sleep(Duration::from_millis(500));
+        let (mut rss, mut hwm) = (0, 0);
+        for _ in 0..5 {
+            let (r, h) = env::rss_kib(self.daemon)?;
+            rss = rss.max(r);
+            hwm = hwm.max(h);
+            thread::sleep(Duration::from_millis(100));
+        }
+        let active = self
+            .env
+            .status()
+            .ok()
+            .and_then(|s| s["counters"]["proxy"]["active"].as_u64());
+        if active.is_some_and(|a| a < held) {
+            let active = active.unwrap_or(0);
+            self.rep.notes.push(format!(
+                "while {held} {kind} were held the proxy counted only {active} active connections"
+            ));
+        }
+        let secs = h.held["secs"].as_f64().unwrap_or(0.0);
+        let first_error = h.held["first_error"].as_str().map(str::to_string);
+        h.release()?;
+        let (guard_col, verdict) = if held < n {
+            self.rep.notes.push(format!(
+                "{kind}: only {held} of {n} could be held (the daemon's open-file limit is {}): {}",
+                env::nofile(self.daemon).map_or("?".into(), |v| v.to_string()),
+                first_error.as_deref().unwrap_or("?")
+            ));
+            (
+                format!("only {held} of {n} held, {}", mib(rss)),
+                Verdict::Miss,
+            )
+        } else {
+            (mib(rss), Verdict::of(rss <= 100 * 1024))
+        };
+        self.rep.row(
+            format!("daemon RSS, {n} guarded {kind} held"),
+            "-",
+            guard_col,
+            format!("+{} over idle", mib(rss.saturating_sub(idle))),
+            "<= 100 MiB",
+            verdict,
+        );
+        let out = json!({ "idle_kib": idle, "held_kib": rss, "hwm_kib": hwm, "active": active,
+                          "held": held, "first_error": first_error, "open_secs": secs });
+        Ok(out)
+    }
+
+    pub fn rss(
+        &mut self,
+        idle_kib: u64,
+        servers: &Servers,
+        fast_tls: Option<&Upstream>,
+    ) -> Result<()> {
+        let (after_load, hwm) = env::rss_kib(self.daemon)?;
+        self.rep.row(
+            "daemon RSS idle (fresh start)",
+            "-",
+            mib(idle_kib),
+            "",
+            "",
+            Verdict::Info,
+        );
+        self.rep.row(
+            "daemon RSS after the runs above (peak)",
+            "-",
+            format!("{} ({})", mib(after_load), mib(hwm)),
+            "",
+            "",
+            Verdict::Info,
+        );
+        let n = 1000;
+        let mut out = Map::new();
+        out.insert("idle_kib".into(), json!(idle_kib));
+        out.insert("after_load_kib".into(), json!(after_load));
+        out.insert("after_load_hwm_kib".into(), json!(hwm));
+        let tcp = json!({ "kind": "hold_tcp", "addr": servers.echo.to_string(), "n": n });
+        out.insert(
+            "held_tcp".into(),
+            self.hold("TCP passthrough connections", tcp, n)?,
+        );
+        let mcp = json!({ "kind": "hold_mcp", "addr": servers.mcp.to_string(), "path": "/mcp",
+                          "n": n, "tool": "echo", "args": { "text": "held" } });
+        out.insert(
+            "held_mcp".into(),
+            self.hold("MCP sessions (HTTP keep-alive)", mcp, n)?,
+        );
+        if let Some(up) = fast_tls {
+            let mut spec = json!({ "kind": "hold_mcp", "addr": up.addr.to_string(),
+                                   "path": up.path, "n": n, "tool": "echo",
+                                   "args": { "text": "held" } });
+            spec["tls"] = json!({ "ca": self.env.guard_ca(), "resume": true });
+            out.insert(
+                "held_mcp_tls".into(),
+                self.hold("MCP sessions over intercepted TLS", spec, n)?,
+            );
+        }
+        self.rep.results.insert("rss".into(), Value::Object(out));
+        Ok(())
+    }
+}
