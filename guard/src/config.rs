@@ -22,7 +22,7 @@ pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 #[serde(default, deny_unknown_fields)]
 pub struct Config {
     pub scope: Scope,
-    pub proxy: Proxy,
+    pub proxy: ProxySection,
     pub paths: Paths,
     pub policy: PolicySection,
     pub tls: Tls,
@@ -115,7 +115,7 @@ pub enum UdpMode {
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
-pub struct Proxy {
+pub struct ProxySection {
     pub listen_port: u16,
     pub max_body: ByteSize,
     pub other: OtherTraffic,
@@ -123,18 +123,22 @@ pub struct Proxy {
     pub header_timeout_s: u64,
     /// Connections served at once; more are reset.
     pub max_connections: usize,
+    /// Connections one agent (one agent name, else one uid) may hold at once; more are refused,
+    /// so that no agent's connections, busy or silent, take the slots of another.
+    pub max_connections_per_agent: usize,
     /// Threads serving connections (each connection stays on one); 0: one per CPU.
     pub threads: usize,
 }
 
-impl Default for Proxy {
+impl Default for ProxySection {
     fn default() -> Self {
-        Proxy {
+        ProxySection {
             listen_port: 15001,
             max_body: ByteSize(4 << 20),
             other: OtherTraffic::Pass,
             header_timeout_s: 30,
             max_connections: 10_000,
+            max_connections_per_agent: 1_000,
             threads: 0,
         }
     }

@@ -24,6 +24,11 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// The agent as limits and approvals know it: its name, else its uid.
+    pub fn agent_key(&self) -> String {
+        agent_key(&self.agent, self.uid)
+    }
+
     /// The caller as the policy engine sees it (no MCP session yet).
     pub fn caller(&self) -> crate::policy::Caller {
         crate::policy::Caller {
@@ -33,6 +38,14 @@ impl Identity {
             cgroup: self.cgroup.clone(),
             session: None,
         }
+    }
+}
+
+/// An agent's key (see [`Identity::agent_key`]) from its name and uid.
+pub fn agent_key(agent: &Option<String>, uid: u32) -> String {
+    match agent {
+        Some(a) => format!("agent:{a}"),
+        None => format!("uid:{uid}"),
     }
 }
 

@@ -1,10 +1,11 @@
 //! A fresh machine's conditions for the root tests, on any machine: each `cargo test` the root
 //! run starts gets a private mount namespace in which no bpffs is mounted (not even at
-//! /sys/fs/bpf), /tmp is a new empty tmpfs, and guard's default state directories, where they
-//! exist, are hidden under empty ones. What earlier runs left on the host (bpffs mounted by a
-//! daemon, pins, test directories, a CA in /var/lib/guard) then cannot make a test pass that
-//! would fail on a new machine. The host's mounts are untouched, and every bpffs mounted inside
-//! (with the pins on it) goes away with the namespace.
+//! /sys/fs/bpf), guard's default state directories, where they exist, are hidden under empty
+//! ones, and the temporary directory (`TMPDIR`) is a new, empty one. What earlier runs left on
+//! the host (bpffs mounted by a daemon, pins, test directories, a CA in /var/lib/guard) then
+//! cannot make a test pass that would fail on a new machine. The host's mounts are untouched,
+//! and every bpffs mounted inside (with the pins on it) goes away with the namespace. (/tmp
+//! itself is not covered over: the checkout may live there.)
 
 use std::{
     ffi::CString,
@@ -24,15 +25,44 @@ const STATE_DIRS: &[&str] = &[
     "/etc/guard",
 ];
 
-/// Makes `cmd` start in a fresh private mount namespace (see the module documentation).
-pub fn isolate(cmd: &mut Command) -> Result<()> {
+/// A new, empty temporary directory for one isolated run (world-writable, sticky, like /tmp:
+/// tests run processes as other users); removed when dropped.
+pub struct FreshTmp(PathBuf);
+
+impl FreshTmp {
+    pub fn new() -> Result<FreshTmp> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let dir = std::env::temp_dir().join(format!(
+            "guard-fresh-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0)
+        ));
+        fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o1777))?;
+        Ok(FreshTmp(dir))
+    }
+}
+
+impl Drop for FreshTmp {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Makes `cmd` start in a fresh private mount namespace with `tmp` as its temporary directory
+/// (see the module documentation).
+pub fn isolate(cmd: &mut Command, tmp: &FreshTmp) -> Result<()> {
+    cmd.env("TMPDIR", &tmp.0);
     let info = fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
     // Deepest first, each once per time it is mounted (a second bpffs may sit on the first).
     let mut bpf: Vec<PathBuf> = mounts_of(&info, "bpf");
     bpf.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
     let cstr = |p: &Path| CString::new(p.as_os_str().as_bytes()).unwrap();
     let bpf: Vec<CString> = bpf.iter().map(|p| cstr(p)).collect();
-    let mut tmpfs: Vec<(CString, CString)> = vec![(cstr(Path::new("/tmp")), c"mode=1777".into())];
+    let mut tmpfs: Vec<(CString, CString)> = Vec::new();
     for d in STATE_DIRS {
         if Path::new(d).is_dir() {
             tmpfs.push((cstr(Path::new(d)), c"mode=755".into()));
@@ -113,8 +143,9 @@ fn unescape(s: &str) -> String {
 /// Whether `isolate` works here (root, and a kernel that lets us make mount namespaces).
 pub fn check() -> Result<()> {
     let out = {
+        let tmp = FreshTmp::new()?;
         let mut c = Command::new("true");
-        isolate(&mut c)?;
+        isolate(&mut c, &tmp)?;
         c.output()
     };
     match out {
@@ -131,22 +162,21 @@ pub fn check() -> Result<()> {
 mod tests {
     use super::*;
 
-    /// As root (CI): inside, no bpffs is mounted and /tmp is empty, whatever the host has.
+    /// As root (CI): inside, no bpffs is mounted and the temporary directory is empty,
+    /// whatever the host has.
     #[test]
-    fn the_namespace_has_no_bpffs_and_an_empty_tmp() {
+    fn the_namespace_has_no_bpffs_and_an_empty_tmpdir() {
         // SAFETY: geteuid has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
             eprintln!("not root: a mount namespace cannot be made; nothing to check");
             return;
         }
-        let marker = std::env::temp_dir().join(format!("xtask-fresh-{}", std::process::id()));
-        fs::write(&marker, "x").unwrap();
+        let tmp = FreshTmp::new().unwrap();
         let mut cmd = Command::new("sh");
         cmd.arg("-c")
-            .arg("grep -c ' - bpf ' /proc/self/mountinfo; ls -A /tmp | wc -l");
-        isolate(&mut cmd).unwrap();
+            .arg("grep -c ' - bpf ' /proc/self/mountinfo; ls -A \"$TMPDIR\" | wc -l");
+        isolate(&mut cmd, &tmp).unwrap();
         let out = cmd.output().unwrap();
-        let _ = fs::remove_file(&marker);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "0\n0\n");
     }
 

@@ -202,52 +202,46 @@ fn run_tests_echo(cmd: &mut Command, echo: bool) -> Result<(bool, u64, u64, u64)
     Ok((child.wait()?.success(), passed, failed, ignored))
 }
 
-/// The root suite: every test of the `guard-integration` crate needs root and real eBPF.
-const ROOT_SUITE: &str = "guard-integration";
+/// The root suite: every test of the `guard-integration` crate (`integration-test/`) needs root
+/// and real eBPF.
+const ROOT_SUITE: &str = "integration-test";
 
-/// `cargo test` for the root suite or for everything else (the default members).
-fn cargo_test(root_suite: bool) -> Command {
+/// `cargo test` of everything: the default members without root; as root the whole workspace,
+/// root suite included (guard-ebpf builds for the BPF target only, from guard/build.rs). Every
+/// root invocation selects the same packages, so cargo builds them once: another selection
+/// unifies other features and compiles guard and its dependencies again.
+fn cargo_test() -> Command {
     let mut cmd = Command::new("cargo");
     cmd.current_dir(repo_root()).arg("test");
-    if root_suite {
-        cmd.args(["--package", ROOT_SUITE]);
+    if is_root() {
+        cmd.args(["--workspace", "--exclude", "guard-ebpf"]);
     }
     cmd
 }
 
-/// The root tests' names (`cargo test -- --list`), filtered by `filters`.
+/// The root tests' names, read from the suite's sources (listing them through cargo would
+/// build the suite), filtered like cargo filters them (a name containing any filter).
 fn root_tests(filters: &[&String]) -> Result<Vec<String>> {
-    let list = cargo_test(true)
-        .arg("--quiet")
-        .arg("--")
-        .args(filters)
-        .arg("--list")
-        .output()?;
-    if !list.status.success() {
-        bail!(
-            "listing the root tests failed:\n{}",
-            String::from_utf8_lossy(&list.stderr)
-        );
+    let mut names = Vec::new();
+    for e in fs::read_dir(repo_root().join(ROOT_SUITE).join("tests"))? {
+        let text = fs::read_to_string(e?.path())?;
+        let mut lines = text.lines();
+        while let Some(l) = lines.next() {
+            if l.trim() != "#[test]" {
+                continue;
+            }
+            let name = lines
+                .find_map(|l| l.trim().strip_prefix("fn "))
+                .and_then(|l| l.split('(').next());
+            if let Some(n) = name {
+                names.push(n.to_string());
+            }
+        }
     }
-    let mut names: Vec<String> = String::from_utf8_lossy(&list.stdout)
-        .lines()
-        .filter_map(|l| l.strip_suffix(": test"))
-        .map(str::to_string)
-        .collect();
+    names.retain(|n| filters.is_empty() || filters.iter().any(|f| n.contains(f.as_str())));
     names.sort();
     names.dedup();
     Ok(names)
-}
-
-/// The binaries the root tests start (they are not part of the test build).
-fn build_binaries() -> Result<()> {
-    status(Command::new("cargo").current_dir(repo_root()).args([
-        "build",
-        "--package",
-        "guard",
-        "--package",
-        "guard-bench",
-    ]))
 }
 
 /// As root, with `fresh`, every root test alone, each in a fresh mount namespace of its own:
@@ -256,17 +250,18 @@ fn test_each(fresh: bool, args: &[String]) -> Result<()> {
     if !is_root() {
         bail!("--each runs the root tests one by one: run it as root");
     }
-    build_binaries()?;
+    status(cargo_test().arg("--no-run"))?;
     let filters: Vec<&String> = args.iter().filter(|a| !a.starts_with('-')).collect();
     let names = root_tests(&filters)?;
     let log = repo_root().join("target/test-each.log");
     let mut failed = Vec::new();
     for (i, name) in names.iter().enumerate() {
         let started = std::time::Instant::now();
-        let mut cmd = cargo_test(true);
+        let mut cmd = cargo_test();
         cmd.args(["--quiet", "--", "--exact", name]);
+        let tmp = fresh::FreshTmp::new()?;
         if fresh {
-            fresh::isolate(&mut cmd)?;
+            fresh::isolate(&mut cmd, &tmp)?;
         }
         cmd.stderr(fs::File::options().create(true).append(true).open(&log)?);
         let (ok, passed, _, _) = run_tests_echo(&mut cmd, false)?;
@@ -296,47 +291,25 @@ fn test_each(fresh: bool, args: &[String]) -> Result<()> {
     Ok(())
 }
 
-/// Every test: the default members' (unit tests and the in-process suites, no root needed),
-/// then, as root, the root suite. `args`: test name filters, and other `cargo test` flags.
+/// Every test: without root the default members' (unit tests and the in-process suites); as
+/// root also the in-process suites once more as uid 65534, and the root suite, in a fresh mount
+/// namespace. `args`: test name filters, and other `cargo test` flags.
 fn test(fresh: bool, args: &[String]) -> Result<()> {
     let (filters, extra): (Vec<&String>, Vec<&String>) =
         args.iter().partition(|a| !a.starts_with('-'));
     // --no-fail-fast: one failing test binary must not hide the results of the others.
-    let mut plain = cargo_test(false);
-    plain
-        .arg("--no-fail-fast")
+    let mut all = cargo_test();
+    all.arg("--no-fail-fast")
         .args(&extra)
         .arg("--")
         .args(&filters);
-    let (mut ok, mut passed, mut failed, _) = run_tests(&mut plain)?;
-    if is_root() {
-        let (u_ok, u_passed, u_failed) = unprivileged::run(&filters)?;
-        ok &= u_ok;
-        passed += u_passed;
-        failed += u_failed;
-        build_binaries()?;
-        let mut rooted = cargo_test(true);
-        rooted
-            .arg("--no-fail-fast")
-            .args(&extra)
-            .arg("--")
-            .args(&filters);
-        if fresh {
-            eprintln!("xtask: the root tests run in a private mount namespace, as on a fresh machine: no bpffs mounted, empty /tmp and guard state directories");
-            fresh::isolate(&mut rooted)?;
-        }
-        let (r_ok, r_passed, r_failed, _) = run_tests(&mut rooted)?;
-        ok &= r_ok;
-        passed += r_passed;
-        failed += r_failed;
-        // One closing line for the whole run (cargo's last line is the doc tests').
-        println!("tests: {passed} passed, {failed} failed");
-    } else {
+    if !is_root() {
+        let (ok, passed, failed, _) = run_tests(&mut all)?;
         let skipped = root_tests(&filters)?;
         eprintln!();
         eprintln!("{}", "#".repeat(80));
         eprintln!(
-            "# NOT ROOT: the {} tests of the root suite ({ROOT_SUITE}: real eBPF) were SKIPPED:",
+            "# NOT ROOT: the {} tests of the root suite ({ROOT_SUITE}/: real eBPF) were SKIPPED:",
             skipped.len()
         );
         for t in &skipped {
@@ -348,7 +321,23 @@ fn test(fresh: bool, args: &[String]) -> Result<()> {
             "tests: {passed} passed, {failed} failed, {} skipped",
             skipped.len()
         );
+        if !ok {
+            bail!("tests failed");
+        }
+        return Ok(());
     }
+    let (mut ok, mut passed, mut failed) = unprivileged::run(&filters)?;
+    let tmp = fresh::FreshTmp::new()?;
+    if fresh {
+        eprintln!("xtask: the tests run in a private mount namespace, as on a fresh machine: no bpffs mounted, an empty TMPDIR, guard's state directories empty");
+        fresh::isolate(&mut all, &tmp)?;
+    }
+    let (a_ok, a_passed, a_failed, _) = run_tests(&mut all)?;
+    ok &= a_ok;
+    passed += a_passed;
+    failed += a_failed;
+    // One closing line for the whole run (cargo's last line is the doc tests').
+    println!("tests: {passed} passed, {failed} failed");
     if !ok {
         bail!("tests failed");
     }

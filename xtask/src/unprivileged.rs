@@ -91,7 +91,8 @@ fn build() -> Result<Vec<PathBuf>> {
         .filter_map(|l| {
             let exe = l.split("\"executable\":\"").nth(1)?.split('"').next()?;
             let name = l.split("\"name\":\"").nth(1)?.split('"').next()?;
-            SUITES.contains(&name).then(|| PathBuf::from(exe))
+            let guard_test = l.contains("\"kind\":[\"test\"]") && l.contains("/guard#");
+            (guard_test && SUITES.contains(&name)).then(|| PathBuf::from(exe))
         })
         .collect();
     if exes.len() != SUITES.len() {

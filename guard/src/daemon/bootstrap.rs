@@ -36,7 +36,7 @@ use crate::{
         identify::{Identify, KernelIdentify},
         named::{self, Named},
         tls::{CaFiles, Interceptor},
-        Proxy, Stats, Workers,
+        PerAgent, Proxy, Stats, Workers,
     },
 };
 
@@ -236,6 +236,7 @@ pub async fn assemble(
         capacity: Arc::new(tokio::sync::Semaphore::new(
             config.proxy.max_connections.max(1),
         )),
+        per_agent: Arc::new(PerAgent::new(config.proxy.max_connections_per_agent)),
         workers: Arc::new(Workers::start(config.proxy.threads)?),
     });
     Ok(Enforcement {

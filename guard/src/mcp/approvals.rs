@@ -15,6 +15,8 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::sync::oneshot;
 
+use crate::identity::agent_key;
+
 /// How a held call ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
@@ -66,14 +68,6 @@ pub struct Approvals {
     next: AtomicU64,
     pending: Mutex<HashMap<String, Pending>>,
     standing: Mutex<Vec<Standing>>,
-}
-
-/// The agent as approvals know it: its name, else its uid.
-pub fn agent_key(agent: &Option<String>, uid: u32) -> String {
-    match agent {
-        Some(a) => format!("agent:{a}"),
-        None => format!("uid:{uid}"),
-    }
 }
 
 impl Approvals {

@@ -13,7 +13,7 @@ use std::{
 use serde_json::{json, Value};
 
 use super::{
-    approvals::{agent_key, Approvals, Held, Verdict as Approval},
+    approvals::{Approvals, Held, Verdict as Approval},
     pins::Pins,
     verdict::{Refusal, RefusalKind, Verdict},
     wire::{self, Body, BodyError, Message},
@@ -206,9 +206,50 @@ impl Engine {
         self.write(&r);
         let code = match e {
             BodyError::Json(_) => wire::PARSE_ERROR,
-            BodyError::NotJsonRpc(_) => wire::INVALID_REQUEST,
+            BodyError::NotJsonRpc(_) | BodyError::Malformed(_) => wire::INVALID_REQUEST,
         };
         wire::error(&Value::Null, code, &format!("guard: {e}"))
+    }
+
+    /// `unknown_servers = "deny"`, and a body to a server no policy names that guard cannot
+    /// read, although some server could read JSON-RPC in it: refused (audited), never forwarded
+    /// unread. The answer is a JSON-RPC error.
+    pub fn refuse_unreadable(&self, caller: &Identity, t: &Target, why: &str) -> Value {
+        let reason = format!(
+            "guard cannot read this body ({why}) and no policy names the server {}; under \
+             policy.unknown_servers = \"deny\" it is not forwarded",
+            t.address()
+        );
+        let id = self.audit_refused(
+            Event::McpRequest,
+            caller,
+            t,
+            None,
+            "policy.unknown_servers",
+            &reason,
+        );
+        let mut refusal = Refusal::new(
+            RefusalKind::Unreadable,
+            &t.address(),
+            None,
+            "policy.unknown_servers",
+            reason,
+        );
+        refusal.audit_id = id;
+        refusal.error(&Value::Null)
+    }
+
+    /// A refusal of an answer guard could not read (see [`Engine::filter_json`]): the error
+    /// each request of the body gets instead (audited already).
+    pub fn unreadable_answer(&self, t: &Target, ids: &[Value], why: &str) -> Vec<Value> {
+        let refusal = Refusal::new(
+            RefusalKind::Unreadable,
+            t.server.as_deref().unwrap_or_default(),
+            None,
+            "protocol",
+            why,
+        );
+        ids.iter().map(|id| refusal.error(id)).collect()
     }
 
     /// Decides a whole request body: the unknown-server rule first, then the headers, then every
@@ -411,12 +452,7 @@ impl Engine {
         h: Hold<'_>,
     ) -> (Option<Refusal>, Option<String>) {
         let approvals = &self.approvals;
-        if approvals.standing(
-            &agent_key(&caller.agent, caller.uid),
-            &h.sp.name,
-            h.tool,
-            &h.args_sha256,
-        ) {
+        if approvals.standing(&caller.agent_key(), &h.sp.name, h.tool, &h.args_sha256) {
             let why = "approved earlier for identical calls (approve --for)";
             return (None, Some(why.into()));
         }

@@ -1,6 +1,8 @@
 //! Answers from a policy-named server, on their way back to the agent: `tools/list` results lose
 //! the tools this caller may not see, and every tool definition seen is checked against its pin.
-//! Transport-free: the HTTP adapter hands over JSON bodies and SSE event data.
+//! An answer guard cannot read the way every client reads it (see the canonical rule in
+//! [`wire`]) is refused, never passed on unfiltered. Transport-free: the HTTP adapter hands over
+//! JSON bodies and SSE event data.
 
 use serde_json::{json, Value};
 
@@ -14,10 +16,36 @@ use crate::{
 /// A JSON answer after filtering.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Filtered {
-    /// Nothing to change: pass the bytes on as they are.
+    /// No `tools/list` result in it: pass the bytes on as they are.
     Unchanged,
-    /// The answer to pass on instead.
+    /// The answer to pass on instead: guard's own serialisation of what it read and filtered.
     Changed(Vec<u8>),
+    /// Unreadable (or readable differently by some client): it must not reach the agent. The
+    /// refusal is audited; the reason says why.
+    Refused(String),
+}
+
+/// Checks an answer's keys at every level guard reads (envelope, result, tools), by
+/// [`wire::check_keys`]: a key a case-insensitive client would read as one of them must be it.
+fn check_answer(m: &Value) -> Result<(), String> {
+    let Some(obj) = m.as_object() else {
+        return Ok(());
+    };
+    wire::check_keys(obj, wire::ENVELOPE_KEYS)?;
+    if let Some(Value::Object(result)) = obj.get("result") {
+        wire::check_keys(result, wire::LIST_KEYS)?;
+        for tool in result
+            .get("tools")
+            .and_then(Value::as_array)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(t) = tool.as_object() {
+                wire::check_keys(t, wire::TOOL_KEYS)?;
+            }
+        }
+    }
+    Ok(())
 }
 
 impl Engine {
@@ -29,42 +57,64 @@ impl Engine {
         server: &str,
         bytes: &[u8],
     ) -> Filtered {
-        let Ok(mut v) = serde_json::from_slice::<Value>(bytes) else {
-            return Filtered::Unchanged;
+        let mut v = match self.read_answer(caller, t, bytes) {
+            Ok(v) => v,
+            Err(why) => return Filtered::Refused(why),
         };
-        let changed = match &mut v {
+        let lists = match &mut v {
             Value::Array(items) => {
                 // Every message is filtered (no short-circuit).
-                let mut changed = false;
+                let mut lists = false;
                 for m in items.iter_mut() {
-                    changed |= self.filter_message(caller, t, server, m);
+                    lists |= self.filter_message(caller, t, server, m);
                 }
-                changed
+                lists
             }
             m => self.filter_message(caller, t, server, m),
         };
-        if changed {
+        if lists {
             Filtered::Changed(serde_json::to_vec(&v).unwrap_or_default())
         } else {
             Filtered::Unchanged
         }
     }
 
-    /// Filters the data of one SSE event; `Some(new data)` when it changed.
+    /// Filters the data of one SSE event: `Ok(Some(new data))` when it held a `tools/list`
+    /// result, `Ok(None)` to pass it on as it is, `Err` when it must not be passed on.
     pub fn filter_event_data(
         &self,
         caller: &Identity,
         t: &Target,
         server: &str,
         data: &str,
-    ) -> Option<String> {
-        let mut v = serde_json::from_str::<Value>(data).ok()?;
-        self.filter_message(caller, t, server, &mut v)
-            .then(|| v.to_string())
+    ) -> Result<Option<String>, String> {
+        let mut v = self.read_answer(caller, t, data.as_bytes())?;
+        Ok(self
+            .filter_message(caller, t, server, &mut v)
+            .then(|| v.to_string()))
     }
 
-    /// Applies policy to one message from `server`; true when it was changed. A `tools/list`
-    /// result is pinned, filtered and audited; when its record cannot be written, the agent
+    /// An answer read by the canonical rule, or the audited reason it cannot be.
+    fn read_answer(&self, caller: &Identity, t: &Target, bytes: &[u8]) -> Result<Value, String> {
+        let read = wire::read_json(bytes).and_then(|v| {
+            match &v {
+                Value::Array(items) => items.iter().try_for_each(check_answer),
+                m => check_answer(m),
+            }?;
+            Ok(v)
+        });
+        read.map_err(|e| {
+            let why = format!("the server's answer cannot be read as every client reads it: {e}");
+            let mut r = self.record(Event::ToolsList, Decision::Deny, caller, t);
+            r.rule = Some("protocol".into());
+            r.reason = Some(why.clone());
+            self.write(&r);
+            why
+        })
+    }
+
+    /// Applies policy to one message from `server`; true when it holds a `tools/list` result
+    /// (then it is pinned, filtered and audited). When that record cannot be written, the agent
     /// sees no tools rather than an unaudited list.
     pub fn filter_message(
         &self,
@@ -119,8 +169,7 @@ impl Engine {
             {
                 tools.clear();
             }
-            return true;
         }
-        !removed.is_empty()
+        true
     }
 }

@@ -22,6 +22,9 @@ pub enum RefusalKind {
     UnknownServer,
     /// The tool's definition differs from its pin: -32006.
     ToolChanged,
+    /// guard cannot read the message (or the server's answer) the way every peer would: -32603
+    /// (JSON-RPC's internal error), and nothing of it is passed on.
+    Unreadable,
 }
 
 impl RefusalKind {
@@ -34,6 +37,7 @@ impl RefusalKind {
             RefusalKind::ApprovalTimeout => -32004,
             RefusalKind::UnknownServer => -32005,
             RefusalKind::ToolChanged => -32006,
+            RefusalKind::Unreadable => -32603,
         }
     }
 
@@ -46,6 +50,7 @@ impl RefusalKind {
             RefusalKind::ApprovalTimeout => "approval_timeout",
             RefusalKind::UnknownServer => "unknown_server",
             RefusalKind::ToolChanged => "tool_changed",
+            RefusalKind::Unreadable => "unreadable",
         }
     }
 
@@ -58,13 +63,16 @@ impl RefusalKind {
             RefusalKind::ApprovalTimeout => "approval timed out",
             RefusalKind::UnknownServer => "denied (unknown MCP server)",
             RefusalKind::ToolChanged => "blocked (tool definition changed)",
+            RefusalKind::Unreadable => "refused (unreadable)",
         }
     }
 
     /// The audit record's `decision` (an unknown server is a denial there).
     pub fn audit(self) -> Decision {
         match self {
-            RefusalKind::Denied | RefusalKind::UnknownServer => Decision::Deny,
+            RefusalKind::Denied | RefusalKind::UnknownServer | RefusalKind::Unreadable => {
+                Decision::Deny
+            }
             RefusalKind::RateLimited => Decision::RateLimited,
             RefusalKind::ApprovalDenied => Decision::ApprovalDenied,
             RefusalKind::ApprovalTimeout => Decision::ApprovalTimeout,
@@ -232,13 +240,17 @@ mod tests {
             ApprovalTimeout,
             UnknownServer,
             ToolChanged,
+            Unreadable,
         ];
         let codes: Vec<i64> = kinds.iter().map(|k| k.code()).collect();
-        assert_eq!(codes, [-32001, -32002, -32003, -32004, -32005, -32006]);
+        assert_eq!(
+            codes,
+            [-32001, -32002, -32003, -32004, -32005, -32006, -32603]
+        );
         assert_eq!(UnknownServer.audit(), Decision::Deny);
         assert_eq!(ToolChanged.audit(), Decision::ToolChanged);
         let retryable: Vec<bool> = kinds.iter().map(|k| k.retryable()).collect();
-        assert_eq!(retryable, [false, true, false, true, false, false]);
+        assert_eq!(retryable, [false, true, false, true, false, false, false]);
         assert_eq!(
             Refusal::new(UnknownServer, "x:1", None, "policy.unknown_servers", "r").message(),
             "guard: denied (unknown MCP server): r"

@@ -33,7 +33,6 @@ pub struct Message {
     pub id: Option<Value>,
     pub method: Option<String>,
     pub params: Value,
-    pub raw: Value,
 }
 
 impl Message {
@@ -63,70 +62,214 @@ pub struct Body {
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum BodyError {
+    /// Not JSON as every parser reads it the same way (see [`read_json`]).
     #[error("malformed JSON: {0}")]
     Json(String),
+    /// JSON with no JSON-RPC message in it at all (no key that reads as `jsonrpc` or
+    /// `method`): a plain JSON API.
     #[error("not JSON-RPC 2.0: {0}")]
     NotJsonRpc(String),
+    /// A JSON-RPC message guard cannot read the way every server would.
+    #[error("malformed JSON-RPC: {0}")]
+    Malformed(String),
 }
 
-/// Parses a POST body as JSON-RPC 2.0.
-pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
-    let v: Value = serde_json::from_slice(bytes).map_err(|e| BodyError::Json(e.to_string()))?;
-    let (batch, items) = match v {
-        Value::Array(items) => {
-            if items.is_empty() {
-                return Err(BodyError::NotJsonRpc("empty batch".into()));
-            }
-            (true, items)
+// The canonical rule. guard and the server must read the same message, or guard refuses it.
+// Parsers differ in three ways that matter: duplicate keys (most take the last, some the
+// first), case (Go's encoding/json matches a key to a field case-insensitively, with Unicode
+// simple case folding), and what else they accept (NaN, Infinity, numbers beyond f64, deep
+// nesting, trailing data, BOMs). guard reads a body only when no parser can read it
+// differently: no key twice in one object, no two keys that fold to the same name, every key
+// that folds onto a protocol key spelled exactly as that key, and strict JSON (anything serde
+// refuses, others may accept: it is refused).
+
+/// A key as a case-insensitive decoder reads it: ASCII letters in one case, and the two
+/// non-ASCII letters whose simple case folding reaches ASCII ones (U+212A KELVIN SIGN -> `k`,
+/// U+017F LATIN SMALL LETTER LONG S -> `s`; no other letter folds onto ASCII).
+pub fn fold_key(k: &str) -> std::borrow::Cow<'_, str> {
+    let plain = |c: char| c.is_ascii() && !c.is_ascii_uppercase();
+    if k.chars().all(plain) {
+        return std::borrow::Cow::Borrowed(k);
+    }
+    std::borrow::Cow::Owned(
+        k.chars()
+            .map(|c| match c {
+                '\u{212A}' => 'k',
+                '\u{017F}' => 's',
+                c => c.to_ascii_lowercase(),
+            })
+            .collect(),
+    )
+}
+
+/// Keys guard reads in a JSON-RPC message (requests and answers).
+pub const ENVELOPE_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
+/// Keys guard reads in `params`.
+pub const PARAMS_KEYS: &[&str] = &["name", "arguments", "uri", "cursor", "_meta"];
+/// Keys guard reads in a `tools/list` result and in each of its tools.
+pub const LIST_KEYS: &[&str] = &["tools", "nextCursor"];
+pub const TOOL_KEYS: &[&str] = &[
+    "name",
+    "title",
+    "description",
+    "inputSchema",
+    "outputSchema",
+    "annotations",
+];
+
+/// Refuses, in `obj`, a key that folds onto one of `keys` without being it (`Method`,
+/// `paramſ`): a case-insensitive server would read it as that key.
+pub fn check_keys(obj: &Map<String, Value>, keys: &[&str]) -> Result<(), String> {
+    for k in obj.keys() {
+        let folded = fold_key(k);
+        if let Some(p) = keys.iter().find(|p| **p == folded && *p != k) {
+            return Err(format!(
+                "key `{}` would be read as `{p}` by case-insensitive decoders",
+                k.escape_debug()
+            ));
         }
+    }
+    Ok(())
+}
+
+/// Reads JSON the way every parser reads it, or refuses it: strict JSON (serde_json's reading,
+/// nesting up to 128 levels, nothing after the value), no key twice in an object and no two
+/// keys of an object that fold (see [`fold_key`]) to the same name, at any depth.
+pub fn read_json(bytes: &[u8]) -> Result<Value, String> {
+    use serde::de::DeserializeSeed as _;
+    let mut de = serde_json::Deserializer::from_slice(bytes);
+    let v = Strict.deserialize(&mut de).map_err(|e| e.to_string())?;
+    de.end().map_err(|e| e.to_string())?;
+    Ok(v)
+}
+
+/// [`read_json`]'s deserializer: a `serde_json::Value` that refuses ambiguous objects.
+struct Strict;
+
+impl<'de> serde::de::DeserializeSeed<'de> for Strict {
+    type Value = Value;
+
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for Strict {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("JSON")
+    }
+
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(Value::from(n))
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Value, E> {
+        serde_json::Number::from_f64(n)
+            .map(Value::Number)
+            .ok_or_else(|| E::custom("a number JSON cannot hold"))
+    }
+
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut v = Vec::new();
+        while let Some(x) = seq.next_element_seed(Strict)? {
+            v.push(x);
+        }
+        Ok(Value::Array(v))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        use serde::de::Error as _;
+        let mut out = Map::new();
+        let mut folded: Vec<String> = Vec::new();
+        while let Some(k) = map.next_key::<String>()? {
+            let f = fold_key(&k).into_owned();
+            if folded.contains(&f) {
+                return Err(A::Error::custom(format!(
+                    "key `{}` appears twice in an object (parsers disagree on which one counts)",
+                    k.escape_debug()
+                )));
+            }
+            folded.push(f);
+            let v = map.next_value_seed(Strict)?;
+            out.insert(k, v);
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// Whether a JSON value carries a JSON-RPC message: an object with a key that reads as
+/// `jsonrpc` or `method`.
+fn rpc_shaped(v: &Value) -> bool {
+    v.as_object().is_some_and(|o| {
+        o.keys()
+            .any(|k| matches!(&*fold_key(k), "jsonrpc" | "method"))
+    })
+}
+
+/// Parses a POST body as JSON-RPC 2.0, by the canonical rule above.
+pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
+    let v = read_json(bytes).map_err(BodyError::Json)?;
+    let (batch, items) = match v {
+        Value::Array(items) => (true, items),
         other => (false, vec![other]),
     };
+    if !items.iter().any(rpc_shaped) {
+        return Err(BodyError::NotJsonRpc("no JSON-RPC message in it".into()));
+    }
     let mut messages = Vec::with_capacity(items.len());
     for item in items {
-        let Value::Object(obj) = &item else {
-            return Err(BodyError::NotJsonRpc(
-                "a message is not a JSON object".into(),
-            ));
-        };
-        if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
-            return Err(BodyError::NotJsonRpc("missing \"jsonrpc\": \"2.0\"".into()));
-        }
-        check_key_case(obj, &["jsonrpc", "id", "method", "params"])?;
-        if let Some(Value::Object(params)) = obj.get("params") {
-            check_key_case(params, &["name", "arguments", "uri"])?;
-        }
-        let method = match obj.get("method") {
-            None => None,
-            Some(Value::String(m)) => Some(m.clone()),
-            Some(_) => return Err(BodyError::NotJsonRpc("\"method\" is not a string".into())),
-        };
-        let id = obj
-            .get("id")
-            .cloned()
-            .filter(|i| !i.is_null() || method.is_none());
-        messages.push(Message {
-            id,
-            method,
-            params: obj.get("params").cloned().unwrap_or(Value::Null),
-            raw: item,
-        });
+        messages.push(message(item).map_err(BodyError::Malformed)?);
     }
     Ok(Body { batch, messages })
 }
 
-/// Refuses keys that differ from a protocol key only in case (`Method`, `NAME`): some servers
-/// (Go's encoding/json) read them case-insensitively, so guard and the server would read
-/// different calls.
-fn check_key_case(obj: &Map<String, Value>, keys: &[&str]) -> Result<(), BodyError> {
-    for k in obj.keys() {
-        let lower = k.to_ascii_lowercase();
-        if keys.contains(&lower.as_str()) && *k != lower {
-            return Err(BodyError::NotJsonRpc(format!(
-                "key `{k}` differs from `{lower}` only in case"
-            )));
-        }
+/// One message of a request body.
+fn message(item: Value) -> Result<Message, String> {
+    let Value::Object(mut obj) = item else {
+        return Err("a message is not a JSON object".into());
+    };
+    check_keys(&obj, ENVELOPE_KEYS)?;
+    if obj.get("jsonrpc").and_then(Value::as_str) != Some("2.0") {
+        return Err("missing \"jsonrpc\": \"2.0\"".into());
     }
-    Ok(())
+    if let Some(Value::Object(params)) = obj.get("params") {
+        check_keys(params, PARAMS_KEYS)?;
+    }
+    let method = match obj.remove("method") {
+        None => None,
+        Some(Value::String(m)) => Some(m),
+        Some(_) => return Err("\"method\" is not a string".into()),
+    };
+    let id = obj
+        .remove("id")
+        .filter(|i| !i.is_null() || method.is_none());
+    Ok(Message {
+        id,
+        method,
+        params: obj.remove("params").unwrap_or(Value::Null),
+    })
 }
 
 pub fn is_mcp_method(method: &str) -> bool {
@@ -238,32 +381,62 @@ mod tests {
         assert!(matches!(parse_body(b"{nope"), Err(BodyError::Json(_))));
         assert!(matches!(parse_body(b"[]"), Err(BodyError::NotJsonRpc(_))));
         assert!(matches!(
-            parse_body(br#"{"id":1,"method":"x"}"#),
+            parse_body(br#"{"hello":1}"#),
             Err(BodyError::NotJsonRpc(_))
         ));
         assert!(matches!(
+            parse_body(br#"{"id":1,"method":"x"}"#),
+            Err(BodyError::Malformed(_))
+        ));
+        assert!(matches!(
             parse_body(br#"{"jsonrpc":"2.0","method":5}"#),
-            Err(BodyError::NotJsonRpc(_))
+            Err(BodyError::Malformed(_))
         ));
         let b = parse_body(br#"{"jsonrpc":"2.0","id":1,"method":"eth_call"}"#).unwrap();
         assert!(!looks_like_mcp(&b));
     }
 
     #[test]
-    fn case_variant_keys_are_refused() {
-        let smuggled = br#"{"jsonrpc":"2.0","id":1,"method":"ping","Method":"tools/call"}"#;
-        assert!(matches!(
-            parse_body(smuggled),
-            Err(BodyError::NotJsonRpc(_))
-        ));
-        let smuggled =
-            br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","Name":"b"}}"#;
-        assert!(matches!(
-            parse_body(smuggled),
-            Err(BodyError::NotJsonRpc(_))
-        ));
-        // Other keys may use any case (arguments are the tool's business).
-        let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"Name":1}}}"#;
+    fn keys_fold_as_case_insensitive_decoders_fold_them() {
+        assert_eq!(fold_key("method"), "method");
+        assert_eq!(fold_key("METHOD"), "method");
+        assert_eq!(fold_key("para\u{17F}"), "paras");
+        assert_eq!(fold_key("\u{212A}ey"), "key");
+        // Other non-ASCII letters never reach ASCII ones.
+        assert_eq!(fold_key("n\u{0430}me"), "n\u{0430}me");
+        assert_eq!(fold_key("\u{130}d"), "\u{130}d");
+    }
+
+    #[test]
+    fn a_key_any_parser_reads_otherwise_is_refused() {
+        let call = |extra: &str| {
+            format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"echo","arguments":{{}}}}{extra}}}"#
+            )
+        };
+        for (label, body) in [
+            // Go reads the last key that matches case-insensitively.
+            ("case", call(r#","Method":"ping""#)),
+            ("long s", call(r#","param\u017f":{"name":"delete_file"}"#)),
+            ("long s, raw", call(",\"param\u{17F}\":{\"name\":\"delete_file\"}")),
+            ("alone", r#"{"jsonrpc":"2.0","id":1,"METHOD":"tools/call"}"#.to_string()),
+            ("duplicate", call(r#","method":"ping""#)),
+            ("duplicate param", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","name":"delete_file"}}"#.to_string()),
+            ("kelvin in arguments", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"k":1,"\u212a":2}}}"#.to_string()),
+            ("nested duplicate", r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"p":{"x":1,"x":2}}}}"#.to_string()),
+            // What Python and JS accept and serde does not.
+            ("NaN", call(r#","x":NaN"#)),
+            ("Infinity", call(r#","x":-Infinity"#)),
+            ("huge", call(r#","x":1e400"#)),
+            ("trailing data", format!("{} {{}}", call(""))),
+            ("BOM", format!("\u{feff}{}", call(""))),
+            ("deep", format!("{}{}{}", "[".repeat(200), call(""), "]".repeat(200))),
+            ("lone surrogate", call(r#","x":"\ud800""#)),
+        ] {
+            assert!(parse_body(body.as_bytes()).is_err(), "{label}: {body}");
+        }
+        // Keys that fold to nothing guard reads, once each, are the tool's business.
+        let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"Name":1,"PATH":"/x"}}}"#;
         assert!(parse_body(ok).is_ok());
     }
 

@@ -29,7 +29,9 @@ impl Kind {
     }
 }
 
-/// The longest request line guard waits for before deciding a stream is not HTTP.
+/// How many bytes of a request line guard waits for. A stream still undecided when they are all
+/// there is HTTP-shaped (empty lines, a method token, a target): it is served as HTTP, whose
+/// parser refuses what it cannot read, and never passed through unread because it is long.
 const MAX_REQUEST_LINE: usize = 8192;
 
 fn is_tchar(c: u8) -> bool {
@@ -39,8 +41,8 @@ fn is_tchar(c: u8) -> bool {
 /// Classifies `b`; `None` while `b` could still become something recognisable.
 ///
 /// HTTP is recognised by the request-line grammar (`token SP target SP HTTP/1.x`), for every
-/// method and after the empty lines servers are told to skip (RFC 9112 §2.2), so no request
-/// line a server would accept is passed through unread.
+/// method of any length and after any number of the empty lines servers are told to skip
+/// (RFC 9112 §2.2), so no request line a server would accept is passed through unread.
 pub fn classify(b: &[u8]) -> Option<Kind> {
     if b.is_empty() {
         return None;
@@ -60,25 +62,11 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     if PREFACE.starts_with(b) {
         return None;
     }
-    // Leading CRLFs.
-    let start = b.iter().position(|c| *c != b'\r' && *c != b'\n');
-    let Some(start) = start else {
-        return (b.len() < 64)
-            .then_some(())
-            .map_or(Some(Kind::Other), |_| None);
-    };
-    if start > 64 {
-        return Some(Kind::Other);
-    }
+    // Leading CRLFs, as many as there are.
+    let start = b.iter().position(|c| *c != b'\r' && *c != b'\n')?;
     let line = &b[start..];
     // method
-    let m = line
-        .iter()
-        .position(|c| !is_tchar(*c))
-        .unwrap_or(line.len());
-    if m == line.len() {
-        return if m < 32 { None } else { Some(Kind::Other) };
-    }
+    let m = line.iter().position(|c| !is_tchar(*c))?;
     if m == 0 || line[m] != b' ' {
         return Some(Kind::Other);
     }
@@ -86,14 +74,7 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     let rest = &line[m + 1..];
     let t = rest
         .iter()
-        .position(|c| *c == b' ' || *c == b'\r' || *c == b'\n' || *c < 0x21 || *c == 0x7f);
-    let Some(t) = t else {
-        return if b.len() < MAX_REQUEST_LINE {
-            None
-        } else {
-            Some(Kind::Other)
-        };
-    };
+        .position(|c| *c == b' ' || *c == b'\r' || *c == b'\n' || *c < 0x21 || *c == 0x7f)?;
     if t == 0 || rest[t] != b' ' {
         return Some(Kind::Other);
     }
@@ -143,8 +124,9 @@ pub async fn peek(client: &TcpStream, idle: Duration) -> io::Result<Kind> {
     let parse = |b: &[u8]| Ok::<_, std::convert::Infallible>(classify(b));
     match peek_until(client, MAX_REQUEST_LINE + 128, deadline, parse).await {
         Ok(k) => Ok(k),
-        // More bytes than any request line, and still undecided: not HTTP.
-        Err(PeekError::Full) => Ok(Kind::Other),
+        // Still undecided after a whole request line's worth: HTTP-shaped, and served as HTTP
+        // (hyper refuses a line it cannot read), never passed through unread.
+        Err(PeekError::Full) => Ok(Kind::Http),
         Err(PeekError::Closed) => Err(io::Error::new(
             io::ErrorKind::UnexpectedEof,
             "client closed",
@@ -177,9 +159,20 @@ mod tests {
         assert_eq!(classify(b"PO"), None);
         assert_eq!(
             classify(&[b'A'; 40]),
-            Some(Kind::Other),
-            "no method is that long"
+            None,
+            "a method of any length may still be followed by a target"
         );
+        assert_eq!(
+            classify(b"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA /mcp HTTP/1.1\r\n"),
+            Some(Kind::Http)
+        );
+        assert_eq!(
+            classify(&[b"\r\n".repeat(100).as_slice(), b"POST /mcp HTTP/1.1\r\n"].concat()),
+            Some(Kind::Http),
+            "any number of empty lines"
+        );
+        let long = [b"POST /".as_slice(), &[b'a'; 20_000]].concat();
+        assert_eq!(classify(&long), None, "a long target is still HTTP-shaped");
         assert_eq!(classify(b"GETX"), None, "could still be a method token");
         assert_eq!(classify(b"GETX / HTTP/1.1\r\n"), Some(Kind::Http));
         assert_eq!(classify(b"PROPFIND /x HTTP/1.1\r\n"), Some(Kind::Http));
@@ -188,6 +181,11 @@ mod tests {
             Some(Kind::Http)
         );
         assert_eq!(classify(b"\r\n"), None);
+        assert_eq!(
+            classify(b"SET k v\r\n"),
+            Some(Kind::Other),
+            "a Redis inline command"
+        );
         assert_eq!(classify(b"POST /mcp HTTP/1."), Some(Kind::Http));
         assert_eq!(classify(b"POST /mcp HT"), None);
         assert_eq!(classify(b"POST /mcp XYZ"), Some(Kind::Other));

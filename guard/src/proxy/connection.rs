@@ -138,6 +138,18 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         let dst = conn.original_dst;
         let mut rec = ConnectionRecord::new(self, &conn, started);
+        let Some(_slot) = self.per_agent.acquire(&conn.identity) else {
+            self.stats.over_agent_limit.fetch_add(1, Ordering::Relaxed);
+            rec.deny(
+                "proxy.max_connections_per_agent",
+                format!(
+                    "agent {} already holds {} connections (proxy.max_connections_per_agent)",
+                    conn.identity.agent_key(),
+                    self.per_agent.limit()
+                ),
+            );
+            return rec.refuse(client);
+        };
         let (kind, upstream) = match self.first_bytes(&client, dst, &mut rec).await {
             Ok(k) => k,
             // The upstream connect failed: reset, as a refusal.
@@ -205,8 +217,15 @@ impl Proxy {
         let Some(upstream) = self.upstream_or_connect(None, dst, rec).await else {
             return Err(Ended::Failed);
         };
+        // A policy-named server is spoken to over HTTP or TLS, where the client speaks first:
+        // its first bytes are due within the header timeout, not a silence allowance.
+        let silence = if self.named.get(dst).is_some() {
+            self.settings.header_timeout
+        } else {
+            CLIENT_SILENCE
+        };
         let k = tokio::select! {
-            k = classify::peek(client, CLIENT_SILENCE) => match k {
+            k = classify::peek(client, silence) => match k {
                 Ok(k) => k,
                 Err(_) => {
                     // Closed (or silent) before sending anything classifiable: nothing is

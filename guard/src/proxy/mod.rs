@@ -5,6 +5,7 @@
 
 pub mod classify;
 mod connection;
+mod fairness;
 pub mod http;
 pub mod identify;
 pub mod named;
@@ -13,6 +14,7 @@ pub mod tcp;
 pub mod tls;
 mod workers;
 
+pub use fairness::PerAgent;
 pub use workers::Workers;
 
 use std::{
@@ -42,6 +44,8 @@ pub struct Stats {
     pub upstream_failed: AtomicU64,
     pub active: AtomicU64,
     pub over_capacity: AtomicU64,
+    /// Connections refused because their agent held `proxy.max_connections_per_agent`.
+    pub over_agent_limit: AtomicU64,
 }
 
 #[derive(Debug, Serialize, PartialEq, Eq)]
@@ -52,6 +56,7 @@ pub struct StatsSnapshot {
     pub upstream_failed: u64,
     pub active: u64,
     pub over_capacity: u64,
+    pub over_agent_limit: u64,
 }
 
 impl Stats {
@@ -63,6 +68,7 @@ impl Stats {
             upstream_failed: self.upstream_failed.load(Ordering::Relaxed),
             active: self.active.load(Ordering::Relaxed),
             over_capacity: self.over_capacity.load(Ordering::Relaxed),
+            over_agent_limit: self.over_agent_limit.load(Ordering::Relaxed),
         }
     }
 }
@@ -74,7 +80,8 @@ pub struct Settings {
     pub other: OtherTraffic,
     /// `tls.intercept`.
     pub intercept: Intercept,
-    /// `proxy.header_timeout_s`, also the limit for a whole ClientHello.
+    /// `proxy.header_timeout_s`, also the limit for a whole ClientHello and, towards a
+    /// policy-named server, for a new connection's first bytes.
     pub header_timeout: Duration,
 }
 
@@ -88,6 +95,8 @@ pub struct Proxy {
     pub settings: Settings,
     /// One permit per connection being served (`proxy.max_connections`).
     pub capacity: Arc<tokio::sync::Semaphore>,
+    /// Connections each agent holds (`proxy.max_connections_per_agent`).
+    pub per_agent: Arc<PerAgent>,
     pub workers: Arc<Workers>,
 }
 

@@ -95,34 +95,41 @@ pub(super) fn sse_response(messages: &[Value]) -> Response<Body> {
     r
 }
 
-pub(super) fn is_json(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            let v = v
-                .split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase();
-            v == "application/json" || v.ends_with("+json")
-        })
-        .unwrap_or(false)
+/// What an answer's `Content-Type` makes of it, read the way MCP clients read it: the
+/// TypeScript SDK takes any value that contains `application/json` (or `text/event-stream`),
+/// the Python SDK any that starts with it, lower-cased.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum AnswerType {
+    Json,
+    Sse,
+    /// Both: clients disagree on which it is.
+    Ambiguous,
+    /// Neither (or none): no MCP client reads it as an answer.
+    Other,
 }
 
-pub(super) fn content_type_is(headers: &HeaderMap, ct: &str) -> bool {
-    headers
+pub(super) fn answer_type(headers: &HeaderMap) -> AnswerType {
+    let Some(ct) = headers
         .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(|v| {
-            v.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .eq_ignore_ascii_case(ct)
-        })
-        .unwrap_or(false)
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
+    else {
+        return AnswerType::Other;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim();
+    let json = ct.contains("application/json") || essence.ends_with("+json");
+    let sse = ct.contains("text/event-stream");
+    match (json, sse) {
+        (true, true) => AnswerType::Ambiguous,
+        (true, false) => AnswerType::Json,
+        (false, true) => AnswerType::Sse,
+        (false, false) => AnswerType::Other,
+    }
+}
+
+/// Whether a response says it has no body (`Content-Length: 0`, or an ended stream).
+pub(super) fn is_empty_body(resp: &Response<Body>) -> bool {
+    use hyper::body::Body as _;
+    resp.body().is_end_stream() || resp.body().size_hint().exact() == Some(0)
 }
 
 pub(super) fn header_str<'a>(h: &'a HeaderMap, name: &str) -> Option<&'a str> {

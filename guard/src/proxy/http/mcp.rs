@@ -15,14 +15,15 @@ use tokio::sync::mpsc;
 
 use super::{
     body::{
-        boxed, chain, content_type_is, full, header_str, is_json, json_response, query_session,
-        read_up_to, sse_response, text_response, Body, BoxError, Read,
+        answer_type, boxed, chain, full, header_str, is_empty_body, json_response, query_session,
+        read_up_to, sse_response, text_response, AnswerType, Body, BoxError, Read,
     },
     Ctx,
 };
 use crate::{
     audit::Event,
-    mcp::{sse::SseParser, wire, Filtered, Headers, Outcome, Target, Transport},
+    config::UnknownServers,
+    mcp::{sse::SseParser, wire, wire::BodyError, Filtered, Headers, Outcome, Target, Transport},
 };
 
 /// Largest SSE event held while incomplete, and largest JSON response inspected.
@@ -47,7 +48,7 @@ impl Ctx {
     ) -> Response<Body> {
         let caller = &self.conn.identity;
         let (parts, body) = req.into_parts();
-        let bytes = match self.read_body(&target, body).await {
+        let bytes = match self.read_body(&target, &parts.headers, body).await {
             Ok(b) => b,
             Err(Unread::Stream(prefix, rest)) => {
                 // A large upload that is not JSON, to no named server: not MCP, streamed on.
@@ -63,7 +64,16 @@ impl Ctx {
                 let answer = self.engine().refuse_malformed(caller, &target, &e);
                 return json_response(StatusCode::BAD_REQUEST, &answer);
             }
-            // JSON that is not MCP, to a server no policy names: not ours to judge.
+            // Unreadable to guard, yet some server could read JSON-RPC in it: under
+            // unknown_servers = "deny" it is not forwarded unread.
+            (None, Err(e)) if self.refuses_unread(&e, &parts.headers, &bytes) => {
+                let answer = self
+                    .engine()
+                    .refuse_unreadable(caller, &target, &e.to_string());
+                return json_response(StatusCode::BAD_REQUEST, &answer);
+            }
+            // JSON that is not MCP (or not JSON at all), to a server no policy names: not ours
+            // to judge.
             _ => return self.forward(Request::from_parts(parts, full(bytes))).await,
         };
         if self.legacy_stream(&target).is_some() {
@@ -107,23 +117,27 @@ impl Ctx {
             .iter()
             .any(|m| m.method.as_deref() == Some("tools/list"));
         match target.server.clone() {
-            Some(name) if lists => self.inspect_response(resp, name, &mut target).await,
+            Some(name) if lists => {
+                let ids = body.messages.iter().filter_map(|m| m.id.clone()).collect();
+                self.inspect_response(resp, name, &mut target, ids).await
+            }
             _ => resp,
         }
     }
 
     /// Reads a request body up to `proxy.max_body`. Longer: streamed on unread when it cannot be
     /// MCP (not JSON, to no named server), else refused with 413 (audited).
-    async fn read_body(&self, target: &Target, body: Incoming) -> Result<Bytes, Unread> {
+    async fn read_body(
+        &self,
+        target: &Target,
+        headers: &HeaderMap,
+        body: Incoming,
+    ) -> Result<Bytes, Unread> {
         let max = self.http.settings.max_body;
         match read_up_to(boxed(body), max).await {
             Read::Whole(b) => Ok(b),
             Read::Over { prefix, rest } => {
-                let looks_json = prefix
-                    .iter()
-                    .find(|b| !b.is_ascii_whitespace())
-                    .is_some_and(|b| *b == b'{' || *b == b'[');
-                if target.server.is_none() && !looks_json {
+                if target.server.is_none() && !could_carry_json(headers, &prefix) {
                     return Err(Unread::Stream(prefix, rest));
                 }
                 let reason = format!("request body over proxy.max_body ({max} bytes)");
@@ -144,6 +158,20 @@ impl Ctx {
                 StatusCode::BAD_REQUEST,
                 format!("guard: reading the request body: {e}\n"),
             ))),
+        }
+    }
+
+    /// Whether a body to a server no policy names, which guard could not read as JSON-RPC, is
+    /// refused: under `unknown_servers = "deny"`, when it is a JSON-RPC message guard cannot
+    /// read alike, or not JSON to guard but possibly JSON to a more lenient server.
+    fn refuses_unread(&self, e: &BodyError, headers: &HeaderMap, bytes: &[u8]) -> bool {
+        if self.engine().settings.unknown_servers != UnknownServers::Deny {
+            return false;
+        }
+        match e {
+            BodyError::Malformed(_) => true,
+            BodyError::Json(_) => could_carry_json(headers, bytes),
+            BodyError::NotJsonRpc(_) => false,
         }
     }
 
@@ -177,48 +205,61 @@ impl Ctx {
 
     /// Filters `tools/list` results in a response from a policy-named server, JSON or SSE, and
     /// records tool definitions for pinning. Legacy SSE endpoints are registered so guard can
-    /// answer on that session's stream.
+    /// answer on that session's stream. `ids`: the requests the response answers (none for a
+    /// GET stream). An answer guard cannot read as every client would is refused: 502, with a
+    /// JSON-RPC error for each request.
     pub(super) async fn inspect_response(
         self: &Arc<Self>,
         resp: Response<Body>,
         server: String,
         t: &mut Target,
+        ids: Vec<Value>,
     ) -> Response<Body> {
         let encoded = resp
             .headers()
             .get(header::CONTENT_ENCODING)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| !v.trim().eq_ignore_ascii_case("identity"));
-        if encoded
-            && (is_json(resp.headers()) || content_type_is(resp.headers(), "text/event-stream"))
-        {
-            // Compressed despite the request: guard cannot filter it, so it is not passed on.
-            return text_response(
-                StatusCode::BAD_GATEWAY,
-                "guard: the MCP server answered with a Content-Encoding guard cannot inspect\n"
-                    .into(),
-            );
+        let kind = answer_type(resp.headers());
+        // 202 and 204 carry no answer (clients read none from them: legacy HTTP+SSE answers
+        // travel on the stream, notifications get none).
+        let status = resp.status();
+        let answers_requests = !ids.is_empty()
+            && status.is_success()
+            && status != StatusCode::ACCEPTED
+            && status != StatusCode::NO_CONTENT;
+        let refused = match kind {
+            // Compressed despite the request: guard cannot filter it.
+            _ if encoded && kind != AnswerType::Other => {
+                Some("the server answered with a Content-Encoding guard cannot inspect")
+            }
+            AnswerType::Ambiguous => {
+                Some("the answer's Content-Type names both JSON and an event stream")
+            }
+            // A client that takes this for an answer would read it unfiltered.
+            AnswerType::Other if answers_requests && !is_empty_body(&resp) => {
+                Some("the answer to a tools/list has a Content-Type guard does not read")
+            }
+            _ => None,
+        };
+        if let Some(why) = refused {
+            return self.refuse_answer(t, &ids, why);
         }
-        if content_type_is(resp.headers(), "text/event-stream") {
-            return self.clone().filter_stream(resp, server, t.clone());
-        }
-        if !is_json(resp.headers()) {
-            return resp;
+        match kind {
+            AnswerType::Sse => return self.clone().filter_stream(resp, server, t.clone(), ids),
+            AnswerType::Json => {}
+            _ => return resp,
         }
         let (mut parts, body) = resp.into_parts();
         let bytes = match read_up_to(body, MAX_EVENT).await {
             Read::Whole(b) => b,
             Read::Over { .. } => {
-                return text_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("guard: the server's answer is over {MAX_EVENT} bytes\n"),
-                )
+                let why = format!("the server's answer is over {MAX_EVENT} bytes");
+                return self.refuse_answer(t, &ids, &why);
             }
             Read::Failed(e) => {
-                return text_response(
-                    StatusCode::BAD_GATEWAY,
-                    format!("guard: reading the server's answer: {e}\n"),
-                )
+                let why = format!("reading the server's answer: {e}");
+                return self.refuse_answer(t, &ids, &why);
             }
         };
         match self
@@ -230,6 +271,19 @@ impl Ctx {
                 parts.headers.remove(header::CONTENT_LENGTH);
                 Response::from_parts(parts, full(out))
             }
+            Filtered::Refused(why) => self.refuse_answer(t, &ids, &why),
+        }
+    }
+
+    /// 502 in place of an answer guard will not pass on: a JSON-RPC error per request (a text
+    /// when there are none).
+    fn refuse_answer(&self, t: &Target, ids: &[Value], why: &str) -> Response<Body> {
+        tracing::warn!(server = ?t.server, "answer refused: {why}");
+        let answers = self.engine().unreadable_answer(t, ids, why);
+        match answers.len() {
+            0 => text_response(StatusCode::BAD_GATEWAY, format!("guard: {why}\n")),
+            1 => json_response(StatusCode::BAD_GATEWAY, &answers[0]),
+            _ => json_response(StatusCode::BAD_GATEWAY, &Value::Array(answers)),
         }
     }
 
@@ -239,6 +293,7 @@ impl Ctx {
         resp: Response<Body>,
         server: String,
         mut t: Target,
+        ids: Vec<Value>,
     ) -> Response<Body> {
         let (mut parts, mut body) = resp.into_parts();
         parts.headers.remove(header::CONTENT_LENGTH);
@@ -285,22 +340,37 @@ impl Ctx {
                             t.transport = Transport::Sse;
                         }
                     }
-                    let out = match ev.data.as_deref().and_then(|d| {
-                        me.engine()
-                            .filter_event_data(&me.conn.identity, &t, &server, d)
-                    }) {
-                        Some(data) => ev.with_data(&data),
-                        None => ev.raw.clone(),
+                    // Clients read only `message` events (or unnamed ones) as MCP messages.
+                    let message = matches!(ev.event.as_deref(), None | Some("message"));
+                    let filtered = match ev.data.as_deref() {
+                        // No message in it (a priming event): nothing for a client to read.
+                        Some(d) if d.trim().is_empty() => Ok(None),
+                        Some(d) if message => {
+                            me.engine()
+                                .filter_event_data(&me.conn.identity, &t, &server, d)
+                        }
+                        _ => Ok(None),
+                    };
+                    let out = match filtered {
+                        Ok(Some(data)) => ev.with_data(&data),
+                        Ok(None) => ev.raw.clone(),
+                        Err(why) => {
+                            // Not passed on: the requests get an error instead, and the stream
+                            // ends (nothing after it can be trusted to be read alike).
+                            for a in me.engine().unreadable_answer(&t, &ids, &why) {
+                                let ev = format!("event: message\ndata: {a}\n\n");
+                                let _ = tx.send(Ok(Bytes::from(ev))).await;
+                            }
+                            break 'read;
+                        }
                     };
                     if tx.send(Ok(out)).await.is_err() {
                         break 'read;
                     }
                 }
             }
-            let rest = parser.rest();
-            if !rest.is_empty() {
-                let _ = tx.send(Ok(rest)).await;
-            }
+            // An incomplete event at the end is not passed on: guard could not read it.
+            drop(parser);
             if let Some(session) = registered {
                 me.http.legacy.unregister(&server, &session);
             }
@@ -310,6 +380,31 @@ impl Ctx {
         });
         Response::from_parts(parts, StreamBody::new(stream).boxed())
     }
+}
+
+/// Whether a request body guard cannot read as JSON could still be JSON to some server: it says
+/// it is JSON, or it is encoded (`Content-Encoding`: some servers decode it), or it starts like
+/// JSON after a byte-order mark and whitespace (servers that ignore what follows the first
+/// value, or accept NaN, comments, trailing commas), or it is UTF-16/32 (Python's `json`
+/// detects and decodes those).
+fn could_carry_json(headers: &HeaderMap, bytes: &[u8]) -> bool {
+    let says_json = headers.get(header::CONTENT_TYPE).is_some_and(|v| {
+        String::from_utf8_lossy(v.as_bytes())
+            .to_ascii_lowercase()
+            .contains("json")
+    });
+    let encoded = headers
+        .get(header::CONTENT_ENCODING)
+        .is_some_and(|v| !v.as_bytes().trim_ascii().eq_ignore_ascii_case(b"identity"));
+    let head = &bytes[..bytes.len().min(4)];
+    let wide =
+        head.contains(&0) || head.starts_with(&[0xff, 0xfe]) || head.starts_with(&[0xfe, 0xff]);
+    let text = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    let starts_json = text
+        .iter()
+        .find(|b| !b.is_ascii_whitespace())
+        .is_some_and(|b| *b == b'{' || *b == b'[');
+    says_json || encoded || wide || starts_json
 }
 
 /// guard's answers as JSON, or as one SSE stream when the client accepts only that.

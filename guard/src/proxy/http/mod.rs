@@ -251,7 +251,10 @@ impl Ctx {
         }
         let resp = self.forward(req.map(boxed)).await;
         match target.server.clone() {
-            Some(name) => self.inspect_response(resp, name, &mut target).await,
+            Some(name) => {
+                self.inspect_response(resp, name, &mut target, Vec::new())
+                    .await
+            }
             None => resp,
         }
     }

@@ -1,0 +1,89 @@
+//! Fairness between agents: each agent (its name, else its uid) holds at most
+//! `proxy.max_connections_per_agent` connections at once, so that one agent's connections,
+//! busy or silent, never take the slots of another.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use crate::identity::Identity;
+
+/// Connections held, by agent.
+pub struct PerAgent {
+    limit: usize,
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// One connection's slot; given back when dropped.
+pub struct Slot {
+    of: Arc<PerAgent>,
+    key: String,
+}
+
+impl PerAgent {
+    pub fn new(limit: usize) -> PerAgent {
+        PerAgent {
+            limit: limit.max(1),
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A slot for a connection of `who`, or None when that agent holds its limit.
+    pub fn acquire(self: &Arc<Self>, who: &Identity) -> Option<Slot> {
+        let key = who.agent_key();
+        let mut held = self.held.lock().unwrap();
+        let n = held.entry(key.clone()).or_insert(0);
+        if *n >= self.limit {
+            return None;
+        }
+        *n += 1;
+        Some(Slot {
+            of: self.clone(),
+            key,
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        let mut held = self.of.held.lock().unwrap();
+        if let Some(n) = held.get_mut(&self.key) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_agent_has_its_own_slots() {
+        let p = Arc::new(PerAgent::new(2));
+        let bot = Identity {
+            agent: Some("bot".into()),
+            ..Default::default()
+        };
+        let other = Identity {
+            agent: Some("other".into()),
+            ..Default::default()
+        };
+        let a = p.acquire(&bot).unwrap();
+        let _b = p.acquire(&bot).unwrap();
+        assert!(p.acquire(&bot).is_none(), "bot holds its limit");
+        assert!(p.acquire(&other).is_some(), "another agent is not affected");
+        drop(a);
+        assert!(
+            p.acquire(&bot).is_some(),
+            "a slot comes back when a connection ends"
+        );
+    }
+}
