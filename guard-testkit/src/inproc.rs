@@ -117,6 +117,7 @@ impl Identify for Routes {
 pub struct Guard {
     pub dir: PathBuf,
     pub audit_log: PathBuf,
+    pub connections_log: PathBuf,
     /// System roots plus guard's CA, as `guard exec` gives agents.
     pub ca_bundle: PathBuf,
     config_text: String,
@@ -129,6 +130,12 @@ impl Guard {
     /// Starts guard with the policies in `dir/policies`, `proxy` lines in its `[proxy]` table
     /// (`max_body = "2KiB"`) and `other` whole tables (`[tls]\nextra_roots = [...]`).
     pub fn start(dir: &TestDir, proxy: &str, other: &str) -> Guard {
+        Guard::start_logging_to(dir, &dir.join("audit.jsonl"), proxy, other)
+    }
+
+    /// [`Guard::start`], with the audit log at `audit_log` (`/dev/full`: a log that cannot be
+    /// written).
+    pub fn start_logging_to(dir: &TestDir, audit_log: &Path, proxy: &str, other: &str) -> Guard {
         let d = dir.path();
         let config_text = format!(
             r#"[paths]
@@ -145,7 +152,7 @@ threads = 1
 {other}
 "#,
             state = d.join("state").display(),
-            audit = d.join("audit.jsonl").display(),
+            audit = audit_log.display(),
             policies = d.join("policies").display(),
             d = d.display(),
         );
@@ -158,7 +165,7 @@ threads = 1
         let config = Config::parse(&path.display().to_string(), &config_text)
             .unwrap_or_else(|e| panic!("the test's configuration is invalid: {e}\n{config_text}"));
         let policies = load_policies(&config.paths.policies).unwrap();
-        let audit = Arc::new(Audit::open(&config.paths.audit_log).unwrap());
+        let audit = Arc::new(Audit::open_with(&config.audit_settings()).unwrap());
         let routes = Arc::new(Routes::default());
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -171,6 +178,7 @@ threads = 1
         Guard {
             dir: dir.to_path_buf(),
             audit_log: config.paths.audit_log.clone(),
+            connections_log: config.audit_settings().connections,
             ca_bundle: config.paths.state_dir.join("ca-bundle.pem"),
             config_text,
             enforcement: Some(enforcement),
@@ -196,6 +204,11 @@ threads = 1
 
     fn enforcement(&self) -> &Enforcement {
         self.enforcement.as_ref().expect("guard is running")
+    }
+
+    /// Writes the pending `connection_summary` records now (the daemon does every second).
+    pub fn flush_audit(&self) {
+        self.engine().audit_log().flush_summaries();
     }
 
     pub fn engine(&self) -> &Engine {
@@ -282,6 +295,10 @@ threads = 1
 impl crate::AuditLog for Guard {
     fn audit_log(&self) -> &Path {
         &self.audit_log
+    }
+
+    fn connections_log(&self) -> PathBuf {
+        self.connections_log.clone()
     }
 }
 

@@ -10,22 +10,35 @@ pub mod process;
 pub mod root;
 pub mod servers;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-/// What a guard under test has written to its audit log.
+/// What a guard under test has written to its audit trail: decisions in the audit log,
+/// connection records in the connection log beside it.
 pub trait AuditLog {
     fn audit_log(&self) -> &Path;
 
-    /// Every record, in order.
+    fn connections_log(&self) -> PathBuf {
+        guard::audit::connections_beside(self.audit_log())
+    }
+
+    /// Every record of both logs, in time order.
     fn audit(&self) -> Vec<Value> {
+        let mut all = read_audit(self.audit_log());
+        all.extend(read_audit(&self.connections_log()));
+        all.sort_by(|a, b| a["ts"].as_str().cmp(&b["ts"].as_str()));
+        all
+    }
+
+    /// The decision records alone (the audit log).
+    fn audit_decisions(&self) -> Vec<Value> {
         read_audit(self.audit_log())
     }
 
     /// The `connection` records.
     fn audit_connections(&self) -> Vec<Value> {
-        self.audit()
+        read_audit(&self.connections_log())
             .into_iter()
             .filter(|r| r["event"] == "connection")
             .collect()

@@ -119,6 +119,42 @@ pub fn python_server(log: &Path, args: &[&str]) -> Server {
     start(cmd, log)
 }
 
+/// Starts `tests/peers/mcp_server.mjs` (the TypeScript SDK's McpServer, Streamable HTTP) with
+/// `args` and waits for its `READY <url>` line. It logs the calls it runs like the Python one.
+pub fn ts_server(log: &Path, args: &[&str]) -> Server {
+    let node_modules = peers_dir().join("node/node_modules");
+    let mut cmd = Command::new("node");
+    cmd.arg(script("mcp_server.mjs"))
+        .arg("--log")
+        .arg(log)
+        .args(args)
+        .arg("--node-modules")
+        .arg(&node_modules)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr_file(log));
+    start(cmd, log)
+}
+
+/// Starts the Go test server (tests/peers/mcp_server.go, built by `cargo xtask setup`; decodes
+/// with encoding/json) with `args` and waits for its `READY <url>` line.
+pub fn go_server(log: &Path, args: &[&str]) -> Server {
+    let bin = peers_dir().join("go/mcp_server_go");
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.arg("--log")
+        .arg(log)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr_file(log));
+    start(cmd, log)
+}
+
 /// Starts `@modelcontextprotocol/server-everything` (Streamable HTTP) on 127.0.0.1:`port`.
 pub fn everything_server(port: u16, log: &Path) -> Server {
     let node_modules = peers_dir().join("node/node_modules");

@@ -187,6 +187,12 @@ listen = "127.0.0.1:{metrics}"
         fs::set_permissions(&self.config_path, fs::Permissions::from_mode(0o644)).unwrap();
     }
 
+    /// Moves the audit log (before the daemon starts); the connection log goes beside it.
+    pub fn set_audit_log(&mut self, path: &Path) {
+        self.audit_log = path.to_path_buf();
+        self.write_config();
+    }
+
     /// Appends whole tables to the configuration (before the daemon starts).
     pub fn append_config(&mut self, tables: &str) {
         self.other_config.push('\n');

@@ -234,3 +234,108 @@ impl Drop for UdpCounter {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+/// A scripted MCP server for answers no real server gives: it answers `initialize` and
+/// notifications like a stateless Streamable HTTP server, and every `tools/list` with
+/// `content_type` and `tools_list(id)` as the body, byte for byte. (A misbehaving or malicious
+/// server: its answers are what guard must not pass on unfiltered.)
+pub struct ScriptedMcp {
+    pub addr: SocketAddr,
+    stop: Arc<AtomicBool>,
+}
+
+impl ScriptedMcp {
+    pub fn start(
+        bind: &str,
+        content_type: &'static str,
+        tools_list: impl Fn(&str) -> String + Send + Sync + 'static,
+    ) -> ScriptedMcp {
+        let listener = TcpListener::bind(bind).unwrap_or_else(|e| panic!("binding {bind}: {e}"));
+        let addr = listener.local_addr().unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let s = stop.clone();
+        let tools_list = Arc::new(tools_list);
+        thread::spawn(move || {
+            for conn in listener.incoming() {
+                if s.load(Ordering::SeqCst) {
+                    break;
+                }
+                let Ok(conn) = conn else { continue };
+                let tools_list = tools_list.clone();
+                thread::spawn(move || serve_scripted(conn, content_type, &*tools_list));
+            }
+        });
+        ScriptedMcp { addr, stop }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}/mcp", self.addr)
+    }
+}
+
+impl Drop for ScriptedMcp {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        let _ = TcpStream::connect_timeout(&self.addr, Duration::from_secs(1));
+    }
+}
+
+/// One keep-alive connection of a [`ScriptedMcp`].
+fn serve_scripted(mut conn: TcpStream, content_type: &str, tools_list: &dyn Fn(&str) -> String) {
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(20)));
+    let mut buf: Vec<u8> = Vec::new();
+    loop {
+        let Some(head_end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            let mut chunk = [0u8; 8192];
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..head_end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        let start = head_end + 4;
+        while buf.len() < start + len {
+            let mut chunk = [0u8; 8192];
+            match conn.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
+        }
+        let body: serde_json::Value =
+            serde_json::from_slice(&buf[start..start + len]).unwrap_or_default();
+        buf.drain(..start + len);
+        let id = body["id"].to_string();
+        let (status, ct, text) = match body["method"].as_str().unwrap_or("") {
+            "initialize" => (
+                "200 OK",
+                "application/json",
+                format!(
+                    r#"{{"jsonrpc":"2.0","id":{id},"result":{{"protocolVersion":"{}","capabilities":{{"tools":{{}}}},"serverInfo":{{"name":"scripted","version":"1"}}}}}}"#,
+                    body["params"]["protocolVersion"]
+                        .as_str()
+                        .unwrap_or("2025-06-18")
+                ),
+            ),
+            "tools/list" => ("200 OK", content_type, tools_list(&id)),
+            m if m.starts_with("notifications/") => ("202 Accepted", "text/plain", String::new()),
+            _ => (
+                "200 OK",
+                "application/json",
+                format!(r#"{{"jsonrpc":"2.0","id":{id},"result":{{}}}}"#),
+            ),
+        };
+        let resp = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: {ct}\r\nContent-Length: {}\r\n\r\n{text}",
+            text.len()
+        );
+        if conn.write_all(resp.as_bytes()).is_err() {
+            return;
+        }
+    }
+}

@@ -40,6 +40,12 @@ pub struct AuditSection {
     pub max_size: ByteSize,
     /// Rotated files kept (`audit.jsonl.1` is the newest).
     pub keep: u32,
+    /// Connection records go here, rotated on their own (default: `connections.jsonl` beside
+    /// `paths.audit_log`): a flood of connections never rotates decisions away.
+    pub connections_log: Option<PathBuf>,
+    /// Connection records written per agent and second; the rest are counted in
+    /// `connection_summary` records.
+    pub connection_records_per_s: u32,
 }
 
 impl Default for AuditSection {
@@ -48,6 +54,8 @@ impl Default for AuditSection {
             log_arguments: false,
             max_size: ByteSize(100 << 20),
             keep: 5,
+            connections_log: None,
+            connection_records_per_s: 20,
         }
     }
 }
@@ -494,6 +502,24 @@ struct LocatedScope {
 }
 
 impl Config {
+    /// Where and how the audit trail is written.
+    pub fn audit_settings(&self) -> crate::audit::Settings {
+        let decisions = self.paths.audit_log.clone();
+        crate::audit::Settings {
+            connections: self
+                .audit
+                .connections_log
+                .clone()
+                .unwrap_or_else(|| crate::audit::connections_beside(&decisions)),
+            decisions,
+            rotation: crate::audit::Rotation {
+                max_size: self.audit.max_size.0,
+                keep: self.audit.keep,
+            },
+            connection_records_per_s: self.audit.connection_records_per_s,
+        }
+    }
+
     /// Parses `text`; `path` only names the file in errors.
     pub fn parse(path: &str, text: &str) -> Result<Config, ConfigError> {
         let at = |offset: usize, message: String| {

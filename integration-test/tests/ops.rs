@@ -340,3 +340,176 @@ fn rate_limits_survive_a_restart_and_held_calls_are_answered_at_shutdown() {
     assert_eq!(run3.error(0)["code"], -32002);
     assert_eq!(server.tools_called(), vec!["fetch_tasks", "fetch_tasks"]);
 }
+
+/// A small tmpfs for a test's audit log, unmounted (and removed) on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, size: &str) -> SmallFs {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=755"),
+                "guard-test",
+            ])
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{out:?}");
+        SmallFs(at.to_path_buf())
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
+#[test]
+fn an_audit_log_that_cannot_be_written_refuses_calls_and_says_so() {
+    // Guarded by its cgroup, not by `guard exec` (which itself needs the audit log).
+    let mut env = Env::new(r#"guarded_cgroups = ["{root}/guard.slice/static"]"#);
+    let static_cg = env.cgroup("guard.slice/static");
+    guard::kernel::cgroup::create(&static_cg).unwrap();
+    let post = |url: &str, body: &str| {
+        let args = guard_testkit::curl::post_args(&[], &[], body, url);
+        let mut cmd = Command::new(&args[0]);
+        cmd.args(&args[1..]);
+        in_cgroup(&mut cmd, &static_cg);
+        guard_testkit::curl::parse(&run_ok(&mut cmd))
+    };
+    let fs = SmallFs::mount(&env.dir.join("log"), "256k");
+    env.set_audit_log(&fs.0.join("audit.jsonl"));
+    let server = python_server(
+        &env.dir.join("calls.jsonl"),
+        &[
+            "--host",
+            "127.0.0.3",
+            "--port",
+            "0",
+            "--json-response",
+            "--stateless",
+        ],
+    );
+    env.write_policy(
+        "s.json",
+        &json!({"version":"1","server":{"name":"s","match":[format!("127.0.0.3:{}", server.port)]},
+                "default":"deny","tools":{"echo":{}}})
+        .to_string(),
+    );
+    env.start_daemon();
+    let echo = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#;
+    let init = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    assert_eq!(post(&server.url, init).0, 200);
+    assert_eq!(env.status()["audit"]["ok"], true);
+    // The disk fills up: the log's last page first (a write into it would need no new page),
+    // then the rest.
+    let log = fs.0.join("audit.jsonl");
+    let len = std::fs::metadata(&log).unwrap().len() as usize;
+    // A JSON line of exactly the bytes left in the page (a page more when too few are left).
+    let mut pad = 4096 - len % 4096;
+    if pad < 11 {
+        pad += 4096;
+    }
+    let line = format!("{{\"pad\":\"{}\"}}\n", "x".repeat(pad - 11));
+    assert_eq!(line.len(), pad);
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .and_then(|mut f| std::io::Write::write_all(&mut f, line.as_bytes()))
+        .unwrap();
+    let filler = fs.0.join("filler");
+    let _ = Command::new("dd")
+        .args(["if=/dev/zero", "bs=4k"])
+        .arg(format!("of={}", filler.display()))
+        .output();
+    let (code, body) = post(&server.url, echo);
+    assert_eq!(code, 503, "{body}");
+    assert!(server.tools_called().is_empty(), "an unrecorded call ran");
+    let status = env.status();
+    assert_eq!(status["audit"]["ok"], false, "{status:#}");
+    assert!(status["audit"]["write_failures"].as_u64().unwrap() >= 1);
+    assert_eq!(env.metric("guard_audit_ok"), 0);
+    assert!(env.metric("guard_audit_write_failures_total") >= 1);
+    let text = run_ok(env.guard().arg("status"));
+    assert!(text.contains("audit:           FAILING"), "{text}");
+    // Room again: calls are recorded, and so served.
+    std::fs::remove_file(&filler).unwrap();
+    let (code, body) = post(&server.url, echo);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(server.tools_called(), vec!["echo"]);
+    assert_eq!(env.status()["audit"]["ok"], true);
+}
+
+/// The pid-recycling attack on `guard exec`: a process connects to the control socket and
+/// exits; its pid goes to a victim (an unguarded process); then the request is sent on the
+/// dead process's connection. The daemon must not move the victim.
+const RECYCLE: &str = r#"
+import os, socket, sys, time
+path = sys.argv[1]
+a, b = socket.socketpair()
+caller = os.fork()
+if caller == 0:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    socket.send_fds(a, [b"x"], [s.fileno()])
+    os._exit(0)
+_, fds, _, _ = socket.recv_fds(b, 1, 1)
+os.waitpid(caller, 0)
+conn = socket.socket(fileno=fds[0])
+victim = None
+for _ in range(200):
+    with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+        f.write(str(caller - 1))
+    v = os.fork()
+    if v == 0:
+        time.sleep(60)
+        os._exit(0)
+    if v == caller:
+        victim = v
+        break
+    os.kill(v, 9)
+    os.waitpid(v, 0)
+if victim is None:
+    print("no-recycle")
+    sys.exit(0)
+conn.sendall(b'{"v":1,"op":"exec","agent":"hijack"}\n')
+print("answer", conn.recv(4096).decode().strip())
+print("victim", open(f"/proc/{victim}/cgroup").read().strip())
+os.kill(victim, 9)
+os.waitpid(victim, 0)
+"#;
+
+#[test]
+fn a_recycled_pid_never_moves_another_process() {
+    let mut env = Env::new("");
+    env.start_daemon();
+    let out = run_ok(Command::new(PYTHON).args(["-c", RECYCLE]).arg(&env.socket));
+    assert!(
+        !out.contains("no-recycle"),
+        "the pid was not recycled: {out}"
+    );
+    let victim = out
+        .lines()
+        .find_map(|l| l.strip_prefix("victim "))
+        .unwrap_or_else(|| panic!("{out}"));
+    assert!(
+        !victim.contains("agent-hijack"),
+        "the victim was moved: {out}"
+    );
+    let answer = out.lines().find_map(|l| l.strip_prefix("answer ")).unwrap();
+    let v: Value = serde_json::from_str(answer).unwrap();
+    assert_eq!(v["ok"], false, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("gone"), "{v}");
+    assert!(env
+        .attach_path()
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .all(|e| !e.file_name().to_string_lossy().starts_with("agent-hijack")));
+}

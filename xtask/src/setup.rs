@@ -243,7 +243,40 @@ fn test_peers() -> Result<()> {
         peers_finish(&modules, &hash)?;
     }
     peers_link(&dir.join("node"), &modules)?;
-    Ok(())
+    go_peer(&src, &dir, RECIPE)
+}
+
+/// The Go test server (tests/peers/mcp_server.go, standard library only), built with Debian's
+/// Go (installed when missing) into `go-<hash>/mcp_server_go`, pointed at by the link `go`.
+fn go_peer(src: &Path, dir: &Path, recipe: &str) -> Result<()> {
+    let code = fs::read(src.join("mcp_server.go")).context("reading tests/peers/mcp_server.go")?;
+    let hash = peers_hash(&[recipe.as_bytes(), b"go", &code]);
+    let out = dir.join(format!("go-{}", &hash[..12]));
+    if !peers_installed(&out, &hash) {
+        if which("go").is_none() {
+            install_packages(&["golang-go"])?;
+        }
+        eprintln!("xtask: building the Go test server into {}", out.display());
+        remove_dir_if_exists(&out)?;
+        let build = out.join("src");
+        fs::create_dir_all(&build)?;
+        fs::write(build.join("mcp_server.go"), &code)?;
+        fs::write(build.join("go.mod"), "module guardtestpeers\n\ngo 1.19\n")?;
+        status(
+            Command::new("go")
+                .current_dir(&build)
+                .args(["build", "-o"])
+                .arg(out.join("mcp_server_go"))
+                .arg(".")
+                // No network: the server needs only the standard library.
+                .env("GOFLAGS", "-mod=mod")
+                .env("GOPROXY", "off")
+                .env("CGO_ENABLED", "0"),
+        )?;
+        remove_dir_if_exists(&build)?;
+        peers_finish(&out, &hash)?;
+    }
+    peers_link(&dir.join("go"), &out)
 }
 
 /// Where the test peers live: `$GUARD_TEST_PEERS`, else /opt/guard-test-peers (root, or anyone who

@@ -19,18 +19,34 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
+mod flood;
+
+use self::flood::Flood;
+
 /// What [`Audit::observe`] calls with every record written.
 type Observer = Box<dyn Fn(&Record) + Send + Sync>;
 
+/// The audit trail: decision records (everything but `connection`) in the audit log, and
+/// connection records in a log of their own, each with its own rotation. A flood of cheap
+/// connections then rotates only connection records: it can never push decisions out.
 pub struct Audit {
-    path: PathBuf,
-    file: Mutex<Open>,
+    decisions: Sink,
+    connections: Sink,
     seq: AtomicU64,
     /// This process's id, part of every record id (read once: it is a syscall).
     pid: u32,
-    rotation: Rotation,
+    /// Connection records per agent and second (the rest counted in summaries).
+    flood: Mutex<Flood>,
+    health: Health,
     /// Called with every record written (the daemon's metrics count them there).
     observer: Option<Observer>,
+}
+
+/// One append-only JSONL file, rotated by size.
+struct Sink {
+    path: PathBuf,
+    file: Mutex<Open>,
+    rotation: Rotation,
 }
 
 struct Open {
@@ -54,7 +70,56 @@ impl Default for Rotation {
     }
 }
 
+/// Where the two logs are and how they are kept.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub decisions: PathBuf,
+    pub connections: PathBuf,
+    pub rotation: Rotation,
+    /// Connection records written per agent and second; beyond it they are counted, and a
+    /// `connection_summary` record says how many were left out.
+    pub connection_records_per_s: u32,
+}
+
+impl Settings {
+    /// `decisions`, with the connection log beside it and the defaults.
+    pub fn beside(decisions: &Path) -> Settings {
+        Settings {
+            decisions: decisions.to_path_buf(),
+            connections: connections_beside(decisions),
+            rotation: Rotation::default(),
+            connection_records_per_s: 20,
+        }
+    }
+}
+
+/// The connection log's default path: `connections.jsonl` beside the audit log.
+pub fn connections_beside(decisions: &Path) -> PathBuf {
+    decisions.with_file_name("connections.jsonl")
+}
+
+/// Whether records can be written, for `guard status` and the metrics.
+#[derive(Default)]
+struct Health {
+    failures: AtomicU64,
+    last_error: Mutex<Option<String>>,
+}
+
+/// [`Audit::health`]: is the trail being written?
+#[derive(Debug, Clone, serde::Serialize, PartialEq)]
+pub struct HealthReport {
+    /// false after a failed write, true again after the next one that succeeds.
+    pub ok: bool,
+    pub write_failures: u64,
+    pub last_error: Option<String>,
+    /// Connection records left out by the per-agent limit (counted in summaries).
+    pub connection_records_dropped: u64,
+}
+
 fn open_log(path: &Path) -> Result<Open> {
+    if let Some(dir) = path.parent() {
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
     let file = OpenOptions::new()
         .create(true)
         .append(true)
@@ -65,30 +130,13 @@ fn open_log(path: &Path) -> Result<Open> {
     Ok(Open { file, size })
 }
 
-impl Audit {
-    /// Opens (creating, mode 0640) the append-only log at `path`, rotated by size.
-    pub fn open(path: &Path) -> Result<Audit> {
-        Audit::open_rotating(path, Rotation::default())
-    }
-
-    pub fn open_rotating(path: &Path, rotation: Rotation) -> Result<Audit> {
-        if let Some(dir) = path.parent() {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        Ok(Audit {
+impl Sink {
+    fn open(path: &Path, rotation: Rotation) -> Result<Sink> {
+        Ok(Sink {
             path: path.to_path_buf(),
             file: Mutex::new(open_log(path)?),
-            seq: AtomicU64::new(0),
-            pid: std::process::id(),
             rotation,
-            observer: None,
         })
-    }
-
-    /// Calls `f` with every record once it is written.
-    pub fn observe(mut self, f: impl Fn(&Record) + Send + Sync + 'static) -> Audit {
-        self.observer = Some(Box::new(f));
-        self
     }
 
     /// `audit.jsonl` -> `.1` -> `.2` ... (the oldest beyond `keep` is removed), then a new file.
@@ -107,8 +155,65 @@ impl Audit {
         Ok(())
     }
 
+    /// Appends one line; returns once the kernel has it (one `write`).
+    fn append(&self, line: &[u8]) -> Result<()> {
+        let mut open = self.file.lock().unwrap();
+        if open.size > 0 && open.size + line.len() as u64 > self.rotation.max_size {
+            if let Err(e) = self.rotate(&mut open) {
+                tracing::error!("rotating the audit log {}: {e:#}", self.path.display());
+            }
+        }
+        open.file
+            .write_all(line)
+            .with_context(|| format!("writing the audit log {}", self.path.display()))?;
+        open.size += line.len() as u64;
+        Ok(())
+    }
+}
+
+impl Audit {
+    /// Opens (creating, mode 0640) the audit log at `path`, with the connection log beside it
+    /// and the default rotation.
+    pub fn open(path: &Path) -> Result<Audit> {
+        Audit::open_with(&Settings::beside(path))
+    }
+
+    pub fn open_with(s: &Settings) -> Result<Audit> {
+        Ok(Audit {
+            decisions: Sink::open(&s.decisions, s.rotation)?,
+            connections: Sink::open(&s.connections, s.rotation)?,
+            seq: AtomicU64::new(0),
+            pid: std::process::id(),
+            flood: Mutex::new(Flood::new(s.connection_records_per_s)),
+            health: Health::default(),
+            observer: None,
+        })
+    }
+
+    /// Calls `f` with every record once it is written.
+    pub fn observe(mut self, f: impl Fn(&Record) + Send + Sync + 'static) -> Audit {
+        self.observer = Some(Box::new(f));
+        self
+    }
+
+    /// The audit log (decisions).
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.decisions.path
+    }
+
+    /// The connection log.
+    pub fn connections_path(&self) -> &Path {
+        &self.connections.path
+    }
+
+    pub fn health(&self) -> HealthReport {
+        let last_error = self.health.last_error.lock().unwrap().clone();
+        HealthReport {
+            ok: last_error.is_none(),
+            write_failures: self.health.failures.load(Ordering::Relaxed),
+            last_error,
+            connection_records_dropped: self.flood.lock().unwrap().dropped_total(),
+        }
     }
 
     /// A new record with its time and a unique id filled in.
@@ -123,26 +228,68 @@ impl Audit {
         r
     }
 
-    /// Appends `record` as one line; returns once the kernel has it (one `write`), so a crash
-    /// after a decision never loses that decision's record.
+    /// Appends `record` as one line to its log; returns once the kernel has it (one `write`),
+    /// so a crash after a decision never loses that decision's record. A connection record
+    /// beyond its agent's share is counted instead (and Ok: the summary accounts for it).
     pub fn write(&self, record: &Record) -> Result<()> {
-        let mut line = serde_json::to_vec(record)?;
-        line.push(b'\n');
-        let mut open = self.file.lock().unwrap();
-        if open.size > 0 && open.size + line.len() as u64 > self.rotation.max_size {
-            if let Err(e) = self.rotate(&mut open) {
-                tracing::error!("rotating the audit log {}: {e:#}", self.path.display());
+        if record.event == Event::Connection {
+            let agent = record.agent.as_ref().map(AgentRef::key).unwrap_or_default();
+            let summary = self.flood.lock().unwrap().admit(&agent, record);
+            match summary {
+                flood::Admit::Write(None) => {}
+                flood::Admit::Write(Some(dropped)) => self.write_summary(&dropped)?,
+                flood::Admit::Drop => return Ok(()),
             }
         }
-        open.file
-            .write_all(&line)
-            .with_context(|| format!("writing the audit log {}", self.path.display()))?;
-        open.size += line.len() as u64;
-        drop(open);
+        self.append(record)
+    }
+
+    fn append(&self, record: &Record) -> Result<()> {
+        let mut line = serde_json::to_vec(record)?;
+        line.push(b'\n');
+        let sink = match record.event {
+            Event::Connection | Event::ConnectionSummary => &self.connections,
+            _ => &self.decisions,
+        };
+        match sink.append(&line) {
+            Ok(()) => {
+                if self.health.last_error.lock().unwrap().take().is_some() {
+                    tracing::info!("the audit log is written again");
+                }
+            }
+            Err(e) => {
+                self.health.failures.fetch_add(1, Ordering::Relaxed);
+                *self.health.last_error.lock().unwrap() = Some(format!("{e:#}"));
+                return Err(e);
+            }
+        }
         if let Some(f) = &self.observer {
             f(record);
         }
         Ok(())
+    }
+
+    /// The `connection_summary` record of connection records left out for one agent.
+    fn write_summary(&self, d: &flood::Dropped) -> Result<()> {
+        let mut r = self.record(Event::ConnectionSummary, Decision::Dropped);
+        r.agent = Some(d.agent.clone());
+        r.reason = Some(format!(
+            "{} connection records of this agent were not written (over {} a second); the connections were served",
+            d.count, d.rate
+        ));
+        r.detail = Some(serde_json::json!({ "dropped": d.count, "since": d.since }));
+        self.append(&r)
+    }
+
+    /// Writes the summaries of agents whose connection records were left out and that have not
+    /// connected since (called every second by the daemon).
+    pub fn flush_summaries(&self) {
+        let pending = self.flood.lock().unwrap().take_all();
+        for d in pending {
+            if let Err(e) = self.write_summary(&d) {
+                tracing::error!("{e:#}");
+            }
+        }
     }
 }
 
@@ -168,7 +315,7 @@ mod tests {
         assert_ne!(a.id, b.id);
         audit.write(&a).unwrap();
         audit.write(&b).unwrap();
-        let text = fs::read_to_string(&path).unwrap();
+        let text = fs::read_to_string(audit.connections_path()).unwrap();
         let lines: Vec<Record> = text
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
@@ -178,20 +325,77 @@ mod tests {
     }
 
     #[test]
+    fn a_flood_of_connections_never_rotates_decisions_away() {
+        let dir = std::env::temp_dir().join(format!("guard-audit-flood-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut settings = Settings::beside(&dir.join("audit.jsonl"));
+        // 1,000 connection records in one log would rotate this one away twice over.
+        settings.rotation = Rotation {
+            max_size: 64 << 10,
+            keep: 1,
+        };
+        settings.connection_records_per_s = 5;
+        let audit = Audit::open_with(&settings).unwrap();
+        let mut decision = audit.record(Event::ToolCall, Decision::Deny);
+        decision.tool = Some("delete_file".into());
+        audit.write(&decision).unwrap();
+        let agent = AgentRef {
+            name: Some("flooder".into()),
+            ..Default::default()
+        };
+        for _ in 0..1000 {
+            let mut r = audit.record(Event::Connection, Decision::Pass);
+            r.agent = Some(agent.clone());
+            audit.write(&r).unwrap();
+        }
+        audit.flush_summaries();
+        let decisions = fs::read_to_string(dir.join("audit.jsonl")).unwrap();
+        assert!(decisions.contains(&decision.id), "the decision is gone");
+        // Only this agent's share of connection records was written, and a summary counts the
+        // rest.
+        let conns = fs::read_to_string(dir.join("connections.jsonl")).unwrap();
+        let summaries: Vec<Record> = conns
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap())
+            .filter(|r| r.event == Event::ConnectionSummary)
+            .collect();
+        let dropped: u64 = summaries
+            .iter()
+            .map(|r| r.detail.as_ref().unwrap()["dropped"].as_u64().unwrap())
+            .sum();
+        let written = conns.lines().count() as u64 - summaries.len() as u64;
+        assert_eq!(written + dropped, 1000, "{conns}");
+        assert!(dropped > 900, "{dropped}");
+        assert_eq!(audit.health().connection_records_dropped, dropped);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_log_that_cannot_be_written_says_so() {
+        let mut settings = Settings::beside(Path::new("/dev/full"));
+        settings.connections = PathBuf::from("/dev/null");
+        let audit = Audit::open_with(&settings).unwrap();
+        let r = audit.record(Event::ToolCall, Decision::Allow);
+        assert!(audit.write(&r).is_err(), "no record, no call");
+        let h = audit.health();
+        assert!(!h.ok);
+        assert_eq!(h.write_failures, 1);
+        assert!(h.last_error.unwrap().contains("/dev/full"));
+    }
+
+    #[test]
     fn rotates_by_size_and_keeps_n_files() {
         let dir = std::env::temp_dir().join(format!("guard-audit-rotate-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let path = dir.join("audit.jsonl");
-        let audit = Audit::open_rotating(
-            &path,
-            Rotation {
-                max_size: 400,
-                keep: 2,
-            },
-        )
-        .unwrap();
+        let mut settings = Settings::beside(&path);
+        settings.rotation = Rotation {
+            max_size: 400,
+            keep: 2,
+        };
+        let audit = Audit::open_with(&settings).unwrap();
         for _ in 0..20 {
-            let r = audit.record(Event::Connection, Decision::Pass);
+            let r = audit.record(Event::Control, Decision::Deny);
             audit.write(&r).unwrap();
         }
         let mut files: Vec<String> = fs::read_dir(&dir)
@@ -199,7 +403,15 @@ mod tests {
             .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
         files.sort();
-        assert_eq!(files, vec!["audit.jsonl", "audit.jsonl.1", "audit.jsonl.2"]);
+        assert_eq!(
+            files,
+            vec![
+                "audit.jsonl",
+                "audit.jsonl.1",
+                "audit.jsonl.2",
+                "connections.jsonl"
+            ]
+        );
         for f in &files {
             let len = fs::metadata(dir.join(f)).unwrap().len();
             assert!(len <= 400, "{f} has {len} bytes");

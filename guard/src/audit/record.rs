@@ -11,6 +11,8 @@ use crate::identity::Identity;
 pub enum Event {
     /// A redirected connection (one per connection; TLS ones say whether they were intercepted).
     Connection,
+    /// How many of an agent's connection records were left out under a flood.
+    ConnectionSummary,
     /// A `tools/call`.
     ToolCall,
     /// A filtered `tools/list` answer.
@@ -40,6 +42,7 @@ impl Event {
     pub fn as_str(self) -> &'static str {
         match self {
             Event::Connection => "connection",
+            Event::ConnectionSummary => "connection_summary",
             Event::ToolCall => "tool_call",
             Event::ToolsList => "tools_list",
             Event::McpRequest => "mcp_request",
@@ -91,6 +94,8 @@ pub enum Decision {
     Enforce,
     /// disable.
     FailOpen,
+    /// connection_summary: records left out.
+    Dropped,
 }
 
 impl Decision {
@@ -115,6 +120,7 @@ impl Decision {
             Decision::Rejected => "rejected",
             Decision::Enforce => "enforce",
             Decision::FailOpen => "fail_open",
+            Decision::Dropped => "dropped",
         }
     }
 }
@@ -171,6 +177,13 @@ pub struct AgentRef {
     pub comm: String,
     pub exe: Option<String>,
     pub cgroup: Option<String>,
+}
+
+impl AgentRef {
+    /// The agent as limits know it (see [`Identity::agent_key`]).
+    pub fn key(&self) -> String {
+        crate::identity::agent_key(&self.name, self.uid)
+    }
 }
 
 impl From<&Identity> for AgentRef {

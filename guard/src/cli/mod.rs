@@ -157,6 +157,9 @@ pub enum AuditCmd {
         /// How many records to show first.
         #[arg(short = 'n', long, default_value_t = 20)]
         lines: usize,
+        /// The connection log (one record per connection) instead of the decisions.
+        #[arg(long)]
+        connections: bool,
     },
 }
 
@@ -221,7 +224,15 @@ pub fn main() -> i32 {
             follow,
             json,
             lines,
-        }) => audit::audit_tail(&config.0.paths.audit_log, follow, json, lines).map(|()| 0),
+            connections,
+        }) => {
+            let path = if connections {
+                config.0.audit_settings().connections
+            } else {
+                config.0.paths.audit_log.clone()
+            };
+            audit::audit_tail(&path, follow, json, lines).map(|()| 0)
+        }
     };
     match result {
         Ok(code) => code,

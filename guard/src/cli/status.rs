@@ -65,6 +65,20 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         "audit log:       {}",
         g("audit_log").as_str().unwrap_or("?")
     );
+    let audit = g("audit");
+    if audit["ok"] == Value::Bool(false) {
+        println!(
+            "audit:           FAILING ({} failed writes; every call is refused until records are written again): {}",
+            n(&audit, "write_failures"),
+            audit["last_error"].as_str().unwrap_or("?")
+        );
+    } else {
+        println!(
+            "audit:           ok ({} failed writes, {} connection records summarised)",
+            n(&audit, "write_failures"),
+            n(&audit, "connection_records_dropped")
+        );
+    }
     Ok(())
 }
 

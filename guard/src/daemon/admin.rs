@@ -62,6 +62,9 @@ impl Daemon {
             "programs_attached": attached,
             "proxy": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
             "audit_log": self.audit.path().display().to_string(),
+            "connections_log": self.audit.connections_path().display().to_string(),
+            // No record, no call: while this is not ok, every decision is refused.
+            "audit": self.audit.health(),
             "guarded_cgroups": guarded,
             "guarded_uids": uids,
             "agents": agents,
@@ -95,7 +98,9 @@ impl Daemon {
             }
         };
         let mut groups = vec![peer.gid];
-        if let Ok(status) = std::fs::read_to_string(format!("/proc/{}/status", peer.pid)) {
+        // The groups of the caller's process (not of whatever has its pid now).
+        let status = peer.by_pid(|pid| Ok(std::fs::read_to_string(format!("/proc/{pid}/status"))?));
+        if let Ok(status) = status {
             if let Some(line) = status.lines().find_map(|l| l.strip_prefix("Groups:")) {
                 groups.extend(
                     line.split_whitespace()
@@ -239,7 +244,7 @@ pub fn disable_offline(config: &Config) -> Result<Vec<String>> {
     if !nix::unistd::geteuid().is_root() {
         bail!("only root may disable guard");
     }
-    let audit = Audit::open(&config.paths.audit_log)?;
+    let audit = Audit::open_with(&config.audit_settings())?;
     let mut r = audit.record(Event::Disable, Decision::FailOpen);
     r.actor_uid = Some(0);
     r.reason = Some("guard disable (daemon not running): every pin removed".into());

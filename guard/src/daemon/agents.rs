@@ -77,7 +77,7 @@ impl Daemon {
         if self.disabled.load(Ordering::SeqCst) {
             bail!("guard is disabled on this host (guard disable); restart the daemon to enforce again");
         }
-        let caller_cgroup = cgroup::cgroup_of(peer.pid)?;
+        let caller_cgroup = peer.by_pid(cgroup::cgroup_of)?;
         let current = self.agents.containing(&caller_cgroup);
         if current.is_none() && self.is_guarded(&peer) {
             // A process guarded by uid or by a configured cgroup must not pick a name (and the
@@ -104,14 +104,26 @@ impl Daemon {
         let path = self.attach_path.join(&dir);
         cgroup::create(&path)?;
         let id = cgroup::cgroup_id(&path)?;
-        // Guarded before the process arrives, so not one connect slips through.
+        // Guarded before the process arrives, so not one connect slips through. Moved by pid,
+        // and only while the pidfd says the pid is still the caller's.
         let moved = self
             .kernel
             .guard_cgroup(id)
-            .and_then(|()| cgroup::move_pid(&path, peer.pid));
+            .and_then(|()| peer.by_pid(|pid| cgroup::move_pid(&path, pid)));
         if let Err(e) = moved {
+            // Had the caller gone while it was moved, its pid might name another process now:
+            // whatever arrived goes back to where the caller was.
+            let back = self.cgroup_mount.join(&caller_cgroup);
+            for pid in cgroup::procs(&path) {
+                let _ = cgroup::move_pid(&back, pid);
+            }
             let _ = self.kernel.unguard_cgroup(id);
             let _ = cgroup::remove(&path);
+            let mut r = self.audit.record(Event::Control, Decision::Deny);
+            r.actor_uid = Some(peer.uid);
+            r.method = Some("exec".into());
+            r.reason = Some(format!("{e:#}"));
+            let _ = self.audit.write(&r);
             return Err(e);
         }
         self.agents.insert(AgentCgroup {
@@ -150,7 +162,7 @@ impl Daemon {
         if self.kernel.guarded_uids().contains(&peer.uid) {
             return true;
         }
-        let Ok(rel) = cgroup::cgroup_of(peer.pid) else {
+        let Ok(rel) = peer.by_pid(cgroup::cgroup_of) else {
             return true;
         };
         let guarded = self.kernel.guarded_cgroups();

@@ -257,16 +257,8 @@ pub(super) async fn start(
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let counted = metrics.clone();
-    let audit = Arc::new(
-        Audit::open_rotating(
-            &config.paths.audit_log,
-            crate::audit::Rotation {
-                max_size: config.audit.max_size.0,
-                keep: config.audit.keep,
-            },
-        )?
-        .observe(move |r| counted.observe(r)),
-    );
+    let audit =
+        Arc::new(Audit::open_with(&config.audit_settings())?.observe(move |r| counted.observe(r)));
     // Invalid policies stop the start, before anything is attached.
     let policies = load_policies(&config.paths.policies)?;
     let listeners = proxy::bind(config.proxy.listen_port)?;

@@ -100,12 +100,113 @@ impl Response {
     }
 }
 
-/// The kernel's word on who is calling.
-#[derive(Debug, Clone, Copy)]
+/// The kernel's word on who is calling: `SO_PEERCRED` (uid, gid, and the pid at connect time)
+/// and a pidfd of that very process (`SO_PEERPIDFD`). A pid alone can be recycled — the caller
+/// exits, another process gets its number — so whatever is read or done by pid is trusted
+/// only while the pidfd says the caller is still alive ([`Peer::alive`]).
+#[derive(Debug, Clone)]
 pub struct Peer {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
+    pidfd: Option<Arc<std::os::fd::OwnedFd>>,
+}
+
+impl Peer {
+    /// A peer without a process to check (tests of the handlers).
+    pub fn unchecked(pid: u32, uid: u32, gid: u32) -> Peer {
+        Peer {
+            pid,
+            uid,
+            gid,
+            pidfd: None,
+        }
+    }
+
+    /// The peer of `stream`: its credentials and a pidfd of the process that connected.
+    fn of(stream: &UnixStream) -> Result<Peer> {
+        use std::os::fd::AsRawFd as _;
+        let cred = stream.peer_cred()?;
+        let pid = cred.pid().unwrap_or(0) as u32;
+        let pidfd = peer_pidfd(stream.as_raw_fd(), pid);
+        Ok(Peer {
+            pid,
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pidfd: pidfd.map(Arc::new),
+        })
+    }
+
+    /// Whether the process that connected is still alive, so that `pid` still names it. False
+    /// when it is gone (or no pidfd could be had for it).
+    pub fn alive(&self) -> bool {
+        use std::os::fd::AsRawFd as _;
+        let Some(fd) = &self.pidfd else {
+            return false;
+        };
+        // SAFETY: pidfd_send_signal with signal 0 only checks; null info is allowed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_pidfd_send_signal,
+                fd.as_raw_fd(),
+                0,
+                std::ptr::null::<libc::siginfo_t>(),
+                0,
+            ) == 0
+        }
+    }
+
+    /// `f(pid)` — reading /proc, moving the process — trusted only if the caller is alive
+    /// before and after it (then `pid` was the caller's all along).
+    pub fn by_pid<T>(&self, f: impl FnOnce(u32) -> Result<T>) -> Result<T> {
+        let gone = || {
+            anyhow!(
+                "the calling process (pid {}) is gone: nothing was done",
+                self.pid
+            )
+        };
+        if !self.alive() {
+            return Err(gone());
+        }
+        let out = f(self.pid)?;
+        if !self.alive() {
+            return Err(gone());
+        }
+        Ok(out)
+    }
+}
+
+/// A pidfd of the process at the other end of `fd`: `SO_PEERPIDFD` (Linux 6.5), which names the
+/// process that connected even if its pid was recycled since; on older kernels `pidfd_open` of
+/// the `SO_PEERCRED` pid, right after accept (a weaker check: the caller could be gone already).
+fn peer_pidfd(fd: i32, pid: u32) -> Option<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
+    const SO_PEERPIDFD: libc::c_int = 77;
+    let mut pidfd: libc::c_int = -1;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: a valid socket fd, out pointer and length.
+    let r = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            SO_PEERPIDFD,
+            (&mut pidfd as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r == 0 && pidfd >= 0 {
+        // SAFETY: the kernel just gave us this descriptor.
+        return Some(unsafe { std::os::fd::OwnedFd::from_raw_fd(pidfd) });
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() != Some(libc::ENOPROTOOPT) {
+        // The peer is gone (ESRCH, EINVAL): no pidfd, so no action by pid.
+        return None;
+    }
+    // SAFETY: pidfd_open has no memory-safety preconditions.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: the kernel just gave us this descriptor.
+    (r >= 0).then(|| unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
 }
 
 /// Sends one request and waits for its answer (blocking; the CLI is single-threaded so that
@@ -190,12 +291,7 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
 }
 
 async fn serve_one<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Result<()> {
-    let cred = stream.peer_cred()?;
-    let peer = Peer {
-        pid: cred.pid().unwrap_or(0) as u32,
-        uid: cred.uid(),
-        gid: cred.gid(),
-    };
+    let peer = Peer::of(&stream)?;
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let mut line = String::new();

@@ -162,6 +162,7 @@ impl Daemon {
         let k = self.kernel.counters();
         let p = self.stats.snapshot();
         let kc = |n: &str| k.get(n).copied().unwrap_or(0);
+        let audit = self.audit.health();
         let refused: u64 = k
             .iter()
             .filter(|(n, _)| n.starts_with("refused_"))
@@ -204,6 +205,21 @@ impl Daemon {
                     "Upstream connects that failed.",
                     p.upstream_failed,
                 ),
+                (
+                    "guard_connections_over_agent_limit_total",
+                    "Connections refused: their agent held proxy.max_connections_per_agent.",
+                    p.over_agent_limit,
+                ),
+                (
+                    "guard_audit_write_failures_total",
+                    "Audit records that could not be written (their calls were refused).",
+                    audit.write_failures,
+                ),
+                (
+                    "guard_audit_connection_records_dropped_total",
+                    "Connection records left out under a flood (counted in connection_summary records).",
+                    audit.connection_records_dropped,
+                ),
             ],
             &[
                 (
@@ -225,6 +241,11 @@ impl Daemon {
                     "guard_enforcing",
                     "1 while guard enforces, 0 after guard disable.",
                     u64::from(!self.disabled.load(Ordering::SeqCst)),
+                ),
+                (
+                    "guard_audit_ok",
+                    "1 while the audit trail is written, 0 after a failed write (calls are refused).",
+                    u64::from(audit.ok),
                 ),
             ],
         )

@@ -122,6 +122,7 @@ impl Daemon {
                 }
                 _ = resolve.tick() => self.refresh_named().await,
                 _ = persist.tick() => {
+                    self.audit.flush_summaries();
                     let generation = self.engine.limiter.generation();
                     if generation != self.saved_generation.swap(generation, Ordering::SeqCst) {
                         self.save_rate_limits();

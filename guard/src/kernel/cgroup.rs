@@ -107,6 +107,15 @@ pub fn move_pid(path: &Path, pid: u32) -> Result<()> {
         .with_context(|| format!("moving process {pid} into {}", path.display()))
 }
 
+/// The processes in the cgroup itself (not below it).
+pub fn procs(path: &Path) -> Vec<u32> {
+    fs::read_to_string(path.join("cgroup.procs"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
 /// Whether any process is left in the cgroup or below it.
 pub fn populated(path: &Path) -> io::Result<bool> {
     let events = fs::read_to_string(path.join("cgroup.events"))?;
