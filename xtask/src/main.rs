@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod fresh;
+mod fuzz;
 mod install;
 mod setup;
 mod unprivileged;
@@ -59,6 +60,14 @@ enum Cmd {
     Install(install::InstallArgs),
     /// Stop guard, unpin its programs, remove its cgroups, binary and unit (--purge: all data).
     Uninstall(install::UninstallArgs),
+    /// Fuzz the parsers guard writes itself (cargo-fuzz, pinned nightly), each for a while.
+    Fuzz {
+        /// How long each target runs.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// The targets (default: all of them).
+        targets: Vec<String>,
+    },
     /// Measure guard's cost against a direct connection (root): table + target/bench/results.json.
     Bench {
         /// Extra arguments for guard-bench (`--quick`: a short smoke run).
@@ -127,6 +136,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Install(a) => install::install(a),
         Cmd::Uninstall(a) => install::uninstall(a),
         Cmd::Bench { args } => bench::bench(&args),
+        Cmd::Fuzz { seconds, targets } => {
+            setup()?;
+            fuzz::fuzz(seconds, &targets)
+        }
     }
 }
 

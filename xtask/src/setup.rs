@@ -11,13 +11,13 @@ use anyhow::{anyhow, bail, Context as _, Result};
 
 use crate::{is_root, repo_root, status, which};
 
-struct Pins {
-    toolchain: String,
+pub(crate) struct Pins {
+    pub(crate) toolchain: String,
     bpf_linker: String,
     llvm_feature: String,
 }
 
-fn pins() -> Result<Pins> {
+pub(crate) fn pins() -> Result<Pins> {
     let text = fs::read_to_string(repo_root().join("guard-ebpf/toolchain.txt"))?;
     let get = |key: &str| {
         text.lines()
@@ -33,7 +33,7 @@ fn pins() -> Result<Pins> {
     })
 }
 
-fn cache_dir() -> Result<PathBuf> {
+pub(crate) fn cache_dir() -> Result<PathBuf> {
     let home = env::var_os("HOME").ok_or_else(|| anyhow!("HOME is not set"))?;
     Ok(PathBuf::from(home).join(".cache/guard"))
 }

@@ -144,16 +144,17 @@ impl Peer {
         let Some(fd) = &self.pidfd else {
             return false;
         };
-        // SAFETY: pidfd_send_signal with signal 0 only checks; null info is allowed.
-        unsafe {
-            libc::syscall(
-                libc::SYS_pidfd_send_signal,
-                fd.as_raw_fd(),
-                0,
-                std::ptr::null::<libc::siginfo_t>(),
-                0,
-            ) == 0
-        }
+        // A pidfd polls readable once its process has exited. Polling needs no permission,
+        // where pidfd_send_signal(0) needs kill rights the daemon lacks for other users (no
+        // CAP_KILL in the unit).
+        let mut p = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no wait.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        n == 0
     }
 
     /// `f(pid)` — reading /proc, moving the process — trusted only if the caller is alive
@@ -327,5 +328,37 @@ mod tests {
         let env: RequestEnvelope = serde_json::from_str(r#"{"v":1,"op":"status"}"#).unwrap();
         assert_eq!(env.request, Request::Status);
         assert!(serde_json::from_str::<RequestEnvelope>(r#"{"v":1,"op":"rm -rf"}"#).is_err());
+    }
+
+    #[test]
+    fn a_peer_is_alive_until_it_exits_even_unreaped() {
+        use std::os::fd::FromRawFd as _;
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        // SAFETY: pidfd_open has no memory-safety preconditions.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, child.id() as libc::pid_t, 0) };
+        assert!(fd >= 0);
+        let peer = Peer {
+            // SAFETY: the kernel just gave us this descriptor.
+            pidfd: Some(Arc::new(unsafe {
+                std::os::fd::OwnedFd::from_raw_fd(fd as i32)
+            })),
+            ..Peer::unchecked(child.id(), 0, 0)
+        };
+        assert!(peer.alive());
+        assert!(peer.by_pid(Ok).is_ok());
+        child.kill().unwrap();
+        // A zombie is gone too: its pid is about to be free for another process.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while peer.alive() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        assert!(!peer.alive());
+        let err = peer.by_pid(Ok).unwrap_err();
+        assert!(format!("{err}").contains("is gone"), "{err}");
+        child.wait().unwrap();
+        assert!(!Peer::unchecked(1, 0, 0).alive());
     }
 }

@@ -435,6 +435,10 @@ mod tests {
         ] {
             assert!(parse_body(body.as_bytes()).is_err(), "{label}: {body}");
         }
+        // Numbers are read correctly rounded, as other parsers read them (a fuzz target found
+        // serde_json's fast path reading 4477E44 as 4.477000000000001e47).
+        let v = read_json(b"4477E44").unwrap();
+        assert_eq!(v.as_f64(), Some(4.477e47));
         // Keys that fold to nothing guard reads, once each, are the tool's business.
         let ok = br#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"a","arguments":{"Name":1,"PATH":"/x"}}}"#;
         assert!(parse_body(ok).is_ok());
