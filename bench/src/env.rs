@@ -1,7 +1,8 @@
-//! The benchmark's own little world, as in tests/common/mod.rs: a cgroup subtree
-//! `<cgroup2 mount>/guard-bench-<pid>` (daemon/, direct/, peers/, guard.slice/{bench,plain}), a pin
-//! directory `/sys/fs/bpf/guard-bench-<pid>`, a temporary directory with config, policies, audit
-//! log and control socket, a free proxy port, and a release daemon. Programs attach only at
+//! The benchmark's own little world, as in the root suite's harness (guard-testkit `root`): a
+//! cgroup subtree `<cgroup2 mount>/guard-bench-<pid>` (daemon/, direct/, peers/,
+//! guard.slice/{bench,plain}), a pin directory `/sys/fs/bpf/guard-bench-<pid>`, a temporary
+//! directory with config, policies, audit log and control socket, a free proxy port, and a
+//! release daemon. Programs attach only at
 //! `guard-bench-<pid>/guard.slice`, never higher.
 //!
 //! Teardown (kill what we started by pid, `cgroup.kill` on the subtree, unpin, rmdir) runs from

@@ -70,6 +70,8 @@ impl Daemon {
         }
     }
 
+    // Long (about 85 lines) on purpose: every check before the move, the move, and its undo
+    // read in the order they must happen.
     pub(super) fn exec(&self, peer: Peer, agent: String) -> Result<serde_json::Value> {
         if !valid_agent_name(&agent) {
             bail!("invalid agent name `{agent}`: use 1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit");

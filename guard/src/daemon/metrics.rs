@@ -158,6 +158,8 @@ pub(super) async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener
 }
 
 impl Daemon {
+    // Long (about 90 lines) on purpose: a flat list, one metric after another, in the order
+    // the /metrics page shows them.
     fn render_metrics(&self) -> String {
         let k = self.kernel.counters();
         let p = self.stats.snapshot();
