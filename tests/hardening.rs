@@ -191,6 +191,28 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
         ),
         // Python's json detects and decodes UTF-16.
         ("UTF-16", post("/mcp", "application/json", &utf16)),
+        // An upgrade request with a body: forwarded unread, once.
+        (
+            "Upgrade with a body",
+            post_with(
+                "/mcp",
+                &["Content-Type: application/json", "Connection: Upgrade", "Upgrade: websocket"],
+                DELETE.as_bytes(),
+            ),
+        ),
+        // A GET with a body: "bodyless", once.
+        (
+            "GET with a body",
+            [
+                format!(
+                    "GET /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    DELETE.len()
+                )
+                .as_bytes(),
+                DELETE.as_bytes(),
+            ]
+            .concat(),
+        ),
         // A request line longer than guard's classifier reads.
         (
             "long request line",
@@ -209,6 +231,25 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
             );
         }
     }
+    // Request lines guard does not serve, which a lenient server may read as a request: refused
+    // at the connection (nothing answers), whatever the server would have made of them.
+    let lines = [
+        "POST /mcp HTTP/2.0",
+        "POST /mcp HTTP/0.9",
+        "POST /mcp RTSP/1.0",
+        "POST  /mcp HTTP/1.1",
+        "POST /mcp  HTTP/1.1",
+    ];
+    for line in lines {
+        // The same request, its request line replaced.
+        let request = post("/mcp", "application/json", DELETE.as_bytes());
+        let line_end = request.iter().position(|c| *c == b'\r').unwrap();
+        let request = [line.as_bytes(), &request[line_end..]].concat();
+        for (name, s) in &trio.servers {
+            let answer = raw_request(g.route(Trio::addr(s), "attacker"), &request);
+            assert!(!answer.contains("deleted"), "{line} to {name}: {answer}");
+        }
+    }
     assert_eq!(trio.forbidden_runs(), Vec::<String>::new());
     let refused = g
         .audit()
@@ -216,6 +257,17 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
         .filter(|r| r["rule"] == "policy.unknown_servers" && r["decision"] == "deny")
         .count();
     assert!(refused >= payloads.len() * 3, "{:#?}", g.audit());
+    let lines_refused = g
+        .audit_connections()
+        .into_iter()
+        .filter(|r| r["transport"] == "http-like" && r["rule"] == "policy.unknown_servers")
+        .count();
+    assert_eq!(
+        lines_refused,
+        lines.len() * 3,
+        "{:#?}",
+        g.audit_connections()
+    );
     // Plain JSON that is no JSON-RPC still passes to servers no policy names.
     let plain = HttpServer::start("127.0.0.9:0");
     let out = run_ok(&mut g.command(&[
@@ -230,6 +282,114 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
         &g.url("curl", &plain.url()),
     ]));
     assert_eq!(out, "hello from the test server\n");
+}
+
+fn post_with(path: &str, headers: &[&str], body: &[u8]) -> Vec<u8> {
+    let extra: String = headers.iter().map(|h| format!("{h}\r\n")).collect();
+    let head = format!(
+        "POST {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}Accept: application/json, text/event-stream\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    [head.as_bytes(), body].concat()
+}
+
+/// `data` compressed by the system's gzip.
+fn gzip(data: &[u8]) -> Vec<u8> {
+    let mut child = std::process::Command::new("gzip")
+        .arg("-c")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("gzip");
+    child.stdin.take().unwrap().write_all(data).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    out.stdout
+}
+
+#[test]
+fn bodies_a_server_would_decode_never_run_a_denied_call() {
+    let dir = TestDir::new("encoded");
+    // The TypeScript SDK behind express.json(), as createMcpExpressApp sets it up: it decodes
+    // the charset the Content-Type names and inflates compressed bodies.
+    let ts = |host: &str| {
+        ts_server(
+            &dir.join(&format!("ts-{host}.jsonl")),
+            &[
+                "--host",
+                host,
+                "--port",
+                "0",
+                "--json-response",
+                "--stateless",
+                "--express",
+            ],
+        )
+    };
+    let (named, unknown, bare) = (ts("127.0.0.10"), ts("127.0.0.11"), ts("127.0.0.12"));
+    dir.write_policy("ts.json", &policy("ts", Trio::addr(&named)));
+    let g = Guard::start(&dir, "", "");
+    // `tools/call` in UTF-7: guard's reading of the bytes sees an unknown method.
+    let utf7 = DELETE.replace("tools/call", "+AHQAbwBvAGwAcw-/call");
+    let payloads: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "UTF-7",
+            post_with(
+                "/mcp",
+                &["Content-Type: application/json; charset=utf-7"],
+                utf7.as_bytes(),
+            ),
+        ),
+        (
+            "gzip",
+            post_with(
+                "/mcp",
+                &["Content-Type: application/json", "Content-Encoding: gzip"],
+                &gzip(DELETE.as_bytes()),
+            ),
+        ),
+    ];
+    // Each one runs the call on a server reached directly: the attack is real.
+    for (label, request) in &payloads {
+        let answer = raw_request(Trio::addr(&bare), request);
+        assert!(
+            answer.contains("deleted /etc/passwd"),
+            "{label} direct: {answer}"
+        );
+    }
+    assert_eq!(bare.calls().len(), payloads.len());
+    let two_types = post_with(
+        "/mcp",
+        &[
+            "Content-Type: application/json",
+            "Content-Type: application/json; charset=utf-7",
+        ],
+        utf7.as_bytes(),
+    );
+    for (label, request) in payloads
+        .iter()
+        .chain([("two Content-Types", two_types)].iter())
+    {
+        for (who, s) in [("named", &named), ("unknown", &unknown)] {
+            let answer = raw_request(g.route(Trio::addr(s), "attacker"), request);
+            // guard's own refusal: -32700 (named: unreadable), -32603 (unknown: unreadable).
+            assert!(
+                answer.contains("\"code\":-32700") || answer.contains("\"code\":-32603"),
+                "{label} to {who}: {answer}"
+            );
+        }
+    }
+    assert_eq!(named.calls(), Vec::<Value>::new());
+    assert_eq!(unknown.calls(), Vec::<Value>::new());
+    // UTF-8, said or not, still runs what the policy allows.
+    let echo = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"plain"}}}"#;
+    let request = post_with(
+        "/mcp",
+        &["Content-Type: application/json; charset=UTF-8"],
+        echo.as_bytes(),
+    );
+    let answer = raw_request(g.route(Trio::addr(&named), "agent"), &request);
+    assert!(answer.contains("plain"), "{answer}");
 }
 
 const HIDDEN_LIST: &str = r#"{"jsonrpc":"2.0","id":ID,"result":{"tools":[
@@ -353,6 +513,82 @@ fn one_agent_cannot_take_the_connections_of_another() {
     );
 }
 
+/// A server that switches every request to an echo tunnel (101), one thread per connection.
+fn upgrading_server(host: &str) -> SocketAddr {
+    let l = std::net::TcpListener::bind(format!("{host}:0")).unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for mut c in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut head = Vec::new();
+                let mut b = [0u8; 1];
+                while !head.ends_with(b"\r\n\r\n") && c.read(&mut b).unwrap_or(0) == 1 {
+                    head.push(b[0]);
+                }
+                let _ = c.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n",
+                );
+                let mut r = c.try_clone().unwrap();
+                let _ = std::io::copy(&mut r, &mut c);
+            });
+        }
+    });
+    addr
+}
+
+#[test]
+fn an_upgraded_tunnel_keeps_its_connection_slot() {
+    let dir = TestDir::new("tunnel-slots");
+    let g = Guard::start(&dir, "max_connections_per_agent = 3", "");
+    let server = upgrading_server("127.0.0.13");
+    let route = g.route(server, "tunneller");
+    let tunnel = || {
+        let mut s = TcpStream::connect(route).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+            .unwrap();
+        let mut got = Vec::new();
+        let mut b = [0u8; 1];
+        while !got.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+            got.push(b[0]);
+        }
+        (s, String::from_utf8_lossy(&got).into_owned())
+    };
+    let mut open = Vec::new();
+    for i in 0..3 {
+        let (mut s, head) = tunnel();
+        assert!(head.starts_with("HTTP/1.1 101"), "tunnel {i}: {head}");
+        s.write_all(b"ping").unwrap();
+        let mut echo = [0u8; 4];
+        s.read_exact(&mut echo).unwrap();
+        assert_eq!(&echo, b"ping");
+        open.push(s);
+    }
+    // Three tunnels open: the agent's share is taken, a fourth connection is refused.
+    let (_, head) = tunnel();
+    assert!(!head.contains("101"), "a fourth tunnel: {head}");
+    let over = g
+        .audit_connections()
+        .into_iter()
+        .filter(|r| r["rule"] == "proxy.max_connections_per_agent")
+        .count();
+    assert_eq!(over, 1, "{:#?}", g.audit_connections());
+    // Closed tunnels give their slots back.
+    drop(open);
+    let started = Instant::now();
+    loop {
+        let (_, head) = tunnel();
+        if head.starts_with("HTTP/1.1 101") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "slots never came back: {head}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn a_flood_of_connections_never_erases_a_decision() {
     let dir = TestDir::new("flood");
@@ -390,6 +626,47 @@ fn a_flood_of_connections_never_erases_a_decision() {
         .map(|r| r["detail"]["dropped"].as_u64().unwrap())
         .sum();
     assert!(dropped > 1000, "{dropped} dropped");
+}
+
+#[test]
+fn one_request_costs_at_most_a_few_small_records() {
+    let dir = TestDir::new("amplification");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    trio.name_all(&dir);
+    let g = Guard::start(&dir, "", "");
+    let url = &trio.servers[0].1.url;
+    let echo = |i: usize| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":{i},"method":"tools/call","params":{{"name":"echo","arguments":{{"text":"b{i}"}}}}}}"#
+        )
+    };
+    // A batch of 101: refused whole, one record, nothing run.
+    let batch = format!("[{}]", (0..101).map(echo).collect::<Vec<_>>().join(","));
+    let before = g.audit_decisions().len();
+    let (code, answer) = g.curl_post(url, &[], &batch);
+    assert_eq!(code, 400, "{answer}");
+    assert!(answer.contains("at most 100"), "{answer}");
+    assert_eq!(
+        g.audit_decisions().len(),
+        before + 1,
+        "{:#?}",
+        &g.audit_decisions()[before..]
+    );
+    assert!(trio.servers[0].1.calls().is_empty());
+    // A tool name of 100 KB: its record and its answer stay small.
+    let name = "x".repeat(100_000);
+    let call = format!(
+        r#"{{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{{"name":"{name}","arguments":{{}}}}}}"#
+    );
+    let before = std::fs::metadata(&g.audit_log).unwrap().len();
+    let (_, answer) = g.curl_post(url, &[], &call);
+    assert!(
+        answer.len() < 8 << 10,
+        "an answer of {} bytes",
+        answer.len()
+    );
+    let grown = std::fs::metadata(&g.audit_log).unwrap().len() - before;
+    assert!(grown < 8 << 10, "the audit log grew by {grown} bytes");
 }
 
 #[test]

@@ -46,6 +46,9 @@ pub struct AuditSection {
     /// Connection records written per agent and second; the rest are counted in
     /// `connection_summary` records.
     pub connection_records_per_s: u32,
+    /// Records of refused requests written per agent and second (burst: ten seconds' worth);
+    /// the rest are counted in `refusal_summary` records.
+    pub refusal_records_per_s: u32,
 }
 
 impl Default for AuditSection {
@@ -56,6 +59,7 @@ impl Default for AuditSection {
             keep: 5,
             connections_log: None,
             connection_records_per_s: 20,
+            refusal_records_per_s: 50,
         }
     }
 }
@@ -129,6 +133,8 @@ pub struct ProxySection {
     pub other: OtherTraffic,
     /// A client must send a request's headers within this many seconds (slowloris).
     pub header_timeout_s: u64,
+    /// ... and the part of its body guard reads (up to `max_body`) within this many more.
+    pub body_timeout_s: u64,
     /// Connections served at once; more are reset.
     pub max_connections: usize,
     /// Connections one agent (one agent name, else one uid) may hold at once; more are refused,
@@ -145,6 +151,7 @@ impl Default for ProxySection {
             max_body: ByteSize(4 << 20),
             other: OtherTraffic::Pass,
             header_timeout_s: 30,
+            body_timeout_s: 60,
             max_connections: 10_000,
             max_connections_per_agent: 1_000,
             threads: 0,
@@ -517,6 +524,7 @@ impl Config {
                 keep: self.audit.keep,
             },
             connection_records_per_s: self.audit.connection_records_per_s,
+            refusal_records_per_s: self.audit.refusal_records_per_s,
         }
     }
 

@@ -5,10 +5,13 @@
 // tools/call it runs), so that a test can decide from the server side whether a call ran.
 //
 //   node mcp_server.mjs [--host 127.0.0.3] [--port 0] [--json-response] [--stateless]
-//                       [--log FILE] [--node-modules DIR]
+//                       [--express] [--log FILE] [--node-modules DIR]
 //
 // --stateless: no Mcp-Session-Id, a new server for every request (a tools/call needs no
 // initialize first).
+// --express: bodies parsed by express.json() (body-parser, as the SDK's createMcpExpressApp
+// does) and handed to the transport: it decodes the charset the Content-Type names (UTF-7,
+// UTF-16, latin1, ... through iconv-lite) and inflates gzip and deflate bodies.
 //
 // Prints exactly one line to stdout, `READY http://HOST:PORT/mcp`, once it listens.
 import fs from "node:fs";
@@ -30,6 +33,7 @@ const opts = {
   stateless: false,
   log: null,
   modules: null,
+  express: false,
 };
 const argv = process.argv.slice(2);
 for (let i = 0; i < argv.length; i++) {
@@ -39,6 +43,7 @@ for (let i = 0; i < argv.length; i++) {
   else if (a === "--port") opts.port = val();
   else if (a === "--json-response") opts.json = true;
   else if (a === "--stateless") opts.stateless = true;
+  else if (a === "--express") opts.express = true;
   else if (a === "--log") opts.log = val();
   else if (a === "--node-modules") opts.modules = val();
   else usage(`unknown argument ${a}`);
@@ -60,6 +65,12 @@ const { StreamableHTTPServerTransport } = await load(
   "@modelcontextprotocol/sdk/dist/esm/server/streamableHttp.js",
 );
 const { z } = await load("zod/index.js");
+const jsonParser = opts.express
+  ? (await load("body-parser/index.js")).default.json({ limit: "4mb" })
+  : null;
+// Runs express.json() on a plain Node request: req.body is then the parsed value.
+const parseBody = (req, res) =>
+  new Promise((ok, fail) => jsonParser(req, res, (e) => (e ? fail(e) : ok(req.body))));
 
 function logCall(tool, args) {
   if (!opts.log) return;
@@ -112,7 +123,11 @@ const httpServer = http.createServer(async (req, res) => {
       });
       await build().connect(transport);
     }
-    await transport.handleRequest(req, res);
+    if (jsonParser && req.method === "POST") {
+      await transport.handleRequest(req, res, await parseBody(req, res));
+    } else {
+      await transport.handleRequest(req, res);
+    }
   } catch (e) {
     process.stderr.write(`mcp_server.mjs: ${e?.stack ?? e}\n`);
     if (!res.headersSent) {

@@ -1,13 +1,18 @@
-//! Connection records under a flood: each agent gets `connection_records_per_s` records a
-//! second (with a burst of ten seconds' worth); the rest are counted and summarised, so that a
-//! flood of cheap connections costs neither the disk nor the other records.
+//! Records under a flood: each agent gets so many records of a kind a second (with a burst of
+//! ten seconds' worth); the rest are counted and summarised, so that a flood of cheap
+//! connections, or of requests guard refuses, costs neither the disk nor the other records.
 
-use std::{collections::HashMap, time::Instant};
+use std::{
+    collections::{BTreeMap, HashMap},
+    time::Instant,
+};
 
 use super::{AgentRef, Record};
 
 /// Agents tracked at most (the least recently seen are forgotten beyond it).
 const MAX_AGENTS: usize = 4096;
+/// Rules counted apart in a summary at most (the rest under `other`).
+const MAX_RULES: usize = 32;
 
 struct Bucket {
     agent: AgentRef,
@@ -16,6 +21,8 @@ struct Bucket {
     dropped: u64,
     /// When the first record counted in `dropped` was left out.
     since: Option<String>,
+    /// `dropped` by the records' rule.
+    rules: BTreeMap<String, u64>,
 }
 
 /// What the records left out for one agent were.
@@ -24,6 +31,7 @@ pub struct Dropped {
     pub count: u64,
     pub since: Option<String>,
     pub rate: u32,
+    pub rules: BTreeMap<String, u64>,
 }
 
 pub enum Admit {
@@ -75,6 +83,7 @@ impl Flood {
                 last: now,
                 dropped: 0,
                 since: None,
+                rules: BTreeMap::new(),
             });
         b.tokens =
             (b.tokens + now.duration_since(b.last).as_secs_f64() * f64::from(self.rate)).min(burst);
@@ -83,6 +92,13 @@ impl Flood {
             b.dropped += 1;
             self.dropped_total += 1;
             b.since.get_or_insert_with(|| r.ts.clone());
+            let rule = r.rule.as_deref().unwrap_or("none");
+            let rule = if b.rules.len() < MAX_RULES || b.rules.contains_key(rule) {
+                super::clip(rule, 128).into_owned()
+            } else {
+                "other".to_string()
+            };
+            *b.rules.entry(rule).or_default() += 1;
             return Admit::Drop;
         }
         b.tokens -= 1.0;
@@ -111,6 +127,7 @@ fn take(b: &mut Bucket, rate: u32) -> Option<Dropped> {
             count: b.dropped,
             since: b.since.take(),
             rate,
+            rules: std::mem::take(&mut b.rules),
         };
         b.dropped = 0;
         d

@@ -3,7 +3,7 @@
 
 mod record;
 
-pub use record::{rfc3339, AgentRef, Decision, Event, Record, ServerRef};
+pub use record::{clip, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_TEXT};
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -37,6 +37,8 @@ pub struct Audit {
     pid: u32,
     /// Connection records per agent and second (the rest counted in summaries).
     flood: Mutex<Flood>,
+    /// Records of requests guard refused, per agent and second (the rest counted likewise).
+    refusals: Mutex<Flood>,
     health: Health,
     /// Called with every record written (the daemon's metrics count them there).
     observer: Option<Observer>,
@@ -79,6 +81,10 @@ pub struct Settings {
     /// Connection records written per agent and second; beyond it they are counted, and a
     /// `connection_summary` record says how many were left out.
     pub connection_records_per_s: u32,
+    /// Records of refused requests (denied, rate limited, over a limit, to an unreachable
+    /// upstream) written per agent and second; beyond it, a `refusal_summary` counts them.
+    /// Allowed calls, approvals and everything else are always written.
+    pub refusal_records_per_s: u32,
 }
 
 impl Settings {
@@ -89,6 +95,7 @@ impl Settings {
             connections: connections_beside(decisions),
             rotation: Rotation::default(),
             connection_records_per_s: 20,
+            refusal_records_per_s: 50,
         }
     }
 }
@@ -114,6 +121,8 @@ pub struct HealthReport {
     pub last_error: Option<String>,
     /// Connection records left out by the per-agent limit (counted in summaries).
     pub connection_records_dropped: u64,
+    /// Refusal records left out by the per-agent limit (counted in summaries).
+    pub refusal_records_dropped: u64,
 }
 
 fn open_log(path: &Path) -> Result<Open> {
@@ -185,6 +194,7 @@ impl Audit {
             seq: AtomicU64::new(0),
             pid: std::process::id(),
             flood: Mutex::new(Flood::new(s.connection_records_per_s)),
+            refusals: Mutex::new(Flood::new(s.refusal_records_per_s)),
             health: Health::default(),
             observer: None,
         })
@@ -213,6 +223,7 @@ impl Audit {
             write_failures: self.health.failures.load(Ordering::Relaxed),
             last_error,
             connection_records_dropped: self.flood.lock().unwrap().dropped_total(),
+            refusal_records_dropped: self.refusals.lock().unwrap().dropped_total(),
         }
     }
 
@@ -229,22 +240,32 @@ impl Audit {
     }
 
     /// Appends `record` as one line to its log; returns once the kernel has it (one `write`),
-    /// so a crash after a decision never loses that decision's record. A connection record
-    /// beyond its agent's share is counted instead (and Ok: the summary accounts for it).
+    /// so a crash after a decision never loses that decision's record. A connection record, or
+    /// the record of a refused request, beyond its agent's share is counted instead (and Ok:
+    /// the summary accounts for it; what was refused stays refused).
     pub fn write(&self, record: &Record) -> Result<()> {
-        if record.event == Event::Connection {
+        if let Some(kind) = Budget::of(record) {
             let agent = record.agent.as_ref().map(AgentRef::key).unwrap_or_default();
-            let summary = self.flood.lock().unwrap().admit(&agent, record);
-            match summary {
+            let admitted = self.budget(kind).lock().unwrap().admit(&agent, record);
+            match admitted {
                 flood::Admit::Write(None) => {}
-                flood::Admit::Write(Some(dropped)) => self.write_summary(&dropped)?,
+                flood::Admit::Write(Some(dropped)) => self.write_summary(kind, &dropped)?,
                 flood::Admit::Drop => return Ok(()),
             }
         }
         self.append(record)
     }
 
+    fn budget(&self, kind: Budget) -> &Mutex<Flood> {
+        match kind {
+            Budget::Connections => &self.flood,
+            Budget::Refusals => &self.refusals,
+        }
+    }
+
     fn append(&self, record: &Record) -> Result<()> {
+        let clipped = record.clipped();
+        let record = clipped.as_ref().unwrap_or(record);
         let mut line = serde_json::to_vec(record)?;
         line.push(b'\n');
         let sink = match record.event {
@@ -269,26 +290,63 @@ impl Audit {
         Ok(())
     }
 
-    /// The `connection_summary` record of connection records left out for one agent.
-    fn write_summary(&self, d: &flood::Dropped) -> Result<()> {
-        let mut r = self.record(Event::ConnectionSummary, Decision::Dropped);
+    /// The summary record of one agent's records left out.
+    fn write_summary(&self, kind: Budget, d: &flood::Dropped) -> Result<()> {
+        let (event, what, then) = match kind {
+            Budget::Connections => (
+                Event::ConnectionSummary,
+                "connection records",
+                "the connections were served",
+            ),
+            Budget::Refusals => (
+                Event::RefusalSummary,
+                "records of refused requests",
+                "the requests were refused all the same",
+            ),
+        };
+        let mut r = self.record(event, Decision::Dropped);
         r.agent = Some(d.agent.clone());
         r.reason = Some(format!(
-            "{} connection records of this agent were not written (over {} a second); the connections were served",
+            "{} {what} of this agent were not written (over {} a second); {then}",
             d.count, d.rate
         ));
-        r.detail = Some(serde_json::json!({ "dropped": d.count, "since": d.since }));
+        r.detail = Some(serde_json::json!({
+            "dropped": d.count, "since": d.since, "rules": d.rules,
+        }));
         self.append(&r)
     }
 
-    /// Writes the summaries of agents whose connection records were left out and that have not
-    /// connected since (called every second by the daemon).
+    /// Writes the summaries of agents whose records were left out and that have not been heard
+    /// from since (called every second by the daemon).
     pub fn flush_summaries(&self) {
-        let pending = self.flood.lock().unwrap().take_all();
-        for d in pending {
-            if let Err(e) = self.write_summary(&d) {
-                tracing::error!("{e:#}");
+        for kind in [Budget::Connections, Budget::Refusals] {
+            let pending = self.budget(kind).lock().unwrap().take_all();
+            for d in pending {
+                if let Err(e) = self.write_summary(kind, &d) {
+                    tracing::error!("{e:#}");
+                }
             }
+        }
+    }
+}
+
+/// The records that count against a per-agent budget.
+#[derive(Debug, Clone, Copy)]
+enum Budget {
+    Connections,
+    /// What guard refused an agent's request with: the agent chooses how many there are.
+    Refusals,
+}
+
+impl Budget {
+    fn of(r: &Record) -> Option<Budget> {
+        match (r.event, r.decision) {
+            (Event::Connection, _) => Some(Budget::Connections),
+            (
+                Event::ToolCall | Event::McpRequest | Event::Limit | Event::UpstreamError,
+                Decision::Deny | Decision::RateLimited | Decision::Error,
+            ) => Some(Budget::Refusals),
+            _ => None,
         }
     }
 }
@@ -367,6 +425,82 @@ mod tests {
         assert_eq!(written + dropped, 1000, "{conns}");
         assert!(dropped > 900, "{dropped}");
         assert_eq!(audit.health().connection_records_dropped, dropped);
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn a_flood_of_refusals_is_counted_and_allowed_calls_are_always_written() {
+        let dir = std::env::temp_dir().join(format!("guard-audit-refusals-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let mut settings = Settings::beside(&dir.join("audit.jsonl"));
+        settings.refusal_records_per_s = 5;
+        let audit = Audit::open_with(&settings).unwrap();
+        let agent = |n: &str| AgentRef {
+            name: Some(n.into()),
+            ..Default::default()
+        };
+        let mut allowed = Vec::new();
+        for i in 0..1000 {
+            let mut r = audit.record(Event::ToolCall, Decision::Deny);
+            r.agent = Some(agent("flooder"));
+            r.rule = Some(
+                if i % 2 == 0 {
+                    "tools.delete_file"
+                } else {
+                    "protocol"
+                }
+                .into(),
+            );
+            audit.write(&r).unwrap();
+            if i % 100 == 0 {
+                let mut ok = audit.record(Event::ToolCall, Decision::Allow);
+                ok.agent = Some(agent("flooder"));
+                audit.write(&ok).unwrap();
+                allowed.push(ok.id);
+            }
+        }
+        // Another agent's refusal is its own budget's.
+        let mut other = audit.record(Event::McpRequest, Decision::Deny);
+        other.agent = Some(agent("other"));
+        audit.write(&other).unwrap();
+        audit.flush_summaries();
+        let records: Vec<Record> = fs::read_to_string(dir.join("audit.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<Record>(l).unwrap())
+            .collect();
+        for id in allowed.iter().chain([&other.id]) {
+            assert!(records.iter().any(|r| &r.id == id), "{id} was not written");
+        }
+        let denied = records
+            .iter()
+            .filter(|r| r.decision == Decision::Deny)
+            .count() as u64;
+        let summaries: Vec<&Record> = records
+            .iter()
+            .filter(|r| r.event == Event::RefusalSummary)
+            .collect();
+        let detail = |k: &str| -> u64 {
+            summaries
+                .iter()
+                .map(|r| r.detail.as_ref().unwrap()[k].as_u64().unwrap_or(0))
+                .sum()
+        };
+        let dropped = detail("dropped");
+        assert_eq!(denied - 1 + dropped, 1000);
+        assert!(dropped > 900, "{dropped}");
+        let by_rule: u64 = summaries
+            .iter()
+            .flat_map(|r| {
+                r.detail.as_ref().unwrap()["rules"]
+                    .as_object()
+                    .unwrap()
+                    .values()
+            })
+            .map(|v| v.as_u64().unwrap())
+            .sum();
+        assert_eq!(by_rule, dropped);
+        assert_eq!(audit.health().refusal_records_dropped, dropped);
         fs::remove_dir_all(dir).unwrap();
     }
 

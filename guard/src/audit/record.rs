@@ -13,6 +13,8 @@ pub enum Event {
     Connection,
     /// How many of an agent's connection records were left out under a flood.
     ConnectionSummary,
+    /// How many records of requests guard refused an agent were left out under a flood.
+    RefusalSummary,
     /// A `tools/call`.
     ToolCall,
     /// A filtered `tools/list` answer.
@@ -43,6 +45,7 @@ impl Event {
         match self {
             Event::Connection => "connection",
             Event::ConnectionSummary => "connection_summary",
+            Event::RefusalSummary => "refusal_summary",
             Event::ToolCall => "tool_call",
             Event::ToolsList => "tools_list",
             Event::McpRequest => "mcp_request",
@@ -167,6 +170,62 @@ pub struct Record {
     pub detail: Option<serde_json::Value>,
 }
 
+/// Longest agent-supplied text a record keeps (method and tool names, request ids, session
+/// ids, reasons that quote them): one request must not become megabytes of audit log.
+pub const MAX_TEXT: usize = 1024;
+
+/// `s` cut to at most `max` bytes (at a character boundary), saying how much was cut.
+pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    if s.len() <= max {
+        return std::borrow::Cow::Borrowed(s);
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    std::borrow::Cow::Owned(format!("{}…[{} more bytes]", &s[..end], s.len() - end))
+}
+
+impl Record {
+    /// This record with every text an agent chose clipped to [`MAX_TEXT`]; `None` when
+    /// nothing is longer.
+    pub fn clipped(&self) -> Option<Record> {
+        let long = |s: &Option<String>| s.as_ref().is_some_and(|s| s.len() > MAX_TEXT);
+        let id_long = self
+            .jsonrpc_id
+            .as_ref()
+            .is_some_and(|v| v.to_string().len() > MAX_TEXT);
+        let texts = [
+            &self.method,
+            &self.tool,
+            &self.reason,
+            &self.session_id,
+            &self.client,
+            &self.rule,
+        ];
+        if !id_long && !texts.into_iter().any(long) {
+            return None;
+        }
+        let cut = |s: &Option<String>| s.as_deref().map(|s| clip(s, MAX_TEXT).into_owned());
+        let mut r = self.clone();
+        r.method = cut(&self.method);
+        r.tool = cut(&self.tool);
+        r.reason = cut(&self.reason);
+        r.session_id = cut(&self.session_id);
+        r.client = cut(&self.client);
+        r.rule = cut(&self.rule);
+        if id_long {
+            let id = self
+                .jsonrpc_id
+                .as_ref()
+                .map(|v| v.to_string())
+                .unwrap_or_default();
+            r.jsonrpc_id = Some(serde_json::Value::String(clip(&id, MAX_TEXT).into_owned()));
+        }
+        Some(r)
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct AgentRef {
     pub name: Option<String>,
@@ -257,4 +316,45 @@ pub fn rfc3339(secs: u64, micros: u32) -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_chosen_texts_are_clipped() {
+        assert_eq!(clip("short", 10), "short");
+        // At a character boundary: "é" is two bytes.
+        assert_eq!(clip("aé", 2), "a…[2 more bytes]");
+        let mut r = Record {
+            ts: String::new(),
+            id: "x".into(),
+            event: Event::ToolCall,
+            agent: None,
+            server: None,
+            original_dst: None,
+            client: None,
+            transport: None,
+            session_id: None,
+            jsonrpc_id: Some(serde_json::json!("1")),
+            method: Some("tools/call".into()),
+            tool: Some("echo".into()),
+            args_sha256: None,
+            arguments: None,
+            decision: Decision::Deny,
+            rule: None,
+            reason: None,
+            latency_us: None,
+            actor_uid: None,
+            detail: None,
+        };
+        assert!(r.clipped().is_none());
+        r.tool = Some("t".repeat(1 << 20));
+        r.jsonrpc_id = Some(serde_json::json!(["i".repeat(1 << 20)]));
+        let c = r.clipped().unwrap();
+        assert!(serde_json::to_vec(&c).unwrap().len() < 4 * MAX_TEXT);
+        assert!(c.tool.unwrap().starts_with("ttt"));
+        assert_eq!(c.method.as_deref(), Some("tools/call"));
+    }
 }

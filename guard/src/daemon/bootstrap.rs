@@ -218,6 +218,7 @@ pub async fn assemble(
             max_body: config.proxy.max_body.0 as usize,
             max_header: 64 * 1024,
             header_timeout,
+            body_timeout: Duration::from_secs(config.proxy.body_timeout_s.max(1)),
         },
         named.clone(),
     );

@@ -222,6 +222,11 @@ impl Daemon {
                     "Connection records left out under a flood (counted in connection_summary records).",
                     audit.connection_records_dropped,
                 ),
+                (
+                    "guard_audit_refusal_records_dropped_total",
+                    "Records of refused requests left out under a flood (counted in refusal_summary records).",
+                    audit.refusal_records_dropped,
+                ),
             ],
             &[
                 (

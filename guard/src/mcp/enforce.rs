@@ -201,11 +201,11 @@ impl Engine {
     /// (audited; the body is not forwarded).
     pub fn refuse_malformed(&self, caller: &Identity, t: &Target, e: &BodyError) -> Value {
         let mut r = self.record(Event::ToolCall, Decision::Deny, caller, t);
-        r.reason = Some(format!("malformed JSON-RPC: {e}"));
+        r.reason = Some(e.to_string());
         r.rule = Some("protocol".into());
         self.write(&r);
         let code = match e {
-            BodyError::Json(_) => wire::PARSE_ERROR,
+            BodyError::Json(_) | BodyError::Encoding(_) => wire::PARSE_ERROR,
             BodyError::NotJsonRpc(_) | BodyError::Malformed(_) => wire::INVALID_REQUEST,
         };
         wire::error(&Value::Null, code, &format!("guard: {e}"))

@@ -5,7 +5,10 @@
 
 use serde_json::{json, Value};
 
-use crate::{audit::Decision, config::Denial};
+use crate::{
+    audit::{clip, Decision, MAX_TEXT},
+    config::Denial,
+};
 
 /// Why guard refused a call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -110,12 +113,14 @@ impl Refusal {
         rule: &str,
         reason: impl Into<String>,
     ) -> Refusal {
+        // The agent chose the tool name (and reasons may quote it): its answer stays small.
+        let reason = reason.into();
         Refusal {
             kind,
             server: server.to_string(),
-            tool: tool.map(str::to_string),
+            tool: tool.map(|t| clip(t, 256).into_owned()),
             rule: rule.to_string(),
-            reason: reason.into(),
+            reason: clip(&reason, MAX_TEXT).into_owned(),
             retry_after_s: None,
             audit_id: String::new(),
         }

@@ -26,6 +26,10 @@ const MCP_METHODS: &[&str] = &[
     "tasks/",
 ];
 
+/// Most messages in one batch. Each is decided and audited on its own: a body of thousands of
+/// tiny requests would be thousands of records (and answers) for one request.
+pub const MAX_BATCH: usize = 100;
+
 /// One JSON-RPC message of a request body.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Message {
@@ -72,6 +76,10 @@ pub enum BodyError {
     /// A JSON-RPC message guard cannot read the way every server would.
     #[error("malformed JSON-RPC: {0}")]
     Malformed(String),
+    /// Bytes a server would decode (a charset, a compression) before reading them: what guard
+    /// parsed is not what the server would read.
+    #[error("unreadable body: {0} (guard reads only uncompressed UTF-8)")]
+    Encoding(String),
 }
 
 // The canonical rule. guard and the server must read the same message, or guard refuses it.
@@ -83,23 +91,39 @@ pub enum BodyError {
 // that folds onto a protocol key spelled exactly as that key, and strict JSON (anything serde
 // refuses, others may accept: it is refused).
 
-/// A key as a case-insensitive decoder reads it: ASCII letters in one case, and the two
-/// non-ASCII letters whose simple case folding reaches ASCII ones (U+212A KELVIN SIGN -> `k`,
-/// U+017F LATIN SMALL LETTER LONG S -> `s`; no other letter folds onto ASCII).
+/// A key as a case-insensitive decoder reads it: every letter replaced by one member of its
+/// case orbit (Go's encoding/json matches keys to fields with Unicode simple case folding, so
+/// `K`, `k` and U+212A KELVIN SIGN are one letter, as are `s`, `S` and U+017F LONG S, and `µ`,
+/// `μ` and `Μ`). It may fold more than simple folding does (`ı` with `i`): that only refuses
+/// more, never reads two keys as different that a decoder reads as one.
 pub fn fold_key(k: &str) -> std::borrow::Cow<'_, str> {
-    let plain = |c: char| c.is_ascii() && !c.is_ascii_uppercase();
-    if k.chars().all(plain) {
+    if k.bytes().all(|b| b.is_ascii() && !b.is_ascii_uppercase()) {
         return std::borrow::Cow::Borrowed(k);
     }
-    std::borrow::Cow::Owned(
-        k.chars()
-            .map(|c| match c {
-                '\u{212A}' => 'k',
-                '\u{017F}' => 's',
-                c => c.to_ascii_lowercase(),
-            })
-            .collect(),
-    )
+    std::borrow::Cow::Owned(k.chars().map(fold_char).collect())
+}
+
+/// One letter's representative: the lower case of its upper case, where both are one letter.
+fn fold_char(c: char) -> char {
+    if c.is_ascii() {
+        return c.to_ascii_lowercase();
+    }
+    // The three pairs simple folding joins whose upper cases are several letters (Unicode
+    // CaseFolding.txt, status S).
+    match c {
+        '\u{1FD3}' => return '\u{390}',
+        '\u{1FE3}' => return '\u{3B0}',
+        '\u{FB06}' => return '\u{FB05}',
+        _ => {}
+    }
+    fn single(mut it: impl Iterator<Item = char>) -> Option<char> {
+        let first = it.next()?;
+        it.next().is_none().then_some(first)
+    }
+    match single(c.to_uppercase()) {
+        Some(u) => single(u.to_lowercase()).unwrap_or(u),
+        None => single(c.to_lowercase()).unwrap_or(c),
+    }
 }
 
 /// Keys guard reads in a JSON-RPC message (requests and answers).
@@ -237,6 +261,12 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
     };
     if !items.iter().any(rpc_shaped) {
         return Err(BodyError::NotJsonRpc("no JSON-RPC message in it".into()));
+    }
+    if items.len() > MAX_BATCH {
+        return Err(BodyError::Malformed(format!(
+            "a batch of {} messages (at most {MAX_BATCH}): send fewer per request",
+            items.len()
+        )));
     }
     let mut messages = Vec::with_capacity(items.len());
     for item in items {
@@ -377,6 +407,25 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_is_at_most_max_batch_messages() {
+        let batch = |n: usize| {
+            let one = r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#;
+            format!("[{}]", vec![one; n].join(","))
+        };
+        assert_eq!(
+            parse_body(batch(MAX_BATCH).as_bytes())
+                .unwrap()
+                .messages
+                .len(),
+            MAX_BATCH
+        );
+        assert!(matches!(
+            parse_body(batch(MAX_BATCH + 1).as_bytes()),
+            Err(BodyError::Malformed(_))
+        ));
+    }
+
+    #[test]
     fn rejects_what_is_not_json_rpc() {
         assert!(matches!(parse_body(b"{nope"), Err(BodyError::Json(_))));
         assert!(matches!(parse_body(b"[]"), Err(BodyError::NotJsonRpc(_))));
@@ -402,6 +451,26 @@ mod tests {
         assert_eq!(fold_key("METHOD"), "method");
         assert_eq!(fold_key("para\u{17F}"), "paras");
         assert_eq!(fold_key("\u{212A}ey"), "key");
+        // Whole orbits fold to one letter, ASCII or not.
+        for orbit in [
+            &["k", "K", "\u{212A}"][..],
+            &["s", "S", "\u{17F}"],
+            &["\u{B5}", "\u{3BC}", "\u{39C}"],
+            &["\u{3B8}", "\u{398}", "\u{3D1}", "\u{3F4}"],
+            &["\u{3C3}", "\u{3A3}", "\u{3C2}"],
+            &["\u{DF}", "\u{1E9E}"],
+            &["\u{1C4}", "\u{1C5}", "\u{1C6}"],
+            &["\u{13A0}", "\u{AB70}"],
+            &["\u{390}", "\u{1FD3}"],
+            &["\u{FB05}", "\u{FB06}"],
+            &["\u{10400}", "\u{10428}"],
+        ] {
+            let folded: Vec<_> = orbit.iter().map(|c| fold_key(c).into_owned()).collect();
+            assert!(
+                folded.iter().all(|f| *f == folded[0]),
+                "{orbit:?} -> {folded:?}"
+            );
+        }
         // Other non-ASCII letters never reach ASCII ones.
         assert_eq!(fold_key("n\u{0430}me"), "n\u{0430}me");
         assert_eq!(fold_key("\u{130}d"), "\u{130}d");

@@ -14,6 +14,10 @@ pub enum Kind {
     Http,
     /// HTTP/2 with prior knowledge (cleartext, the `PRI * HTTP/2.0` preface).
     H2c,
+    /// A request line that is not HTTP/1.x as guard serves it, but that a lenient server may
+    /// read as a request: another version (`HTTP/2.0`, `HTTP/0.9`, `RTSP/1.0`), or runs of
+    /// blanks between its parts. Never served; refused wherever a request would be decided.
+    HttpLike,
     /// Anything else, including protocols where the server speaks first.
     Other,
 }
@@ -24,6 +28,7 @@ impl Kind {
             Kind::Tls => "tls",
             Kind::Http => "http",
             Kind::H2c => "h2c",
+            Kind::HttpLike => "http-like",
             Kind::Other => "tcp",
         }
     }
@@ -67,32 +72,68 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     let line = &b[start..];
     // method
     let m = line.iter().position(|c| !is_tchar(*c))?;
-    if m == 0 || line[m] != b' ' {
+    if m == 0 || !is_blank(line[m]) {
         return Some(Kind::Other);
     }
+    let (gap1, rest) = skip_blanks(&line[m..])?;
     // target
-    let rest = &line[m + 1..];
     let t = rest
         .iter()
-        .position(|c| *c == b' ' || *c == b'\r' || *c == b'\n' || *c < 0x21 || *c == 0x7f)?;
-    if t == 0 || rest[t] != b' ' {
+        .position(|c| c.is_ascii_whitespace() || *c < 0x21 || *c == 0x7f)?;
+    if !is_blank(rest[t]) {
+        // A line end right after the target (HTTP/0.9, no body), or a control byte.
         return Some(Kind::Other);
     }
-    // version
-    let v = &rest[t + 1..];
+    let (gap2, v) = skip_blanks(&rest[t..])?;
     const HTTP1: &[u8] = b"HTTP/1.";
-    if v.len() < HTTP1.len() {
-        return if HTTP1.starts_with(v) {
-            None
-        } else {
-            Some(Kind::Other)
-        };
+    let exact = gap1 == b" " && gap2 == b" ";
+    if exact && v.starts_with(HTTP1) {
+        return Some(Kind::Http);
     }
-    if &v[..HTTP1.len()] == HTTP1 {
-        Some(Kind::Http)
+    if exact && HTTP1.starts_with(v) {
+        return None;
+    }
+    // Not the exact HTTP/1.x line: a request line all the same when its version reads like
+    // one (`HTTP/2.0`, `RTSP/1.0`, `http/1.1`, or HTTP/1.1 after runs of blanks) — lenient
+    // servers take those.
+    const MAX_VERSION: usize = 32;
+    let end = v
+        .iter()
+        .take(MAX_VERSION + 1)
+        .position(|c| c.is_ascii_whitespace() || c.is_ascii_control());
+    let Some(end) = end else {
+        return (v.len() > MAX_VERSION).then_some(Kind::Other);
+    };
+    if is_version(&v[..end]) {
+        Some(Kind::HttpLike)
     } else {
         Some(Kind::Other)
     }
+}
+
+fn is_blank(c: u8) -> bool {
+    c == b' ' || c == b'\t'
+}
+
+/// The blanks at the start of `b` (there is at least one), and what follows. `None` while
+/// nothing but blanks has come.
+fn skip_blanks(b: &[u8]) -> Option<(&[u8], &[u8])> {
+    let n = b.iter().position(|c| !is_blank(*c))?;
+    Some(b.split_at(n))
+}
+
+/// `NAME/major[.minor]`: a protocol version as request lines spell it.
+fn is_version(v: &[u8]) -> bool {
+    let Some(slash) = v.iter().position(|c| *c == b'/') else {
+        return false;
+    };
+    let (name, num) = (&v[..slash], &v[slash + 1..]);
+    let digits = |d: &[u8]| !d.is_empty() && d.iter().all(u8::is_ascii_digit);
+    let num_ok = match num.iter().position(|c| *c == b'.') {
+        Some(dot) => digits(&num[..dot]) && digits(&num[dot + 1..]),
+        None => digits(num),
+    };
+    !name.is_empty() && name.len() <= 16 && name.iter().all(u8::is_ascii_alphabetic) && num_ok
 }
 
 /// Classifies what the client has sent so far, without waiting: `None` when that is not enough
@@ -188,7 +229,36 @@ mod tests {
         );
         assert_eq!(classify(b"POST /mcp HTTP/1."), Some(Kind::Http));
         assert_eq!(classify(b"POST /mcp HT"), None);
-        assert_eq!(classify(b"POST /mcp XYZ"), Some(Kind::Other));
+        assert_eq!(
+            classify(b"POST /mcp XYZ"),
+            None,
+            "the version is not complete yet"
+        );
+        assert_eq!(classify(b"POST /mcp XYZ\r\n"), Some(Kind::Other));
+        for like in [
+            &b"POST /mcp HTTP/2.0\r\n"[..],
+            b"POST /mcp HTTP/0.9\r\n",
+            b"POST /mcp HTTP/3.7 \r\n",
+            b"POST /mcp http/1.1\r\n",
+            b"POST /mcp RTSP/1.0\r\n",
+            b"POST /mcp ICE/1\n",
+            b"POST  /mcp HTTP/1.1\r\n",
+            b"POST /mcp  HTTP/1.1\r\n",
+            b"POST\t/mcp\tHTTP/1.1\r\n",
+        ] {
+            assert_eq!(
+                classify(like),
+                Some(Kind::HttpLike),
+                "{}",
+                String::from_utf8_lossy(like)
+            );
+        }
+        assert_eq!(classify(b"POST /mcp HTTP/2.0"), None);
+        assert_eq!(classify(b"POST  /mcp"), None);
+        assert_eq!(
+            classify(&[b"POST /mcp ".as_slice(), &[b'v'; 40]].concat()),
+            Some(Kind::Other)
+        );
         assert_eq!(
             classify(b"GET /\r\n"),
             Some(Kind::Other),

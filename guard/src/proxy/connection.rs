@@ -12,13 +12,14 @@ use tokio::net::TcpStream;
 
 use super::{
     classify::{self, Kind},
+    fairness::Held,
     http,
     identify::Connection,
     tcp, Proxy, Stats,
 };
 use crate::{
     audit::{AgentRef, Audit, Decision, Event, Record},
-    config::OtherTraffic,
+    config::{OtherTraffic, UnknownServers},
 };
 
 /// Why a connection ended before it was classified.
@@ -119,7 +120,14 @@ impl Drop for ConnectionRecord<'_> {
 }
 
 impl Proxy {
-    pub(super) async fn handle(&self, client: TcpStream, peer: SocketAddr, local: SocketAddr) {
+    /// Serves one accepted connection; `permit` is its place in `proxy.max_connections`.
+    pub(super) async fn handle(
+        &self,
+        client: TcpStream,
+        peer: SocketAddr,
+        local: SocketAddr,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
         let started = Instant::now();
         self.stats.accepted.fetch_add(1, Ordering::Relaxed);
         let Some(conn) = self.identify.identify(peer, local) else {
@@ -138,7 +146,7 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         let dst = conn.original_dst;
         let mut rec = ConnectionRecord::new(self, &conn, started);
-        let Some(_slot) = self.per_agent.acquire(&conn.identity) else {
+        let Some(slot) = self.per_agent.acquire(&conn.identity) else {
             self.stats.over_agent_limit.fetch_add(1, Ordering::Relaxed);
             rec.deny(
                 "proxy.max_connections_per_agent",
@@ -150,6 +158,7 @@ impl Proxy {
             );
             return rec.refuse(client);
         };
+        let hold = Held::new(Some(permit), slot);
         let (kind, upstream) = match self.first_bytes(&client, dst, &mut rec).await {
             Ok(k) => k,
             // The upstream connect failed: reset, as a refusal.
@@ -160,9 +169,28 @@ impl Proxy {
         rec.record.transport = Some(kind.as_str().into());
         if kind == Kind::Tls {
             // Its own decision (intercept, pass, or refuse).
-            return self.handle_tls(client, conn, upstream, rec).await;
+            return self.handle_tls(client, conn, upstream, rec, hold).await;
         }
-        if kind == Kind::Other {
+        if kind == Kind::HttpLike {
+            // A request line guard does not serve (another version, blanks where one space
+            // goes): a lenient server may read a request in it, so it passes only where
+            // requests to unknown servers pass unread anyway.
+            let named = self.named.get(dst).is_some();
+            if named || self.http.engine.settings.unknown_servers == UnknownServers::Deny {
+                let rule = if named {
+                    "policy.server"
+                } else {
+                    "policy.unknown_servers"
+                };
+                rec.deny(
+                    rule,
+                    "a request line that is not HTTP/1.x as guard reads it (another version, or \
+                     runs of blanks) is not forwarded: send HTTP/1.1 or HTTP/2",
+                );
+                return rec.refuse(client);
+            }
+        }
+        if kind == Kind::Other || kind == Kind::HttpLike {
             // A server a policy names is only ever reached through enforcement: something guard
             // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
             if self.named.get(dst).is_some() {
@@ -180,21 +208,18 @@ impl Proxy {
                 return rec.refuse(client);
             }
         }
-        let rule = if kind == Kind::Other {
-            "passthrough"
-        } else {
-            "http"
-        };
+        let served = kind == Kind::Http || kind == Kind::H2c;
+        let rule = if served { "http" } else { "passthrough" };
         rec.record.rule = Some(rule.into());
         let Some((mut client, mut upstream)) = self.go_on(client, upstream, dst, &mut rec).await
         else {
             return;
         };
-        if kind == Kind::Http || kind == Kind::H2c {
+        if served {
             let upstream = http::Upstream::new(dst, http::Connector::Plain, Some(upstream));
             let floor = self.named.get(dst);
             let h2 = kind == Kind::H2c;
-            http::serve(self.http.clone(), conn, client, upstream, h2, floor).await;
+            http::serve(self.http.clone(), conn, client, upstream, h2, floor, hold).await;
         } else if let Err(e) = tcp::passthrough(&mut client, &mut upstream).await {
             tracing::debug!(%peer, %dst, "passthrough ended: {e}");
         }

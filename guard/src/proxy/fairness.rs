@@ -15,6 +15,25 @@ pub struct PerAgent {
     held: Mutex<HashMap<String, usize>>,
 }
 
+/// What a connection holds while it is served: its place in `proxy.max_connections` and its
+/// agent's slot. Shared (`Arc`) with what outlives the HTTP exchange on it — a tunnel after a
+/// protocol upgrade — so that both are given back only when all of it has ended.
+pub struct Held {
+    _permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    _slot: Slot,
+}
+
+pub type Hold = Arc<Held>;
+
+impl Held {
+    pub fn new(permit: Option<tokio::sync::OwnedSemaphorePermit>, slot: Slot) -> Hold {
+        Arc::new(Held {
+            _permit: permit,
+            _slot: slot,
+        })
+    }
+}
+
 /// One connection's slot; given back when dropped.
 pub struct Slot {
     of: Arc<PerAgent>,

@@ -158,8 +158,7 @@ impl Proxy {
                     };
                     let me = self.clone();
                     let served = self.workers.serve(stream, move |stream| async move {
-                        me.handle(stream, peer, local).await;
-                        drop(permit);
+                        me.handle(stream, peer, local, permit).await;
                     });
                     if let Err(e) = served {
                         // Closed by the failure: nothing was forwarded.

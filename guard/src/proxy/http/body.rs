@@ -109,6 +109,10 @@ pub(super) enum AnswerType {
 }
 
 pub(super) fn answer_type(headers: &HeaderMap) -> AnswerType {
+    // Two Content-Type headers: clients join them or take either one.
+    if headers.get_all(header::CONTENT_TYPE).iter().count() > 1 {
+        return AnswerType::Ambiguous;
+    }
     let Some(ct) = headers
         .get(header::CONTENT_TYPE)
         .map(|v| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase())
@@ -124,6 +128,58 @@ pub(super) fn answer_type(headers: &HeaderMap) -> AnswerType {
         (false, true) => AnswerType::Sse,
         (false, false) => AnswerType::Other,
     }
+}
+
+/// Why a request body might not read to a server as the bytes guard parsed: a `charset` other
+/// than UTF-8 (body-parser and the TypeScript SDK's legacy SSE transport decode UTF-7, UTF-16,
+/// latin1, ... through iconv-lite; `+AHQ-ools/call` is `tools/call` in UTF-7), a
+/// `Content-Encoding` (express.json() inflates gzip and deflate), a `Transfer-Encoding` other
+/// than chunked, or two `Content-Type` or `Content-Encoding` headers (servers take either).
+pub(super) fn request_encoding(headers: &HeaderMap) -> Result<(), String> {
+    for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
+        if headers.get_all(&name).iter().count() > 1 {
+            return Err(format!("more than one {name} header"));
+        }
+    }
+    let lossy = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
+    charset(headers)?;
+    if let Some(ce) = headers.get(header::CONTENT_ENCODING).map(lossy) {
+        if ce.split(',').any(|c| !matches!(c.trim(), "identity" | "")) {
+            return Err(format!(
+                "the body is encoded (Content-Encoding: {})",
+                ce.escape_debug()
+            ));
+        }
+    }
+    for te in headers.get_all(header::TRANSFER_ENCODING).iter().map(lossy) {
+        if te.split(',').any(|c| c.trim() != "chunked") {
+            return Err(format!("Transfer-Encoding `{}`", te.escape_debug()));
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a `charset` other than UTF-8 in the `Content-Type`: the bytes guard reads would be
+/// other text to whoever decodes them by it (httpx decodes an event stream by it, too).
+pub(super) fn charset(headers: &HeaderMap) -> Result<(), String> {
+    let Some(ct) = headers.get(header::CONTENT_TYPE) else {
+        return Ok(());
+    };
+    let ct = String::from_utf8_lossy(ct.as_bytes()).to_ascii_lowercase();
+    for param in ct.split(';').skip(1) {
+        let (k, v) = param.split_once('=').unwrap_or((param, ""));
+        if k.trim() != "charset" {
+            continue;
+        }
+        let v = v.trim().trim_matches('"');
+        if v != "utf-8" && v != "utf8" {
+            return Err(format!(
+                "the body is in charset `{}`, not UTF-8",
+                v.escape_debug()
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Whether a response says it has no body (`Content-Length: 0`, or an ended stream).
@@ -142,4 +198,65 @@ pub(super) fn query_session(uri: &http::Uri) -> Option<String> {
         let (k, v) = kv.split_once('=')?;
         (k == "session_id" || k == "sessionId").then(|| v.to_string())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in pairs {
+            h.append(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        h
+    }
+
+    #[test]
+    fn only_plain_utf8_bodies_are_read_as_sent() {
+        for ok in [
+            &[][..],
+            &[("content-type", "application/json")],
+            &[("content-type", "application/json; charset=utf-8")],
+            &[("content-type", "application/json;Charset=\"UTF-8\"")],
+            &[("content-type", "application/json; charset=utf8")],
+            &[("content-encoding", "identity")],
+            &[("transfer-encoding", "chunked")],
+        ] {
+            assert_eq!(request_encoding(&headers(ok)), Ok(()), "{ok:?}");
+        }
+        for bad in [
+            &[("content-type", "application/json; charset=utf-7")][..],
+            &[("content-type", "application/json; charset=\"utf-16le\"")],
+            &[("content-type", "text/plain; charset=latin1")],
+            &[(
+                "content-type",
+                "application/json; charset=utf-8; charset=utf-7",
+            )],
+            &[
+                ("content-type", "application/json"),
+                ("content-type", "application/json; charset=utf-7"),
+            ],
+            &[("content-encoding", "gzip")],
+            &[("content-encoding", "identity, deflate")],
+            &[("content-encoding", "identity"), ("content-encoding", "br")],
+            &[("transfer-encoding", "gzip, chunked")],
+        ] {
+            assert!(request_encoding(&headers(bad)).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn two_content_types_on_an_answer_are_ambiguous() {
+        let h = headers(&[
+            ("content-type", "application/json"),
+            ("content-type", "text/event-stream"),
+        ]);
+        assert_eq!(answer_type(&h), AnswerType::Ambiguous);
+        let h = headers(&[("content-type", "application/json")]);
+        assert_eq!(answer_type(&h), AnswerType::Json);
+    }
 }

@@ -15,8 +15,9 @@ use tokio::sync::mpsc;
 
 use super::{
     body::{
-        answer_type, boxed, chain, full, header_str, is_empty_body, json_response, query_session,
-        read_up_to, sse_response, text_response, AnswerType, Body, BoxError, Read,
+        answer_type, boxed, chain, charset, full, header_str, is_empty_body, json_response,
+        query_session, read_up_to, request_encoding, sse_response, text_response, AnswerType, Body,
+        BoxError, Read,
     },
     Ctx,
 };
@@ -61,7 +62,11 @@ impl Ctx {
             }
             Err(Unread::Refused(resp)) => return resp,
         };
-        let body = match (&target.server, wire::parse_body(&bytes)) {
+        // Decoded by the server before it reads them: what guard would parse is not the message.
+        let parsed = request_encoding(&parts.headers)
+            .map_err(BodyError::Encoding)
+            .and_then(|()| wire::parse_body(&bytes));
+        let body = match (&target.server, parsed) {
             (_, Ok(b)) if target.server.is_some() || wire::looks_like_mcp(&b) => b,
             (Some(_), Err(e)) => {
                 let answer = self.engine().refuse_malformed(caller, &target, &e);
@@ -137,7 +142,27 @@ impl Ctx {
         body: Incoming,
     ) -> Result<Bytes, Unread> {
         let max = self.http.settings.max_body;
-        match read_up_to(boxed(body), max).await {
+        let within = self.http.settings.body_timeout;
+        let Ok(read) = tokio::time::timeout(within, read_up_to(boxed(body), max)).await else {
+            // A body trickled in holds its connection's slot: it has a deadline like headers.
+            let reason = format!(
+                "the request body did not arrive within proxy.body_timeout_s ({}s)",
+                within.as_secs()
+            );
+            self.engine().audit_refused(
+                Event::Limit,
+                &self.conn.identity,
+                target,
+                None,
+                "proxy.body_timeout_s",
+                &reason,
+            );
+            return Err(Unread::Refused(text_response(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("guard: {reason}\n"),
+            )));
+        };
+        match read {
             Read::Whole(b) => Ok(b),
             Read::Over { prefix, rest } => {
                 if target.server.is_none() && !could_carry_json(headers, &prefix) {
@@ -173,7 +198,7 @@ impl Ctx {
         }
         match e {
             BodyError::Malformed(_) => true,
-            BodyError::Json(_) => could_carry_json(headers, bytes),
+            BodyError::Json(_) | BodyError::Encoding(_) => could_carry_json(headers, bytes),
             BodyError::NotJsonRpc(_) => false,
         }
     }
@@ -238,6 +263,9 @@ impl Ctx {
             }
             AnswerType::Ambiguous => {
                 Some("the answer's Content-Type names both JSON and an event stream")
+            }
+            _ if kind != AnswerType::Other && charset(resp.headers()).is_err() => {
+                Some("the answer names a charset other than UTF-8")
             }
             // A client that takes this for an answer would read it unfiltered.
             AnswerType::Other if answers_requests && !is_empty_body(&resp) => {

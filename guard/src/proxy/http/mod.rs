@@ -22,7 +22,7 @@ use std::{
 };
 
 use http::{header, HeaderValue, Method, Request, Response, StatusCode};
-use hyper::body::Incoming;
+use hyper::body::{Body as _, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
 
 use self::{
@@ -30,7 +30,7 @@ use self::{
     legacy::Legacy,
     upstream::Failed,
 };
-use super::{identify::Connection, named::Named};
+use super::{fairness::Hold, identify::Connection, named::Named};
 use crate::{
     audit::{AgentRef, Decision, Event},
     mcp::{Engine, Target, Transport},
@@ -42,7 +42,13 @@ pub struct HttpSettings {
     pub max_body: usize,
     pub max_header: usize,
     pub header_timeout: Duration,
+    /// The part of a request body guard reads must arrive within this.
+    pub body_timeout: Duration,
 }
+
+/// Requests at once on one HTTP/2 connection: its streams share the connection's slot, so one
+/// connection must not become thousands of requests.
+const MAX_H2_STREAMS: u32 = 32;
 
 /// What the HTTP layer shares across connections: the enforcement core, its limits, the
 /// addresses policies name, and the legacy HTTP+SSE sessions.
@@ -72,6 +78,8 @@ struct Ctx {
     floor: Option<String>,
     conn: Connection,
     upstream: tokio::sync::Mutex<Upstream>,
+    /// The connection's place in the limits, kept by tunnels that outlive the HTTP exchange.
+    hold: Hold,
 }
 
 /// Serves HTTP on a redirected (or TLS-terminated) client connection until it closes: HTTP/2
@@ -83,6 +91,7 @@ pub async fn serve<C>(
     upstream: Upstream,
     h2: bool,
     floor: Option<String>,
+    hold: Hold,
 ) where
     C: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
@@ -92,6 +101,7 @@ pub async fn serve<C>(
         floor,
         http,
         conn,
+        hold,
     });
     let service = hyper::service::service_fn(move |req| {
         let ctx = ctx.clone();
@@ -102,6 +112,7 @@ pub async fn serve<C>(
             hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new());
         builder
             .timer(TokioTimer::new())
+            .max_concurrent_streams(MAX_H2_STREAMS)
             .max_header_list_size(settings.max_header as u32);
         builder
             .serve_connection(TokioIo::new(client), service)
@@ -171,15 +182,30 @@ impl Ctx {
             // Answers guard must read (tools/list, pins) come back uncompressed.
             req.headers_mut().remove(header::ACCEPT_ENCODING);
         }
-        if req.headers().contains_key(header::UPGRADE) || req.method() == Method::CONNECT {
+        // A body, whatever the method and headers say (HTTP/2 DATA frames need neither
+        // Content-Length nor Transfer-Encoding).
+        let has_body = !req.body().is_end_stream()
+            || req.headers().contains_key(header::TRANSFER_ENCODING)
+            || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
+        if req.method() == Method::CONNECT
+            || (req.headers().contains_key(header::UPGRADE) && !has_body)
+        {
             return self.upgrade(req, &target, &policies).await;
+        }
+        if req.headers().contains_key(header::UPGRADE) {
+            // An upgrade with a body would be forwarded with its body unread (a server may read
+            // it before it answers, or never switch): the body is read like any other, and the
+            // request goes on without asking to switch.
+            strip_upgrade(req.headers_mut());
         }
         let bodyless = matches!(
             *req.method(),
             Method::GET | Method::HEAD | Method::DELETE | Method::OPTIONS | Method::TRACE
         );
-        if bodyless {
-            return self.bodyless(req, target).await;
+        // A body on a GET or DELETE to a server no policy names is read and checked like a
+        // POST's; to a named one it is refused (in `bodyless`).
+        if bodyless && (!has_body || target.server.is_some()) {
+            return self.bodyless(req, target, has_body).await;
         }
         self.with_body(req, target).await
     }
@@ -237,9 +263,8 @@ impl Ctx {
         self: &Arc<Self>,
         req: Request<Incoming>,
         mut target: Target,
+        has_body: bool,
     ) -> Response<Body> {
-        let has_body = req.headers().contains_key(header::TRANSFER_ENCODING)
-            || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
         if target.server.is_some() && has_body {
             return text_response(
                 StatusCode::BAD_REQUEST,
@@ -362,7 +387,10 @@ impl Ctx {
         };
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_upgrade = hyper::upgrade::on(&mut resp);
+            // The tunnel outlives this HTTP connection: it keeps the connection's slots.
+            let hold = self.hold.clone();
             tokio::spawn(async move {
+                let _hold = hold;
                 if let (Ok(c), Ok(s)) = (client_upgrade.await, server_upgrade.await) {
                     let mut c = TokioIo::new(c);
                     let mut s = TokioIo::new(s);
@@ -371,5 +399,47 @@ impl Ctx {
             });
         }
         resp.map(boxed)
+    }
+}
+
+/// Removes the request's wish to switch protocols: `Upgrade`, and the `upgrade` token of
+/// `Connection`.
+fn strip_upgrade(headers: &mut http::HeaderMap) {
+    headers.remove(header::UPGRADE);
+    let kept: Vec<String> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("upgrade"))
+        .map(str::to_string)
+        .collect();
+    headers.remove(header::CONNECTION);
+    if let Ok(v) = HeaderValue::from_str(&kept.join(", ")) {
+        if !kept.is_empty() {
+            headers.insert(header::CONNECTION, v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stripped_request_no_longer_asks_to_switch() {
+        let mut h = http::HeaderMap::new();
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("keep-alive, Upgrade"),
+        );
+        strip_upgrade(&mut h);
+        assert!(h.get(header::UPGRADE).is_none());
+        assert_eq!(h.get(header::CONNECTION).unwrap(), "keep-alive");
+        h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        strip_upgrade(&mut h);
+        assert!(h.get(header::CONNECTION).is_none());
     }
 }

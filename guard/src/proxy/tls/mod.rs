@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::net::TcpStream;
 
-use super::{connection::ConnectionRecord, http, identify::Connection, tcp, Proxy};
+use super::{connection::ConnectionRecord, fairness::Hold, http, identify::Connection, tcp, Proxy};
 use crate::{audit::ServerRef, config::Intercept, net::canonical_addr};
 
 impl Proxy {
@@ -25,6 +25,7 @@ impl Proxy {
         conn: Connection,
         upstream: Option<TcpStream>,
         mut rec: ConnectionRecord<'_>,
+        hold: Hold,
     ) {
         let dst = conn.original_dst;
         let hello = match hello::peek_client_hello(&client, self.settings.header_timeout).await {
@@ -54,7 +55,8 @@ impl Proxy {
         if !intercept {
             return self.tls_passthrough(client, dst, sni, upstream, rec).await;
         }
-        self.intercept(client, conn, sni, server, upstream, rec)
+        let names = Names { sni, server };
+        self.intercept(client, conn, names, upstream, rec, hold)
             .await;
     }
 
@@ -98,10 +100,10 @@ impl Proxy {
         &self,
         client: TcpStream,
         conn: Connection,
-        sni: Option<String>,
-        server: Option<String>,
+        Names { sni, server }: Names,
         upstream: Option<TcpStream>,
         mut rec: ConnectionRecord<'_>,
+        hold: Hold,
     ) {
         let dst = conn.original_dst;
         let name = sni
@@ -154,7 +156,15 @@ impl Proxy {
             upstream,
             alpn_h2,
             server,
+            hold,
         )
         .await;
     }
+}
+
+/// Who an intercepted connection is for: the name the agent asked for (SNI), and the
+/// policy-named server it is, if any.
+struct Names {
+    sni: Option<String>,
+    server: Option<String>,
 }
