@@ -670,6 +670,61 @@ fn one_request_costs_at_most_a_few_small_records() {
 }
 
 #[test]
+fn conditions_hold_only_for_what_the_server_reads() {
+    let dir = TestDir::new("condition-types");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    // add may not take 5 (neq) nor 6 or 7 (not_in); fetch_tasks may not ask for task 13.
+    for (name, s) in &trio.servers {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "default": "deny",
+            "tools": {
+                "add": { "when": [
+                    { "path": "a", "op": "neq", "value": 5 },
+                    { "path": "b", "op": "not_in", "value": [6, 7] }
+                ] },
+                "fetch_tasks": { "when": [ { "path": "task_ids", "op": "not_in", "value": [[13]] } ] }
+            }
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    let call = |tool: &str, args: Value| {
+        json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":tool,"arguments":args}})
+            .to_string()
+    };
+    // Each passed guard's old reading (another type than the policy's is "not equal"), and
+    // FastMCP coerces or parses it into the forbidden value.
+    let payloads = [
+        call("add", json!({"a": "5", "b": 1})),
+        call("add", json!({"a": 1, "b": "6"})),
+        call("add", json!({"a": 1, "b": " 7"})),
+        call("fetch_tasks", json!({"task_ids": "[13]"})),
+    ];
+    for (name, s) in &trio.servers {
+        for body in &payloads {
+            let (code, answer) = g.curl_post(&s.url, &[], body);
+            assert!(code == 200 || code == 400, "{name}: {code} {answer}");
+            assert!(answer.contains("-32001"), "{name}: {body} -> {answer}");
+        }
+        assert_eq!(
+            s.calls(),
+            Vec::<Value>::new(),
+            "{name} ran a forbidden call"
+        );
+    }
+    // The policy's own types, allowed values: run.
+    let (_, answer) = g.curl_post(
+        &trio.servers[0].1.url,
+        &[],
+        &call("add", json!({"a": 2, "b": 3})),
+    );
+    assert!(answer.contains('5'), "{answer}");
+    assert_eq!(trio.servers[0].1.calls().len(), 1);
+}
+
+#[test]
 fn no_audit_record_means_no_call() {
     let dir = TestDir::new("no-record");
     let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);

@@ -9,6 +9,7 @@ pub mod audit;
 pub mod cli;
 pub mod config;
 pub mod daemon;
+pub mod fold;
 pub mod identity;
 pub mod kernel;
 pub mod mcp;

@@ -7,6 +7,7 @@ use serde_json::{Number, Value};
 
 use super::locate::Seg;
 use super::raw::{Op, RawCond};
+use crate::fold::fold_key;
 
 /// One step of an argument path: an object key, which is also an array index when numeric.
 #[derive(Debug, Clone)]
@@ -112,30 +113,64 @@ impl Condition {
         })
     }
 
-    fn resolve<'v>(&self, args: &'v Value) -> Option<&'v Value> {
+    /// What the path leads to in these arguments.
+    fn lookup<'v>(&self, args: &'v Value) -> Lookup<'v> {
         let mut cur = args;
         for step in &self.steps {
             cur = match cur {
-                Value::Object(m) => m.get(&step.key)?,
-                Value::Array(a) => a.get(step.index?)?,
-                _ => return None,
+                Value::Object(m) => match m.get(&step.key) {
+                    Some(v) => v,
+                    // Not there as spelled, but a case-insensitive decoder (Go's) reads this
+                    // key as the one the path names.
+                    None if m.keys().any(|k| fold_key(k) == fold_key(&step.key)) => {
+                        return Lookup::Unsure
+                    }
+                    None => return Lookup::Absent,
+                },
+                Value::Array(a) => match step.index.and_then(|i| a.get(i)) {
+                    Some(v) => v,
+                    None => return Lookup::Absent,
+                },
+                // A server may parse the string as JSON and find the path inside it.
+                Value::String(_) => return Lookup::Unsure,
+                _ => return Lookup::Absent,
             };
         }
-        Some(cur)
+        Lookup::Found(cur)
+    }
+
+    fn resolve<'v>(&self, args: &'v Value) -> Option<&'v Value> {
+        match self.lookup(args) {
+            Lookup::Found(v) => Some(v),
+            _ => None,
+        }
     }
 
     /// Whether the condition holds for these arguments. A missing path fails, except for
-    /// `exists: false`.
+    /// `exists: false` — which fails too where a server could find the path after all.
+    /// Negative operators hold only for a value of the policy's own JSON type (a server may
+    /// coerce `"5"` to `5`), and not for a string that is the forbidden value as JSON text.
     pub fn holds(&self, args: &Value) -> bool {
-        let Some(actual) = self.resolve(args) else {
-            return self.absence_holds();
+        let actual = match self.lookup(args) {
+            Lookup::Found(v) => v,
+            Lookup::Absent => return self.absence_holds(),
+            Lookup::Unsure => return false,
         };
         match self.op {
             Op::Exists => self.want_present,
             Op::Eq => json_eq(actual, &self.value),
-            Op::Neq => !json_eq(actual, &self.value),
+            Op::Neq => {
+                same_type(actual, &self.value)
+                    && !json_eq(actual, &self.value)
+                    && !as_json_text(actual).is_some_and(|v| json_eq(&v, &self.value))
+            }
             Op::In => self.in_list(actual),
-            Op::NotIn => !self.in_list(actual),
+            Op::NotIn => {
+                let list = self.value.as_array().map(Vec::as_slice).unwrap_or_default();
+                list.iter().any(|v| same_type(actual, v))
+                    && !self.in_list(actual)
+                    && !as_json_text(actual).is_some_and(|v| self.in_list(&v))
+            }
             Op::Lt => compare(actual, &self.value) == Some(Ordering::Less),
             Op::Lte => matches!(
                 compare(actual, &self.value),
@@ -208,6 +243,27 @@ impl Condition {
             }
         }
     }
+}
+
+/// Where a condition's path leads.
+enum Lookup<'v> {
+    Found(&'v Value),
+    Absent,
+    /// Absent to guard, yet a server may find it: a key that differs only in case, or a string
+    /// on the way (which the server may parse as JSON).
+    Unsure,
+}
+
+/// Same JSON type (numbers are one type, whatever their form).
+fn same_type(a: &Value, b: &Value) -> bool {
+    std::mem::discriminant(a) == std::mem::discriminant(b)
+}
+
+/// A string's content read as JSON, when it is JSON: what a server that parses its string
+/// arguments reads.
+fn as_json_text(v: &Value) -> Option<Value> {
+    let s = v.as_str()?.trim();
+    serde_json::from_str(s).ok()
 }
 
 /// `a.b.0`, `$.a.b[0]`, `$` (the arguments themselves).
@@ -308,6 +364,41 @@ mod tests {
 
     fn holds(path: &str, op: &str, value: Value, args: Value) -> bool {
         cond(path, op, Some(value)).holds(&args)
+    }
+
+    #[test]
+    fn negative_operators_fail_closed_on_another_type() {
+        // A server that coerces "5" to 5 (pydantic's lax mode) would run what neq forbids.
+        assert!(!holds("a", "neq", json!(5), json!({"a": "5"})));
+        assert!(!holds("a", "neq", json!(true), json!({"a": "true"})));
+        assert!(!holds("a", "neq", json!("0"), json!({"a": 0})));
+        assert!(!holds("a", "not_in", json!([1, 2]), json!({"a": "1"})));
+        assert!(!holds("a", "not_in", json!(["x"]), json!({"a": null})));
+        // ... or that parses a string argument as JSON.
+        assert!(!holds("a", "neq", json!("rm"), json!({"a": "\"rm\""})));
+        assert!(!holds("a", "neq", json!([1]), json!({"a": "[1]"})));
+        assert!(!holds("a", "not_in", json!([5]), json!({"a": " 5 "})));
+        // The policy's own type, another value: holds.
+        assert!(holds("a", "neq", json!(5), json!({"a": 6.0})));
+        assert!(holds("a", "neq", json!("x"), json!({"a": "5"})));
+        assert!(holds("a", "not_in", json!([1, "x"]), json!({"a": "y"})));
+        assert!(holds("a", "not_in", json!([1, "x"]), json!({"a": 2})));
+    }
+
+    #[test]
+    fn exists_false_fails_where_a_server_could_find_the_path() {
+        let absent =
+            |path: &str, args: Value| cond(path, "exists", Some(json!(false))).holds(&args);
+        assert!(absent("force", json!({"path": "/"})));
+        assert!(absent("opts.force", json!({"opts": {}})));
+        assert!(absent("opts.force", json!({"opts": 5})));
+        // Go's encoding/json reads `Force` (and `ſorce`... any fold) as `force`.
+        assert!(!absent("force", json!({"Force": true})));
+        assert!(!absent("force", json!({"FORCE": true})));
+        // A string on the way: a server may parse it.
+        assert!(!absent("opts.force", json!({"opts": "{\"force\": true}"})));
+        // The other operators read a differently-cased key as missing: they fail anyway.
+        assert!(!holds("mode", "neq", json!("x"), json!({"Mode": "y"})));
     }
 
     #[test]
