@@ -151,7 +151,8 @@ fn parser_differentials_never_run_a_denied_call() {
 fn raw_request(route: SocketAddr, request: &[u8]) -> String {
     let mut s = TcpStream::connect(route).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-    s.write_all(request).unwrap();
+    // guard may answer (or reset) before the whole request is written: what it answered counts.
+    let _ = s.write_all(request);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).into_owned()
@@ -227,6 +228,30 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
             // server's answer.
             assert!(
                 answer.contains("\"code\":-32603") || answer.contains("\"code\":-32005"),
+                "{label} to {name}: {answer}"
+            );
+        }
+    }
+    // Refused by the HTTP layer (a status, no JSON-RPC error): over max_body with nothing but
+    // blanks in what guard read (Go's decoder skips them), and a CONNECT that is a request.
+    let blanks = [vec![b' '; (4 << 20) + 10], DELETE.as_bytes().to_vec()].concat();
+    let connect = format!(
+        "CONNECT /mcp HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{DELETE}",
+        DELETE.len()
+    );
+    let statuses = [
+        (
+            "blanks over max_body",
+            post("/mcp", "text/plain", &blanks),
+            "413",
+        ),
+        ("CONNECT with a body", connect.into_bytes(), "400"),
+    ];
+    for (label, request, status) in &statuses {
+        for (name, s) in &trio.servers {
+            let answer = raw_request(g.route(Trio::addr(s), "attacker"), request);
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status}")),
                 "{label} to {name}: {answer}"
             );
         }
@@ -331,6 +356,8 @@ fn bodies_a_server_would_decode_never_run_a_denied_call() {
     let g = Guard::start(&dir, "", "");
     // `tools/call` in UTF-7: guard's reading of the bytes sees an unknown method.
     let utf7 = DELETE.replace("tools/call", "+AHQAbwBvAGwAcw-/call");
+    // ... and the whole body, down to its first brace: nothing in it looks like JSON.
+    let utf7_all = format!("+AHs-{}", &utf7[1..]).into_bytes();
     let payloads: Vec<(&str, Vec<u8>)> = vec![
         (
             "UTF-7",
@@ -366,10 +393,18 @@ fn bodies_a_server_would_decode_never_run_a_denied_call() {
         ],
         utf7.as_bytes(),
     );
-    for (label, request) in payloads
-        .iter()
-        .chain([("two Content-Types", two_types)].iter())
-    {
+    // UTF-7 sent as text (the SDK's transport wants application/json; servers that ignore the
+    // Content-Type, or body-parser with `type: "*/*"` before a handler of one's own, do not).
+    let utf7_text = post_with(
+        "/mcp",
+        &["Content-Type: text/plain; charset=utf-7"],
+        &utf7_all,
+    );
+    let more = [
+        ("two Content-Types", two_types),
+        ("UTF-7 as text", utf7_text),
+    ];
+    for (label, request) in payloads.iter().chain(more.iter()) {
         for (who, s) in [("named", &named), ("unknown", &unknown)] {
             let answer = raw_request(g.route(Trio::addr(s), "attacker"), request);
             // guard's own refusal: -32700 (named: unreadable), -32603 (unknown: unreadable).
@@ -545,8 +580,10 @@ fn an_upgraded_tunnel_keeps_its_connection_slot() {
     let tunnel = || {
         let mut s = TcpStream::connect(route).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
-            .unwrap();
+        // A refused connection may be reset before the request is written.
+        let _ = s.write_all(
+            b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n",
+        );
         let mut got = Vec::new();
         let mut b = [0u8; 1];
         while !got.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
@@ -653,6 +690,41 @@ fn one_request_costs_at_most_a_few_small_records() {
         &g.audit_decisions()[before..]
     );
     assert!(trio.servers[0].1.calls().is_empty());
+    // Allowed calls in a batch that is not forwarded (it holds a refused one) have no "allow"
+    // record: each is refused as part of the batch.
+    let mixed = format!("[{},{},{DELETE}]", echo(1), echo(2));
+    let before = g.audit_decisions().len();
+    let (code, answer) = g.curl_post(url, &[], &mixed);
+    assert_eq!(code, 200, "{answer}");
+    let new = g.audit_decisions()[before..].to_vec();
+    assert_eq!(new.len(), 3, "{new:#?}");
+    assert!(new.iter().all(|r| r["decision"] == "deny"), "{new:#?}");
+    assert!(trio.servers[0].1.calls().is_empty());
+    // A HEAD gets the server's own bodiless answer (the TS SDK's 405), not a refused "answer".
+    let head = run_ok(&mut g.command(&[
+        "curl",
+        "-sS",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "--max-time",
+        "10",
+        "-I",
+        &g.url("curl", &trio.servers[1].1.url),
+    ]));
+    assert_eq!(head, "405");
+    // JSON-RPC that is not MCP, to a server no policy names, is not guard's to limit.
+    let plain = HttpServer::start("127.0.0.9:0");
+    let eth = (0..150)
+        .map(|i| format!(r#"{{"jsonrpc":"2.0","id":{i},"method":"eth_blockNumber"}}"#))
+        .collect::<Vec<_>>()
+        .join(",");
+    let (code, answer) = g.curl_post(&plain.url(), &[], &format!("[{eth}]"));
+    assert_eq!(
+        (code, answer.as_str()),
+        (200, "hello from the test server\n")
+    );
     // A tool name of 100 KB: its record and its answer stay small.
     let name = "x".repeat(100_000);
     let call = format!(

@@ -9,8 +9,8 @@
 //
 // --stateless: no Mcp-Session-Id, a new server for every request (a tools/call needs no
 // initialize first).
-// --express: bodies parsed by express.json() (body-parser, as the SDK's createMcpExpressApp
-// does) and handed to the transport: it decodes the charset the Content-Type names (UTF-7,
+// --express: bodies parsed by express.json({type: "*/*"}) (body-parser, as the SDK's
+// createMcpExpressApp does, whatever the Content-Type) and handed to the transport: it decodes the charset the Content-Type names (UTF-7,
 // UTF-16, latin1, ... through iconv-lite) and inflates gzip and deflate bodies.
 //
 // Prints exactly one line to stdout, `READY http://HOST:PORT/mcp`, once it listens.
@@ -66,7 +66,7 @@ const { StreamableHTTPServerTransport } = await load(
 );
 const { z } = await load("zod/index.js");
 const jsonParser = opts.express
-  ? (await load("body-parser/index.js")).default.json({ limit: "4mb" })
+  ? (await load("body-parser/index.js")).default.json({ limit: "4mb", type: "*/*" })
   : null;
 // Runs express.json() on a plain Node request: req.body is then the parsed value.
 const parseBody = (req, res) =>

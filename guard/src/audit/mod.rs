@@ -3,7 +3,7 @@
 
 mod record;
 
-pub use record::{clip, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_TEXT};
+pub use record::{clip, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_HOST, MAX_TEXT};
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -334,7 +334,8 @@ impl Audit {
 #[derive(Debug, Clone, Copy)]
 enum Budget {
     Connections,
-    /// What guard refused an agent's request with: the agent chooses how many there are.
+    /// What guard refused an agent's request with (and calls held for approval that the agent
+    /// can give up and repeat): the agent chooses how many there are.
     Refusals,
 }
 
@@ -344,8 +345,16 @@ impl Budget {
             (Event::Connection, _) => Some(Budget::Connections),
             (
                 Event::ToolCall | Event::McpRequest | Event::Limit | Event::UpstreamError,
-                Decision::Deny | Decision::RateLimited | Decision::Error,
+                Decision::Deny
+                | Decision::RateLimited
+                | Decision::Error
+                | Decision::ToolChanged
+                | Decision::ApprovalDenied
+                | Decision::ApprovalTimeout,
             ) => Some(Budget::Refusals),
+            // Refused answers, and calls held and given up: an agent can repeat them at will.
+            (Event::ToolsList, Decision::Deny) => Some(Budget::Refusals),
+            (Event::Approval, Decision::Pending | Decision::Timeout) => Some(Budget::Refusals),
             _ => None,
         }
     }

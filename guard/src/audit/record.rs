@@ -173,6 +173,8 @@ pub struct Record {
 /// Longest agent-supplied text a record keeps (method and tool names, request ids, session
 /// ids, reasons that quote them): one request must not become megabytes of audit log.
 pub const MAX_TEXT: usize = 1024;
+/// Longest host name kept (DNS names are at most 253 bytes).
+pub const MAX_HOST: usize = 255;
 
 /// `s` cut to at most `max` bytes (at a character boundary), saying how much was cut.
 pub fn clip(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
@@ -203,7 +205,11 @@ impl Record {
             &self.client,
             &self.rule,
         ];
-        if !id_long && !texts.into_iter().any(long) {
+        let host_long = self
+            .server
+            .as_ref()
+            .is_some_and(|s| s.host.len() > MAX_HOST);
+        if !id_long && !host_long && !texts.into_iter().any(long) {
             return None;
         }
         let cut = |s: &Option<String>| s.as_deref().map(|s| clip(s, MAX_TEXT).into_owned());
@@ -214,6 +220,10 @@ impl Record {
         r.session_id = cut(&self.session_id);
         r.client = cut(&self.client);
         r.rule = cut(&self.rule);
+        if let Some(server) = r.server.as_mut() {
+            // From `Host` or SNI, which the agent writes.
+            server.host = clip(&server.host, MAX_HOST).into_owned();
+        }
         if id_long {
             let id = self
                 .jsonrpc_id
@@ -352,6 +362,11 @@ mod tests {
         assert!(r.clipped().is_none());
         r.tool = Some("t".repeat(1 << 20));
         r.jsonrpc_id = Some(serde_json::json!(["i".repeat(1 << 20)]));
+        r.server = Some(ServerRef {
+            name: None,
+            host: "h".repeat(60_000),
+            port: 80,
+        });
         let c = r.clipped().unwrap();
         assert!(serde_json::to_vec(&c).unwrap().len() < 4 * MAX_TEXT);
         assert!(c.tool.unwrap().starts_with("ttt"));

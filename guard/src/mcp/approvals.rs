@@ -63,6 +63,13 @@ struct Standing {
     until: Instant,
 }
 
+/// Calls one agent may have waiting for approval at once.
+pub const MAX_PER_AGENT: usize = 16;
+/// Calls waiting for approval at once, all agents together.
+pub const MAX_HELD: usize = 256;
+/// Bytes of arguments held for approval at once, all agents together.
+pub const MAX_HELD_BYTES: usize = 16 << 20;
+
 #[derive(Default)]
 pub struct Approvals {
     next: AtomicU64,
@@ -81,8 +88,29 @@ impl Approvals {
         })
     }
 
-    /// Holds a call; the receiver yields the verdict.
-    pub fn request(&self, mut held: Held) -> (String, oneshot::Receiver<Verdict>) {
+    /// Holds a call; the receiver yields the verdict. Refused (why, as an error) when the agent
+    /// holds [`MAX_PER_AGENT`] calls, all agents [`MAX_HELD`], or the held arguments would pass
+    /// [`MAX_HELD_BYTES`]: every held call is memory, an open request and a record.
+    pub fn request(&self, mut held: Held) -> Result<(String, oneshot::Receiver<Verdict>)> {
+        let mut pending = self.pending.lock().unwrap();
+        let key = agent_key(&held.agent, held.uid);
+        let mine = pending
+            .values()
+            .filter(|p| agent_key(&p.held.agent, p.held.uid) == key)
+            .count();
+        let size = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
+        let bytes: usize = pending.values().map(|p| size(&p.held.arguments)).sum();
+        if mine >= MAX_PER_AGENT {
+            return Err(anyhow!(
+                "agent {key} already has {MAX_PER_AGENT} calls waiting for approval"
+            ));
+        }
+        if pending.len() >= MAX_HELD || bytes + size(&held.arguments) > MAX_HELD_BYTES {
+            return Err(anyhow!(
+                "{} calls ({bytes} bytes of arguments) are waiting for approval already",
+                pending.len()
+            ));
+        }
         let n = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let id = format!("{n}");
         held.id = id.clone();
@@ -92,11 +120,8 @@ impl Approvals {
             .unwrap_or(0);
         held.created = Some(Instant::now());
         let (tx, rx) = oneshot::channel();
-        self.pending
-            .lock()
-            .unwrap()
-            .insert(id.clone(), Pending { held, tx });
-        (id, rx)
+        pending.insert(id.clone(), Pending { held, tx });
+        Ok((id, rx))
     }
 
     /// The uid of the agent whose call is held under `id`.
@@ -214,10 +239,33 @@ mod tests {
         }
     }
 
+    #[test]
+    fn held_calls_are_capped_per_agent_and_in_all() {
+        let a = Approvals::default();
+        let mut kept = Vec::new();
+        for i in 0..MAX_PER_AGENT {
+            kept.push(a.request(held("t", &format!("h{i}"))).unwrap());
+        }
+        let over = a.request(held("t", "one more")).unwrap_err().to_string();
+        assert!(over.contains("already has 16 calls"), "{over}");
+        // Another agent still has its own share.
+        let mut other = held("t", "o");
+        other.agent = Some("other".into());
+        kept.push(a.request(other).unwrap());
+        // Arguments beyond the bytes of all held calls are refused.
+        let mut big = held("t", "big");
+        big.agent = Some("big".into());
+        big.arguments = serde_json::json!({ "x": "y".repeat(MAX_HELD_BYTES) });
+        assert!(a.request(big).is_err());
+        // A call that ends gives its place back.
+        a.remove(&kept[0].0);
+        assert!(a.request(held("t", "again")).is_ok());
+    }
+
     #[tokio::test]
     async fn approve_deny_and_standing() {
         let a = Approvals::default();
-        let (id, rx) = a.request(held("t", "h1"));
+        let (id, rx) = a.request(held("t", "h1")).unwrap();
         assert_eq!(a.list().len(), 1);
         a.approve(&id, 0, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(rx.await.unwrap(), Verdict::Approved { by: 0 });
@@ -232,7 +280,7 @@ mod tests {
         );
         assert!(a.approve(&id, 0, None).is_err(), "answered once");
 
-        let (id, rx) = a.request(held("t", "h3"));
+        let (id, rx) = a.request(held("t", "h3")).unwrap();
         a.deny(&id, 5, "no".into()).unwrap();
         assert_eq!(
             rx.await.unwrap(),
@@ -242,7 +290,7 @@ mod tests {
             }
         );
 
-        let (_, rx) = a.request(held("t", "h4"));
+        let (_, rx) = a.request(held("t", "h4")).unwrap();
         assert_eq!(a.shutdown(), 1);
         assert_eq!(rx.await.unwrap(), Verdict::Shutdown);
         assert!(a.is_empty());

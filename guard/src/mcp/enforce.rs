@@ -262,6 +262,25 @@ impl Engine {
         body: &Body,
         headers: Headers<'_>,
     ) -> Outcome {
+        if body.messages.len() > wire::MAX_BATCH {
+            // Each message would be decided and audited on its own: one body of thousands of
+            // tiny requests would be thousands of records. One refusal, one record.
+            let reason = format!(
+                "a batch of {} messages (at most {}): send fewer per request",
+                body.messages.len(),
+                wire::MAX_BATCH
+            );
+            let mut r = self.record(Event::McpRequest, Decision::Deny, caller, t);
+            r.rule = Some("protocol".into());
+            r.reason = Some(reason.clone());
+            if !self.write(&r) {
+                return Outcome::Unaudited;
+            }
+            let server = t.server.clone().unwrap_or_else(|| t.address());
+            let mut refusal = Refusal::new(RefusalKind::Denied, &server, None, "protocol", reason);
+            refusal.audit_id = r.id;
+            return Outcome::Reject(refusal.error(&Value::Null));
+        }
         if t.server.is_none() && self.settings.unknown_servers == UnknownServers::Deny {
             return self.refuse_unknown(caller, t, body);
         }
@@ -269,18 +288,24 @@ impl Engine {
             return Outcome::Reject(answer);
         }
         let mut refused: Vec<(usize, Value)> = Vec::new();
+        // The records of allowed calls wait until the whole body is decided: a call that is not
+        // forwarded (its batch holds a refused one) has no "allow" record, only its "batch" one.
+        let mut allowed: Vec<Box<Record>> = Vec::new();
         for (i, m) in body.messages.iter().enumerate() {
-            match self.enforce(caller, t, m).await {
-                Verdict::Allow { .. } => {}
-                Verdict::Refuse(refusal) => {
+            match self.judge(caller, t, m).await {
+                Judged::Allow { record, .. } => allowed.extend(record),
+                Judged::Refuse(refusal) => {
                     let id = m.id.clone().unwrap_or(Value::Null);
                     refused.push((i, refusal.answer(&id, self.settings.denial)));
                 }
-                Verdict::Unaudited => return Outcome::Unaudited,
+                Judged::Unaudited => return Outcome::Unaudited,
             }
         }
         let Some(first) = refused.first().map(|(i, _)| *i) else {
-            return Outcome::Forward;
+            if allowed.iter().all(|r| self.write(r)) {
+                return Outcome::Forward;
+            }
+            return Outcome::Unaudited;
         };
         let first_tool = body.messages[first].tool().unwrap_or("?").to_string();
         let mut answers = Vec::new();
@@ -316,9 +341,27 @@ impl Engine {
     /// Decides one message. Only `tools/call`s are decided (and audited); every other message
     /// is allowed as it is.
     pub async fn enforce(&self, caller: &Identity, t: &Target, m: &Message) -> Verdict {
+        match self.judge(caller, t, m).await {
+            Judged::Allow {
+                rule,
+                record: Some(r),
+            } => match self.write(&r) {
+                true => Verdict::Allow { rule },
+                false => Verdict::Unaudited,
+            },
+            Judged::Allow { rule, record: None } => Verdict::Allow { rule },
+            Judged::Refuse(x) => Verdict::Refuse(x),
+            Judged::Unaudited => Verdict::Unaudited,
+        }
+    }
+
+    /// [`Engine::enforce`], with an allowed call's record handed back unwritten (a refusal's
+    /// is written: it stands whatever else happens).
+    async fn judge(&self, caller: &Identity, t: &Target, m: &Message) -> Judged {
         if m.method.as_deref() != Some("tools/call") {
-            return Verdict::Allow {
+            return Judged::Allow {
                 rule: "method".into(),
+                record: None,
             };
         }
         let policies = self.policies();
@@ -382,16 +425,15 @@ impl Engine {
             r.reason = Some(x.reason.clone());
         }
         r.latency_us = Some(t.received.elapsed().as_micros() as u64);
-        if !self.write(&r) {
-            return Verdict::Unaudited;
-        }
         match refusal {
+            Some(_) if !self.write(&r) => Judged::Unaudited,
             Some(mut x) => {
                 x.audit_id = r.id;
-                Verdict::Refuse(x)
+                Judged::Refuse(x)
             }
-            None => Verdict::Allow {
-                rule: r.rule.unwrap_or_default(),
+            None => Judged::Allow {
+                rule: r.rule.clone().unwrap_or_default(),
+                record: Some(Box::new(r)),
             },
         }
     }
@@ -431,6 +473,16 @@ impl Engine {
     }
 }
 
+/// One message judged, its record not yet written when it is allowed.
+enum Judged {
+    Allow {
+        rule: String,
+        record: Option<Box<Record>>,
+    },
+    Refuse(Refusal),
+    Unaudited,
+}
+
 /// A `require_approval` call being held.
 struct Hold<'a> {
     sp: &'a ServerPolicy,
@@ -456,7 +508,7 @@ impl Engine {
             let why = "approved earlier for identical calls (approve --for)";
             return (None, Some(why.into()));
         }
-        let (id, rx) = approvals.request(Held {
+        let requested = approvals.request(Held {
             id: String::new(),
             agent: caller.agent.clone(),
             uid: caller.uid,
@@ -469,6 +521,20 @@ impl Engine {
             timeout_s: h.timeout_s,
             created: None,
         });
+        let (id, rx) = match requested {
+            Ok(r) => r,
+            Err(e) => {
+                let reason = format!("not held for approval: {e}; try again later");
+                let refusal = Refusal::new(
+                    RefusalKind::ApprovalDenied,
+                    &h.sp.name,
+                    Some(h.tool),
+                    h.rule,
+                    reason,
+                );
+                return (Some(refusal), None);
+            }
+        };
         // An agent that goes away takes its held call with it.
         let _forget = ForgetOnDrop(approvals, id.clone());
         let mut p = self.record(Event::Approval, Decision::Pending, caller, t);

@@ -6,7 +6,7 @@
 use serde_json::{json, Value};
 
 use crate::{
-    audit::{clip, Decision, MAX_TEXT},
+    audit::{clip, Decision, MAX_HOST, MAX_TEXT},
     config::Denial,
 };
 
@@ -117,7 +117,7 @@ impl Refusal {
         let reason = reason.into();
         Refusal {
             kind,
-            server: server.to_string(),
+            server: clip(server, MAX_HOST + 8).into_owned(),
             tool: tool.map(|t| clip(t, 256).into_owned()),
             rule: rule.to_string(),
             reason: clip(&reason, MAX_TEXT).into_owned(),

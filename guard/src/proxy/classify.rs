@@ -122,7 +122,8 @@ fn skip_blanks(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(b.split_at(n))
 }
 
-/// `NAME/major[.minor]`: a protocol version as request lines spell it.
+/// `NAME/major[.minor]`, NAME one that HTTP servers take for theirs (Node's parser takes RTSP
+/// and ICE lines; SIP and the rest are other protocols).
 fn is_version(v: &[u8]) -> bool {
     let Some(slash) = v.iter().position(|c| *c == b'/') else {
         return false;
@@ -133,7 +134,8 @@ fn is_version(v: &[u8]) -> bool {
         Some(dot) => digits(&num[..dot]) && digits(&num[dot + 1..]),
         None => digits(num),
     };
-    !name.is_empty() && name.len() <= 16 && name.iter().all(u8::is_ascii_alphabetic) && num_ok
+    let known = [&b"HTTP"[..], b"RTSP", b"ICE"];
+    known.iter().any(|k| name.eq_ignore_ascii_case(k)) && num_ok
 }
 
 /// Classifies what the client has sent so far, without waiting: `None` when that is not enough
@@ -254,6 +256,11 @@ mod tests {
             );
         }
         assert_eq!(classify(b"POST /mcp HTTP/2.0"), None);
+        assert_eq!(
+            classify(b"INVITE sip:x SIP/2.0\r\n"),
+            Some(Kind::Other),
+            "SIP"
+        );
         assert_eq!(classify(b"POST  /mcp"), None);
         assert_eq!(
             classify(&[b"POST /mcp ".as_slice(), &[b'v'; 40]].concat()),

@@ -173,24 +173,23 @@ impl Proxy {
         }
         if kind == Kind::HttpLike {
             // A request line guard does not serve (another version, blanks where one space
-            // goes): a lenient server may read a request in it, so it passes only where
-            // requests to unknown servers pass unread anyway.
-            let named = self.named.get(dst).is_some();
-            if named || self.http.engine.settings.unknown_servers == UnknownServers::Deny {
-                let rule = if named {
-                    "policy.server"
-                } else {
-                    "policy.unknown_servers"
-                };
-                rec.deny(
-                    rule,
-                    "a request line that is not HTTP/1.x as guard reads it (another version, or \
-                     runs of blanks) is not forwarded: send HTTP/1.1 or HTTP/2",
-                );
-                return rec.refuse(client);
-            }
+            // goes): a lenient server may read a request in it, which guard could then neither
+            // decide nor audit, whatever unknown_servers says.
+            let rule = if self.named.get(dst).is_some() {
+                "policy.server"
+            } else if self.http.engine.settings.unknown_servers == UnknownServers::Deny {
+                "policy.unknown_servers"
+            } else {
+                "proxy.request_line"
+            };
+            rec.deny(
+                rule,
+                "a request line that is not HTTP/1.x as guard reads it (another version, or runs \
+                 of blanks) is not forwarded: send HTTP/1.1 or HTTP/2",
+            );
+            return rec.refuse(client);
         }
-        if kind == Kind::Other || kind == Kind::HttpLike {
+        if kind == Kind::Other {
             // A server a policy names is only ever reached through enforcement: something guard
             // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
             if self.named.get(dst).is_some() {

@@ -80,9 +80,90 @@ impl Drop for Slot {
     }
 }
 
+/// Request bodies held in memory, by agent: each agent may have at most `limit` bytes being
+/// read (or waiting to be forwarded) at once, so that one agent's connections times their
+/// HTTP/2 streams times `proxy.max_body` cannot take the daemon's memory.
+pub struct BodyBytes {
+    limit: usize,
+    held: Mutex<HashMap<String, usize>>,
+}
+
+/// Bytes of one body, given back when dropped.
+pub struct Reserved {
+    of: Arc<BodyBytes>,
+    key: String,
+    n: usize,
+}
+
+impl BodyBytes {
+    pub fn new(limit: usize) -> BodyBytes {
+        BodyBytes {
+            limit,
+            held: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// `n` bytes for a body of `who`, or None when that agent holds its limit already.
+    pub fn reserve(self: &Arc<Self>, who: &Identity, n: usize) -> Option<Reserved> {
+        let key = who.agent_key();
+        let mut held = self.held.lock().unwrap();
+        let have = held.entry(key.clone()).or_insert(0);
+        if *have + n > self.limit {
+            if *have == 0 {
+                held.remove(&key);
+            }
+            return None;
+        }
+        *have += n;
+        Some(Reserved {
+            of: self.clone(),
+            key,
+            n,
+        })
+    }
+}
+
+impl Drop for Reserved {
+    fn drop(&mut self) {
+        let mut held = self.of.held.lock().unwrap();
+        if let Some(have) = held.get_mut(&self.key) {
+            *have -= self.n;
+            if *have == 0 {
+                held.remove(&self.key);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn each_agent_has_its_own_body_bytes() {
+        let b = Arc::new(BodyBytes::new(10));
+        let bot = Identity {
+            agent: Some("bot".into()),
+            ..Default::default()
+        };
+        let other = Identity {
+            agent: Some("other".into()),
+            ..Default::default()
+        };
+        let six = b.reserve(&bot, 6).unwrap();
+        assert!(b.reserve(&bot, 5).is_none(), "over the agent's bytes");
+        let _four = b.reserve(&bot, 4).unwrap();
+        assert!(
+            b.reserve(&other, 10).is_some(),
+            "another agent is not affected"
+        );
+        drop(six);
+        assert!(b.reserve(&bot, 6).is_some(), "given back when dropped");
+    }
 
     #[test]
     fn each_agent_has_its_own_slots() {

@@ -135,14 +135,19 @@ pub(super) fn answer_type(headers: &HeaderMap) -> AnswerType {
 /// latin1, ... through iconv-lite; `+AHQ-ools/call` is `tools/call` in UTF-7), a
 /// `Content-Encoding` (express.json() inflates gzip and deflate), a `Transfer-Encoding` other
 /// than chunked, or two `Content-Type` or `Content-Encoding` headers (servers take either).
-pub(super) fn request_encoding(headers: &HeaderMap) -> Result<(), String> {
+pub(super) fn request_encoding(headers: &HeaderMap, body: &[u8]) -> Result<(), String> {
     for name in [header::CONTENT_TYPE, header::CONTENT_ENCODING] {
         if headers.get_all(&name).iter().count() > 1 {
             return Err(format!("more than one {name} header"));
         }
     }
     let lossy = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).to_ascii_lowercase();
-    charset(headers)?;
+    // ASCII bytes read the same in every charset that extends ASCII.
+    if body.is_ascii() {
+        charset(headers, ascii_superset)?;
+    } else {
+        charset(headers, |_| false)?;
+    }
     if let Some(ce) = headers.get(header::CONTENT_ENCODING).map(lossy) {
         if ce.split(',').any(|c| !matches!(c.trim(), "identity" | "")) {
             return Err(format!(
@@ -159,9 +164,10 @@ pub(super) fn request_encoding(headers: &HeaderMap) -> Result<(), String> {
     Ok(())
 }
 
-/// Refuses a `charset` other than UTF-8 in the `Content-Type`: the bytes guard reads would be
-/// other text to whoever decodes them by it (httpx decodes an event stream by it, too).
-pub(super) fn charset(headers: &HeaderMap) -> Result<(), String> {
+/// Refuses a `charset` other than UTF-8 (or one `also_ok` takes) in the `Content-Type`: the
+/// bytes guard reads would be other text to whoever decodes them by it (httpx decodes an event
+/// stream by it, too).
+pub(super) fn charset(headers: &HeaderMap, also_ok: fn(&str) -> bool) -> Result<(), String> {
     let Some(ct) = headers.get(header::CONTENT_TYPE) else {
         return Ok(());
     };
@@ -172,7 +178,7 @@ pub(super) fn charset(headers: &HeaderMap) -> Result<(), String> {
             continue;
         }
         let v = v.trim().trim_matches('"');
-        if v != "utf-8" && v != "utf8" {
+        if v != "utf-8" && v != "utf8" && !also_ok(v) {
             return Err(format!(
                 "the body is in charset `{}`, not UTF-8",
                 v.escape_debug()
@@ -180,6 +186,20 @@ pub(super) fn charset(headers: &HeaderMap) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Charsets in which ASCII bytes mean ASCII (UTF-7, UTF-16, EBCDIC and the Asian multi-byte
+/// ones are not among them).
+pub(super) fn ascii_superset(charset: &str) -> bool {
+    matches!(
+        charset,
+        "us-ascii" | "ascii" | "latin1" | "iso8859-1" | "cp1252"
+    ) || charset
+        .strip_prefix("iso-8859-")
+        .is_some_and(|n| n.parse::<u8>().is_ok())
+        || charset
+            .strip_prefix("windows-125")
+            .is_some_and(|n| n.len() == 1 && n.as_bytes()[0].is_ascii_digit())
 }
 
 /// Whether a response says it has no body (`Content-Length: 0`, or an ended stream).
@@ -226,12 +246,12 @@ mod tests {
             &[("content-encoding", "identity")],
             &[("transfer-encoding", "chunked")],
         ] {
-            assert_eq!(request_encoding(&headers(ok)), Ok(()), "{ok:?}");
+            assert_eq!(request_encoding(&headers(ok), b"{}"), Ok(()), "{ok:?}");
         }
         for bad in [
             &[("content-type", "application/json; charset=utf-7")][..],
             &[("content-type", "application/json; charset=\"utf-16le\"")],
-            &[("content-type", "text/plain; charset=latin1")],
+            &[("content-type", "text/plain; charset=shift_jis")],
             &[(
                 "content-type",
                 "application/json; charset=utf-8; charset=utf-7",
@@ -245,8 +265,19 @@ mod tests {
             &[("content-encoding", "identity"), ("content-encoding", "br")],
             &[("transfer-encoding", "gzip, chunked")],
         ] {
-            assert!(request_encoding(&headers(bad)).is_err(), "{bad:?}");
+            assert!(request_encoding(&headers(bad), b"{}").is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ascii_in_a_charset_that_extends_ascii_is_read_as_sent() {
+        let latin1 = headers(&[("content-type", "application/json; charset=ISO-8859-1")]);
+        assert_eq!(request_encoding(&latin1, br#"{"user":"x"}"#), Ok(()));
+        assert!(request_encoding(&latin1, "{\"user\":\"\u{e9}\"}".as_bytes()).is_err());
+        let utf7 = headers(&[("content-type", "text/plain; charset=utf-7")]);
+        assert!(request_encoding(&utf7, b"+AHsAIg-jsonrpc").is_err());
+        assert!(!ascii_superset("utf-7") && !ascii_superset("shift_jis"));
+        assert!(ascii_superset("windows-1252") && ascii_superset("iso-8859-15"));
     }
 
     #[test]

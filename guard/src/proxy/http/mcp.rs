@@ -21,6 +21,7 @@ use super::{
     },
     Ctx,
 };
+use crate::proxy::fairness::Reserved;
 use crate::{
     audit::Event,
     config::UnknownServers,
@@ -52,6 +53,11 @@ impl Ctx {
     ) -> Response<Body> {
         let caller = &self.conn.identity;
         let (parts, body) = req.into_parts();
+        // Held until the request has gone on: the bytes are in memory until then.
+        let _reserved = match self.reserve_body(&target, &parts.headers) {
+            Ok(r) => r,
+            Err(resp) => return *resp,
+        };
         let bytes = match self.read_body(&target, &parts.headers, body).await {
             Ok(b) => b,
             Err(Unread::Stream(prefix, rest)) => {
@@ -63,7 +69,7 @@ impl Ctx {
             Err(Unread::Refused(resp)) => return resp,
         };
         // Decoded by the server before it reads them: what guard would parse is not the message.
-        let parsed = request_encoding(&parts.headers)
+        let parsed = request_encoding(&parts.headers, &bytes)
             .map_err(BodyError::Encoding)
             .and_then(|()| wire::parse_body(&bytes));
         let body = match (&target.server, parsed) {
@@ -133,6 +139,39 @@ impl Ctx {
         }
     }
 
+    /// Room for a body in the agent's share of memory: what its Content-Length says, else
+    /// `proxy.max_body`. Refused (503, audited) when the agent's bodies fill its share.
+    fn reserve_body(
+        &self,
+        target: &Target,
+        headers: &HeaderMap,
+    ) -> Result<Reserved, Box<Response<Body>>> {
+        let max = self.http.settings.max_body;
+        let n = header_str(headers, "content-length")
+            .and_then(|l| l.trim().parse::<usize>().ok())
+            .map_or(max, |l| l.min(max));
+        if let Some(r) = self.http.bodies.reserve(&self.conn.identity, n) {
+            return Ok(r);
+        }
+        let reason = format!(
+            "this agent's request bodies being read fill its share of memory ({} bytes, 16 × \
+             proxy.max_body): try again when its other requests are done",
+            self.http.bodies.limit()
+        );
+        self.engine().audit_refused(
+            Event::Limit,
+            &self.conn.identity,
+            target,
+            None,
+            "proxy.max_body",
+            &reason,
+        );
+        Err(Box::new(text_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("guard: {reason}\n"),
+        )))
+    }
+
     /// Reads a request body up to `proxy.max_body`. Longer: streamed on unread when it cannot be
     /// MCP (not JSON, to no named server), else refused with 413 (audited).
     async fn read_body(
@@ -198,7 +237,10 @@ impl Ctx {
         }
         match e {
             BodyError::Malformed(_) => true,
-            BodyError::Json(_) | BodyError::Encoding(_) => could_carry_json(headers, bytes),
+            BodyError::Json(_) => could_carry_json(headers, bytes),
+            // Decoded by the server first: whatever the bytes look like to guard, the server
+            // may read JSON-RPC in them (UTF-7 sent as text/plain, to a lenient body parser).
+            BodyError::Encoding(_) => true,
             BodyError::NotJsonRpc(_) => false,
         }
     }
@@ -243,6 +285,10 @@ impl Ctx {
         t: &mut Target,
         ids: Vec<Value>,
     ) -> Response<Body> {
+        // No body (HEAD, 204, 304, a bare 405): nothing for a client to read or guard to filter.
+        if is_empty_body(&resp) {
+            return resp;
+        }
         let encoded = resp
             .headers()
             .get(header::CONTENT_ENCODING)
@@ -264,7 +310,7 @@ impl Ctx {
             AnswerType::Ambiguous => {
                 Some("the answer's Content-Type names both JSON and an event stream")
             }
-            _ if kind != AnswerType::Other && charset(resp.headers()).is_err() => {
+            _ if kind != AnswerType::Other && charset(resp.headers(), |_| false).is_err() => {
                 Some("the answer names a charset other than UTF-8")
             }
             // A client that takes this for an answer would read it unfiltered.
@@ -336,7 +382,14 @@ impl Ctx {
         tokio::spawn(async move {
             let mut parser = SseParser::new(MAX_EVENT);
             let mut registered: Option<String> = None;
-            'read: while let Some(frame) = body.frame().await {
+            'read: loop {
+                // A client gone from an idle stream ends the task now, not at the server's
+                // next event: the task holds the connection's slots.
+                let frame = tokio::select! {
+                    f = body.frame() => f,
+                    _ = tx.closed() => break 'read,
+                };
+                let Some(frame) = frame else { break };
                 let data = match frame {
                     Ok(f) => match f.into_data() {
                         Ok(d) => d,
@@ -434,10 +487,11 @@ fn could_carry_json(headers: &HeaderMap, bytes: &[u8]) -> bool {
     let wide =
         head.contains(&0) || head.starts_with(&[0xff, 0xfe]) || head.starts_with(&[0xfe, 0xff]);
     let text = bytes.strip_prefix(b"\xef\xbb\xbf").unwrap_or(bytes);
+    // Only whitespace so far (a prefix of a long body, say): what follows may be JSON.
     let starts_json = text
         .iter()
         .find(|b| !b.is_ascii_whitespace())
-        .is_some_and(|b| *b == b'{' || *b == b'[');
+        .map_or(!text.is_empty(), |b| *b == b'{' || *b == b'[');
     says_json || encoded || wide || starts_json
 }
 

@@ -30,7 +30,11 @@ use self::{
     legacy::Legacy,
     upstream::Failed,
 };
-use super::{fairness::Hold, identify::Connection, named::Named};
+use super::{
+    fairness::{BodyBytes, Hold},
+    identify::Connection,
+    named::Named,
+};
 use crate::{
     audit::{AgentRef, Decision, Event},
     mcp::{Engine, Target, Transport},
@@ -57,11 +61,14 @@ pub struct HttpLayer {
     pub settings: HttpSettings,
     pub named: Arc<Named>,
     legacy: Legacy,
+    /// Request bodies held in memory, per agent (16 × `max_body`).
+    bodies: Arc<BodyBytes>,
 }
 
 impl HttpLayer {
     pub fn new(engine: Arc<Engine>, settings: HttpSettings, named: Arc<Named>) -> HttpLayer {
         HttpLayer {
+            bodies: Arc::new(BodyBytes::new(settings.max_body.saturating_mul(16))),
             engine,
             settings,
             named,
@@ -187,6 +194,20 @@ impl Ctx {
         let has_body = !req.body().is_end_stream()
             || req.headers().contains_key(header::TRANSFER_ENCODING)
             || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
+        if req.method() == Method::CONNECT && (has_body || req.uri().authority().is_none()) {
+            // Not a tunnel request (`CONNECT /mcp` with a body): some servers take it for a
+            // request like any other, and its body would go on unread.
+            let reason = "a CONNECT with a body, or without host:port, is refused";
+            self.engine().audit_refused(
+                Event::McpRequest,
+                &self.conn.identity,
+                &target,
+                Some("CONNECT"),
+                "protocol",
+                reason,
+            );
+            return text_response(StatusCode::BAD_REQUEST, format!("guard: {reason}\n"));
+        }
         if req.method() == Method::CONNECT
             || (req.headers().contains_key(header::UPGRADE) && !has_body)
         {
@@ -375,6 +396,7 @@ impl Ctx {
 
     /// Forwards an `Upgrade` request, then splices both ways once the server switches.
     async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
+        let connect = req.method() == Method::CONNECT;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mut resp = match self.send(req.map(boxed)).await {
             Ok(r) => r,
@@ -385,7 +407,10 @@ impl Ctx {
                 );
             }
         };
-        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+        // A tunnel: 101 to an Upgrade, any 2xx to a CONNECT (through an HTTP proxy).
+        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
+            || (connect && resp.status().is_success());
+        if switched {
             let server_upgrade = hyper::upgrade::on(&mut resp);
             // The tunnel outlives this HTTP connection: it keeps the connection's slots.
             let hold = self.hold.clone();
