@@ -797,6 +797,47 @@ fn conditions_hold_only_for_what_the_server_reads() {
 }
 
 #[test]
+fn the_destination_decides_which_policy_applies() {
+    let dir = TestDir::new("destination");
+    // Strict policies that name their servers by a host name (`localhost`, which resolves to
+    // the address they listen on), ...
+    let trio = Trio::start(&dir, ["127.0.0.1", "127.0.0.1", "127.0.0.1"]);
+    for (name, s) in &trio.servers {
+        let by_name = policy(name, Trio::addr(s)).replace("127.0.0.1:", "localhost:");
+        dir.write_policy(&format!("{name}.json"), &by_name);
+    }
+    // ... and a lax policy, by another name only, on each one's port: a Host naming it took the
+    // request.
+    for (name, s) in &trio.servers {
+        let lax = json!({
+            "version": "1",
+            "server": { "name": format!("lax-{name}"), "match": [format!("lax.invalid:{}", s.port)] },
+            "default": "allow"
+        });
+        dir.write_policy(&format!("lax-{name}.json"), &lax.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    // FastMCP refuses a Host it does not serve (DNS-rebinding protection); the TS SDK and Go
+    // servers take any.
+    for (name, s) in &trio.servers[1..] {
+        let host = format!("Host: lax.invalid:{}", s.port);
+        let (_, answer) = g.curl_post(&s.url, &[&host], DELETE);
+        assert!(
+            answer.contains("-32001") && answer.contains("no deletions"),
+            "{name}: {answer}"
+        );
+        assert_eq!(s.calls(), Vec::<Value>::new(), "{name} ran a denied call");
+    }
+    // The lax policy still applies where its name is the destination's: nowhere here, so the
+    // plain allowed call runs under the strict policy's rule.
+    let echo = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"strict"}}}"#;
+    let (_, answer) = g.curl_post(&trio.servers[2].1.url, &[], echo);
+    assert!(answer.contains("strict"), "{answer}");
+    let last = g.audit_decisions().pop().unwrap();
+    assert_eq!(last["server"]["name"], "go", "{last}");
+}
+
+#[test]
 fn no_audit_record_means_no_call() {
     let dir = TestDir::new("no-record");
     let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);

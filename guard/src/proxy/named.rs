@@ -12,20 +12,43 @@ use std::{
 
 use crate::{net::canonical_addr, policy::PolicySet};
 
-/// The current address -> server map, swapped whole when it is resolved again.
+/// The current address -> servers map (in policy order), swapped whole when it is resolved
+/// again.
 #[derive(Default)]
 pub struct Named {
-    map: RwLock<Arc<HashMap<SocketAddr, String>>>,
+    map: RwLock<Arc<HashMap<SocketAddr, Vec<String>>>>,
 }
 
 impl Named {
-    pub fn set(&self, named: HashMap<SocketAddr, String>) {
+    pub fn set(&self, named: HashMap<SocketAddr, Vec<String>>) {
         *self.map.write().unwrap() = Arc::new(named);
     }
 
-    /// The server a policy names at this address, if any.
+    /// The (first) server a policy names at this address, if any.
     pub fn get(&self, dst: SocketAddr) -> Option<String> {
-        self.map.read().unwrap().get(&canonical_addr(dst)).cloned()
+        self.map
+            .read()
+            .unwrap()
+            .get(&canonical_addr(dst))
+            .and_then(|v| v.first().cloned())
+    }
+
+    /// Every server policies name at this address (several share one by path).
+    pub fn all(&self, dst: SocketAddr) -> Vec<String> {
+        let map = self.map.read().unwrap();
+        map.get(&canonical_addr(dst)).cloned().unwrap_or_default()
+    }
+
+    /// The server a request (or TLS connection) to `dst` belongs to: the one the agent's
+    /// `Host`, SNI or path chose (`chosen`) when it is one of those at `dst`, else the first
+    /// of those at `dst`. The destination decides: what the agent writes may choose among
+    /// the servers at an address, never move a request to a server elsewhere.
+    pub fn decide(&self, dst: SocketAddr, chosen: Option<String>) -> Option<String> {
+        let here = self.all(dst);
+        match chosen {
+            Some(c) if here.is_empty() || here.contains(&c) => Some(c),
+            _ => here.into_iter().next(),
+        }
     }
 }
 
@@ -61,23 +84,28 @@ pub fn entry_host_port(entry: &str) -> Option<(String, u16)> {
 }
 
 /// Resolves every server's match entries to addresses (names through the system resolver).
-pub async fn resolve(policies: &PolicySet) -> HashMap<SocketAddr, String> {
-    let mut out = HashMap::new();
+pub async fn resolve(policies: &PolicySet) -> HashMap<SocketAddr, Vec<String>> {
+    let mut out: HashMap<SocketAddr, Vec<String>> = HashMap::new();
+    let mut add = |a: SocketAddr, name: &str| {
+        let names = out.entry(canonical_addr(a)).or_default();
+        if !names.iter().any(|n| n == name) {
+            names.push(name.to_string());
+        }
+    };
     for s in policies.servers() {
         for entry in s.match_entries() {
             let Some((host, port)) = entry_host_port(entry) else {
                 continue;
             };
             if let Ok(ip) = host.parse::<std::net::IpAddr>() {
-                out.insert(canonical_addr(SocketAddr::new(ip, port)), s.name.clone());
+                add(SocketAddr::new(ip, port), &s.name);
                 continue;
             }
             let lookup = tokio::net::lookup_host(format!("{host}:{port}"));
             match tokio::time::timeout(Duration::from_secs(3), lookup).await {
                 Ok(Ok(addrs)) => {
                     for a in addrs {
-                        out.entry(canonical_addr(a))
-                            .or_insert_with(|| s.name.clone());
+                        add(a, &s.name);
                     }
                 }
                 _ => tracing::warn!(

@@ -160,14 +160,22 @@ impl Ctx {
             })
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string())
             .unwrap_or_else(|| self.conn.original_dst.ip().to_string());
-        let server = policies
+        let chosen = policies
             .match_request(
                 host_header.as_deref(),
                 self.conn.original_dst,
                 req.uri().path(),
             )
-            .map(|s| s.name.clone())
-            .or_else(|| self.floor.clone());
+            .map(|s| s.name.clone());
+        // The destination decides: a Host (or path) may choose among the servers policies
+        // name at this address, never move a request to another server, nor away from the
+        // one its TLS connection was taken for.
+        let here = self.http.named.all(self.conn.original_dst);
+        let server = match chosen {
+            Some(c) if here.contains(&c) => Some(c),
+            Some(c) if here.is_empty() && self.floor.as_ref().is_none_or(|f| *f == c) => Some(c),
+            _ => self.floor.clone().or_else(|| here.into_iter().next()),
+        };
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));

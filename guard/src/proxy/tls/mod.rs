@@ -39,10 +39,10 @@ impl Proxy {
         let policies = self.http.engine.policies();
         // By SNI, else by destination: an address a policy's server resolves to is that
         // server's whatever SNI (or none) the agent sends.
-        let server = policies
+        let chosen = policies
             .match_sni(sni.as_deref(), dst)
-            .map(|s| s.name.clone())
-            .or_else(|| self.named.get(dst));
+            .map(|s| s.name.clone());
+        let server = self.named.decide(dst, chosen);
         let intercept = server.is_some() || self.settings.intercept == Intercept::All;
         rec.record.server = Some(ServerRef {
             name: server.clone(),
