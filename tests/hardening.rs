@@ -245,7 +245,12 @@ fn unreadable_bodies_to_servers_no_policy_names_are_refused() {
             post("/mcp", "text/plain", &blanks),
             "413",
         ),
-        ("CONNECT with a body", connect.into_bytes(), "400"),
+        ("CONNECT with a body", connect.into_bytes(), "405"),
+        (
+            "a CONNECT tunnel",
+            b"CONNECT 127.0.0.9:443 HTTP/1.1\r\nHost: 127.0.0.9:443\r\n\r\n".to_vec(),
+            "405",
+        ),
     ];
     for (label, request, status) in &statuses {
         for (name, s) in &trio.servers {
@@ -835,6 +840,44 @@ fn the_destination_decides_which_policy_applies() {
     assert!(answer.contains("strict"), "{answer}");
     let last = g.audit_decisions().pop().unwrap();
     assert_eq!(last["server"]["name"], "go", "{last}");
+}
+
+#[test]
+fn a_batch_that_is_refused_asks_nobody_for_approval() {
+    let dir = TestDir::new("batch-approval");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    let (name, s) = &trio.servers[1];
+    let p = json!({
+        "version": "1",
+        "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+        "tools": {
+            "echo": { "action": "require_approval", "approval_timeout": 60 },
+            "delete_file": { "action": "deny", "reason": "no deletions" }
+        }
+    });
+    dir.write_policy("ts.json", &p.to_string());
+    let g = Guard::start(&dir, "", "");
+    let echo = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"x"}}}"#;
+    let delete = DELETE.replace(r#""id":1"#, r#""id":2"#);
+    // Answered at once, not after the 60 s hold: nothing is held.
+    let (code, answer) = g.curl_post(&s.url, &[], &format!("[{echo},{delete}]"));
+    assert_eq!(code, 200, "{answer}");
+    assert!(
+        answer.contains("no deletions") && answer.contains("batch"),
+        "{answer}"
+    );
+    assert!(
+        g.audit_decisions().iter().all(|r| r["event"] != "approval"),
+        "{:#?}",
+        g.audit_decisions()
+    );
+    let echo_record = g
+        .audit_decisions()
+        .into_iter()
+        .find(|r| r["tool"] == "echo")
+        .unwrap();
+    assert_eq!(echo_record["rule"], "batch");
+    assert!(s.calls().is_empty());
 }
 
 #[test]

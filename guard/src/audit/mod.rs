@@ -259,7 +259,7 @@ impl Audit {
     fn budget(&self, kind: Budget) -> &Mutex<Flood> {
         match kind {
             Budget::Connections => &self.flood,
-            Budget::Refusals => &self.refusals,
+            Budget::Requests => &self.refusals,
         }
     }
 
@@ -298,9 +298,9 @@ impl Audit {
                 "connection records",
                 "the connections were served",
             ),
-            Budget::Refusals => (
+            Budget::Requests => (
                 Event::RefusalSummary,
-                "records of refused requests",
+                "records of refused (or filtered) requests",
                 "the requests were refused all the same",
             ),
         };
@@ -319,7 +319,7 @@ impl Audit {
     /// Writes the summaries of agents whose records were left out and that have not been heard
     /// from since (called every second by the daemon).
     pub fn flush_summaries(&self) {
-        for kind in [Budget::Connections, Budget::Refusals] {
+        for kind in [Budget::Connections, Budget::Requests] {
             let pending = self.budget(kind).lock().unwrap().take_all();
             for d in pending {
                 if let Err(e) = self.write_summary(kind, &d) {
@@ -334,9 +334,9 @@ impl Audit {
 #[derive(Debug, Clone, Copy)]
 enum Budget {
     Connections,
-    /// What guard refused an agent's request with (and calls held for approval that the agent
-    /// can give up and repeat): the agent chooses how many there are.
-    Refusals,
+    /// What an agent's requests cause without a call running — refusals, filtered tools/list
+    /// answers, calls held for approval and given up: the agent chooses how many there are.
+    Requests,
 }
 
 impl Budget {
@@ -351,10 +351,11 @@ impl Budget {
                 | Decision::ToolChanged
                 | Decision::ApprovalDenied
                 | Decision::ApprovalTimeout,
-            ) => Some(Budget::Refusals),
+            ) => Some(Budget::Requests),
             // Refused answers, and calls held and given up: an agent can repeat them at will.
-            (Event::ToolsList, Decision::Deny) => Some(Budget::Refusals),
-            (Event::Approval, Decision::Pending | Decision::Timeout) => Some(Budget::Refusals),
+            // A batch of tools/list requests is as many filtered answers, each one recorded.
+            (Event::ToolsList, Decision::Deny | Decision::Filter) => Some(Budget::Requests),
+            (Event::Approval, Decision::Pending | Decision::Timeout) => Some(Budget::Requests),
             _ => None,
         }
     }

@@ -52,6 +52,8 @@ pub struct Held {
 struct Pending {
     held: Held,
     tx: oneshot::Sender<Verdict>,
+    /// Bytes of its arguments, counted once.
+    size: usize,
 }
 
 /// `approve --for`: identical calls (same agent, server, tool, arguments) pass until `until`.
@@ -67,8 +69,10 @@ struct Standing {
 pub const MAX_PER_AGENT: usize = 16;
 /// Calls waiting for approval at once, all agents together.
 pub const MAX_HELD: usize = 256;
-/// Bytes of arguments held for approval at once, all agents together.
-pub const MAX_HELD_BYTES: usize = 16 << 20;
+/// Bytes of arguments held for approval at once, all agents together ...
+pub const MAX_HELD_BYTES: usize = 64 << 20;
+/// ... and of one agent.
+pub const MAX_HELD_BYTES_PER_AGENT: usize = 8 << 20;
 
 #[derive(Default)]
 pub struct Approvals {
@@ -89,23 +93,27 @@ impl Approvals {
     }
 
     /// Holds a call; the receiver yields the verdict. Refused (why, as an error) when the agent
-    /// holds [`MAX_PER_AGENT`] calls, all agents [`MAX_HELD`], or the held arguments would pass
-    /// [`MAX_HELD_BYTES`]: every held call is memory, an open request and a record.
+    /// holds [`MAX_PER_AGENT`] calls or [`MAX_HELD_BYTES_PER_AGENT`] bytes of arguments, or all
+    /// agents [`MAX_HELD`] calls or [`MAX_HELD_BYTES`]: every held call is memory, an open
+    /// request and a record, and no agent's held calls may take the others' room.
     pub fn request(&self, mut held: Held) -> Result<(String, oneshot::Receiver<Verdict>)> {
+        let size = serde_json::to_vec(&held.arguments).map_or(0, |b| b.len());
         let mut pending = self.pending.lock().unwrap();
         let key = agent_key(&held.agent, held.uid);
-        let mine = pending
-            .values()
-            .filter(|p| agent_key(&p.held.agent, p.held.uid) == key)
-            .count();
-        let size = |v: &Value| serde_json::to_vec(v).map_or(0, |b| b.len());
-        let bytes: usize = pending.values().map(|p| size(&p.held.arguments)).sum();
-        if mine >= MAX_PER_AGENT {
+        let (mut mine, mut my_bytes, mut bytes) = (0, 0, 0);
+        for p in pending.values() {
+            bytes += p.size;
+            if agent_key(&p.held.agent, p.held.uid) == key {
+                mine += 1;
+                my_bytes += p.size;
+            }
+        }
+        if mine >= MAX_PER_AGENT || my_bytes + size > MAX_HELD_BYTES_PER_AGENT {
             return Err(anyhow!(
-                "agent {key} already has {MAX_PER_AGENT} calls waiting for approval"
+                "agent {key} already has {mine} calls ({my_bytes} bytes of arguments) waiting for approval"
             ));
         }
-        if pending.len() >= MAX_HELD || bytes + size(&held.arguments) > MAX_HELD_BYTES {
+        if pending.len() >= MAX_HELD || bytes + size > MAX_HELD_BYTES {
             return Err(anyhow!(
                 "{} calls ({bytes} bytes of arguments) are waiting for approval already",
                 pending.len()
@@ -120,7 +128,7 @@ impl Approvals {
             .unwrap_or(0);
         held.created = Some(Instant::now());
         let (tx, rx) = oneshot::channel();
-        pending.insert(id.clone(), Pending { held, tx });
+        pending.insert(id.clone(), Pending { held, tx, size });
         Ok((id, rx))
     }
 
@@ -248,6 +256,11 @@ mod tests {
         }
         let over = a.request(held("t", "one more")).unwrap_err().to_string();
         assert!(over.contains("already has 16 calls"), "{over}");
+        // One agent's large arguments do not take the others' room.
+        let mut fat = held("t", "fat");
+        fat.agent = Some("fat".into());
+        fat.arguments = serde_json::json!({ "x": "y".repeat(MAX_HELD_BYTES_PER_AGENT) });
+        assert!(a.request(fat).is_err());
         // Another agent still has its own share.
         let mut other = held("t", "o");
         other.agent = Some("other".into());
@@ -257,6 +270,21 @@ mod tests {
         big.agent = Some("big".into());
         big.arguments = serde_json::json!({ "x": "y".repeat(MAX_HELD_BYTES) });
         assert!(a.request(big).is_err());
+        // Many agents together reach the total.
+        for i in 0..MAX_HELD_BYTES / (4 << 20) {
+            let mut part = held("t", &format!("part{i}"));
+            part.agent = Some(format!("agent{i}"));
+            part.arguments = serde_json::json!({ "x": "y".repeat((4 << 20) - 16) });
+            kept.push(a.request(part).unwrap());
+        }
+        let mut last = held("t", "last");
+        last.agent = Some("last".into());
+        last.arguments = serde_json::json!({ "x": "y".repeat(1 << 20) });
+        assert!(a
+            .request(last)
+            .unwrap_err()
+            .to_string()
+            .contains("waiting for approval already"));
         // A call that ends gives its place back.
         a.remove(&kept[0].0);
         assert!(a.request(held("t", "again")).is_ok());

@@ -290,10 +290,15 @@ impl Engine {
         let mut refused: Vec<(usize, Value)> = Vec::new();
         // The records of allowed calls wait until the whole body is decided: a call that is not
         // forwarded (its batch holds a refused one) has no "allow" record, only its "batch" one.
-        let mut allowed: Vec<Box<Record>> = Vec::new();
+        let mut allowed: Vec<(usize, Box<Record>)> = Vec::new();
+        // A batch that will not be forwarded holds no call for a person to approve in vain.
+        let may_hold = !body
+            .messages
+            .iter()
+            .any(|m| body.messages.len() > 1 && self.would_refuse(caller, t, m));
         for (i, m) in body.messages.iter().enumerate() {
-            match self.judge(caller, t, m).await {
-                Judged::Allow { record, .. } => allowed.extend(record),
+            match self.judge(caller, t, m, may_hold).await {
+                Judged::Allow { record, .. } => allowed.extend(record.map(|r| (i, r))),
                 Judged::Refuse(refusal) => {
                     let id = m.id.clone().unwrap_or(Value::Null);
                     refused.push((i, refusal.answer(&id, self.settings.denial)));
@@ -302,7 +307,7 @@ impl Engine {
             }
         }
         let Some(first) = refused.first().map(|(i, _)| *i) else {
-            if allowed.iter().all(|r| self.write(r)) {
+            if allowed.iter().all(|(_, r)| self.write(r)) {
                 return Outcome::Forward;
             }
             return Outcome::Unaudited;
@@ -315,7 +320,15 @@ impl Engine {
             } else if let (true, Some(id)) = (m.is_request(), &m.id) {
                 let reason =
                     format!("not forwarded: the batch contained a blocked call ({first_tool})");
-                let mut r = self.record(Event::McpRequest, Decision::Deny, caller, t);
+                // An allowed call's own record (tool, arguments' hash) becomes its refusal.
+                let mut r = match allowed.iter().position(|(j, _)| *j == i) {
+                    Some(k) => {
+                        let mut r = *allowed.swap_remove(k).1;
+                        r.decision = Decision::Deny;
+                        r
+                    }
+                    None => self.record(Event::McpRequest, Decision::Deny, caller, t),
+                };
                 r.method = m.method.clone();
                 r.jsonrpc_id = Some(id.clone());
                 r.rule = Some("batch".into());
@@ -341,7 +354,7 @@ impl Engine {
     /// Decides one message. Only `tools/call`s are decided (and audited); every other message
     /// is allowed as it is.
     pub async fn enforce(&self, caller: &Identity, t: &Target, m: &Message) -> Verdict {
-        match self.judge(caller, t, m).await {
+        match self.judge(caller, t, m, true).await {
             Judged::Allow {
                 rule,
                 record: Some(r),
@@ -355,9 +368,42 @@ impl Engine {
         }
     }
 
+    /// Whether the policy refuses this message as it stands (no rate-limit budget spent, no
+    /// approval asked): for a batch, which is then refused whole.
+    fn would_refuse(&self, caller: &Identity, t: &Target, m: &Message) -> bool {
+        if m.method.as_deref() != Some("tools/call") {
+            return false;
+        }
+        if !m.is_request() {
+            return true;
+        }
+        let policies = self.policies();
+        let Some(sp) = t.server.as_deref().and_then(|n| policies.by_name(n)) else {
+            return false;
+        };
+        let tool = m.tool().unwrap_or("");
+        if sp.on_tool_change == ToolChange::Block && self.pins.blocked(&sp.name, tool) {
+            return true;
+        }
+        let mut policy_caller = caller.caller();
+        policy_caller.session = t.session.clone();
+        let d = sp.explain(
+            tool,
+            &m.arguments(),
+            &policy_caller,
+            &self.limiter,
+            Instant::now(),
+        );
+        matches!(
+            d,
+            policy::Decision::Deny { .. } | policy::Decision::RateLimited { .. }
+        )
+    }
+
     /// [`Engine::enforce`], with an allowed call's record handed back unwritten (a refusal's
-    /// is written: it stands whatever else happens).
-    async fn judge(&self, caller: &Identity, t: &Target, m: &Message) -> Judged {
+    /// is written: it stands whatever else happens). `may_hold`: false in a batch that will be
+    /// refused, where a call that needs approval is refused with it instead of held.
+    async fn judge(&self, caller: &Identity, t: &Target, m: &Message, may_hold: bool) -> Judged {
         if m.method.as_deref() != Some("tools/call") {
             return Judged::Allow {
                 rule: "method".into(),
@@ -401,6 +447,13 @@ impl Engine {
                         None
                     }
                     Step::Refuse(x) => Some(x),
+                    Step::Hold { .. } if !may_hold => Some(Refusal::new(
+                        RefusalKind::Denied,
+                        &sp.name,
+                        Some(&tool),
+                        "batch",
+                        "not held for approval: the batch contained a blocked call",
+                    )),
                     Step::Hold { rule, timeout_s } => {
                         let held = Hold {
                             sp,
@@ -524,14 +577,16 @@ impl Engine {
         let (id, rx) = match requested {
             Ok(r) => r,
             Err(e) => {
+                // Not a person's answer: a retryable refusal, not an approval denied.
                 let reason = format!("not held for approval: {e}; try again later");
-                let refusal = Refusal::new(
-                    RefusalKind::ApprovalDenied,
+                let mut refusal = Refusal::new(
+                    RefusalKind::RateLimited,
                     &h.sp.name,
                     Some(h.tool),
-                    h.rule,
+                    "approvals.capacity",
                     reason,
                 );
+                refusal.retry_after_s = Some(5);
                 return (Some(refusal), None);
             }
         };

@@ -111,8 +111,9 @@ pub fn classify(b: &[u8]) -> Option<Kind> {
     }
 }
 
+/// What lenient servers take for the space between a request line's parts (Netty: VT, FF).
 fn is_blank(c: u8) -> bool {
-    c == b' ' || c == b'\t'
+    matches!(c, b' ' | b'\t' | 0x0b | 0x0c)
 }
 
 /// The blanks at the start of `b` (there is at least one), and what follows. `None` while
@@ -122,8 +123,8 @@ fn skip_blanks(b: &[u8]) -> Option<(&[u8], &[u8])> {
     Some(b.split_at(n))
 }
 
-/// `NAME/major[.minor]`, NAME one that HTTP servers take for theirs (Node's parser takes RTSP
-/// and ICE lines; SIP and the rest are other protocols).
+/// `NAME/major[.minor]`: a protocol version as request lines spell it. Any name: Node's parser
+/// takes RTSP and ICE lines for HTTP, Netty any `NAME/d.d`.
 fn is_version(v: &[u8]) -> bool {
     let Some(slash) = v.iter().position(|c| *c == b'/') else {
         return false;
@@ -134,8 +135,7 @@ fn is_version(v: &[u8]) -> bool {
         Some(dot) => digits(&num[..dot]) && digits(&num[dot + 1..]),
         None => digits(num),
     };
-    let known = [&b"HTTP"[..], b"RTSP", b"ICE"];
-    known.iter().any(|k| name.eq_ignore_ascii_case(k)) && num_ok
+    !name.is_empty() && name.len() <= 16 && name.iter().all(|c| is_tchar(*c)) && num_ok
 }
 
 /// Classifies what the client has sent so far, without waiting: `None` when that is not enough
@@ -258,9 +258,14 @@ mod tests {
         assert_eq!(classify(b"POST /mcp HTTP/2.0"), None);
         assert_eq!(
             classify(b"INVITE sip:x SIP/2.0\r\n"),
-            Some(Kind::Other),
-            "SIP"
+            Some(Kind::HttpLike),
+            "Netty reads it"
         );
+        assert_eq!(
+            classify(b"POST\x0b/mcp\x0bHTTP/1.1\r\n"),
+            Some(Kind::HttpLike)
+        );
+        assert_eq!(classify(b"POST /mcp FOO/1.1\r\n"), Some(Kind::HttpLike));
         assert_eq!(classify(b"POST  /mcp"), None);
         assert_eq!(
             classify(&[b"POST /mcp ".as_slice(), &[b'v'; 40]].concat()),

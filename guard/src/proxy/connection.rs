@@ -180,7 +180,7 @@ impl Proxy {
             } else if self.http.engine.settings.unknown_servers == UnknownServers::Deny {
                 "policy.unknown_servers"
             } else {
-                "proxy.request_line"
+                "protocol"
             };
             rec.deny(
                 rule,

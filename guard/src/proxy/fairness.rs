@@ -127,6 +127,19 @@ impl BodyBytes {
     }
 }
 
+impl Reserved {
+    /// Gives back what the body did not need (its length is known once it is read).
+    pub fn shrink_to(&mut self, n: usize) {
+        if n < self.n {
+            let mut held = self.of.held.lock().unwrap();
+            if let Some(have) = held.get_mut(&self.key) {
+                *have -= self.n - n;
+            }
+            self.n = n;
+        }
+    }
+}
+
 impl Drop for Reserved {
     fn drop(&mut self) {
         let mut held = self.of.held.lock().unwrap();
@@ -162,7 +175,13 @@ mod tests {
             "another agent is not affected"
         );
         drop(six);
-        assert!(b.reserve(&bot, 6).is_some(), "given back when dropped");
+        let mut six = b.reserve(&bot, 6).unwrap();
+        assert!(b.reserve(&bot, 1).is_none());
+        six.shrink_to(2);
+        assert!(
+            b.reserve(&bot, 4).is_some(),
+            "what a body did not need is given back"
+        );
     }
 
     #[test]

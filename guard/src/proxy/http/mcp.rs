@@ -54,7 +54,7 @@ impl Ctx {
         let caller = &self.conn.identity;
         let (parts, body) = req.into_parts();
         // Held until the request has gone on: the bytes are in memory until then.
-        let _reserved = match self.reserve_body(&target, &parts.headers) {
+        let mut reserved = match self.reserve_body(&target, &parts.headers) {
             Ok(r) => r,
             Err(resp) => return *resp,
         };
@@ -68,6 +68,7 @@ impl Ctx {
             }
             Err(Unread::Refused(resp)) => return resp,
         };
+        reserved.shrink_to(bytes.len());
         // Decoded by the server before it reads them: what guard would parse is not the message.
         let parsed = request_encoding(&parts.headers, &bytes)
             .map_err(BodyError::Encoding)
@@ -204,7 +205,10 @@ impl Ctx {
         match read {
             Read::Whole(b) => Ok(b),
             Read::Over { prefix, rest } => {
-                if target.server.is_none() && !could_carry_json(headers, &prefix) {
+                // Streamed on only when it cannot be JSON-RPC to any server: nor after the
+                // server decodes it (a charset, two Content-Types).
+                let plain = request_encoding(headers, &prefix).is_ok();
+                if target.server.is_none() && plain && !could_carry_json(headers, &prefix) {
                     return Err(Unread::Stream(prefix, rest));
                 }
                 let reason = format!("request body over proxy.max_body ({max} bytes)");
@@ -314,13 +318,13 @@ impl Ctx {
                 Some("the answer names a charset other than UTF-8")
             }
             // A client that takes this for an answer would read it unfiltered.
-            AnswerType::Other if answers_requests && !is_empty_body(&resp) => {
+            AnswerType::Other if answers_requests => {
                 Some("the answer to a tools/list has a Content-Type guard does not read")
             }
             _ => None,
         };
         if let Some(why) = refused {
-            return self.refuse_answer(t, &ids, why);
+            return self.refuse_unread_answer(t, &ids, why);
         }
         match kind {
             AnswerType::Sse => return self.clone().filter_stream(resp, server, t.clone(), ids),
@@ -332,11 +336,11 @@ impl Ctx {
             Read::Whole(b) => b,
             Read::Over { .. } => {
                 let why = format!("the server's answer is over {MAX_EVENT} bytes");
-                return self.refuse_answer(t, &ids, &why);
+                return self.refuse_unread_answer(t, &ids, &why);
             }
             Read::Failed(e) => {
                 let why = format!("reading the server's answer: {e}");
-                return self.refuse_answer(t, &ids, &why);
+                return self.refuse_unread_answer(t, &ids, &why);
             }
         };
         match self
@@ -350,6 +354,20 @@ impl Ctx {
             }
             Filtered::Refused(why) => self.refuse_answer(t, &ids, &why),
         }
+    }
+
+    /// [`Ctx::refuse_answer`] for an answer refused before the core read it: audited here.
+    fn refuse_unread_answer(&self, t: &Target, ids: &[Value], why: &str) -> Response<Body> {
+        let reason = format!("the answer was not passed on: {why}");
+        self.engine().audit_refused(
+            Event::ToolsList,
+            &self.conn.identity,
+            t,
+            Some("tools/list"),
+            "protocol",
+            &reason,
+        );
+        self.refuse_answer(t, ids, why)
     }
 
     /// 502 in place of an answer guard will not pass on: a JSON-RPC error per request (a text

@@ -1,6 +1,6 @@
 //! HTTP in the proxy: hyper serves the agent's connection (HTTP/1.1, or HTTP/2 when ALPN or the
-//! h2c preface chose it) and every request is routed here: protocol upgrades and CONNECT
-//! tunnels, bodyless requests (GET streams, DELETE), and requests with a body, which go to the
+//! h2c preface chose it) and every request is routed here: protocol upgrades (CONNECT tunnels
+//! are refused), bodyless requests (GET streams, DELETE), and requests with a body, which go to the
 //! MCP adapter ([`mcp`](self::mcp)) when they are MCP. Requests go upstream over HTTP/1.1
 //! ([`upstream`]); everything that is not MCP passes unchanged.
 
@@ -16,7 +16,6 @@ pub use upstream::{Connector, Upstream};
 
 use std::{
     convert::Infallible,
-    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -202,10 +201,11 @@ impl Ctx {
         let has_body = !req.body().is_end_stream()
             || req.headers().contains_key(header::TRANSFER_ENCODING)
             || header_str(req.headers(), "content-length").is_some_and(|l| l.trim() != "0");
-        if req.method() == Method::CONNECT && (has_body || req.uri().authority().is_none()) {
-            // Not a tunnel request (`CONNECT /mcp` with a body): some servers take it for a
-            // request like any other, and its body would go on unread.
-            let reason = "a CONNECT with a body, or without host:port, is refused";
+        if req.method() == Method::CONNECT {
+            // A tunnel carries whatever the agent sends next past guard's reading (TLS to a
+            // named server through a proxy, a request pipelined into a catch-all server), and
+            // proves nothing about where it ends: refused.
+            let reason = "CONNECT tunnels are refused: guard cannot read what they carry";
             self.engine().audit_refused(
                 Event::McpRequest,
                 &self.conn.identity,
@@ -214,12 +214,13 @@ impl Ctx {
                 "protocol",
                 reason,
             );
-            return text_response(StatusCode::BAD_REQUEST, format!("guard: {reason}\n"));
+            return text_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                format!("guard: {reason}; connect to the server directly (guard sees it there)\n"),
+            );
         }
-        if req.method() == Method::CONNECT
-            || (req.headers().contains_key(header::UPGRADE) && !has_body)
-        {
-            return self.upgrade(req, &target, &policies).await;
+        if req.headers().contains_key(header::UPGRADE) && !has_body {
+            return self.upgrade(req, &target).await;
         }
         if req.headers().contains_key(header::UPGRADE) {
             // An upgrade with a body would be forwarded with its body unread (a server may read
@@ -239,17 +240,12 @@ impl Ctx {
         self.with_body(req, target).await
     }
 
-    /// `Upgrade` requests (WebSocket and the like) and CONNECT: forwarded and then spliced, except
-    /// towards a policy-named server, which is only reached through requests guard can read.
-    async fn upgrade(
-        &self,
-        req: Request<Incoming>,
-        target: &Target,
-        policies: &PolicySet,
-    ) -> Response<Body> {
+    /// `Upgrade` requests (WebSocket and the like): forwarded and then spliced, except towards a
+    /// policy-named server, which is only reached through requests guard can read.
+    async fn upgrade(&self, req: Request<Incoming>, target: &Target) -> Response<Body> {
         let caller = &self.conn.identity;
         if target.server.is_some() {
-            let reason = "protocol upgrades and CONNECT to a policy-named MCP server are refused";
+            let reason = "protocol upgrades to a policy-named MCP server are refused";
             let method = req.method().to_string();
             self.engine().audit_refused(
                 Event::McpRequest,
@@ -263,25 +259,6 @@ impl Ctx {
                 StatusCode::FORBIDDEN,
                 "guard: protocol upgrades to a policy-named MCP server are refused\n".into(),
             );
-        }
-        if req.method() == Method::CONNECT {
-            // A tunnel through an HTTP proxy to a policy-named server would carry its MCP past
-            // guard: refused.
-            if let Some(name) = self.connect_target_named(req.uri(), policies).await {
-                let reason = format!("CONNECT tunnel to the policy-named MCP server {name}");
-                self.engine().audit_refused(
-                    Event::McpRequest,
-                    caller,
-                    target,
-                    Some("CONNECT"),
-                    "policy.server",
-                    &reason,
-                );
-                return text_response(
-                    StatusCode::FORBIDDEN,
-                    format!("guard: a CONNECT tunnel to the MCP server {name} is refused\n"),
-                );
-            }
         }
         self.forward_upgrade(req).await
     }
@@ -352,40 +329,6 @@ impl Ctx {
         }
     }
 
-    /// The policy-named server a CONNECT's authority points at, by name or address.
-    async fn connect_target_named(&self, uri: &http::Uri, policies: &PolicySet) -> Option<String> {
-        let auth = uri.authority()?;
-        let host = auth
-            .host()
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_string();
-        let port = auth.port_u16().unwrap_or(443);
-        let addrs: Vec<SocketAddr> = match host.parse::<std::net::IpAddr>() {
-            Ok(ip) => vec![SocketAddr::new(ip, port)],
-            Err(_) => match tokio::time::timeout(
-                Duration::from_secs(3),
-                tokio::net::lookup_host(format!("{host}:{port}")),
-            )
-            .await
-            {
-                Ok(Ok(a)) => a.collect(),
-                // Cannot tell: a named host that does not resolve here is still named.
-                _ => vec![],
-            },
-        };
-        for a in &addrs {
-            if let Some(n) = self.http.named.get(*a) {
-                return Some(n);
-            }
-            if let Some(s) = policies.match_sni(Some(&host), *a) {
-                return Some(s.name.clone());
-            }
-        }
-        let any = SocketAddr::new(std::net::Ipv4Addr::UNSPECIFIED.into(), port);
-        policies.match_sni(Some(&host), any).map(|s| s.name.clone())
-    }
-
     /// Sends `req` upstream; once more on a new connection when the one it was given had closed
     /// before the request went out.
     async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
@@ -404,7 +347,6 @@ impl Ctx {
 
     /// Forwards an `Upgrade` request, then splices both ways once the server switches.
     async fn forward_upgrade(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let connect = req.method() == Method::CONNECT;
         let client_upgrade = hyper::upgrade::on(&mut req);
         let mut resp = match self.send(req.map(boxed)).await {
             Ok(r) => r,
@@ -415,10 +357,7 @@ impl Ctx {
                 );
             }
         };
-        // A tunnel: 101 to an Upgrade, any 2xx to a CONNECT (through an HTTP proxy).
-        let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS
-            || (connect && resp.status().is_success());
-        if switched {
+        if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
             let server_upgrade = hyper::upgrade::on(&mut resp);
             // The tunnel outlives this HTTP connection: it keeps the connection's slots.
             let hold = self.hold.clone();
