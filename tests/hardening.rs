@@ -629,6 +629,15 @@ fn an_upgraded_tunnel_keeps_its_connection_slot() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    drop(g);
+    // Under proxy.other = "deny", a tunnel guard cannot read is refused like TCP it cannot.
+    let g = Guard::start(&dir, "other = \"deny\"", "");
+    let route = g.route(server, "tunneller");
+    let answer = raw_request(
+        route,
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, close\r\nUpgrade: echo\r\n\r\n",
+    );
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
 }
 
 #[test]

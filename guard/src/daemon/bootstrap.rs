@@ -219,6 +219,7 @@ pub async fn assemble(
             max_header: 64 * 1024,
             header_timeout,
             body_timeout: Duration::from_secs(config.proxy.body_timeout_s.max(1)),
+            upgrades: config.proxy.other,
         },
         named.clone(),
     );

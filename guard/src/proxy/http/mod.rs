@@ -36,6 +36,7 @@ use super::{
 };
 use crate::{
     audit::{AgentRef, Decision, Event},
+    config::OtherTraffic,
     mcp::{Engine, Target, Transport},
     policy::PolicySet,
 };
@@ -47,6 +48,9 @@ pub struct HttpSettings {
     pub header_timeout: Duration,
     /// The part of a request body guard reads must arrive within this.
     pub body_timeout: Duration,
+    /// `proxy.other`: what switched protocols (WebSocket and the like) to servers no policy
+    /// names are, like TCP guard cannot read: spliced, or refused.
+    pub upgrades: OtherTraffic,
 }
 
 /// Requests at once on one HTTP/2 connection: its streams share the connection's slot, so one
@@ -244,6 +248,18 @@ impl Ctx {
     /// policy-named server, which is only reached through requests guard can read.
     async fn upgrade(&self, req: Request<Incoming>, target: &Target) -> Response<Body> {
         let caller = &self.conn.identity;
+        if target.server.is_none() && self.http.settings.upgrades == OtherTraffic::Deny {
+            let reason = "protocol upgrades carry what guard cannot read (proxy.other = \"deny\")";
+            self.engine().audit_refused(
+                Event::McpRequest,
+                caller,
+                target,
+                Some(req.method().as_str()),
+                "proxy.other",
+                reason,
+            );
+            return text_response(StatusCode::FORBIDDEN, format!("guard: {reason}\n"));
+        }
         if target.server.is_some() {
             let reason = "protocol upgrades to a policy-named MCP server are refused";
             let method = req.method().to_string();
