@@ -8,6 +8,7 @@ pub mod approvals;
 mod enforce;
 mod filter;
 pub mod pins;
+mod refuse;
 pub mod sse;
 pub mod verdict;
 pub mod wire;

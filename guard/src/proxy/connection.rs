@@ -171,41 +171,9 @@ impl Proxy {
             // Its own decision (intercept, pass, or refuse).
             return self.handle_tls(client, conn, upstream, rec, hold).await;
         }
-        if kind == Kind::HttpLike {
-            // A request line guard does not serve (another version, blanks where one space
-            // goes): a lenient server may read a request in it, which guard could then neither
-            // decide nor audit, whatever unknown_servers says.
-            let rule = if self.named.get(dst).is_some() {
-                "policy.server"
-            } else if self.http.engine.settings.unknown_servers == UnknownServers::Deny {
-                "policy.unknown_servers"
-            } else {
-                "protocol"
-            };
-            rec.deny(
-                rule,
-                "a request line that is not HTTP/1.x as guard reads it (another version, or runs \
-                 of blanks) is not forwarded: send HTTP/1.1 or HTTP/2",
-            );
+        if let Some((rule, reason)) = self.unread_refusal(kind, dst) {
+            rec.deny(rule, reason);
             return rec.refuse(client);
-        }
-        if kind == Kind::Other {
-            // A server a policy names is only ever reached through enforcement: something guard
-            // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
-            if self.named.get(dst).is_some() {
-                rec.deny(
-                    "policy.server",
-                    "a policy names this MCP server, and this traffic is neither HTTP nor TLS",
-                );
-                return rec.refuse(client);
-            }
-            if self.settings.other == OtherTraffic::Deny {
-                rec.deny(
-                    "proxy.other",
-                    "traffic that is neither HTTP nor TLS is denied (proxy.other = \"deny\")",
-                );
-                return rec.refuse(client);
-            }
         }
         let served = kind == Kind::Http || kind == Kind::H2c;
         let rule = if served { "http" } else { "passthrough" };
@@ -221,6 +189,42 @@ impl Proxy {
             http::serve(self.http.clone(), conn, client, upstream, h2, floor, hold).await;
         } else if let Err(e) = tcp::passthrough(&mut client, &mut upstream).await {
             tracing::debug!(%peer, %dst, "passthrough ended: {e}");
+        }
+    }
+
+    /// Why a connection guard would pass on unread is refused, if it is: an HTTP-like request
+    /// line anywhere, other traffic towards a named server or under `proxy.other = "deny"`.
+    fn unread_refusal(&self, kind: Kind, dst: SocketAddr) -> Option<(&'static str, &'static str)> {
+        let named = self.named.get(dst).is_some();
+        match kind {
+            // A request line guard does not serve (another version, blanks where one space
+            // goes): a lenient server may read a request in it, which guard could then neither
+            // decide nor audit, whatever unknown_servers says.
+            Kind::HttpLike => {
+                let rule = if named {
+                    "policy.server"
+                } else if self.http.engine.settings.unknown_servers == UnknownServers::Deny {
+                    "policy.unknown_servers"
+                } else {
+                    "protocol"
+                };
+                Some((
+                    rule,
+                    "a request line that is not HTTP/1.x as guard reads it (another version, or \
+                     runs of blanks) is not forwarded: send HTTP/1.1 or HTTP/2",
+                ))
+            }
+            // A server a policy names is only ever reached through enforcement: something guard
+            // cannot read (neither HTTP nor TLS) is refused there whatever proxy.other says.
+            Kind::Other if named => Some((
+                "policy.server",
+                "a policy names this MCP server, and this traffic is neither HTTP nor TLS",
+            )),
+            Kind::Other if self.settings.other == OtherTraffic::Deny => Some((
+                "proxy.other",
+                "traffic that is neither HTTP nor TLS is denied (proxy.other = \"deny\")",
+            )),
+            _ => None,
         }
     }
 

@@ -44,7 +44,7 @@ impl Ctx {
     /// whatever its Content-Type says: JSON-RPC to an unknown server must not slip past as
     /// text/plain.
     ///
-    /// Long (about 80 lines) on purpose: one request's whole path — read, parse, decide,
+    /// Long (about 90 lines) on purpose: one request's whole path — read, parse, decide,
     /// answer or forward, inspect the answer — reads top to bottom here; each step calls out.
     pub(super) async fn with_body(
         self: Arc<Self>,
@@ -384,7 +384,7 @@ impl Ctx {
 
     /// Re-streams an SSE response event by event, each one filtered.
     ///
-    /// Long (about 90 lines) on purpose: the task's loop is one state machine (read a chunk,
+    /// Long (about 100 lines) on purpose: the task's loop is one state machine (read a chunk,
     /// parse events, filter or refuse each, forward, close) that is clearer whole.
     fn filter_stream(
         self: Arc<Self>,
