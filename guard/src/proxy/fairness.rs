@@ -156,17 +156,17 @@ impl Drop for Reserved {
 mod tests {
     use super::*;
 
+    fn agent(name: &str) -> Identity {
+        Identity {
+            agent: Some(name.into()),
+            ..Default::default()
+        }
+    }
+
     #[test]
     fn each_agent_has_its_own_body_bytes() {
         let b = Arc::new(BodyBytes::new(10));
-        let bot = Identity {
-            agent: Some("bot".into()),
-            ..Default::default()
-        };
-        let other = Identity {
-            agent: Some("other".into()),
-            ..Default::default()
-        };
+        let (bot, other) = (agent("bot"), agent("other"));
         let six = b.reserve(&bot, 6).unwrap();
         assert!(b.reserve(&bot, 5).is_none(), "over the agent's bytes");
         let _four = b.reserve(&bot, 4).unwrap();
@@ -187,14 +187,7 @@ mod tests {
     #[test]
     fn each_agent_has_its_own_slots() {
         let p = Arc::new(PerAgent::new(2));
-        let bot = Identity {
-            agent: Some("bot".into()),
-            ..Default::default()
-        };
-        let other = Identity {
-            agent: Some("other".into()),
-            ..Default::default()
-        };
+        let (bot, other) = (agent("bot"), agent("other"));
         let a = p.acquire(&bot).unwrap();
         let _b = p.acquire(&bot).unwrap();
         assert!(p.acquire(&bot).is_none(), "bot holds its limit");

@@ -33,21 +33,23 @@ impl Named {
             .and_then(|v| v.first().cloned())
     }
 
-    /// Every server policies name at this address (several share one by path).
-    pub fn all(&self, dst: SocketAddr) -> Vec<String> {
+    /// The server a request (or TLS connection) to `dst` belongs to. The destination
+    /// decides: what the agent wrote (`chosen`, by Host, SNI or path) may choose among the
+    /// servers policies name at `dst`, never move a request to a server elsewhere, nor away
+    /// from `floor` (the server its TLS connection was taken for); else `floor`, else the
+    /// first server at `dst`.
+    pub fn decide(
+        &self,
+        dst: SocketAddr,
+        chosen: Option<String>,
+        floor: Option<&str>,
+    ) -> Option<String> {
         let map = self.map.read().unwrap();
-        map.get(&canonical_addr(dst)).cloned().unwrap_or_default()
-    }
-
-    /// The server a request (or TLS connection) to `dst` belongs to: the one the agent's
-    /// `Host`, SNI or path chose (`chosen`) when it is one of those at `dst`, else the first
-    /// of those at `dst`. The destination decides: what the agent writes may choose among
-    /// the servers at an address, never move a request to a server elsewhere.
-    pub fn decide(&self, dst: SocketAddr, chosen: Option<String>) -> Option<String> {
-        let here = self.all(dst);
+        let here = map.get(&canonical_addr(dst)).map_or(&[][..], Vec::as_slice);
         match chosen {
-            Some(c) if here.is_empty() || here.contains(&c) => Some(c),
-            _ => here.into_iter().next(),
+            Some(c) if here.contains(&c) => Some(c),
+            Some(c) if here.is_empty() && floor.is_none_or(|f| f == c) => Some(c),
+            _ => floor.map(str::to_string).or_else(|| here.first().cloned()),
         }
     }
 }

@@ -159,18 +159,29 @@ impl Ctx {
              proxy.max_body): try again when its other requests are done",
             self.http.bodies.limit()
         );
-        self.engine().audit_refused(
-            Event::Limit,
-            &self.conn.identity,
+        let answer = format!("guard: {reason}\n");
+        Err(Box::new(self.refuse_limit(
             target,
-            None,
             "proxy.max_body",
             &reason,
-        );
-        Err(Box::new(text_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("guard: {reason}\n"),
+            answer,
         )))
+    }
+
+    /// A request refused by one of the proxy's limits: audited (`limit`), answered in text.
+    fn refuse_limit(
+        &self,
+        target: &Target,
+        rule: &str,
+        reason: &str,
+        status: StatusCode,
+        answer: String,
+    ) -> Response<Body> {
+        let caller = &self.conn.identity;
+        self.engine()
+            .audit_refused(Event::Limit, caller, target, None, rule, reason);
+        text_response(status, answer)
     }
 
     /// Reads a request body up to `proxy.max_body`. Longer: streamed on unread when it cannot be
@@ -189,17 +200,13 @@ impl Ctx {
                 "the request body did not arrive within proxy.body_timeout_s ({}s)",
                 within.as_secs()
             );
-            self.engine().audit_refused(
-                Event::Limit,
-                &self.conn.identity,
+            let answer = format!("guard: {reason}\n");
+            return Err(Unread::Refused(self.refuse_limit(
                 target,
-                None,
                 "proxy.body_timeout_s",
                 &reason,
-            );
-            return Err(Unread::Refused(text_response(
                 StatusCode::REQUEST_TIMEOUT,
-                format!("guard: {reason}\n"),
+                answer,
             )));
         };
         match read {
@@ -212,17 +219,13 @@ impl Ctx {
                     return Err(Unread::Stream(prefix, rest));
                 }
                 let reason = format!("request body over proxy.max_body ({max} bytes)");
-                self.engine().audit_refused(
-                    Event::Limit,
-                    &self.conn.identity,
+                let answer = format!("guard: request body exceeds proxy.max_body ({max} bytes)\n");
+                Err(Unread::Refused(self.refuse_limit(
                     target,
-                    None,
                     "proxy.max_body",
                     &reason,
-                );
-                Err(Unread::Refused(text_response(
                     StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("guard: request body exceeds proxy.max_body ({max} bytes)\n"),
+                    answer,
                 )))
             }
             Read::Failed(e) => Err(Unread::Refused(text_response(

@@ -170,15 +170,11 @@ impl Ctx {
                 req.uri().path(),
             )
             .map(|s| s.name.clone());
-        // The destination decides: a Host (or path) may choose among the servers policies
-        // name at this address, never move a request to another server, nor away from the
-        // one its TLS connection was taken for.
-        let here = self.http.named.all(self.conn.original_dst);
-        let server = match chosen {
-            Some(c) if here.contains(&c) => Some(c),
-            Some(c) if here.is_empty() && self.floor.as_ref().is_none_or(|f| *f == c) => Some(c),
-            _ => self.floor.clone().or_else(|| here.into_iter().next()),
-        };
+        // A Host naming another server never moves the request (see `Named::decide`).
+        let server = self
+            .http
+            .named
+            .decide(self.conn.original_dst, chosen, self.floor.as_deref());
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));

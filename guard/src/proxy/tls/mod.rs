@@ -42,7 +42,7 @@ impl Proxy {
         let chosen = policies
             .match_sni(sni.as_deref(), dst)
             .map(|s| s.name.clone());
-        let server = self.named.decide(dst, chosen);
+        let server = self.named.decide(dst, chosen, None);
         let intercept = server.is_some() || self.settings.intercept == Intercept::All;
         rec.record.server = Some(ServerRef {
             name: server.clone(),
