@@ -908,3 +908,211 @@ fn no_audit_record_means_no_call() {
     let h = g.engine().audit_log().health();
     assert!(!h.ok && h.write_failures >= 3, "{h:?}");
 }
+
+/// What a server logged beside tool calls: `{"resource": uri}`, `{"prompt": name}`,
+/// `{"completion": name}` lines, as `kind:name`.
+fn served(s: &Server) -> Vec<String> {
+    s.calls()
+        .iter()
+        .filter_map(|c| {
+            ["resource", "prompt", "completion"].iter().find_map(|k| {
+                c.get(*k)
+                    .and_then(Value::as_str)
+                    .map(|v| format!("{k}:{v}"))
+            })
+        })
+        .collect()
+}
+
+#[test]
+fn every_method_is_decided_by_policy() {
+    let dir = TestDir::new("methods");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    for (name, s) in &trio.servers[..2] {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "default": "deny",
+            "tools": { "echo": {} },
+            "resources": {
+                "file:///public/*": {},
+                "secret://*": { "action": "deny", "reason": "no secrets" }
+            },
+            "prompts": { "greet": {} },
+            "methods": { "completion/complete": {} }
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    let rpc = |method: &str, params: Value| {
+        json!({"jsonrpc": "2.0", "id": 7, "method": method, "params": params}).to_string()
+    };
+    let complete = |name: &str| {
+        rpc(
+            "completion/complete",
+            json!({"ref": {"type": "ref/prompt", "name": name}, "argument": {"name": "name", "value": "b"}}),
+        )
+    };
+    let refused = [
+        rpc("resources/read", json!({"uri": "secret://token"})),
+        // A template's instance, and spellings that read as the same URI.
+        rpc("resources/read", json!({"uri": "secret://vault/k1"})),
+        rpc("resources/read", json!({"uri": "SECRET://token"})),
+        rpc("resources/read", json!({"uri": "file:///public/../secret"})),
+        rpc("resources/subscribe", json!({"uri": "secret://token"})),
+        rpc(
+            "prompts/get",
+            json!({"name": "exfiltrate", "arguments": {"target": "x"}}),
+        ),
+        // Completing a prompt the caller may not get tells what it takes.
+        complete("exfiltrate"),
+        rpc("tasks/get", json!({"taskId": "t1"})),
+        // No id: a notification nobody could refuse, never forwarded.
+        r#"{"jsonrpc":"2.0","method":"resources/read","params":{"uri":"secret://token"}}"#.into(),
+    ];
+    for (name, s) in &trio.servers[..2] {
+        for body in &refused {
+            let (_, answer) = g.curl_post(&s.url, &[], body);
+            assert!(answer.contains("-32001"), "{name}: {body} -> {answer}");
+        }
+        assert_eq!(
+            served(s),
+            Vec::<String>::new(),
+            "{name} served a refused request"
+        );
+        let (_, answer) = g.curl_post(
+            &s.url,
+            &[],
+            &rpc(
+                "resources/read",
+                json!({"uri": "file:///public/readme.txt"}),
+            ),
+        );
+        assert!(answer.contains("public readme"), "{name}: {answer}");
+        let (_, answer) = g.curl_post(
+            &s.url,
+            &[],
+            &rpc(
+                "prompts/get",
+                json!({"name": "greet", "arguments": {"name": "bob"}}),
+            ),
+        );
+        assert!(answer.contains("Say hello to bob"), "{name}: {answer}");
+        let (_, answer) = g.curl_post(&s.url, &[], &complete("greet"));
+        assert!(answer.contains("b-done"), "{name}: {answer}");
+        assert_eq!(
+            served(s),
+            [
+                "resource:file:///public/readme.txt",
+                "prompt:greet",
+                "completion:greet"
+            ],
+            "{name}"
+        );
+        // Lists show only what this caller may use.
+        let (_, answer) = g.curl_post(&s.url, &[], &rpc("resources/list", json!({})));
+        assert!(
+            answer.contains("readme.txt") && !answer.contains("secret://token"),
+            "{name}: {answer}"
+        );
+        let (_, answer) = g.curl_post(&s.url, &[], &rpc("resources/templates/list", json!({})));
+        assert!(
+            answer.contains("resourceTemplates") && !answer.contains("vault"),
+            "{name}: {answer}"
+        );
+        let (_, answer) = g.curl_post(&s.url, &[], &rpc("prompts/list", json!({})));
+        assert!(
+            answer.contains("greet") && !answer.contains("exfiltrate"),
+            "{name}: {answer}"
+        );
+    }
+    let audit = g.audit_decisions();
+    let denied_read = audit.iter().find(|r| {
+        r["event"] == "mcp_request" && r["method"] == "resources/read" && r["decision"] == "deny"
+    });
+    assert!(
+        denied_read.is_some_and(|r| r["rule"] == "resources.secret://*"),
+        "{audit:#?}"
+    );
+    let filtered = audit
+        .iter()
+        .find(|r| r["method"] == "prompts/list")
+        .expect("prompts/list audited");
+    assert_eq!(
+        filtered["detail"]["hidden"],
+        json!(["exfiltrate"]),
+        "{filtered}"
+    );
+}
+
+/// A server's request to the client on the stream of a call: FastMCP and the TS SDK server each
+/// ask the Python SDK client's model (sampling/createMessage) from the tool `ask_model`.
+#[test]
+fn a_servers_requests_to_the_client_are_decided_by_policy() {
+    let dir = TestDir::new("server-requests");
+    let py = python_server(
+        &dir.join("py.jsonl"),
+        &["--host", "127.0.0.3", "--port", "0", "--ask-model"],
+    );
+    let ts = ts_server(
+        &dir.join("ts.jsonl"),
+        &["--host", "127.0.0.4", "--port", "0", "--ask-model"],
+    );
+    for (name, s) in [("fastmcp", &py), ("ts-sdk", &ts)] {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "default": "allow",
+            "methods": { "sampling/createMessage": { "action": "deny", "reason": "no sampling" } },
+            "grants": [ { "agents": ["trusted"], "methods": { "sampling/createMessage": {} } } ]
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    for (name, s) in [("fastmcp", &py), ("ts-sdk", &ts)] {
+        let ask = |agent: &str| {
+            let mut args = client_args(
+                &g.url(agent, &s.url),
+                "streamable-http",
+                false,
+                &[("ask_model", r#"{"question":"2+2?"}"#)],
+            );
+            args.extend([
+                "--sampling".to_string(),
+                "four".to_string(),
+                "--timeout".into(),
+                "20".into(),
+            ]);
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run_client(&mut g.command(&args))
+        };
+        // Denied: the client's model is never asked; the server's wait times out.
+        let run = ask("bot");
+        assert!(run.samplings.is_empty(), "{name}: {:?}", run.samplings);
+        assert!(
+            run.text(0).contains("sampling failed"),
+            "{name}: {}",
+            run.text(0)
+        );
+        // A grant lets it through for one agent.
+        let run = ask("trusted");
+        assert_eq!(run.samplings, [json!("2+2?")], "{name}");
+        assert_eq!(run.text(0), "model said: four", "{name}");
+    }
+    let records: Vec<Value> = g
+        .audit_decisions()
+        .into_iter()
+        .filter(|r| r["method"] == "sampling/createMessage")
+        .collect();
+    let decisions: Vec<&str> = records
+        .iter()
+        .map(|r| r["decision"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        decisions,
+        ["deny", "allow", "deny", "allow"],
+        "{records:#?}"
+    );
+    assert_eq!(records[0]["rule"], "methods.sampling/createMessage");
+    assert_eq!(records[0]["detail"]["direction"], "server_to_client");
+}

@@ -224,6 +224,8 @@ fn start(mut cmd: Command, log: &Path) -> Server {
 pub struct ClientRun {
     pub tools: Option<Vec<String>>,
     pub calls: Vec<Value>,
+    /// The texts of the sampling requests the client answered (`--sampling`).
+    pub samplings: Vec<Value>,
     pub stderr: String,
 }
 
@@ -294,6 +296,8 @@ pub fn parse_client(out: &std::process::Output) -> ClientRun {
             );
         } else if v.get("call").is_some() {
             run.calls.push(v);
+        } else if let Some(s) = v.get("sampling") {
+            run.samplings.push(s.clone());
         }
     }
     run

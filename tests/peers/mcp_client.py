@@ -3,6 +3,7 @@
 
     python mcp_client.py URL [--transport streamable-http|sse] [--list] [--call TOOL JSON_ARGS]...
                          [--ca FILE] [--timeout SECONDS] [--header 'Name: value']... [--print-init]
+                         [--sampling TEXT]
                          [--skip-output-validation]
 
 Self-contained: needs only the venv that `cargo xtask setup` builds (see README.md beside this
@@ -14,6 +15,8 @@ line to stdout per step:
     --call TOOL ARGS   {"call": TOOL, "result": <CallToolResult, model_dump(by_alias, exclude_none)>}
                        or, on a JSON-RPC error: {"call": TOOL, "error": {"code", "message", "data"}}
     --print-init       (first) {"initialize": {"protocolVersion", "serverInfo", "sessionId"}}
+    --sampling TEXT    offers sampling; each sampling/createMessage the server sends prints
+                       {"sampling": <its first message's text>} and is answered with TEXT
 
 Exit status: 0 when every step ran (JSON-RPC errors are data), 2 on a connection or protocol
 failure or time-out (the reason on stderr; lines already printed stay printed), 64 on bad usage.
@@ -108,7 +111,10 @@ async def run(args: argparse.Namespace) -> None:
         async with transport as streams:
             read, write = streams[0], streams[1]
             async with ClientSession(
-                read, write, read_timeout_seconds=timedelta(seconds=args.timeout)
+                read,
+                write,
+                read_timeout_seconds=timedelta(seconds=args.timeout),
+                sampling_callback=sampler(args.sampling) if args.sampling is not None else None,
             ) as session:
                 if args.skip_output_validation:
                     # The SDK otherwise sends its own tools/list after calling a tool whose output
@@ -148,6 +154,20 @@ async def run(args: argparse.Namespace) -> None:
     finally:
         if http_client is not None:
             await http_client.aclose()
+
+
+def sampler(text: str) -> Any:
+    """A sampling callback: prints {"sampling": <the request's first text>} and answers `text`."""
+    from mcp import types
+
+    async def sample(context: Any, params: types.CreateMessageRequestParams) -> Any:
+        first = params.messages[0].content if params.messages else None
+        emit({"sampling": getattr(first, "text", None)})
+        return types.CreateMessageResult(
+            role="assistant", content=types.TextContent(type="text", text=text), model="guard-test"
+        )
+
+    return sample
 
 
 async def list_all(session: ClientSession) -> None:
@@ -207,6 +227,11 @@ def main() -> int:
         help="do not let the SDK send its own tools/list after a call to validate the output",
     )
     p.add_argument("--print-init", action="store_true", help="print the initialize result first")
+    p.add_argument(
+        "--sampling",
+        metavar="TEXT",
+        help="offer sampling: print {\"sampling\": first text} per request, answer TEXT",
+    )
     p.set_defaults(steps=[])
     try:
         args = p.parse_args()

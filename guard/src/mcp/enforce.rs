@@ -14,6 +14,7 @@ use serde_json::{json, Value};
 
 use super::{
     approvals::{Approvals, Held, Verdict as Approval},
+    ask::{self, Ask, Asked, Kind},
     pins::Pins,
     verdict::{Refusal, RefusalKind, Verdict},
     wire::{self, Body, Message},
@@ -116,7 +117,7 @@ impl Drop for ForgetOnDrop<'_> {
 }
 
 /// What the policy said, before approvals.
-enum Step {
+pub(super) enum Step {
     Allow { rule: String },
     Refuse(Refusal),
     Hold { rule: String, timeout_s: u64 },
@@ -245,9 +246,15 @@ impl Engine {
     /// Whether the policy refuses this message as it stands (no rate-limit budget spent, no
     /// approval asked): for a batch, which is then refused whole.
     fn would_refuse(&self, caller: &Identity, t: &Target, m: &Message) -> bool {
-        if m.method.as_deref() != Some("tools/call") {
-            return false;
-        }
+        let (asked, args, also) = match ask::ask(m) {
+            Ask::Pass => return false,
+            Ask::Unreadable(_) => return true,
+            Ask::Decide {
+                subject,
+                args,
+                also,
+            } => (subject, args, also),
+        };
         if !m.is_request() {
             return true;
         }
@@ -255,61 +262,78 @@ impl Engine {
         let Some(sp) = t.server.as_deref().and_then(|n| policies.by_name(n)) else {
             return false;
         };
-        let tool = m.tool().unwrap_or("");
-        if sp.on_tool_change == ToolChange::Block && self.pins.blocked(&sp.name, tool) {
+        if asked.kind == Kind::Tool
+            && sp.on_tool_change == ToolChange::Block
+            && self.pins.blocked(&sp.name, &asked.name)
+        {
             return true;
         }
         let mut policy_caller = caller.caller();
         policy_caller.session = t.session.clone();
-        let d = sp.explain(
-            tool,
-            &m.arguments(),
-            &policy_caller,
-            &self.limiter,
-            Instant::now(),
-        );
-        matches!(
-            d,
-            policy::Decision::Deny { .. } | policy::Decision::RateLimited { .. }
-        )
+        let now = Instant::now();
+        let refuses = |s: &Asked, args: &Value| {
+            matches!(
+                sp.explain_on(s.subject(), args, &policy_caller, &self.limiter, now),
+                policy::Decision::Deny { .. } | policy::Decision::RateLimited { .. }
+            )
+        };
+        also.is_some_and(|a| refuses(&a, &Value::Null)) || refuses(&asked, &args)
     }
 
     /// [`Engine::enforce`], with an allowed call's record handed back unwritten (a refusal's
     /// is written: it stands whatever else happens). `may_hold`: false in a batch that will be
     /// refused, where a call that needs approval is refused with it instead of held.
     ///
-    /// Long (about 85 lines) on purpose: the record is filled in as the decision is made (rule,
+    /// Long (about 90 lines) on purpose: the record is filled in as the decision is made (rule,
     /// reason, hold), so that every way out writes one record that says what happened.
     async fn judge(&self, caller: &Identity, t: &Target, m: &Message, may_hold: bool) -> Judged {
-        if m.method.as_deref() != Some("tools/call") {
-            return Judged::Allow {
-                rule: "method".into(),
-                record: None,
-            };
-        }
+        let (asked, args, also, unreadable) = match ask::ask(m) {
+            Ask::Pass => {
+                return Judged::Allow {
+                    rule: "method".into(),
+                    record: None,
+                }
+            }
+            Ask::Unreadable(why) => {
+                let method = m.method.clone().unwrap_or_default();
+                (Asked::method(&method), Value::Null, None, Some(why))
+            }
+            Ask::Decide {
+                subject,
+                args,
+                also,
+            } => (subject, args, also, None),
+        };
         let policies = self.policies();
         let server = t.server.as_deref().and_then(|n| policies.by_name(n));
         let id = m.id.clone().unwrap_or(Value::Null);
-        let tool = m.tool().unwrap_or("").to_string();
-        let args = m.arguments();
-        let mut r = self.record(Event::ToolCall, Decision::Allow, caller, t);
+        let event = match asked.kind {
+            Kind::Tool => Event::ToolCall,
+            _ => Event::McpRequest,
+        };
+        let mut r = self.record(event, Decision::Allow, caller, t);
         r.method = m.method.clone();
-        r.tool = Some(tool.clone());
+        r.tool = Some(asked.name.clone());
         r.jsonrpc_id = Some(id);
         r.args_sha256 = Some(wire::sha256_hex(&args));
         if self.settings.log_arguments {
             r.arguments = Some(args.clone());
         }
-        let refusal = match server {
-            // A call with no id is a "notification" no answer can refuse, yet lenient servers
-            // run it: never forwarded.
-            _ if !m.is_request() => Some(Refusal::new(
+        let protocol = |reason: String| {
+            let server = t.server.as_deref().unwrap_or_default();
+            Some(Refusal::new(
                 RefusalKind::Denied,
-                t.server.as_deref().unwrap_or_default(),
-                Some(&tool),
+                server,
+                Some(&asked.name),
                 "protocol",
-                "tools/call without an id is refused",
-            )),
+                reason,
+            ))
+        };
+        let refusal = match server {
+            _ if unreadable.is_some() => protocol(unreadable.unwrap_or_default()),
+            // A request with no id is a "notification" no answer can refuse, yet lenient
+            // servers run it: never forwarded.
+            _ if !m.is_request() => protocol(format!("{} without an id is refused", asked.method)),
             None => {
                 // An unknown server let through by unknown_servers = allow | audit.
                 r.rule = Some("policy.unknown_servers".into());
@@ -318,7 +342,7 @@ impl Engine {
             Some(sp) => {
                 let mut policy_caller = caller.caller();
                 policy_caller.session = t.session.clone();
-                match self.decide(sp, &tool, &args, &policy_caller) {
+                match self.decide(sp, &asked, &args, also.as_ref(), &policy_caller) {
                     Step::Allow { rule } => {
                         r.rule = Some(rule);
                         None
@@ -327,14 +351,14 @@ impl Engine {
                     Step::Hold { .. } if !may_hold => Some(Refusal::new(
                         RefusalKind::Denied,
                         &sp.name,
-                        Some(&tool),
+                        Some(&asked.name),
                         "batch",
                         "not held for approval: the batch contained a blocked call",
                     )),
                     Step::Hold { rule, timeout_s } => {
                         let held = Hold {
                             sp,
-                            tool: &tool,
+                            asked: &asked,
                             args: &args,
                             args_sha256: r.args_sha256.clone().unwrap_or_default(),
                             jsonrpc_id: r.jsonrpc_id.clone(),
@@ -368,19 +392,45 @@ impl Engine {
         }
     }
 
-    /// The policy's word on a `tools/call`: pins first, then [`ServerPolicy::decide`].
-    fn decide(&self, sp: &ServerPolicy, tool: &str, args: &Value, caller: &policy::Caller) -> Step {
+    /// The policy's word on a request: pins first (tools), then what `also` names must not be
+    /// denied, then [`ServerPolicy::decide_on`].
+    pub(super) fn decide(
+        &self,
+        sp: &ServerPolicy,
+        asked: &Asked,
+        args: &Value,
+        also: Option<&Asked>,
+        caller: &policy::Caller,
+    ) -> Step {
         let refusal = |kind, rule: &str, reason: String| {
-            Step::Refuse(Refusal::new(kind, &sp.name, Some(tool), rule, reason))
+            Step::Refuse(Refusal::new(
+                kind,
+                &sp.name,
+                Some(&asked.name),
+                rule,
+                reason,
+            ))
         };
-        if sp.on_tool_change == ToolChange::Block && self.pins.blocked(&sp.name, tool) {
+        if asked.kind == Kind::Tool
+            && sp.on_tool_change == ToolChange::Block
+            && self.pins.blocked(&sp.name, &asked.name)
+        {
             return refusal(
                 RefusalKind::ToolChanged,
                 "on_tool_change",
                 "the tool's definition changed since it was pinned".into(),
             );
         }
-        match sp.decide(tool, args, caller, &self.limiter, Instant::now()) {
+        let now = Instant::now();
+        if let Some(a) = also {
+            // Completing a prompt's or resource's arguments tells what it takes: not for a
+            // caller who may not use it.
+            let d = sp.explain_on(a.subject(), &Value::Null, caller, &self.limiter, now);
+            if let policy::Decision::Deny { rule, reason } = d {
+                return refusal(RefusalKind::Denied, &rule, reason);
+            }
+        }
+        match sp.decide_on(asked.subject(), args, caller, &self.limiter, now) {
             policy::Decision::Allow { rule } => Step::Allow { rule },
             policy::Decision::Deny { rule, reason } => refusal(RefusalKind::Denied, &rule, reason),
             policy::Decision::RateLimited {
@@ -391,7 +441,7 @@ impl Engine {
                 let mut x = Refusal::new(
                     RefusalKind::RateLimited,
                     &sp.name,
-                    Some(tool),
+                    Some(&asked.name),
                     &rule,
                     reason,
                 );
@@ -413,28 +463,30 @@ enum Judged {
     Unaudited,
 }
 
-/// A `require_approval` call being held.
-struct Hold<'a> {
-    sp: &'a ServerPolicy,
-    tool: &'a str,
-    args: &'a Value,
-    args_sha256: String,
-    jsonrpc_id: Option<Value>,
-    rule: &'a str,
-    timeout_s: u64,
+/// A `require_approval` request being held.
+pub(super) struct Hold<'a> {
+    pub sp: &'a ServerPolicy,
+    pub asked: &'a Asked,
+    pub args: &'a Value,
+    pub args_sha256: String,
+    pub jsonrpc_id: Option<Value>,
+    pub rule: &'a str,
+    pub timeout_s: u64,
 }
 
 impl Engine {
     /// Holds a `require_approval` call until an approver answers or the time runs out. Returns
     /// the refusal (None: approved) and what the call's record should give as its reason.
-    async fn hold(
+    pub(super) async fn hold(
         &self,
         caller: &Identity,
         t: &Target,
         h: Hold<'_>,
     ) -> (Option<Refusal>, Option<String>) {
         let approvals = &self.approvals;
-        if approvals.standing(&caller.agent_key(), &h.sp.name, h.tool, &h.args_sha256) {
+        let label = h.asked.label();
+        let tool = label.as_str();
+        if approvals.standing(&caller.agent_key(), &h.sp.name, tool, &h.args_sha256) {
             let why = "approved earlier for identical calls (approve --for)";
             return (None, Some(why.into()));
         }
@@ -444,7 +496,7 @@ impl Engine {
             uid: caller.uid,
             pid: caller.pid,
             server: h.sp.name.clone(),
-            tool: h.tool.to_string(),
+            tool: tool.to_string(),
             arguments: h.args.clone(),
             args_sha256: h.args_sha256.clone(),
             requested_at: 0,
@@ -459,7 +511,7 @@ impl Engine {
                 let mut refusal = Refusal::new(
                     RefusalKind::RateLimited,
                     &h.sp.name,
-                    Some(h.tool),
+                    Some(tool),
                     "approvals.capacity",
                     reason,
                 );
@@ -470,7 +522,7 @@ impl Engine {
         // An agent that goes away takes its held call with it.
         let _forget = ForgetOnDrop(approvals, id.clone());
         let mut p = self.record(Event::Approval, Decision::Pending, caller, t);
-        p.tool = Some(h.tool.to_string());
+        p.tool = Some(tool.to_string());
         p.rule = Some(h.rule.to_string());
         p.args_sha256 = Some(h.args_sha256.clone());
         p.jsonrpc_id = h.jsonrpc_id.clone();
@@ -489,7 +541,7 @@ impl Engine {
             Err(_) => {
                 approvals.remove(&id);
                 let mut a = self.record(Event::Approval, Decision::Timeout, caller, t);
-                a.tool = Some(h.tool.to_string());
+                a.tool = Some(tool.to_string());
                 a.rule = Some(h.rule.to_string());
                 a.detail = Some(json!({ "approval_id": id }));
                 self.write(&a);
@@ -499,7 +551,7 @@ impl Engine {
                 )
             }
         };
-        let refusal = Refusal::new(kind, &h.sp.name, Some(h.tool), h.rule, reason.clone());
+        let refusal = Refusal::new(kind, &h.sp.name, Some(tool), h.rule, reason.clone());
         (Some(refusal), Some(reason))
     }
 

@@ -1,17 +1,35 @@
-//! Answers from a policy-named server, on their way back to the agent: `tools/list` results lose
-//! the tools this caller may not see, and every tool definition seen is checked against its pin.
+//! Messages from a policy-named server, on their way back to the agent: list results
+//! (`tools/list`, `resources/list`, `resources/templates/list`, `prompts/list`) lose what this
+//! caller may not see, every tool definition seen is checked against its pin, and the server's
+//! own requests to the client (`sampling/createMessage`, `elicitation/create`, `roots/list`,
+//! ...) are decided by policy like the client's: a refused one never reaches the client.
 //! An answer guard cannot read the way every client reads it (see the canonical rule in
 //! [`wire`]) is refused, never passed on unfiltered. Transport-free: the HTTP adapter hands over
 //! JSON bodies and SSE event data.
 
 use serde_json::{json, Value};
 
-use super::{enforce::Engine, enforce::Target, wire};
+use super::{
+    ask::{self, Ask},
+    enforce::{Engine, Hold, Step, Target},
+    wire,
+};
 use crate::{
     audit::{Decision, Event},
     identity::Identity,
-    policy::ToolChange,
+    policy::{normalize_uri, Subject, ToolChange},
 };
+
+/// One SSE event's data after filtering.
+#[derive(Debug, Clone, PartialEq)]
+pub enum EventData {
+    /// Pass the event on as it is.
+    Pass,
+    /// Pass this data instead (a filtered list).
+    Replace(String),
+    /// Do not pass it on: a server's request that policy refused (audited).
+    Drop,
+}
 
 /// A JSON answer after filtering.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,6 +52,18 @@ fn check_answer(m: &Value) -> Result<(), String> {
     wire::check_keys(obj, wire::ENVELOPE_KEYS)?;
     if let Some(Value::Object(result)) = obj.get("result") {
         wire::check_keys(result, wire::LIST_KEYS)?;
+        for (field, _, _) in wire::OTHER_LISTS {
+            for item in result
+                .get(*field)
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                if let Some(i) = item.as_object() {
+                    wire::check_keys(i, wire::ITEM_KEYS)?;
+                }
+            }
+        }
         for tool in result
             .get("tools")
             .and_then(Value::as_array)
@@ -50,7 +80,7 @@ fn check_answer(m: &Value) -> Result<(), String> {
 
 impl Engine {
     /// Filters an `application/json` answer (one message or a batch) of `server`.
-    pub fn filter_json(
+    pub async fn filter_json(
         &self,
         caller: &Identity,
         t: &Target,
@@ -65,10 +95,23 @@ impl Engine {
             Value::Array(items) => {
                 // Every message is filtered (no short-circuit).
                 let mut lists = false;
-                for m in items.iter_mut() {
-                    lists |= self.filter_message(caller, t, server, m);
+                let mut kept = Vec::with_capacity(items.len());
+                for mut m in std::mem::take(items) {
+                    if !self.screen(caller, t, server, &m).await {
+                        lists = true;
+                        continue;
+                    }
+                    lists |= self.filter_message(caller, t, server, &mut m);
+                    kept.push(m);
                 }
+                *items = kept;
                 lists
+            }
+            m if !self.screen(caller, t, server, m).await => {
+                let method = m.get("method").and_then(Value::as_str).unwrap_or("");
+                let why =
+                    format!("the server's {method} request to the client is refused by policy");
+                return Filtered::Refused(why);
             }
             m => self.filter_message(caller, t, server, m),
         };
@@ -79,19 +122,80 @@ impl Engine {
         }
     }
 
-    /// Filters the data of one SSE event: `Ok(Some(new data))` when it held a `tools/list`
-    /// result, `Ok(None)` to pass it on as it is, `Err` when it must not be passed on.
-    pub fn filter_event_data(
+    /// Filters the data of one SSE event; `Err` when it cannot be read and must not be passed
+    /// on (nor anything after it).
+    pub async fn filter_event_data(
         &self,
         caller: &Identity,
         t: &Target,
         server: &str,
         data: &str,
-    ) -> Result<Option<String>, String> {
+    ) -> Result<EventData, String> {
         let mut v = self.read_answer(caller, t, data.as_bytes())?;
-        Ok(self
-            .filter_message(caller, t, server, &mut v)
-            .then(|| v.to_string()))
+        if let Value::Array(items) = &v {
+            // A batch of server requests on a stream: whole or not at all.
+            for m in items {
+                if !self.screen(caller, t, server, m).await {
+                    return Ok(EventData::Drop);
+                }
+            }
+        } else if !self.screen(caller, t, server, &v).await {
+            return Ok(EventData::Drop);
+        }
+        Ok(match self.filter_message(caller, t, server, &mut v) {
+            true => EventData::Replace(v.to_string()),
+            false => EventData::Pass,
+        })
+    }
+
+    /// Decides a request `server` sends its client (anything but `ping`; answers and
+    /// notifications pass): true when it may reach the client. Decided on the `methods` rule
+    /// of its method (else `default`), grants, limits and approval as for the client's requests,
+    /// and audited either way; false also when its record cannot be written.
+    async fn screen(&self, caller: &Identity, t: &Target, server: &str, m: &Value) -> bool {
+        let Ask::Decide { subject, args, .. } = ask::ask_server(m) else {
+            return true;
+        };
+        let policies = self.policies();
+        let Some(sp) = policies.by_name(server) else {
+            return true;
+        };
+        let mut policy_caller = caller.caller();
+        policy_caller.session = t.session.clone();
+        let mut r = self.record(Event::McpRequest, Decision::Allow, caller, t);
+        r.method = Some(subject.method.clone());
+        r.tool = Some(subject.name.clone());
+        r.jsonrpc_id = m.get("id").cloned();
+        r.args_sha256 = Some(wire::sha256_hex(&args));
+        r.detail = Some(json!({ "direction": "server_to_client" }));
+        let refusal = match self.decide(sp, &subject, &args, None, &policy_caller) {
+            Step::Allow { rule } => {
+                r.rule = Some(rule);
+                None
+            }
+            Step::Refuse(x) => Some(x),
+            Step::Hold { rule, timeout_s } => {
+                let held = Hold {
+                    sp,
+                    asked: &subject,
+                    args: &args,
+                    args_sha256: r.args_sha256.clone().unwrap_or_default(),
+                    jsonrpc_id: r.jsonrpc_id.clone(),
+                    rule: &rule,
+                    timeout_s,
+                };
+                let (refusal, why) = self.hold(caller, t, held).await;
+                r.rule = Some(rule);
+                r.reason = why;
+                refusal
+            }
+        };
+        if let Some(x) = &refusal {
+            r.decision = x.kind.audit();
+            r.rule = Some(x.rule.clone());
+            r.reason = Some(x.reason.clone());
+        }
+        self.write(&r) && refusal.is_none()
     }
 
     /// An answer read by the canonical rule, or the audited reason it cannot be.
@@ -113,9 +217,9 @@ impl Engine {
         })
     }
 
-    /// Applies policy to one message from `server`; true when it holds a `tools/list` result
-    /// (then it is pinned, filtered and audited). When that record cannot be written, the agent
-    /// sees no tools rather than an unaudited list.
+    /// Applies policy to one message from `server`; true when it holds a list result (then it
+    /// is filtered and audited, tools also pinned). When that record cannot be written, the
+    /// agent sees an empty list rather than an unaudited one.
     pub fn filter_message(
         &self,
         caller: &Identity,
@@ -124,7 +228,7 @@ impl Engine {
         m: &mut Value,
     ) -> bool {
         let Some(tools) = wire::tools_of(m) else {
-            return false;
+            return self.filter_other_lists(caller, t, server, m);
         };
         let policies = self.policies();
         let Some(sp) = policies.by_name(server) else {
@@ -171,5 +275,51 @@ impl Engine {
             }
         }
         true
+    }
+
+    /// [`Engine::filter_message`] for resources, resource templates and prompts: each item
+    /// stays when the caller may use it (a resource or template by its URI as normalised, one
+    /// guard cannot normalise is removed).
+    fn filter_other_lists(
+        &self,
+        caller: &Identity,
+        t: &Target,
+        server: &str,
+        m: &mut Value,
+    ) -> bool {
+        let policies = self.policies();
+        let Some(sp) = policies.by_name(server) else {
+            return false;
+        };
+        let mut policy_caller = caller.caller();
+        policy_caller.session = t.session.clone();
+        let mut any = false;
+        for (field, key, method) in wire::OTHER_LISTS {
+            let prompts = *field == "prompts";
+            let Some(removed) = wire::filter_list(m, field, key, |name| {
+                if prompts {
+                    return sp.visible_on(Subject::Prompt(name), &policy_caller);
+                }
+                normalize_uri(name)
+                    .is_ok_and(|uri| sp.visible_on(Subject::Resource(&uri), &policy_caller))
+            }) else {
+                continue;
+            };
+            any = true;
+            let mut r = self.record(Event::ToolsList, Decision::Filter, caller, t);
+            r.method = Some(method.to_string());
+            r.jsonrpc_id = m.get("id").cloned();
+            r.detail = Some(json!({ "hidden": removed }));
+            if !self.write(&r) {
+                if let Some(items) = m
+                    .get_mut("result")
+                    .and_then(|r| r.get_mut(*field))
+                    .and_then(Value::as_array_mut)
+                {
+                    items.clear();
+                }
+            }
+        }
+        any
     }
 }

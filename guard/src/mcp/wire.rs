@@ -96,9 +96,29 @@ pub use crate::fold::fold_key;
 /// Keys guard reads in a JSON-RPC message (requests and answers).
 pub const ENVELOPE_KEYS: &[&str] = &["jsonrpc", "id", "method", "params", "result", "error"];
 /// Keys guard reads in `params`.
-pub const PARAMS_KEYS: &[&str] = &["name", "arguments", "uri", "cursor", "_meta"];
-/// Keys guard reads in a `tools/list` result and in each of its tools.
-pub const LIST_KEYS: &[&str] = &["tools", "nextCursor"];
+pub const PARAMS_KEYS: &[&str] = &["name", "arguments", "uri", "cursor", "ref", "_meta"];
+/// Keys guard reads in a list result (`tools/list`, `resources/list`,
+/// `resources/templates/list`, `prompts/list`) and in each of its tools.
+pub const LIST_KEYS: &[&str] = &[
+    "tools",
+    "resources",
+    "resourceTemplates",
+    "prompts",
+    "nextCursor",
+];
+/// The lists beside `tools` that answers carry: (result field, the item's key policy reads,
+/// the method that answers with it).
+pub const OTHER_LISTS: &[(&str, &str, &str)] = &[
+    ("resources", "uri", "resources/list"),
+    (
+        "resourceTemplates",
+        "uriTemplate",
+        "resources/templates/list",
+    ),
+    ("prompts", "name", "prompts/list"),
+];
+/// Keys guard reads in a resource, template or prompt of a list.
+pub const ITEM_KEYS: &[&str] = &["name", "uri", "uriTemplate"];
 pub const TOOL_KEYS: &[&str] = &[
     "name",
     "title",
@@ -291,23 +311,32 @@ pub fn tools_of(msg: &Value) -> Option<&Vec<Value>> {
 }
 
 /// Removes the tools `keep` rejects from a `tools/list` result; returns the removed names.
-pub fn filter_tools(msg: &mut Value, mut keep: impl FnMut(&str) -> bool) -> Vec<String> {
-    let mut removed = Vec::new();
-    if let Some(tools) = msg
+pub fn filter_tools(msg: &mut Value, keep: impl FnMut(&str) -> bool) -> Vec<String> {
+    filter_list(msg, "tools", "name", keep).unwrap_or_default()
+}
+
+/// Removes from the list `result.<field>` the items whose `key` `keep` rejects (an item
+/// without it is read as `""`); the removed names, None when `msg` holds no such list.
+pub fn filter_list(
+    msg: &mut Value,
+    field: &str,
+    key: &str,
+    mut keep: impl FnMut(&str) -> bool,
+) -> Option<Vec<String>> {
+    let items = msg
         .get_mut("result")
-        .and_then(|r| r.get_mut("tools"))
-        .and_then(Value::as_array_mut)
-    {
-        tools.retain(|t| {
-            let name = t.get("name").and_then(Value::as_str).unwrap_or("");
-            let k = keep(name);
-            if !k {
-                removed.push(name.to_string());
-            }
-            k
-        });
-    }
-    removed
+        .and_then(|r| r.get_mut(field))
+        .and_then(Value::as_array_mut)?;
+    let mut removed = Vec::new();
+    items.retain(|t| {
+        let name = t.get(key).and_then(Value::as_str).unwrap_or("");
+        let k = keep(name);
+        if !k {
+            removed.push(name.to_string());
+        }
+        k
+    });
+    Some(removed)
 }
 
 /// SHA-256 of a JSON value in a canonical form (object keys sorted), as hex.

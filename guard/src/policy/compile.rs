@@ -11,6 +11,7 @@ use super::limiter::Limit;
 use super::locate::{message_at, Seg};
 use super::matcher::Matcher;
 use super::raw::{RawAction, RawGrant, RawLimit, RawPolicy, RawRateLimit, RawRule, ToolMap};
+use super::subject::{always_passes, normalize_uri, Rules};
 use super::{Action, DefaultAction, Grant, Rule, ServerPolicy, ToolChange};
 
 /// Largest accepted `max` of a rate limit: counters keep one instant per counted call.
@@ -88,7 +89,12 @@ pub(super) fn compile(file: &str, raw: RawPolicy) -> Result<ServerPolicy, Vec<Pr
         );
     }
 
-    let tools = tool_map(&["tools".into()], "tools", raw.tools, &mut errs);
+    let rules = rules(
+        &[],
+        "",
+        [raw.tools, raw.resources, raw.prompts, raw.methods],
+        &mut errs,
+    );
 
     let mut grants = Vec::new();
     for (gi, g) in raw.grants.into_iter().enumerate() {
@@ -112,7 +118,7 @@ pub(super) fn compile(file: &str, raw: RawPolicy) -> Result<ServerPolicy, Vec<Pr
         key: server_key,
         hide_all,
         hidden,
-        tools,
+        rules,
         all_tools,
         grants,
     })
@@ -179,12 +185,80 @@ fn check_server_name(name: &str) -> Result<(), &'static str> {
     Ok(())
 }
 
+/// The four rule maps of a policy or grant (`prefix` is `""` or `grants[i].`), each name checked
+/// for what it governs.
+fn rules(base: &[Seg], prefix: &str, maps: [ToolMap; 4], errs: &mut Vec<Problem>) -> Rules {
+    let [tools, resources, prompts, methods] = maps;
+    let map = |field: &str, noun: &str, m: ToolMap, errs: &mut Vec<Problem>| {
+        let path = at(base, [field.into()]);
+        tool_map(&path, &format!("{prefix}{field}"), noun, m, errs)
+    };
+    let tools = map("tools", "tool", tools, errs).into_iter().collect();
+    let mut checked = Vec::new();
+    for (pattern, rule) in map("resources", "resource pattern", resources, errs) {
+        // Patterns are matched against normalised URIs: one that normalisation would change
+        // could never match as written.
+        // (A pattern that starts with `*` has no scheme of its own to check.)
+        let literal = pattern.replace('*', "x");
+        match normalize_uri(&literal) {
+            _ if pattern.starts_with('*') => checked.push((pattern, rule)),
+            Ok(n) if n == literal => checked.push((pattern, rule)),
+            Ok(n) => errs.push(Problem {
+                path: at(base, ["resources".into(), Seg::Key(pattern.clone())]),
+                at_key: true,
+                what: format!(
+                    "\"{pattern}\" would never match: URIs are matched normalised (lower-case scheme and host, escapes decoded, no dot segments or duplicate slashes), as in \"{n}\""
+                ),
+            }),
+            Err(e) => errs.push(Problem {
+                path: at(base, ["resources".into(), Seg::Key(pattern.clone())]),
+                at_key: true,
+                what: format!("\"{pattern}\" is not a URI pattern: {e}"),
+            }),
+        }
+    }
+    let prompts = map("prompts", "prompt", prompts, errs)
+        .into_iter()
+        .collect();
+    let mut known = HashMap::new();
+    for (method, rule) in map("methods", "method", methods, errs) {
+        let hint = match method.as_str() {
+            "tools/call" => Some("govern tools under \"tools\""),
+            "resources/read" | "resources/subscribe" => {
+                Some("govern resources by URI under \"resources\"")
+            }
+            "prompts/get" => Some("govern prompts by name under \"prompts\""),
+            m if always_passes(m) => Some(
+                "lifecycle, list and notification methods always pass (lists are filtered by the rules of what they list)",
+            ),
+            _ => None,
+        };
+        match hint {
+            Some(h) => errs.push(Problem {
+                path: at(base, ["methods".into(), Seg::Key(method.clone())]),
+                at_key: true,
+                what: format!("\"{method}\" cannot have a method rule: {h}"),
+            }),
+            None => {
+                known.insert(method, rule);
+            }
+        }
+    }
+    Rules {
+        tools,
+        resources: checked,
+        prompts,
+        methods: known,
+    }
+}
+
 fn tool_map(
     base: &[Seg],
     prefix: &str,
+    noun: &str,
     map: ToolMap,
     errs: &mut Vec<Problem>,
-) -> HashMap<String, Rule> {
+) -> Vec<(String, Rule)> {
     // A name listed more than once is reported at its last occurrence (where the error locator,
     // like JSON's usual "last wins", points); none of its rules is compiled.
     let mut count: HashMap<String, usize> = HashMap::new();
@@ -192,7 +266,7 @@ fn tool_map(
         *count.entry(tool.clone()).or_default() += 1;
     }
     let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut out = HashMap::with_capacity(map.0.len());
+    let mut out = Vec::with_capacity(map.0.len());
     for (tool, raw) in map.0 {
         let n = count[&tool];
         let k = seen.entry(tool.clone()).or_default();
@@ -205,16 +279,16 @@ fn tool_map(
             errs.push(Problem {
                 path,
                 at_key: true,
-                what: "empty tool name".into(),
+                what: format!("empty {noun} name"),
             });
         } else if n > 1 {
             errs.push(Problem {
                 path,
                 at_key: true,
-                what: format!("tool \"{tool}\" is listed {n} times"),
+                what: format!("{noun} \"{tool}\" is listed {n} times"),
             });
         } else if let Some(rule) = rule(&path, &format!("{prefix}.{tool}"), raw, errs) {
-            out.insert(tool, rule);
+            out.push((tool, rule));
         }
     }
     out
@@ -396,7 +470,22 @@ fn grant(
             });
         }
     }
-    let tools = tool_map(&tbase, &format!("grants[{gi}].tools"), g.tools, errs);
+    // `"hide": ["*"]` hides every resource and prompt too.
+    for (field, map) in [("resources", &g.resources), ("prompts", &g.prompts)] {
+        if let Some((name, _)) = map.0.first().filter(|_| is_hidden("*")) {
+            errs.push(Problem {
+                path: at(base, [field.into(), Seg::Key(name.clone())]),
+                at_key: true,
+                what: format!("\"hide\": [\"*\"] hides every {field}; grants cannot unhide them"),
+            });
+        }
+    }
+    let rules = rules(
+        base,
+        &format!("grants[{gi}]."),
+        [g.tools, g.resources, g.prompts, g.methods],
+        errs,
+    );
     let specificity = [
         g.agents.is_some(),
         g.uids.is_some(),
@@ -416,7 +505,7 @@ fn grant(
             .cgroups
             .map(|v| v.iter().map(|c| c.trim_matches('/').to_owned()).collect()),
         specificity,
-        tools,
+        rules,
         default: g.default,
     })
 }

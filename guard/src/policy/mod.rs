@@ -54,7 +54,13 @@
 //!   arguments object); ops `eq neq in not_in lt lte gt gte regex contains exists max_items
 //!   max_length`. A missing path fails (but satisfies `exists: false`). Numbers compare by value;
 //!   `lt`.. compare numbers with numbers and strings with strings; `regex` is unanchored.
-//! - `hide`: never listed, always denied (grants cannot unhide); `"*"` hides everything.
+//! - `resources` (URI pattern -> rule, `*` any run of characters, matched on the URI as
+//!   [`normalize_uri`] reads it), `prompts` (name -> rule) and `methods` (method name -> rule:
+//!   `completion/complete`, `tasks/*`, vendor methods, and the requests servers send clients) are
+//!   rules like tools' ([`Subject`], [`ServerPolicy::decide_on`]); what none names follows
+//!   `default`. Lifecycle, list and notification methods always pass (lists are filtered).
+//! - `hide`: never listed, always denied (grants cannot unhide); `"*"` hides everything (every
+//!   tool, resource and prompt).
 //!   `hide_denied` (default true) also removes from `tools/list` the tools this caller would be
 //!   denied outright (tools with conditions stay listed: arguments decide).
 //! - `grants`: `{agents, uids, exes, cgroups, tools, default}`. A grant applies when every
@@ -72,6 +78,7 @@ mod load;
 mod locate;
 mod matcher;
 mod raw;
+mod subject;
 #[cfg(test)]
 mod tests;
 
@@ -88,6 +95,8 @@ use self::cond::Condition;
 use self::limiter::Limit;
 pub use self::limiter::{RateLimiter, SavedCounter};
 use self::matcher::Matcher;
+use self::subject::Rules;
+pub use self::subject::{always_passes, normalize_uri, Subject};
 
 /// What to do when a tool's definition changes after it was first seen (README "Policies",
 /// pinning).
@@ -220,7 +229,7 @@ enum Action {
     RequireApproval,
 }
 
-/// A compiled tool rule.
+/// A compiled rule (for a tool, resource pattern, prompt or method).
 #[derive(Debug)]
 struct Rule {
     name: String,
@@ -240,7 +249,7 @@ struct Grant {
     /// Without leading/trailing slashes.
     cgroups: Option<Vec<String>>,
     specificity: usize,
-    tools: HashMap<String, Rule>,
+    rules: Rules,
     default: Option<DefaultAction>,
 }
 
@@ -290,7 +299,7 @@ pub struct ServerPolicy {
     key: Arc<str>,
     hide_all: bool,
     hidden: HashSet<String>,
-    tools: HashMap<String, Rule>,
+    rules: Rules,
     all_tools: Vec<Limit>,
     grants: Vec<Grant>,
 }
@@ -303,12 +312,22 @@ impl ServerPolicy {
 
     /// The tools the base policy names (not grants), in no particular order.
     pub fn tool_names(&self) -> impl Iterator<Item = &str> {
-        self.tools.keys().map(String::as_str)
+        self.rules.tools.keys().map(String::as_str)
     }
 
     /// Whether `hide` hides `tool` (from everyone).
     pub fn is_hidden(&self, tool: &str) -> bool {
-        self.hide_all || self.hidden.contains(tool)
+        self.hides(Subject::Tool(tool))
+    }
+
+    /// Whether `hide` hides `s` from everyone: tools by name, and with `"*"` also every resource
+    /// and prompt.
+    pub fn hides(&self, s: Subject<'_>) -> bool {
+        match s {
+            Subject::Tool(t) => self.hide_all || self.hidden.contains(t),
+            Subject::Resource(_) | Subject::Prompt(_) => self.hide_all,
+            Subject::Method(_) => false,
+        }
     }
 
     /// Pure decision for one `tools/call`; counts the call against its rate limits when it
@@ -321,7 +340,32 @@ impl ServerPolicy {
         limiter: &RateLimiter,
         now: Instant,
     ) -> Decision {
-        self.evaluate(tool, args, caller, limiter, now, true)
+        self.evaluate(Subject::Tool(tool), args, caller, limiter, now, true)
+    }
+
+    /// [`decide`](Self::decide) for any subject. `args` is what conditions read:
+    /// `params.arguments` for tools and prompts, `params` for resources and methods.
+    pub fn decide_on(
+        &self,
+        s: Subject<'_>,
+        args: &Value,
+        caller: &Caller,
+        limiter: &RateLimiter,
+        now: Instant,
+    ) -> Decision {
+        self.evaluate(s, args, caller, limiter, now, true)
+    }
+
+    /// [`explain`](Self::explain) for any subject.
+    pub fn explain_on(
+        &self,
+        s: Subject<'_>,
+        args: &Value,
+        caller: &Caller,
+        limiter: &RateLimiter,
+        now: Instant,
+    ) -> Decision {
+        self.evaluate(s, args, caller, limiter, now, false)
     }
 
     /// Same as [`decide`](Self::decide), without consuming rate-limit budget
@@ -334,34 +378,39 @@ impl ServerPolicy {
         limiter: &RateLimiter,
         now: Instant,
     ) -> Decision {
-        self.evaluate(tool, args, caller, limiter, now, false)
+        self.evaluate(Subject::Tool(tool), args, caller, limiter, now, false)
     }
 
     /// Whether `tools/list` should show `tool` to this caller: not hidden, and (with
     /// `hide_denied`) not denied to them outright.
     pub fn visible(&self, tool: &str, caller: &Caller) -> bool {
-        if self.is_hidden(tool) {
+        self.visible_on(Subject::Tool(tool), caller)
+    }
+
+    /// Whether a list (`tools/list`, `resources/list`, `resources/templates/list`,
+    /// `prompts/list`) should show `s` to this caller.
+    pub fn visible_on(&self, s: Subject<'_>, caller: &Caller) -> bool {
+        if self.hides(s) {
             return false;
         }
         if !self.hide_denied {
             return true;
         }
-        match self.resolve(tool, caller) {
+        match self.resolve(s, caller) {
             Resolved::Rule(r) => r.action != Action::Deny,
             Resolved::Default(d, _) => d == DefaultAction::Allow,
         }
     }
 
-    fn resolve<'a>(&'a self, tool: &str, caller: &Caller) -> Resolved<'a> {
+    fn resolve<'a>(&'a self, s: Subject<'_>, caller: &Caller) -> Resolved<'a> {
         let mut rule: Option<(usize, &Rule)> = None;
         let mut default: Option<(usize, DefaultAction, &str)> = None;
         for g in &self.grants {
-            let wants_rule = g.tools.contains_key(tool);
-            let wants_default = g.default.is_some();
-            if !(wants_rule || wants_default) || !g.applies(caller) {
+            let found = g.rules.get(s);
+            if !(found.is_some() || g.default.is_some()) || !g.applies(caller) {
                 continue;
             }
-            if let Some(r) = g.tools.get(tool) {
+            if let Some(r) = found {
                 if rule.is_none_or(|(s, _)| g.specificity > s) {
                     rule = Some((g.specificity, r));
                 }
@@ -375,7 +424,7 @@ impl ServerPolicy {
         if let Some((_, r)) = rule {
             return Resolved::Rule(r);
         }
-        if let Some(r) = self.tools.get(tool) {
+        if let Some(r) = self.rules.get(s) {
             return Resolved::Rule(r);
         }
         match default {
@@ -386,28 +435,29 @@ impl ServerPolicy {
 
     fn evaluate(
         &self,
-        tool: &str,
+        s: Subject<'_>,
         args: &Value,
         caller: &Caller,
         limiter: &RateLimiter,
         now: Instant,
         consume: bool,
     ) -> Decision {
+        let (noun, what) = (s.noun(), s.name());
         // 1. hide
-        if self.is_hidden(tool) {
+        if self.hides(s) {
             return Decision::Deny {
                 rule: "hide".into(),
-                reason: format!("tool \"{tool}\" is hidden by policy"),
+                reason: format!("{noun} \"{what}\" is hidden by policy"),
             };
         }
-        let (rule, default_name) = match self.resolve(tool, caller) {
+        let (rule, default_name) = match self.resolve(s, caller) {
             Resolved::Rule(r) => (Some(r), ""),
             Resolved::Default(DefaultAction::Allow, name) => (None, name),
             Resolved::Default(DefaultAction::Deny, name) => {
                 return Decision::Deny {
                     rule: name.to_owned(),
                     reason: format!(
-                        "tool \"{tool}\" is not allowed by the policy of server \"{}\"",
+                        "{noun} \"{what}\" is not allowed by the policy of server \"{}\"",
                         self.name
                     ),
                 };
@@ -421,7 +471,7 @@ impl ServerPolicy {
                     reason: r
                         .reason
                         .clone()
-                        .unwrap_or_else(|| format!("tool \"{tool}\" is denied by policy")),
+                        .unwrap_or_else(|| format!("{noun} \"{what}\" is denied by policy")),
                 };
             }
             // 3. conditions
@@ -434,10 +484,14 @@ impl ServerPolicy {
                 }
             }
         }
-        // 4. rate limits: the rule's and all_tools', all or nothing.
+        // 4. rate limits: the rule's and (for tools) all_tools', all or nothing.
         let rule_limits = rule.map_or(&[][..], |r| &r.limits[..]);
-        if !rule_limits.is_empty() || !self.all_tools.is_empty() {
-            let limits = rule_limits.iter().chain(self.all_tools.iter());
+        let shared = match s {
+            Subject::Tool(_) => &self.all_tools[..],
+            _ => &[][..],
+        };
+        if !rule_limits.is_empty() || !shared.is_empty() {
+            let limits = rule_limits.iter().chain(shared.iter());
             if let Err(e) = limiter.check(&self.key, limits, caller, now, consume) {
                 return Decision::RateLimited {
                     rule: e.limit.name.to_string(),

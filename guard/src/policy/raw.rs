@@ -33,6 +33,15 @@ pub(super) struct RawPolicy {
     pub all_tools: Option<RawAllTools>,
     #[serde(default)]
     pub tools: ToolMap,
+    /// Resource URI pattern -> rule.
+    #[serde(default)]
+    pub resources: ToolMap,
+    /// Prompt name -> rule.
+    #[serde(default)]
+    pub prompts: ToolMap,
+    /// Method name -> rule (`completion/complete`, `tasks/*`, `sampling/createMessage`, ...).
+    #[serde(default)]
+    pub methods: ToolMap,
     #[serde(default)]
     pub grants: Vec<RawGrant>,
 }
@@ -64,9 +73,9 @@ pub(super) enum RawAction {
     RequireApproval,
 }
 
-/// A tool rule; `{}` allows the tool.
+/// A rule; `{}` allows what it names.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, expecting = "a tool rule object")]
+#[serde(deny_unknown_fields, expecting = "a rule object")]
 pub(super) struct RawRule {
     #[serde(default)]
     pub action: Option<RawAction>,
@@ -82,7 +91,7 @@ pub(super) struct RawRule {
     pub when: Option<Vec<RawCond>>,
 }
 
-/// `tools`: tool name -> rule, in file order, duplicates kept (and reported by `compile`).
+/// `tools` (and `resources`, `prompts`, `methods`): name -> rule, in file order, duplicates kept (and reported by `compile`).
 #[derive(Debug, Default)]
 pub(super) struct ToolMap(pub Vec<(String, RawRule)>);
 
@@ -92,7 +101,7 @@ impl<'de> Deserialize<'de> for ToolMap {
         impl<'de> Visitor<'de> for V {
             type Value = ToolMap;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("an object mapping tool names to rules")
+                f.write_str("an object mapping names to rules")
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolMap, A::Error> {
                 let mut out = Vec::new();
@@ -296,7 +305,7 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
 #[derive(Debug, Deserialize)]
 #[serde(
     deny_unknown_fields,
-    expecting = "a grant object {agents, uids, exes, cgroups, tools, default}"
+    expecting = "a grant object {agents, uids, exes, cgroups, tools, resources, prompts, methods, default}"
 )]
 pub(super) struct RawGrant {
     /// Free text, for the reader of the file.
@@ -312,6 +321,12 @@ pub(super) struct RawGrant {
     pub cgroups: Option<Vec<String>>,
     #[serde(default)]
     pub tools: ToolMap,
+    #[serde(default)]
+    pub resources: ToolMap,
+    #[serde(default)]
+    pub prompts: ToolMap,
+    #[serde(default)]
+    pub methods: ToolMap,
     #[serde(default)]
     pub default: Option<DefaultAction>,
 }

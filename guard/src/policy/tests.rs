@@ -750,7 +750,7 @@ fn error_unknown_field() {
     let text = "{\"version\": \"1\", \"servr\": {}}";
     assert_eq!(
         errors("p.json", text),
-        ["p.json:1:18: servr: unknown field \"servr\", expected one of \"version\", \"description\", \"server\", \"default\", \"hide\", \"hide_denied\", \"on_tool_change\", \"all_tools\", \"tools\", \"grants\""]
+        ["p.json:1:18: servr: unknown field \"servr\", expected one of \"version\", \"description\", \"server\", \"default\", \"hide\", \"hide_denied\", \"on_tool_change\", \"all_tools\", \"tools\", \"resources\", \"prompts\", \"methods\", \"grants\""]
     );
 }
 
@@ -792,7 +792,7 @@ fn error_wrong_type() {
     let text = "{\"version\": \"1\", \"tools\": {\"a\": 5}}";
     assert_eq!(
         errors("p.json", text),
-        ["p.json:1:33: tools.a: invalid type: integer 5, expected a tool rule object"]
+        ["p.json:1:33: tools.a: invalid type: integer 5, expected a rule object"]
     );
     let text = "{\"version\": 1}";
     assert_eq!(
@@ -1072,5 +1072,163 @@ fn repo_policies_load() {
         flux.decide("flux_edit_image", &json!({}), &bot, &lim, now)
             .rule(),
         "hide"
+    );
+}
+
+const MANY: &str = r#"{
+  "version": "1",
+  "server": { "name": "files", "match": ["127.0.0.1:9000"] },
+  "default": "deny",
+  "tools": { "read": {} },
+  "resources": {
+    "file:///work/*": {},
+    "file:///work/secrets/*": { "action": "deny", "reason": "no secrets" },
+    "file:///work/big.log": { "rate_limit": "1/minute" },
+    "db://*": { "action": "require_approval", "approval_timeout": 30 }
+  },
+  "prompts": { "summarise": {}, "leak": { "action": "deny", "reason": "no leaking" } },
+  "methods": { "completion/complete": {}, "sampling/createMessage": { "action": "deny", "reason": "no sampling" } },
+  "grants": [ { "agents": ["ops"], "resources": { "file:///etc/*": {} }, "prompts": { "leak": {} },
+                "methods": { "sampling/createMessage": {} } } ]
+}"#;
+
+#[test]
+fn resources_prompts_and_methods_are_decided() {
+    let set = one(MANY);
+    let sp = set.by_name("files").unwrap();
+    let lim = RateLimiter::new();
+    let now = Instant::now();
+    let bot = agent("bot", 1000);
+    let d = |s: Subject<'_>, c: &Caller| sp.decide_on(s, &Value::Null, c, &lim, now);
+    assert_eq!(
+        d(Subject::Resource("file:///work/a.txt"), &bot),
+        allow("resources.file:///work/*")
+    );
+    // The longest matching pattern wins.
+    assert_eq!(
+        d(Subject::Resource("file:///work/secrets/key"), &bot),
+        deny("resources.file:///work/secrets/*", "no secrets")
+    );
+    assert_eq!(
+        d(Subject::Resource("file:///etc/passwd"), &bot),
+        deny(
+            "default",
+            "resource \"file:///etc/passwd\" is not allowed by the policy of server \"files\""
+        )
+    );
+    assert_eq!(
+        d(Subject::Resource("db://users"), &bot),
+        Decision::RequireApproval {
+            rule: "resources.db://*".into(),
+            timeout_s: 30
+        }
+    );
+    assert_eq!(
+        d(Subject::Resource("file:///work/big.log"), &bot),
+        allow("resources.file:///work/big.log")
+    );
+    assert!(matches!(
+        d(Subject::Resource("file:///work/big.log"), &bot),
+        Decision::RateLimited { .. }
+    ));
+    assert_eq!(
+        d(Subject::Prompt("summarise"), &bot),
+        allow("prompts.summarise")
+    );
+    assert_eq!(
+        d(Subject::Prompt("leak"), &bot),
+        deny("prompts.leak", "no leaking")
+    );
+    assert!(matches!(
+        d(Subject::Prompt("other"), &bot),
+        Decision::Deny { .. }
+    ));
+    assert_eq!(
+        d(Subject::Method("completion/complete"), &bot),
+        allow("methods.completion/complete")
+    );
+    assert_eq!(
+        d(Subject::Method("sampling/createMessage"), &bot),
+        deny("methods.sampling/createMessage", "no sampling")
+    );
+    // Methods nobody named follow `default`.
+    assert!(matches!(
+        d(Subject::Method("tasks/get"), &bot),
+        Decision::Deny { .. }
+    ));
+    // Grants cover every kind.
+    let ops = agent("ops", 1000);
+    assert_eq!(
+        d(Subject::Resource("file:///etc/passwd"), &ops),
+        allow("grants[0].resources.file:///etc/*")
+    );
+    assert_eq!(
+        d(Subject::Prompt("leak"), &ops),
+        allow("grants[0].prompts.leak")
+    );
+    assert_eq!(
+        d(Subject::Method("sampling/createMessage"), &ops),
+        allow("grants[0].methods.sampling/createMessage")
+    );
+    // Lists show what the caller may use.
+    assert!(sp.visible_on(Subject::Resource("file:///work/a"), &bot));
+    assert!(!sp.visible_on(Subject::Resource("file:///work/secrets/a"), &bot));
+    assert!(!sp.visible_on(Subject::Prompt("leak"), &bot));
+    assert!(sp.visible_on(Subject::Prompt("leak"), &ops));
+}
+
+#[test]
+fn hide_everything_with_default_deny_leaves_nothing_readable() {
+    let set = one(r#"{"version": "1", "default": "deny", "hide": ["*"]}"#);
+    let sp = &set.servers()[0];
+    let lim = RateLimiter::new();
+    let c = agent("bot", 1);
+    for s in [
+        Subject::Tool("x"),
+        Subject::Resource("file:///a"),
+        Subject::Prompt("p"),
+        Subject::Method("tasks/get"),
+        Subject::Method("completion/complete"),
+    ] {
+        assert!(
+            matches!(
+                sp.decide_on(s, &Value::Null, &c, &lim, Instant::now()),
+                Decision::Deny { .. }
+            ),
+            "{s:?}"
+        );
+        assert!(
+            !sp.visible_on(s, &c) || matches!(s, Subject::Method(_)),
+            "{s:?}"
+        );
+    }
+    // ... and grants cannot reopen resources or prompts.
+    let e = errors(
+        "h.json",
+        r#"{"version": "1", "hide": ["*"], "grants": [{"uids": [1], "resources": {"file:///*": {}}}]}"#,
+    );
+    assert!(e[0].contains("grants cannot unhide"), "{e:?}");
+}
+
+#[test]
+fn rule_names_that_could_never_apply_are_load_errors() {
+    for (rules, says) in [
+        (r#""methods": {"tools/call": {}}"#, "govern tools under"),
+        (r#""methods": {"initialize": {}}"#, "always pass"),
+        (r#""methods": {"resources/read": {}}"#, "by URI"),
+        (
+            r#""resources": {"file:///a/../b": {}}"#,
+            "would never match",
+        ),
+        (r#""resources": {"FILE:///a": {}}"#, "would never match"),
+        (r#""resources": {"no scheme": {}}"#, "not a URI pattern"),
+    ] {
+        let text = format!(r#"{{"version": "1", {rules}}}"#);
+        let e = errors("m.json", &text);
+        assert!(e.iter().any(|x| x.contains(says)), "{rules}: {e:?}");
+    }
+    // Unknown (vendor) methods may have rules; so may "*" resource patterns.
+    one(
+        r#"{"version": "1", "methods": {"vendor/run": {"action": "deny"}}, "resources": {"*": {}}}"#,
     );
 }

@@ -25,7 +25,10 @@ use crate::proxy::fairness::Reserved;
 use crate::{
     audit::Event,
     config::UnknownServers,
-    mcp::{sse::SseParser, wire, wire::BodyError, Filtered, Headers, Outcome, Target, Transport},
+    mcp::{
+        sse::SseParser, wire, wire::BodyError, EventData, Filtered, Headers, Outcome, Target,
+        Transport,
+    },
 };
 
 /// Largest SSE event held while incomplete, and largest JSON response inspected.
@@ -125,14 +128,11 @@ impl Ctx {
                 return self.deliver(&parts.headers, &target, batch, answers).await
             }
         };
-        // Only an answer to a tools/list carries tool definitions; other answers (tools/call
-        // results above all) stream through without being buffered or parsed.
-        let lists = body
-            .messages
-            .iter()
-            .any(|m| m.method.as_deref() == Some("tools/list"));
+        // Every answer of a policy-named server is read: lists are filtered, and any answer can
+        // carry the server's own requests to the client (sampling, elicitation, roots), which
+        // policy decides.
         match target.server.clone() {
-            Some(name) if lists => {
+            Some(name) => {
                 let ids = body.messages.iter().filter_map(|m| m.id.clone()).collect();
                 self.inspect_response(resp, name, &mut target, ids).await
             }
@@ -322,7 +322,7 @@ impl Ctx {
             }
             // A client that takes this for an answer would read it unfiltered.
             AnswerType::Other if answers_requests => {
-                Some("the answer to a tools/list has a Content-Type guard does not read")
+                Some("the answer to a request has a Content-Type guard does not read")
             }
             _ => None,
         };
@@ -349,6 +349,7 @@ impl Ctx {
         match self
             .engine()
             .filter_json(&self.conn.identity, t, &server, &bytes)
+            .await
         {
             Filtered::Unchanged => Response::from_parts(parts, full(bytes)),
             Filtered::Changed(out) => {
@@ -452,16 +453,20 @@ impl Ctx {
                     let message = matches!(ev.event.as_deref(), None | Some("message"));
                     let filtered = match ev.data.as_deref() {
                         // No message in it (a priming event): nothing for a client to read.
-                        Some(d) if d.trim().is_empty() => Ok(None),
+                        Some(d) if d.trim().is_empty() => Ok(EventData::Pass),
                         Some(d) if message => {
                             me.engine()
                                 .filter_event_data(&me.conn.identity, &t, &server, d)
+                                .await
                         }
-                        _ => Ok(None),
+                        _ => Ok(EventData::Pass),
                     };
                     let out = match filtered {
-                        Ok(Some(data)) => ev.with_data(&data),
-                        Ok(None) => ev.raw.clone(),
+                        Ok(EventData::Replace(data)) => ev.with_data(&data),
+                        Ok(EventData::Pass) => ev.raw.clone(),
+                        // A server's request policy refused: the client never sees it (the
+                        // server's wait for an answer times out).
+                        Ok(EventData::Drop) => continue,
                         Err(why) => {
                             // Not passed on: the requests get an error instead, and the stream
                             // ends (nothing after it can be trusted to be read alike).
