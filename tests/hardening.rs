@@ -1116,3 +1116,69 @@ fn a_servers_requests_to_the_client_are_decided_by_policy() {
     assert_eq!(records[0]["rule"], "methods.sampling/createMessage");
     assert_eq!(records[0]["detail"]["direction"], "server_to_client");
 }
+
+/// Tool pins cover every field a client shows or acts on, and come only from the server's own
+/// address: an agent's listener answering for the server's name neither poisons nor clears them.
+#[test]
+fn pins_come_only_from_the_server_itself() {
+    let dir = TestDir::new("pins-origin");
+    let port = free_port().to_string();
+    let start = |variant: &str, log: &str| {
+        python_server(
+            &dir.join(log),
+            &[
+                "--host",
+                "127.0.0.3",
+                "--port",
+                &port,
+                "--json-response",
+                "--stateless",
+                "--variant",
+                variant,
+            ],
+        )
+    };
+    let p = json!({
+        "version": "1",
+        "server": { "name": "fastmcp", "match": [format!("127.0.0.3:{port}"), format!("pinned.invalid:{port}")] },
+        "default": "allow"
+    });
+    dir.write_policy("fastmcp.json", &p.to_string());
+    let g = Guard::start(&dir, "", "");
+    let list = r#"{"jsonrpc":"2.0","id":1,"method":"tools/list"}"#;
+    let echo = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"hi"}}}"#;
+    let v1 = start("1", "v1.jsonl");
+    let (_, original) = g.curl_post(&v1.url, &[], list);
+    assert!(original.contains("\"echo\""), "{original}");
+    drop(v1);
+    // Only the title and annotations change (a "read-only" claim): that is a changed tool.
+    let v3 = start("3", "v3.jsonl");
+    // (A blocked tool is not listed.)
+    let (_, answer) = g.curl_post(&v3.url, &[], list);
+    assert!(answer.contains("\"add\"") && !answer.contains("\"echo\""), "{answer}");
+    let (_, answer) = g.curl_post(&v3.url, &[], echo);
+    assert!(answer.contains("-32006"), "{answer}");
+    // The agent's own listener, on the server's port at another address, answers tools/list
+    // with the original definitions under the server's name: the block stays.
+    let own = ScriptedMcp::start(
+        &format!("127.0.0.6:{port}"),
+        "application/json",
+        move |id| original.replacen("\"id\":1", &format!("\"id\":{id}"), 1),
+    );
+    let host = format!("Host: pinned.invalid:{port}");
+    let (_, answer) = g.curl_post(&own.url(), &[&host], list);
+    assert!(answer.contains("\"add\""), "{answer}");
+    let (_, answer) = g.curl_post(&v3.url, &[], echo);
+    assert!(answer.contains("-32006"), "{answer}");
+    assert!(v3.tools_called().is_empty(), "the blocked echo ran");
+    let lists: Vec<Value> = g
+        .audit_decisions()
+        .into_iter()
+        .filter(|r| r["event"] == "tools_list")
+        .collect();
+    assert_eq!(
+        lists.last().unwrap()["detail"]["pinned"],
+        false,
+        "{lists:#?}"
+    );
+}

@@ -193,6 +193,8 @@ impl Default for Paths {
 pub struct PolicySection {
     pub unknown_servers: UnknownServers,
     pub denial: Denial,
+    /// The fields of a tool definition its pin covers.
+    pub pin_fields: PinFields,
 }
 
 impl Default for PolicySection {
@@ -200,7 +202,54 @@ impl Default for PolicySection {
         PolicySection {
             unknown_servers: UnknownServers::Deny,
             denial: Denial::Error,
+            pin_fields: PinFields::default(),
         }
+    }
+}
+
+/// `policy.pin_fields`: a non-empty list of tool definition fields, `name` among them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PinFields(pub Vec<String>);
+
+/// The fields a pin can cover.
+const TOOL_FIELDS: &[&str] = &[
+    "name",
+    "title",
+    "description",
+    "inputSchema",
+    "outputSchema",
+    "annotations",
+    "icons",
+    "_meta",
+];
+
+impl Default for PinFields {
+    fn default() -> Self {
+        PinFields(
+            crate::mcp::pins::DEFAULT_FIELDS
+                .iter()
+                .map(|f| f.to_string())
+                .collect(),
+        )
+    }
+}
+
+impl<'de> Deserialize<'de> for PinFields {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let v = Vec::<String>::deserialize(d)?;
+        if let Some(bad) = v.iter().find(|f| !TOOL_FIELDS.contains(&f.as_str())) {
+            return Err(D::Error::custom(format!(
+                "\"{bad}\" is not a tool definition field (one of {})",
+                TOOL_FIELDS.join(", ")
+            )));
+        }
+        if !v.iter().any(|f| f == "name") {
+            return Err(D::Error::custom(
+                "pin_fields must include \"name\" (and should include every field clients show the model)",
+            ));
+        }
+        Ok(PinFields(v))
     }
 }
 

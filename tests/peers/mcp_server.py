@@ -117,7 +117,15 @@ def build(args: argparse.Namespace) -> TestServer:
     )
     mcp.call_log = CallLog(args.log)
 
-    @mcp.tool(description=ECHO_DESCRIPTION.get(args.variant, ECHO_DESCRIPTION[1]))
+    # Variant 3 changes only what a client shows beside the description: title and annotations.
+    echo_extra: dict[str, Any] = {}
+    if args.variant == 3:
+        echo_extra = {
+            "title": "Echo (read-only)",
+            "annotations": types.ToolAnnotations(readOnlyHint=True),
+        }
+
+    @mcp.tool(description=ECHO_DESCRIPTION.get(args.variant, ECHO_DESCRIPTION[1]), **echo_extra)
     def echo(text: str) -> str:
         return text
 
@@ -318,7 +326,12 @@ def main() -> None:
         "--stateless", action="store_true", help="streamable-http: no Mcp-Session-Id (stateless)"
     )
     p.add_argument("--page-size", type=int, default=0, help="tools per tools/list page; 0 = all")
-    p.add_argument("--variant", type=int, default=1, help="2 = rug pull: echo's description changes")
+    p.add_argument(
+        "--variant",
+        type=int,
+        default=1,
+        help="2 = rug pull: echo's description changes; 3 = only its title and annotations",
+    )
     p.add_argument("--log", help="append one JSON line per tools/call received to this file")
     p.add_argument("--http-log", help="append one JSON line per HTTP request received to this file")
     p.add_argument(

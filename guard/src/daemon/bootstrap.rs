@@ -198,7 +198,7 @@ pub async fn assemble(
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     let engine = Arc::new(Engine::new(
         policies,
-        Pins::new(state_dir),
+        Pins::new(state_dir, &config.policy.pin_fields.0),
         audit.clone(),
         mcp::Settings {
             unknown_servers: config.policy.unknown_servers,

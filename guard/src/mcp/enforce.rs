@@ -62,6 +62,10 @@ pub struct Target {
     pub port: u16,
     /// The connection's original destination, when the transport has one.
     pub original_dst: Option<SocketAddr>,
+    /// The destination is one of the server's own addresses (not, say, a listener of the
+    /// agent's that a `Host` header names the server to): only then do its answers pin tools
+    /// or clear blocks.
+    pub at_destination: bool,
     pub session: Option<String>,
     pub transport: Transport,
     /// When the request carrying the message arrived (the decision latency counts from here).

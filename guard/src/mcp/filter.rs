@@ -235,7 +235,13 @@ impl Engine {
             return false;
         };
         let accept = sp.on_tool_change == ToolChange::Allow;
-        match self.pins.observe(server, tools, accept) {
+        // An answer from elsewhere (an agent's own listener) is filtered by the pins, never
+        // taken for the server's definitions.
+        let observed = match t.at_destination {
+            true => self.pins.observe(server, tools, accept),
+            false => Ok(Vec::new()),
+        };
+        match observed {
             Ok(changes) => {
                 for c in changes {
                     let decision = if accept {
@@ -264,7 +270,7 @@ impl Engine {
         let mut r = self.record(Event::ToolsList, Decision::Filter, caller, t);
         r.method = Some("tools/list".into());
         r.jsonrpc_id = m.get("id").cloned();
-        r.detail = Some(json!({ "hidden": removed }));
+        r.detail = Some(json!({ "hidden": removed, "pinned": t.at_destination }));
         if !self.write(&r) {
             if let Some(tools) = m
                 .get_mut("result")

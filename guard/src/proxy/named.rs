@@ -33,6 +33,16 @@ impl Named {
             .and_then(|v| v.first().cloned())
     }
 
+    /// Whether `dst` is one of `server`'s own addresses (what its `server.match` names,
+    /// literally or through its host name): only answers from there are the server's own.
+    pub fn owns(&self, dst: SocketAddr, server: &str) -> bool {
+        self.map
+            .read()
+            .unwrap()
+            .get(&canonical_addr(dst))
+            .is_some_and(|v| v.iter().any(|s| s == server))
+    }
+
     /// The server a request (or TLS connection) to `dst` belongs to. The destination
     /// decides: what the agent wrote (`chosen`, by Host, SNI or path) may choose among the
     /// servers policies name at `dst`, never move a request to a server elsewhere, nor away

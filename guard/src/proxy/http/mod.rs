@@ -175,6 +175,9 @@ impl Ctx {
             .http
             .named
             .decide(self.conn.original_dst, chosen, self.floor.as_deref());
+        let at_destination = server
+            .as_deref()
+            .is_some_and(|s| self.http.named.owns(self.conn.original_dst, s));
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));
@@ -183,6 +186,7 @@ impl Ctx {
             host,
             port: self.conn.original_dst.port(),
             original_dst: Some(self.conn.original_dst),
+            at_destination,
             session,
             transport: Transport::StreamableHttp,
             received,
