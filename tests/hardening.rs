@@ -1155,7 +1155,10 @@ fn pins_come_only_from_the_server_itself() {
     let v3 = start("3", "v3.jsonl");
     // (A blocked tool is not listed.)
     let (_, answer) = g.curl_post(&v3.url, &[], list);
-    assert!(answer.contains("\"add\"") && !answer.contains("\"echo\""), "{answer}");
+    assert!(
+        answer.contains("\"add\"") && !answer.contains("\"echo\""),
+        "{answer}"
+    );
     let (_, answer) = g.curl_post(&v3.url, &[], echo);
     assert!(answer.contains("-32006"), "{answer}");
     // The agent's own listener, on the server's port at another address, answers tools/list
@@ -1181,4 +1184,52 @@ fn pins_come_only_from_the_server_itself() {
         false,
         "{lists:#?}"
     );
+}
+
+/// 9007199254740993 is that number to Python (and to guard's old reading) but 9007199254740992
+/// to JavaScript: a `neq` on the latter let the TS SDK server run it. An integer servers read
+/// differently is refused in any governed request.
+#[test]
+fn numbers_are_decided_as_every_server_reads_them() {
+    let dir = TestDir::new("numbers");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    for (name, s) in &trio.servers {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "default": "deny",
+            "tools": { "add": { "when": [ { "path": "a", "op": "neq", "value": 9007199254740992u64 } ] } }
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    let call = |a: &str| {
+        format!(
+            r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"add","arguments":{{"a":{a},"b":0}}}}}}"#
+        )
+    };
+    for (name, s) in &trio.servers {
+        for a in [
+            "9007199254740993",
+            "100000000000000000001",
+            "-9007199254740995",
+        ] {
+            let (_, answer) = g.curl_post(&s.url, &[], &call(a));
+            assert!(
+                answer.contains("-32001") && answer.contains("read differently"),
+                "{name}: {a} -> {answer}"
+            );
+        }
+        assert_eq!(
+            s.calls(),
+            Vec::<Value>::new(),
+            "{name} ran a call guard could not read alike"
+        );
+    }
+    // Exactly representable numbers are decided as before.
+    let ts = &trio.servers[1].1;
+    let (_, answer) = g.curl_post(&ts.url, &[], &call("9007199254740992"));
+    assert!(answer.contains("-32001"), "{answer}");
+    let (_, answer) = g.curl_post(&ts.url, &[], &call("10000000000000000000"));
+    assert!(answer.contains("10000000000000000000"), "{answer}");
 }

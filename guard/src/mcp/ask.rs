@@ -161,6 +161,7 @@ mod tests {
             id: Some(json!(1)),
             method: Some(method.into()),
             params,
+            inexact: None,
         }
     }
 

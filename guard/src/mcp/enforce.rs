@@ -253,6 +253,7 @@ impl Engine {
         let (asked, args, also) = match ask::ask(m) {
             Ask::Pass => return false,
             Ask::Unreadable(_) => return true,
+            _ if m.inexact.is_some() => return true,
             Ask::Decide {
                 subject,
                 args,
@@ -291,7 +292,7 @@ impl Engine {
     /// Long (about 90 lines) on purpose: the record is filled in as the decision is made (rule,
     /// reason, hold), so that every way out writes one record that says what happened.
     async fn judge(&self, caller: &Identity, t: &Target, m: &Message, may_hold: bool) -> Judged {
-        let (asked, args, also, unreadable) = match ask::ask(m) {
+        let (asked, args, also, mut unreadable) = match ask::ask(m) {
             Ask::Pass => {
                 return Judged::Allow {
                     rule: "method".into(),
@@ -308,6 +309,11 @@ impl Engine {
                 also,
             } => (subject, args, also, None),
         };
+        if let Some(n) = m.inexact.as_deref().filter(|_| unreadable.is_none()) {
+            unreadable = Some(format!(
+                "the integer {n} is read differently by servers (exactly by Python, rounded by JavaScript and Go): policy cannot decide on it; send it as a string"
+            ));
+        }
         let policies = self.policies();
         let server = t.server.as_deref().and_then(|n| policies.by_name(n));
         let id = m.id.clone().unwrap_or(Value::Null);

@@ -37,6 +37,9 @@ pub struct Message {
     pub id: Option<Value>,
     pub method: Option<String>,
     pub params: Value,
+    /// An integer in the body that servers read differently ([`inexact_integer`]): policy
+    /// cannot decide on what a server will read, so a governed request with one is refused.
+    pub inexact: Option<String>,
 }
 
 impl Message {
@@ -249,11 +252,66 @@ pub fn parse_body(bytes: &[u8]) -> Result<Body, BodyError> {
     if !items.iter().any(rpc_shaped) {
         return Err(BodyError::NotJsonRpc("no JSON-RPC message in it".into()));
     }
+    let inexact = inexact_integer(bytes);
     let mut messages = Vec::with_capacity(items.len());
     for item in items {
-        messages.push(message(item).map_err(BodyError::Malformed)?);
+        let mut m = message(item).map_err(BodyError::Malformed)?;
+        // (In a batch, each message is taken to hold it: the batch is refused whole anyway.)
+        m.inexact = inexact.clone();
+        messages.push(m);
     }
     Ok(Body { batch, messages })
+}
+
+/// The first integer literal of a JSON text (outside strings) that a double cannot hold
+/// exactly, clipped to 64 characters: Python reads it exactly, JavaScript and Go's
+/// `encoding/json` (into `float64` / `any`) round it, so `9007199254740993` is two different
+/// numbers on two servers — and `100000000000000000001` would hash and compare as `1e20`.
+/// Literals with a fraction or an exponent are read as doubles by every one of them.
+pub fn inexact_integer(bytes: &[u8]) -> Option<String> {
+    let n = bytes.len();
+    let mut i = 0;
+    while i < n {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < n {
+                    match bytes[i] {
+                        b'\\' => i += 2,
+                        b'"' => {
+                            i += 1;
+                            break;
+                        }
+                        _ => i += 1,
+                    }
+                }
+            }
+            b'-' | b'0'..=b'9' => {
+                let start = i;
+                if bytes[i] == b'-' {
+                    i += 1;
+                }
+                let digits = i;
+                while i < n && bytes[i].is_ascii_digit() {
+                    i += 1;
+                }
+                let integer = !(i < n && matches!(bytes[i], b'.' | b'e' | b'E'));
+                let exact = |d: &[u8]| {
+                    let v: Option<u128> = std::str::from_utf8(d).ok().and_then(|s| s.parse().ok());
+                    v.is_some_and(|v| (v as f64) as u128 == v && v < (1u128 << 120))
+                };
+                if integer && i - digits > 15 && !exact(&bytes[digits..i]) {
+                    let end = i.min(start + 64);
+                    return Some(String::from_utf8_lossy(&bytes[start..end]).into_owned());
+                }
+                while i < n && matches!(bytes[i], b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+                    i += 1;
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
 }
 
 /// One message of a request body.
@@ -280,6 +338,7 @@ fn message(item: Value) -> Result<Message, String> {
         id,
         method,
         params: obj.remove("params").unwrap_or(Value::Null),
+        inexact: None,
     })
 }
 
@@ -378,6 +437,32 @@ fn canonical_json(v: &Value, h: &mut sha2::Sha256) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn integers_servers_read_differently_are_found() {
+        let f = |t: &str| inexact_integer(t.as_bytes());
+        assert_eq!(
+            f(r#"{"a": 9007199254740993}"#).as_deref(),
+            Some("9007199254740993")
+        );
+        assert_eq!(
+            f(r#"[100000000000000000001]"#).as_deref(),
+            Some("100000000000000000001")
+        );
+        assert_eq!(
+            f(r#"{"a": -9007199254740993}"#).as_deref(),
+            Some("-9007199254740993")
+        );
+        // Exactly representable, or read as a double by everyone, or inside a string: fine.
+        for ok in [
+            r#"{"a": 9007199254740992, "b": 10000000000000000000, "c": 1e20}"#,
+            r#"{"a": 1.00000000000000000001, "b": 123456789012345678901234567890e0}"#,
+            r#"{"a": "9007199254740993", "k\"9007199254740993": 1}"#,
+        ] {
+            assert_eq!(f(ok), None, "{ok}");
+        }
+        assert!(f(&format!("[{}]", "9".repeat(200))).is_some_and(|n| n.len() == 64));
+    }
 
     #[test]
     fn parses_single_messages_and_batches() {
