@@ -1233,3 +1233,83 @@ fn numbers_are_decided_as_every_server_reads_them() {
     let (_, answer) = g.curl_post(&ts.url, &[], &call("10000000000000000000"));
     assert!(answer.contains("10000000000000000000"), "{answer}");
 }
+
+/// `approve --for` covers one agent instance (of one uid), not every process with the agent's
+/// name; `session`-scoped limits count per agent instance, so a new MCP session id starts no
+/// new budget.
+#[test]
+fn standing_approvals_and_session_limits_bind_the_agent_instance() {
+    let dir = TestDir::new("instance");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    for (name, s) in &trio.servers[..2] {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "tools": {
+                "echo": { "action": "require_approval", "approval_timeout": 30 },
+                "add": { "rate_limit": { "max": 1, "window": 600, "scope": "session" } }
+            }
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    let post = |n: u64, url: &str, headers: &[&str], body: &str| {
+        let url = g.url_instance("bot", n, url);
+        let args = guard_testkit::curl::post_args(&[], headers, body, &url);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        guard_testkit::curl::parse(&run_ok(&mut g.command(&args))).1
+    };
+    let echo = r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"echo","arguments":{"text":"once"}}}"#;
+    let add = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"add","arguments":{"a":1,"b":2}}}"#;
+    let approvals = &g.engine().approvals;
+    let wait_held = || {
+        let t = Instant::now();
+        loop {
+            if let Some(h) = approvals.list().first() {
+                return h["id"].as_str().unwrap().to_string();
+            }
+            assert!(t.elapsed() < Duration::from_secs(20), "no call was held");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    };
+    for (name, s) in &trio.servers[..2] {
+        std::thread::scope(|sc| {
+            // Instance 1 is approved for 10 minutes of identical calls.
+            let first = sc.spawn(|| post(1, &s.url, &[], echo));
+            approvals
+                .approve(&wait_held(), 0, Some(Duration::from_secs(600)))
+                .unwrap();
+            assert!(first.join().unwrap().contains("once"), "{name}");
+            assert!(
+                post(1, &s.url, &[], echo).contains("once"),
+                "{name}: not covered"
+            );
+            // Instance 2 of the same agent name is asked again (and denied here).
+            let second = sc.spawn(|| post(2, &s.url, &[], echo));
+            approvals
+                .deny(&wait_held(), 0, "not this one".into())
+                .unwrap();
+            let answer = second.join().unwrap();
+            assert!(
+                answer.contains("-32003") && answer.contains("not this one"),
+                "{name}: {answer}"
+            );
+        });
+        assert_eq!(s.tools_called(), ["echo", "echo"], "{name}");
+        // One add per instance, whatever session id the agent sends.
+        assert!(
+            post(1, &s.url, &["Mcp-Session-Id: s1"], add).contains('3'),
+            "{name}"
+        );
+        let again = post(1, &s.url, &["Mcp-Session-Id: s2"], add);
+        assert!(
+            again.contains("-32002"),
+            "{name}: a new session reset the limit: {again}"
+        );
+        assert!(
+            post(2, &s.url, &["Mcp-Session-Id: s1"], add).contains('3'),
+            "{name}"
+        );
+        assert_eq!(s.tools_called(), ["echo", "echo", "add", "add"], "{name}");
+    }
+}

@@ -76,7 +76,7 @@ pub fn run(rounds: usize) -> Result<Vec<PolicyResult>> {
         uid: 1000,
         exe: Some("/usr/bin/python3".into()),
         cgroup: Some("/guard.slice/agent-research-bot-1".into()),
-        session: Some("8b1f0c3e".into()),
+        instance: Some(0x8b1f_0c3e),
     };
     let args: Value =
         json!({ "mode": "fast", "options": { "count": 7 }, "query": "hello world 42" });

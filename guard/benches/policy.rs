@@ -58,7 +58,7 @@ fn caller() -> Caller {
         uid: 1000,
         exe: Some("/usr/bin/python3".into()),
         cgroup: Some("/guard.slice/agent-research-bot-1".into()),
-        session: Some("8b1f0c3e".into()),
+        instance: Some(0x8b1f_0c3e),
     }
 }
 

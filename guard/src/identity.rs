@@ -36,7 +36,7 @@ impl Identity {
             uid: self.uid,
             exe: self.exe.clone(),
             cgroup: self.cgroup.clone(),
-            session: None,
+            instance: Some(self.cgroup_id),
         }
     }
 }

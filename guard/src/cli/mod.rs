@@ -207,7 +207,7 @@ pub fn main() -> i32 {
                 uid: uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
                 exe,
                 cgroup,
-                session: None,
+                instance: None,
             };
             let dir = policies.unwrap_or_else(|| policy::policies_dir(&config.0));
             policy::policy_explain(&dir, &server, &tool, &caller, &args, json)

@@ -38,6 +38,8 @@ pub struct Held {
     pub agent: Option<String>,
     pub uid: u32,
     pub pid: u32,
+    /// The agent instance: the cgroup id its connection came from.
+    pub instance: u64,
     pub server: String,
     pub tool: String,
     pub arguments: Value,
@@ -56,9 +58,13 @@ struct Pending {
     size: usize,
 }
 
-/// `approve --for`: identical calls (same agent, server, tool, arguments) pass until `until`.
+/// `approve --for`: identical calls (same agent instance of the same uid, server, tool,
+/// arguments) pass until `until`. Another instance of the agent — or another process that takes
+/// its name — is asked again.
 struct Standing {
     agent: String,
+    uid: u32,
+    instance: u64,
     server: String,
     tool: String,
     args_sha256: String,
@@ -82,13 +88,25 @@ pub struct Approvals {
 }
 
 impl Approvals {
-    /// Whether a standing approval covers this call.
-    pub fn standing(&self, agent: &str, server: &str, tool: &str, args_sha256: &str) -> bool {
+    /// Whether a standing approval covers this call of `agent` (its agent key), `uid`, agent
+    /// `instance` (the cgroup id its connection came from).
+    pub fn standing(
+        &self,
+        (agent, uid, instance): (&str, u32, u64),
+        server: &str,
+        tool: &str,
+        args_sha256: &str,
+    ) -> bool {
         let now = Instant::now();
         let mut s = self.standing.lock().unwrap();
         s.retain(|a| a.until > now);
         s.iter().any(|a| {
-            a.agent == agent && a.server == server && a.tool == tool && a.args_sha256 == args_sha256
+            a.agent == agent
+                && a.uid == uid
+                && a.instance == instance
+                && a.server == server
+                && a.tool == tool
+                && a.args_sha256 == args_sha256
         })
     }
 
@@ -174,6 +192,8 @@ impl Approvals {
         if let Some(d) = standing {
             self.standing.lock().unwrap().push(Standing {
                 agent: agent_key(&p.held.agent, p.held.uid),
+                uid: p.held.uid,
+                instance: p.held.instance,
                 server: p.held.server.clone(),
                 tool: p.held.tool.clone(),
                 args_sha256: p.held.args_sha256.clone(),
@@ -237,6 +257,7 @@ mod tests {
             agent: Some("bot".into()),
             uid: 1000,
             pid: 1,
+            instance: 9,
             server: "s".into(),
             tool: tool.into(),
             arguments: serde_json::json!({}),
@@ -297,14 +318,22 @@ mod tests {
         assert_eq!(a.list().len(), 1);
         a.approve(&id, 0, Some(Duration::from_secs(60))).unwrap();
         assert_eq!(rx.await.unwrap(), Verdict::Approved { by: 0 });
-        assert!(a.standing("agent:bot", "s", "t", "h1"));
+        assert!(a.standing(("agent:bot", 1000, 9), "s", "t", "h1"));
         assert!(
-            !a.standing("agent:bot", "s", "t", "h2"),
+            !a.standing(("agent:bot", 1000, 9), "s", "t", "h2"),
             "different arguments"
         );
         assert!(
-            !a.standing("agent:other", "s", "t", "h1"),
+            !a.standing(("agent:other", 1000, 9), "s", "t", "h1"),
             "different agent"
+        );
+        assert!(
+            !a.standing(("agent:bot", 1001, 9), "s", "t", "h1"),
+            "another uid taking the agent's name"
+        );
+        assert!(
+            !a.standing(("agent:bot", 1000, 10), "s", "t", "h1"),
+            "another instance of the agent"
         );
         assert!(a.approve(&id, 0, None).is_err(), "answered once");
 

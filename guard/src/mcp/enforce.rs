@@ -273,8 +273,7 @@ impl Engine {
         {
             return true;
         }
-        let mut policy_caller = caller.caller();
-        policy_caller.session = t.session.clone();
+        let policy_caller = caller.caller();
         let now = Instant::now();
         let refuses = |s: &Asked, args: &Value| {
             matches!(
@@ -350,8 +349,7 @@ impl Engine {
                 None
             }
             Some(sp) => {
-                let mut policy_caller = caller.caller();
-                policy_caller.session = t.session.clone();
+                let policy_caller = caller.caller();
                 match self.decide(sp, &asked, &args, also.as_ref(), &policy_caller) {
                     Step::Allow { rule } => {
                         r.rule = Some(rule);
@@ -496,7 +494,8 @@ impl Engine {
         let approvals = &self.approvals;
         let label = h.asked.label();
         let tool = label.as_str();
-        if approvals.standing(&caller.agent_key(), &h.sp.name, tool, &h.args_sha256) {
+        let who = (caller.agent_key(), caller.uid, caller.cgroup_id);
+        if approvals.standing((&who.0, who.1, who.2), &h.sp.name, tool, &h.args_sha256) {
             let why = "approved earlier for identical calls (approve --for)";
             return (None, Some(why.into()));
         }
@@ -505,6 +504,7 @@ impl Engine {
             agent: caller.agent.clone(),
             uid: caller.uid,
             pid: caller.pid,
+            instance: caller.cgroup_id,
             server: h.sp.name.clone(),
             tool: tool.to_string(),
             arguments: h.args.clone(),

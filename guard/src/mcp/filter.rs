@@ -160,8 +160,7 @@ impl Engine {
         let Some(sp) = policies.by_name(server) else {
             return true;
         };
-        let mut policy_caller = caller.caller();
-        policy_caller.session = t.session.clone();
+        let policy_caller = caller.caller();
         let mut r = self.record(Event::McpRequest, Decision::Allow, caller, t);
         r.method = Some(subject.method.clone());
         r.tool = Some(subject.name.clone());
@@ -261,8 +260,7 @@ impl Engine {
             }
             Err(e) => tracing::error!("tool pins for {server}: {e:#}"),
         }
-        let mut policy_caller = caller.caller();
-        policy_caller.session = t.session.clone();
+        let policy_caller = caller.caller();
         let block_changed = sp.on_tool_change == ToolChange::Block;
         let removed = wire::filter_tools(m, |name| {
             sp.visible(name, &policy_caller) && !(block_changed && self.pins.blocked(server, name))
@@ -297,8 +295,7 @@ impl Engine {
         let Some(sp) = policies.by_name(server) else {
             return false;
         };
-        let mut policy_caller = caller.caller();
-        policy_caller.session = t.session.clone();
+        let policy_caller = caller.caller();
         let mut any = false;
         for (field, key, method) in wire::OTHER_LISTS {
             let prompts = *field == "prompts";

@@ -29,7 +29,7 @@ pub(super) struct Limit {
 impl Limit {
     pub fn reason(&self, retry_after_s: u64) -> String {
         let scope = match self.scope {
-            Scope::Session => "per session",
+            Scope::Session => "per agent instance",
             Scope::Agent => "per agent",
             Scope::Uid => "per uid",
             Scope::Global => "in total",
@@ -61,15 +61,16 @@ impl ScopeKey {
             None => ScopeKey::Uid(caller.uid),
         };
         match scope {
-            // The session id is the client's word: it counts only within the caller's own
-            // identity, so one agent cannot spend (or reset) another's budget by naming it.
-            Scope::Session => match &caller.session {
-                Some(s) => {
+            // Per agent instance: an MCP session id is the client's word, and a new session
+            // would start a new count. Within the caller's own name and uid, so an instance
+            // number names no one else's budget.
+            Scope::Session => match caller.instance {
+                Some(i) => {
                     let who = match &caller.agent {
                         Some(a) => format!("agent:{a}"),
                         None => format!("uid:{}", caller.uid),
                     };
-                    ScopeKey::Session(format!("{who}/{s}"))
+                    ScopeKey::Session(format!("{who}/uid:{}/instance:{i}", caller.uid))
                 }
                 None => by_agent(),
             },

@@ -47,8 +47,9 @@
 //!   string `"10/minute"` is a shorthand. PolicyLayer's `limits: [{counter, window, max, scope}]`
 //!   is the same thing spelled as a list (`counter` is a label). Windows slide. A tool's limits
 //!   and `all_tools`' limits all apply; `all_tools`' are shared by every tool of the server.
-//!   The `session` scope falls back to the agent when the call has no MCP session, and the
-//!   `agent` scope to the uid when the caller has no agent name.
+//!   The `session` scope counts per agent instance (not per MCP session id, which the agent
+//!   can renew at will to start over), and the `agent` scope falls back to the uid when the
+//!   caller has no agent name.
 //! - `when: [{path, op, value}]`: conditions on `params.arguments`, all of which must hold.
 //!   `path` is dotted (`a.b.0`, optionally `$.`-prefixed; `a.b[0]` also works; `$` is the
 //!   arguments object); ops `eq neq in not_in lt lte gt gte regex contains exists max_items
@@ -120,7 +121,7 @@ pub enum DefaultAction {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Scope {
-    /// One MCP session (falls back to the agent when there is none).
+    /// One agent instance (see [`Caller::instance`]; falls back to the agent when unknown).
     Session,
     /// One agent name (falls back to the uid when the caller has none).
     #[default]
@@ -139,8 +140,10 @@ pub struct Caller {
     pub exe: Option<String>,
     /// cgroup v2 path, relative to the cgroup mount (e.g. `/guard.slice/agent-bot-1`).
     pub cgroup: Option<String>,
-    /// MCP session id.
-    pub session: Option<String>,
+    /// The agent instance: the cgroup id the connection came from (one `guard exec`, or one
+    /// cgroup of processes). `session`-scoped limits count per instance, not per MCP session id,
+    /// which the agent chooses and can renew at will.
+    pub instance: Option<u64>,
 }
 
 /// The verdict on one `tools/call`. `rule` names what decided (e.g. `tools.x`, `hide`,

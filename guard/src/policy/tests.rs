@@ -420,31 +420,31 @@ fn each_scope_keeps_its_own_counters() {
             "g":{"rate_limit":{"max":1,"window":60,"scope":"global"}}}}"#);
     let p = &set.servers()[0];
     let now = Instant::now();
-    let who = |agent: Option<&str>, uid: u32, session: Option<&str>| Caller {
+    let who = |agent: Option<&str>, uid: u32, instance: Option<u64>| Caller {
         agent: agent.map(Into::into),
         uid,
-        session: session.map(Into::into),
+        instance,
         ..Caller::default()
     };
     let ok = |lim: &RateLimiter, tool: &str, c: &Caller| {
         p.decide(tool, &json!({}), c, lim, now).kind() == "allow"
     };
 
-    // session: per MCP session of the same caller (another agent naming the same session id has
-    // its own count); without one, per agent.
+    // session: per agent instance of the same caller (another agent with the same instance
+    // number has its own count); without one, per agent.
     let lim = RateLimiter::new();
-    assert!(ok(&lim, "s", &who(Some("x"), 1, Some("s1"))));
-    assert!(!ok(&lim, "s", &who(Some("x"), 1, Some("s1"))));
-    assert!(ok(&lim, "s", &who(Some("y"), 2, Some("s1"))));
-    assert!(ok(&lim, "s", &who(Some("x"), 1, Some("s2"))));
+    assert!(ok(&lim, "s", &who(Some("x"), 1, Some(7))));
+    assert!(!ok(&lim, "s", &who(Some("x"), 1, Some(7))));
+    assert!(ok(&lim, "s", &who(Some("y"), 2, Some(7))));
+    assert!(ok(&lim, "s", &who(Some("x"), 1, Some(8))));
     assert!(ok(&lim, "s", &who(Some("x"), 1, None)));
     assert!(!ok(&lim, "s", &who(Some("x"), 1, None)));
 
     // agent (also the default): per agent name, whatever the uid or session; no name: per uid.
     for tool in ["a", "d"] {
         let lim = RateLimiter::new();
-        assert!(ok(&lim, tool, &who(Some("x"), 1, Some("s1"))));
-        assert!(!ok(&lim, tool, &who(Some("x"), 2, Some("s2"))));
+        assert!(ok(&lim, tool, &who(Some("x"), 1, Some(1))));
+        assert!(!ok(&lim, tool, &who(Some("x"), 2, Some(2))));
         assert!(ok(&lim, tool, &who(Some("y"), 1, None)));
         assert!(ok(&lim, tool, &who(None, 1, None)));
         assert!(!ok(&lim, tool, &who(None, 1, None)));
@@ -460,7 +460,7 @@ fn each_scope_keeps_its_own_counters() {
     // global: everyone together.
     let lim = RateLimiter::new();
     assert!(ok(&lim, "g", &who(Some("x"), 1, None)));
-    assert!(!ok(&lim, "g", &who(Some("y"), 2, Some("z"))));
+    assert!(!ok(&lim, "g", &who(Some("y"), 2, Some(3))));
 
     // Tools keep separate counters, and so do servers sharing one limiter.
     let lim = RateLimiter::new();
