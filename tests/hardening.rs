@@ -1313,3 +1313,53 @@ fn standing_approvals_and_session_limits_bind_the_agent_instance() {
         assert_eq!(s.tools_called(), ["echo", "echo", "add", "add"], "{name}");
     }
 }
+
+/// Two policies share each server's address by path. A path that fits neither, or that fits
+/// one only once decoded as the server decodes it, went to the policy loaded first (the lax
+/// one); FastMCP (Starlette decodes `%6D` to `m`) and the TS SDK server (any path) then ran
+/// the call the strict policy denies.
+#[test]
+fn a_shared_address_is_decided_by_the_path_as_servers_read_it() {
+    let dir = TestDir::new("shared-path");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    for (name, s) in &trio.servers[..2] {
+        let base = format!("http://{}", Trio::addr(s));
+        let lax = json!({
+            "version": "1",
+            "server": { "name": format!("a-lax-{name}"), "match": [format!("{base}/other")] },
+            "default": "allow"
+        });
+        dir.write_policy(&format!("a-lax-{name}.json"), &lax.to_string());
+        let strict = policy(name, Trio::addr(s)).replace(
+            &format!("\"{}\"", Trio::addr(s)),
+            &format!("\"{base}/mcp\""),
+        );
+        dir.write_policy(&format!("b-{name}.json"), &strict);
+    }
+    let g = Guard::start(&dir, "", "");
+    for (name, s) in &trio.servers[..2] {
+        let base = format!("http://{}", Trio::addr(s));
+        let mut paths = vec!["/%6Dcp", "//mcp", "/other/../mcp"];
+        if *name == "ts-sdk" {
+            paths.push("/elsewhere");
+        }
+        for path in paths {
+            let url = format!("{base}{path}");
+            let (code, answer) = g.curl_post_with("curl", &["--path-as-is"], &[], DELETE, &url);
+            assert_eq!(code, 403, "{name} {path}: {answer}");
+        }
+        // As written, the strict policy decides.
+        let (_, answer) = g.curl_post(&format!("{base}/mcp"), &[], DELETE);
+        assert!(answer.contains("no deletions"), "{name}: {answer}");
+        assert_eq!(s.calls(), Vec::<Value>::new(), "{name} ran a denied call");
+        let echo = r#"{"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"echo","arguments":{"text":"ok"}}}"#;
+        let (_, answer) = g.curl_post(&format!("{base}/mcp"), &[], echo);
+        assert!(answer.contains("ok"), "{name}: {answer}");
+    }
+    let refused = g
+        .audit_decisions()
+        .into_iter()
+        .filter(|r| r["rule"] == "server.match")
+        .count();
+    assert!(refused >= 6, "{refused}");
+}

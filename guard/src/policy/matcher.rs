@@ -93,6 +93,26 @@ impl Matcher {
         (port == self.port && self.host_is(h)).then_some((false, is_url, plen))
     }
 
+    /// A request to `dst`, an address this entry's server is known to have (its IP, or what its
+    /// name resolves to): the path must fit and the port be the destination's; the score says
+    /// whether the entry names the destination itself or the `Host` header.
+    pub fn score_at(&self, host: Option<&str>, dst: SocketAddr, path: &str) -> Option<Score> {
+        if self.port != dst.port() {
+            return None;
+        }
+        if let Some(prefix) = &self.path {
+            if !path_has_prefix(path, prefix) {
+                return None;
+            }
+        }
+        let plen = self.path.as_ref().map_or(0, |p| p.len() + 1);
+        let named = self.matches_dst(dst)
+            || host
+                .and_then(|h| split_host_port(h.trim()))
+                .is_some_and(|(h, p)| p.unwrap_or(dst.port()) == self.port && self.host_is(h));
+        Some((named, self.path.is_some(), plen))
+    }
+
     /// A TLS ClientHello: SNI name (if any) and original destination.
     pub fn score_sni(&self, sni: Option<&str>, dst: SocketAddr) -> Option<Score> {
         if self.matches_dst(dst) {
@@ -152,7 +172,7 @@ fn parse_host(h: &str) -> Option<Host> {
 }
 
 /// The path of a request target (origin form or absolute form), without query or fragment.
-fn request_path(target: &str) -> &str {
+pub(super) fn request_path(target: &str) -> &str {
     let mut t = target;
     let lower_scheme = t.get(..8).map(|s| s.to_ascii_lowercase());
     let skip = match lower_scheme.as_deref() {

@@ -519,6 +519,16 @@ impl ServerPolicy {
     }
 }
 
+/// Which server, of those policies name at one address, a request belongs to.
+#[derive(Debug)]
+pub enum Among<'a> {
+    One(&'a ServerPolicy),
+    /// No entry of theirs fits the request's path (and `Host`).
+    Unmatched,
+    /// Two servers fit alike, or the path reads differently written and decoded: why.
+    Ambiguous(String),
+}
+
 /// Every loaded policy, in load order.
 #[derive(Debug, Default)]
 pub struct PolicySet {
@@ -555,6 +565,66 @@ impl PolicySet {
         path: &str,
     ) -> Option<&ServerPolicy> {
         self.best(|m| m.score_request(host, dst, path))
+    }
+
+    /// Which of `names` — the servers policies name at the destination `dst` — a request there
+    /// belongs to, by its `Host` and path: the best-fitting entry (one naming the destination
+    /// or the `Host`, then a URL entry, then the longer path prefix). The path is read as
+    /// servers read it (percent-decoded, without dot segments and duplicate slashes); when
+    /// that reading and the path as written fit different servers, or two servers fit alike,
+    /// the request is ambiguous.
+    pub fn choose_among(
+        &self,
+        names: &[String],
+        host: Option<&str>,
+        dst: SocketAddr,
+        target: &str,
+    ) -> Among<'_> {
+        let raw = matcher::request_path(target);
+        let Ok(decoded) = subject::percent_decode(raw) else {
+            return Among::Ambiguous(format!(
+                "the path {raw:?} holds a percent escape servers read differently"
+            ));
+        };
+        let clean = subject::clean_path(&decoded);
+        let pick = |path: &str| -> Result<Option<&ServerPolicy>, String> {
+            let mut best: Option<(matcher::Score, &ServerPolicy)> = None;
+            let mut tied: Option<&str> = None;
+            for s in self.servers.iter().filter(|s| names.contains(&s.name)) {
+                let score = s
+                    .matchers
+                    .iter()
+                    .filter_map(|(_, m)| m.score_at(host, dst, path))
+                    .max();
+                let Some(sc) = score else { continue };
+                match best {
+                    Some((b, _)) if sc < b => {}
+                    Some((b, other)) if sc == b => tied = Some(&other.name),
+                    _ => {
+                        best = Some((sc, s));
+                        tied = None;
+                    }
+                }
+            }
+            match (best, tied) {
+                (Some((_, s)), Some(other)) => Err(format!(
+                    "the servers \"{}\" and \"{other}\" fit the request alike",
+                    s.name
+                )),
+                (best, _) => Ok(best.map(|(_, s)| s)),
+            }
+        };
+        let (as_written, as_read) = match (pick(raw), pick(&clean)) {
+            (Err(e), _) | (_, Err(e)) => return Among::Ambiguous(e),
+            (Ok(a), Ok(b)) => (a, b),
+        };
+        match (as_written, as_read) {
+            (Some(a), Some(b)) if std::ptr::eq(a, b) => Among::One(a),
+            (None, None) => Among::Unmatched,
+            _ => Among::Ambiguous(format!(
+                "the path {raw:?} reads as {clean:?} once decoded and normalised, which another server's policy covers"
+            )),
+        }
     }
 
     /// The policy for a TLS connection: SNI name (if any) and original destination (paths are

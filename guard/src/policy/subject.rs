@@ -162,7 +162,7 @@ pub fn normalize_uri(uri: &str) -> Result<String, String> {
     Ok(out)
 }
 
-fn percent_decode(s: &str) -> Result<String, String> {
+pub(super) fn percent_decode(s: &str) -> Result<String, String> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -1232,3 +1232,48 @@ fn rule_names_that_could_never_apply_are_load_errors() {
         r#"{"version": "1", "methods": {"vendor/run": {"action": "deny"}}, "resources": {"*": {}}}"#,
     );
 }
+
+#[test]
+fn a_shared_address_is_chosen_by_the_path_servers_read() {
+    let set = load(&[
+        (
+            "a.json",
+            r#"{"version":"1","server":{"name":"a","match":["http://127.0.0.1:8000/a"]}}"#,
+        ),
+        (
+            "b.json",
+            r#"{"version":"1","server":{"name":"b","match":["http://127.0.0.1:8000/b"]}}"#,
+        ),
+        (
+            "c.json",
+            r#"{"version":"1","server":{"name":"c","match":["http://c.example:8000/b"]}}"#,
+        ),
+    ])
+    .unwrap();
+    let names: Vec<String> = ["a", "b"].map(String::from).to_vec();
+    let dst = sa("127.0.0.1:8000");
+    let pick = |host: Option<&str>, path: &str, names: &[String]| match set
+        .choose_among(names, host, dst, path)
+    {
+        Among::One(s) => s.name.clone(),
+        Among::Unmatched => "unmatched".into(),
+        Among::Ambiguous(_) => "ambiguous".into(),
+    };
+    assert_eq!(pick(None, "/a/mcp", &names), "a");
+    assert_eq!(pick(None, "/b", &names), "b");
+    assert_eq!(pick(None, "/c/mcp", &names), "unmatched");
+    for dodge in [
+        "/b/../a/mcp",
+        "/%61/mcp",
+        "//a/mcp",
+        "/b/%2e%2e/a",
+        "/a/%zz",
+    ] {
+        assert_eq!(pick(None, dodge, &names), "ambiguous", "{dodge}");
+    }
+    // Two servers that fit alike (c by Host, b by the destination; same path length) ...
+    let all: Vec<String> = ["a", "b", "c"].map(String::from).to_vec();
+    assert_eq!(pick(Some("c.example:8000"), "/b/mcp", &all), "ambiguous");
+    // ... and the Host chooses only among the servers at the address.
+    assert_eq!(pick(Some("c.example:8000"), "/b/mcp", &names), "b");
+}

@@ -184,9 +184,10 @@ impl Proxy {
         };
         if served {
             let upstream = http::Upstream::new(dst, http::Connector::Plain, Some(upstream));
-            let floor = self.named.get(dst);
+            // No TLS name chose a server for this connection: each request's Host and path
+            // choose among the servers at the destination.
             let h2 = kind == Kind::H2c;
-            http::serve(self.http.clone(), conn, client, upstream, h2, floor, hold).await;
+            http::serve(self.http.clone(), conn, client, upstream, h2, None, hold).await;
         } else if let Err(e) = tcp::passthrough(&mut client, &mut upstream).await {
             tracing::debug!(%peer, %dst, "passthrough ended: {e}");
         }

@@ -33,6 +33,16 @@ impl Named {
             .and_then(|v| v.first().cloned())
     }
 
+    /// The servers policies name at `dst`, in policy order.
+    pub fn at(&self, dst: SocketAddr) -> Vec<String> {
+        self.map
+            .read()
+            .unwrap()
+            .get(&canonical_addr(dst))
+            .cloned()
+            .unwrap_or_default()
+    }
+
     /// Whether `dst` is one of `server`'s own addresses (what its `server.match` names,
     /// literally or through its host name): only answers from there are the server's own.
     pub fn owns(&self, dst: SocketAddr, server: &str) -> bool {

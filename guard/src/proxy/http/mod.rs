@@ -38,7 +38,7 @@ use crate::{
     audit::{AgentRef, Decision, Event},
     config::OtherTraffic,
     mcp::{Engine, Target, Transport},
-    policy::PolicySet,
+    policy::{Among, PolicySet},
 };
 
 #[derive(Debug, Clone)]
@@ -149,8 +149,14 @@ impl Ctx {
     }
 
     /// Where a request goes: the server by its Host, destination and path (or, failing that,
-    /// by the connection's destination), its MCP session.
-    fn target(&self, req: &Request<Incoming>, policies: &PolicySet, received: Instant) -> Target {
+    /// by the connection's destination), its MCP session; and why it must be refused, when the
+    /// destination is shared by several policies and none (or more than one) fits it.
+    fn target(
+        &self,
+        req: &Request<Incoming>,
+        policies: &PolicySet,
+        received: Instant,
+    ) -> (Target, Option<String>) {
         let host_header = header_str(req.headers(), "host")
             .map(str::to_string)
             .or_else(|| req.uri().authority().map(|a| a.to_string()));
@@ -170,18 +176,36 @@ impl Ctx {
                 req.uri().path(),
             )
             .map(|s| s.name.clone());
-        // A Host naming another server never moves the request (see `Named::decide`).
-        let server = self
-            .http
-            .named
-            .decide(self.conn.original_dst, chosen, self.floor.as_deref());
+        let dst = self.conn.original_dst;
+        let here = self.http.named.at(dst);
+        let (server, refusal) = if here.len() > 1 {
+            // A shared address: Host and path choose among its servers only, read as servers
+            // read them; what fits none (but the server a TLS connection was taken for) or
+            // several is refused, not given to whichever policy was loaded first.
+            match policies.choose_among(&here, host_header.as_deref(), dst, req.uri().path()) {
+                Among::One(s) => (Some(s.name.clone()), None),
+                Among::Unmatched if self.floor.is_some() => (self.floor.clone(), None),
+                Among::Unmatched => (
+                    None,
+                    Some(format!(
+                        "several policies name {dst} ({}) and none of them covers this request's Host and path",
+                        here.join(", ")
+                    )),
+                ),
+                Among::Ambiguous(why) => (None, Some(format!("at {dst}: {why}"))),
+            }
+        } else {
+            // A Host naming another server never moves the request (see `Named::decide`).
+            let server = self.http.named.decide(dst, chosen, self.floor.as_deref());
+            (server, None)
+        };
         let at_destination = server
             .as_deref()
             .is_some_and(|s| self.http.named.owns(self.conn.original_dst, s));
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));
-        Target {
+        let target = Target {
             server,
             host,
             port: self.conn.original_dst.port(),
@@ -190,12 +214,27 @@ impl Ctx {
             session,
             transport: Transport::StreamableHttp,
             received,
-        }
+        };
+        (target, refusal)
     }
 
     async fn handle(self: Arc<Self>, mut req: Request<Incoming>) -> Response<Body> {
         let policies = self.engine().policies();
-        let target = self.target(&req, &policies, Instant::now());
+        let (target, refusal) = self.target(&req, &policies, Instant::now());
+        if let Some(reason) = refusal {
+            self.engine().audit_refused(
+                Event::McpRequest,
+                &self.conn.identity,
+                &target,
+                Some(req.method().as_str()),
+                "server.match",
+                &reason,
+            );
+            return text_response(
+                StatusCode::FORBIDDEN,
+                format!("guard: {reason}; write the path as the server's policy names it\n"),
+            );
+        }
         if target.server.is_some() {
             // Answers guard must read (tools/list, pins) come back uncompressed.
             req.headers_mut().remove(header::ACCEPT_ENCODING);
