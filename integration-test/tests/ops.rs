@@ -139,8 +139,10 @@ fn held_calls_are_approved_denied_or_time_out() {
     assert!(started.elapsed() >= Duration::from_secs(2));
     assert!(held(&env).is_empty());
 
-    // --for: the next identical call passes without a prompt, a different one is held.
-    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/b"}"#)]);
+    // --for: the next identical call of the same agent instance (one `guard exec`) passes
+    // without a prompt; a different call, or the same one from another instance, is held.
+    let identical = ("delete_file", r#"{"path":"/tmp/b"}"#);
+    let c = client_bg(&env, &[identical, identical]);
     let h = wait_held(&env, 1);
     run_ok(env.guard().args([
         "approvals",
@@ -149,19 +151,22 @@ fn held_calls_are_approved_denied_or_time_out() {
         "--for",
         "1m",
     ]));
-    assert_eq!(c.join().unwrap().text(0), "deleted /tmp/b");
-    let again = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/b"}"#)])
-        .join()
-        .unwrap();
-    assert_eq!(again.text(0), "deleted /tmp/b");
-    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/c"}"#)]);
-    let h = wait_held(&env, 1);
-    assert_eq!(h[0]["arguments"], json!({"path": "/tmp/c"}));
-    run_ok(
-        env.guard()
-            .args(["approvals", "deny", h[0]["id"].as_str().unwrap()]),
-    );
-    assert_eq!(c.join().unwrap().error(0)["code"], -32003);
+    let run4 = c.join().unwrap();
+    assert_eq!(run4.text(0), "deleted /tmp/b");
+    assert_eq!(run4.text(1), "deleted /tmp/b");
+    for other in [("delete_file", r#"{"path":"/tmp/c"}"#), identical] {
+        let c = client_bg(&env, &[other]);
+        let h = wait_held(&env, 1);
+        assert_eq!(
+            h[0]["arguments"],
+            serde_json::from_str::<Value>(other.1).unwrap()
+        );
+        run_ok(
+            env.guard()
+                .args(["approvals", "deny", h[0]["id"].as_str().unwrap()]),
+        );
+        assert_eq!(c.join().unwrap().error(0)["code"], -32003);
+    }
 
     assert_eq!(
         server.tools_called(),

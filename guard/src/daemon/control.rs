@@ -3,10 +3,11 @@
 //! caller says about itself.
 
 use std::{
+    collections::HashMap,
     io::{BufRead as _, BufReader, Write as _},
     os::unix::{fs::PermissionsExt as _, net::UnixStream as StdUnixStream},
     path::Path,
-    sync::Arc,
+    sync::{Arc, Mutex},
     time::Duration,
 };
 
@@ -16,6 +17,7 @@ use serde_json::Value;
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _},
     net::{UnixListener, UnixStream},
+    sync::Semaphore,
 };
 
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -272,8 +274,60 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
+/// How much of the daemon the control socket may take: every request is short (a line in, a
+/// line out), so a connection has a deadline, one uid a few at once, and all of them together
+/// a fixed number of file descriptors — never the proxy's.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Connections served at once, all callers together: beyond, nothing more is accepted
+    /// until one ends (they wait in the listen backlog).
+    pub total: usize,
+    /// Connections one uid has open at once: beyond, it is answered with an error and closed.
+    pub per_uid: usize,
+    /// The whole exchange (request line, handling, answer) must end within this.
+    pub deadline: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            total: 64,
+            per_uid: 8,
+            deadline: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One uid's open control connections, given back on drop.
+struct UidSlot {
+    counts: Arc<Mutex<HashMap<u32, usize>>>,
+    uid: u32,
+}
+
+impl Drop for UidSlot {
+    fn drop(&mut self) {
+        let mut c = self.counts.lock().unwrap();
+        if let Some(n) = c.get_mut(&self.uid) {
+            *n -= 1;
+            if *n == 0 {
+                c.remove(&self.uid);
+            }
+        }
+    }
+}
+
 pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
+    serve_with(listener, handler, Limits::default()).await
+}
+
+pub async fn serve_with<H: Handler>(listener: UnixListener, handler: Arc<H>, limits: Limits) {
+    let open = Arc::new(Semaphore::new(limits.total));
+    let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     loop {
+        // A permit before the accept: at the cap, no descriptor is taken for another caller.
+        let Ok(permit) = open.clone().acquire_owned().await else {
+            return;
+        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -282,21 +336,69 @@ pub async fn serve<H: Handler>(listener: UnixListener, handler: Arc<H>) {
                 continue;
             }
         };
+        let peer = match Peer::of(&stream) {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::debug!("control connection without credentials: {e}");
+                continue;
+            }
+        };
+        let slot = {
+            let mut counts = per_uid.lock().unwrap();
+            let n = counts.entry(peer.uid).or_default();
+            if *n < limits.per_uid {
+                *n += 1;
+                Some(UidSlot {
+                    counts: per_uid.clone(),
+                    uid: peer.uid,
+                })
+            } else {
+                None
+            }
+        };
         let handler = handler.clone();
         tokio::spawn(async move {
-            if let Err(e) = serve_one(stream, handler).await {
-                tracing::debug!("control connection: {e:#}");
+            let _permit = permit;
+            let Some(_slot) = slot else {
+                let msg = format!(
+                    "uid {} has {} control connections open already; try again when they end",
+                    peer.uid, limits.per_uid
+                );
+                let _ = tokio::time::timeout(limits.deadline, answer(stream, &Response::err(msg)))
+                    .await;
+                return;
+            };
+            match tokio::time::timeout(limits.deadline, serve_one(stream, peer, handler)).await {
+                Ok(Err(e)) => tracing::debug!("control connection: {e:#}"),
+                Err(_) => tracing::debug!(
+                    "control connection closed: no complete exchange within {:?}",
+                    limits.deadline
+                ),
+                Ok(Ok(())) => {}
             }
         });
     }
 }
 
-async fn serve_one<H: Handler>(stream: UnixStream, handler: Arc<H>) -> Result<()> {
-    let peer = Peer::of(&stream)?;
+/// Answers `response` to whatever the caller asks (its request line is read first, so that the
+/// caller reads the answer rather than a broken pipe).
+async fn answer(stream: UnixStream, response: &Response) -> Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    tokio::io::BufReader::new(read.take(MAX_REQUEST))
+        .read_line(&mut line)
+        .await?;
+    let mut out = serde_json::to_vec(response)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    Ok(())
+}
+
+async fn serve_one<H: Handler>(stream: UnixStream, peer: Peer, handler: Arc<H>) -> Result<()> {
     let (read, mut write) = stream.into_split();
     let mut reader = tokio::io::BufReader::new(read.take(MAX_REQUEST));
     let mut line = String::new();
-    tokio::time::timeout(Duration::from_secs(10), reader.read_line(&mut line)).await??;
+    reader.read_line(&mut line).await?;
     let response = match serde_json::from_str::<RequestEnvelope>(&line) {
         Ok(env) if env.v != PROTOCOL_VERSION => Response::err(format!(
             "control protocol version {} is not supported (this daemon speaks {PROTOCOL_VERSION}); use the guard CLI of the same release",
@@ -360,5 +462,74 @@ mod tests {
         assert!(format!("{err}").contains("is gone"), "{err}");
         child.wait().unwrap();
         assert!(!Peer::unchecked(1, 0, 0).alive());
+    }
+
+    struct Echo;
+
+    impl Handler for Echo {
+        async fn handle(&self, peer: Peer, _request: Request) -> Response {
+            Response::ok(serde_json::json!({ "uid": peer.uid }))
+        }
+    }
+
+    #[tokio::test]
+    async fn the_control_socket_takes_few_descriptors_and_no_idle_caller() {
+        let dir = std::env::temp_dir().join(format!("guard-control-limits-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.sock");
+        let limits = Limits {
+            total: 6,
+            per_uid: 3,
+            deadline: Duration::from_millis(500),
+        };
+        let server = tokio::spawn(serve_with(bind(&path).unwrap(), Arc::new(Echo), limits));
+        let request = |path: std::path::PathBuf| {
+            tokio::task::spawn_blocking(move || call(&path, Request::Status))
+        };
+        // Three idle connections of this uid: a fourth is refused at once, not queued.
+        let idle: Vec<StdUnixStream> = (0..3)
+            .map(|_| StdUnixStream::connect(&path).unwrap())
+            .collect();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let e = request(path.clone())
+            .await
+            .unwrap()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("control connections open already"), "{e}");
+        // The idle ones are closed at the deadline; then calls are served again.
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        for mut c in idle {
+            let mut buf = [0u8; 16];
+            use std::io::Read as _;
+            assert_eq!(
+                c.read(&mut buf).unwrap_or(0),
+                0,
+                "an idle connection stayed open"
+            );
+        }
+        let ok = request(path.clone()).await.unwrap().unwrap();
+        assert_eq!(ok["uid"], u32::from(nix::unistd::getuid()));
+        server.abort();
+        // All callers together hold at most `total` descriptors: the next waits in the backlog
+        // (its request unanswered) until one of them ends.
+        let path2 = dir.join("d.sock");
+        let limits = Limits {
+            total: 2,
+            per_uid: 10,
+            deadline: Duration::from_millis(500),
+        };
+        let server = tokio::spawn(serve_with(bind(&path2).unwrap(), Arc::new(Echo), limits));
+        let idle: Vec<StdUnixStream> = (0..2)
+            .map(|_| StdUnixStream::connect(&path2).unwrap())
+            .collect();
+        let waiting = request(path2.clone());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!waiting.is_finished(), "served beyond the total");
+        assert!(waiting.await.unwrap().is_ok());
+        drop(idle);
+        server.abort();
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

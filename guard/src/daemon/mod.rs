@@ -61,15 +61,26 @@ pub struct Daemon {
 }
 
 /// Every proxied connection holds two descriptors: lift the soft limit to the hard one (a
-/// default soft limit of 1024 would cap guard at ~500 agent connections).
-fn raise_nofile() {
+/// default soft limit of 1024 would cap guard at ~500 agent connections), and say so when even
+/// that is short of `proxy.max_connections` (with the control socket's fixed share, files and
+/// maps besides).
+fn raise_nofile(max_connections: usize) {
     use nix::sys::resource::{getrlimit, setrlimit, Resource};
-    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
-        if soft < hard {
-            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
-                tracing::warn!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}");
-            }
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return;
+    };
+    let mut limit = soft;
+    if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => limit = hard,
+            Err(e) => tracing::warn!("raising RLIMIT_NOFILE from {soft} to {hard}: {e}"),
         }
+    }
+    let needed = 2 * max_connections as u64 + control::Limits::default().total as u64 + 256;
+    if limit < needed {
+        tracing::warn!(
+            "RLIMIT_NOFILE is {limit}: proxy.max_connections = {max_connections} needs about {needed} descriptors; raise LimitNOFILE (systemd) or lower proxy.max_connections"
+        );
     }
 }
 
@@ -77,7 +88,7 @@ pub fn run(config: Config, config_source: String) -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
         bail!("guard daemon must run as root: it loads eBPF programs and manages cgroups");
     }
-    raise_nofile();
+    raise_nofile(config.proxy.max_connections);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
