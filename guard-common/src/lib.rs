@@ -78,6 +78,25 @@ pub struct Config {
     pub attach_level: u32,
     /// Non-zero once the daemon wrote this entry; the programs do nothing guarded before.
     pub ready: u32,
+    /// Where the executable's identity sits in this kernel's structures (from its BTF);
+    /// `exe.known == 0`: not read.
+    pub exe: ExeOffsets,
+}
+
+/// Byte offsets of the fields that lead from the current task to its executable's inode:
+/// `task_struct.mm`, `mm_struct.exe_file`, `file.f_inode`, `inode.i_ino`, `inode.i_sb`,
+/// `super_block.s_dev`, found in the kernel's BTF by the daemon (they differ between builds).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ExeOffsets {
+    pub task_mm: u32,
+    pub mm_exe_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
+    pub inode_sb: u32,
+    pub sb_dev: u32,
+    pub known: u32,
+    pub _pad0: u32,
 }
 
 /// Where a guarded socket wanted to go and who asked, at `connect()` time.
@@ -99,6 +118,11 @@ pub struct Origin {
     pub cgroup_id: u64,
     pub netns_cookie: u64,
     pub comm: [u8; 16],
+    /// The executable the connecting task runs, as the kernel knows it: inode number and the
+    /// device of its filesystem (kernel encoding, `major << 20 | minor`); 0 when not read.
+    pub exe_ino: u64,
+    pub exe_dev: u32,
+    pub _pad1: u32,
 }
 
 /// The client side of a redirected connection as the proxy sees it from `accept()`: canonical

@@ -4,9 +4,10 @@ use aya_ebpf::{
     bindings::{bpf_sock_addr, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB},
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_uid_gid,
+        bpf_probe_read_kernel,
         generated::{
-            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_netns_cookie,
-            bpf_get_socket_cookie,
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+            bpf_get_netns_cookie, bpf_get_socket_cookie,
         },
     },
     macros::{cgroup_sock, cgroup_sock_addr, map, sock_ops},
@@ -47,6 +48,40 @@ static COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(guard_common::COUNTERS, 
 static DNS_SERVERS: HashMap<[u32; 4], u32> = HashMap::pinned(DNS_SERVER_ENTRIES, 0);
 #[map]
 static DNS_RESTRICT: Array<u32> = Array::pinned(1, 0);
+
+/// 1 when the daemon lets the programs read kernel memory for the executable's identity (set
+/// at load: a kernel locked down for confidentiality has no bpf_probe_read_kernel, and with 0
+/// the verifier never sees the call).
+#[no_mangle]
+static EXE_READ: u32 = 0;
+
+/// The connecting task's executable: (inode number, device of its filesystem), or zeros.
+#[inline(always)]
+fn current_exe(cfg: &Config) -> (u64, u32) {
+    if unsafe { read_volatile(&EXE_READ) } == 0 || cfg.exe.known == 0 {
+        return (0, 0);
+    }
+    let o = &cfg.exe;
+    let read = |base: u64, off: u32| -> Option<u64> {
+        if base == 0 {
+            return None;
+        }
+        unsafe { bpf_probe_read_kernel((base + off as u64) as *const u64) }.ok()
+    };
+    let task = unsafe { bpf_get_current_task() };
+    let inode = read(task, o.task_mm)
+        .and_then(|mm| read(mm, o.mm_exe_file))
+        .and_then(|file| read(file, o.file_inode));
+    let Some(inode) = inode.filter(|&i| i != 0) else {
+        return (0, 0);
+    };
+    let ino = read(inode, o.inode_ino).unwrap_or(0);
+    let dev = read(inode, o.inode_sb)
+        .filter(|&sb| sb != 0)
+        .and_then(|sb| unsafe { bpf_probe_read_kernel((sb + o.sb_dev as u64) as *const u32) }.ok())
+        .unwrap_or(0);
+    (ino, dev)
+}
 
 #[inline(always)]
 fn count(index: u32) {
@@ -186,9 +221,16 @@ fn datagram_allowed(cfg: &Config, protocol: u32, addr: &[u32; 4], port: u16) -> 
 }
 
 #[inline(always)]
-fn record_origin(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port_be: u16) -> bool {
+fn record_origin(
+    ctx: &SockAddrContext,
+    cfg: &Config,
+    family: u16,
+    addr: [u32; 4],
+    port_be: u16,
+) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
+    let (exe_ino, exe_dev) = current_exe(cfg);
     let origin = Origin {
         dst_addr: addr,
         dst_port: port_be,
@@ -201,6 +243,9 @@ fn record_origin(ctx: &SockAddrContext, family: u16, addr: [u32; 4], port_be: u1
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
+        exe_ino,
+        exe_dev,
+        _pad1: 0,
     };
     let cookie = unsafe { bpf_get_socket_cookie(ctx.as_ptr()) };
     ORIGIN_BY_COOKIE.insert(&cookie, &origin, 0).is_ok()
@@ -284,7 +329,7 @@ pub fn guard_connect4(ctx: SockAddrContext) -> i32 {
         Verdict::Allow => ALLOW,
         Verdict::Refuse => REFUSE,
         Verdict::Redirect => {
-            if !record_origin(&ctx, AF_INET, [addr, 0, 0, 0], port.to_be()) {
+            if !record_origin(&ctx, cfg, AF_INET, [addr, 0, 0, 0], port.to_be()) {
                 count(CTR_REFUSED_NO_ROOM);
                 return REFUSE;
             }
@@ -311,7 +356,7 @@ pub fn guard_connect6(ctx: SockAddrContext) -> i32 {
         Verdict::Allow => ALLOW,
         Verdict::Refuse => REFUSE,
         Verdict::Redirect => {
-            if !record_origin(&ctx, AF_INET6, addr, port.to_be()) {
+            if !record_origin(&ctx, cfg, AF_INET6, addr, port.to_be()) {
                 count(CTR_REFUSED_NO_ROOM);
                 return REFUSE;
             }

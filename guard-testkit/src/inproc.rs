@@ -84,6 +84,7 @@ pub fn agent_identity(name: &str, instance: u64) -> Identity {
         netns_cookie: 0,
         agent: Some(name.to_string()),
         exe: None,
+        exe_file: None,
         cgroup: Some(format!("/guard.slice/agent-{name}-{instance}")),
     }
 }

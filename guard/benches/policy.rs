@@ -56,7 +56,7 @@ fn caller() -> Caller {
     Caller {
         agent: Some("research-bot".into()),
         uid: 1000,
-        exe: Some("/usr/bin/python3".into()),
+        exes: vec!["/usr/bin/python3".into()],
         cgroup: Some("/guard.slice/agent-research-bot-1".into()),
         instance: Some(0x8b1f_0c3e),
     }

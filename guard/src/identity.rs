@@ -20,7 +20,67 @@ pub struct Identity {
     pub agent: Option<String>,
     /// Read from /proc at accept time: attribution only, never a basis for decisions.
     pub exe: Option<String>,
+    /// The executable as the kernel knew it at `connect()`: what `exes` grants are decided on.
+    pub exe_file: Option<ExeFile>,
     pub cgroup: Option<String>,
+}
+
+/// A file by what no namespace can change: its filesystem's device and its inode number.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct ExeFile {
+    /// `st_dev` encoding (`makedev(major, minor)`).
+    pub dev: u64,
+    pub ino: u64,
+}
+
+impl ExeFile {
+    /// From the kernel's encoding of a device (`major << 20 | minor`) and an inode number;
+    /// None when the kernel recorded none.
+    pub fn from_kernel(dev: u32, ino: u64) -> Option<ExeFile> {
+        (ino != 0 && dev != 0).then(|| ExeFile {
+            dev: libc::makedev(dev >> 20, dev & 0xf_ffff),
+            ino,
+        })
+    }
+
+    /// Whether `path`, as the daemon's own mount namespace resolves it (symbolic links
+    /// followed), is this file. A bind mount in an agent's namespace changes what a path names
+    /// there, not here. The device is compared as `stat` reports it and, for filesystems whose
+    /// `stat` names another device than their superblock's (btrfs subvolumes), as the
+    /// mount table does.
+    pub fn is(&self, path: &str) -> bool {
+        use std::os::unix::fs::MetadataExt as _;
+        let Ok(md) = std::fs::metadata(path) else {
+            return false;
+        };
+        if md.ino() != self.ino {
+            return false;
+        }
+        md.dev() == self.dev || mount_dev(path) == Some(self.dev)
+    }
+}
+
+/// The device of the superblock `path` is on, from the mount table (`major:minor` of its
+/// mount, found by `statx`'s mount id).
+fn mount_dev(path: &str) -> Option<u64> {
+    let c = std::ffi::CString::new(path).ok()?;
+    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid C string and a zeroed statx buffer the call fills.
+    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
+    if r != 0 || stx.stx_mask & libc::STATX_MNT_ID == 0 {
+        return None;
+    }
+    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    table.lines().find_map(|l| {
+        let mut f = l.split(' ');
+        let id: u64 = f.next()?.parse().ok()?;
+        let (_, majmin) = (f.next()?, f.next()?);
+        if id != stx.stx_mnt_id {
+            return None;
+        }
+        let (maj, min) = majmin.split_once(':')?;
+        Some(libc::makedev(maj.parse().ok()?, min.parse().ok()?))
+    })
 }
 
 impl Identity {
@@ -29,12 +89,24 @@ impl Identity {
         agent_key(&self.agent, self.uid)
     }
 
-    /// The caller as the policy engine sees it (no MCP session yet).
-    pub fn caller(&self) -> crate::policy::Caller {
+    /// The caller as the policy engine sees it, its executable compared with the paths
+    /// `exe_paths` (those a policy's grants name): only the kernel's record of it counts.
+    pub fn caller<'a>(
+        &self,
+        exe_paths: impl IntoIterator<Item = &'a str>,
+    ) -> crate::policy::Caller {
+        let exes = match self.exe_file {
+            Some(f) => exe_paths
+                .into_iter()
+                .filter(|p| f.is(p))
+                .map(str::to_string)
+                .collect(),
+            None => Vec::new(),
+        };
         crate::policy::Caller {
             agent: self.agent.clone(),
             uid: self.uid,
-            exe: self.exe.clone(),
+            exes,
             cgroup: self.cgroup.clone(),
             instance: Some(self.cgroup_id),
         }

@@ -518,3 +518,113 @@ fn a_recycled_pid_never_moves_another_process() {
         .flatten()
         .all(|e| !e.file_name().to_string_lossy().starts_with("agent-hijack")));
 }
+
+/// Removes a directory on drop (the test's, also when it fails).
+struct RmDir(std::path::PathBuf);
+
+impl Drop for RmDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// An `exes` grant is decided on the file the kernel executed (device and inode at connect),
+/// compared with the granted path as the daemon sees it. A non-root agent that bind-mounts
+/// another file over the granted path in its own user and mount namespace runs that file under
+/// the granted name: /proc/PID/exe names the granted path, the kernel's record does not.
+#[test]
+fn an_exes_grant_holds_only_for_the_granted_file() {
+    let mut env = Env::configured("", "", "");
+    let server = python_server(
+        &env.dir.join("calls.jsonl"),
+        &[
+            "--host",
+            "127.0.0.3",
+            "--port",
+            "0",
+            "--json-response",
+            "--stateless",
+        ],
+    );
+    let curl = std::fs::canonicalize("/usr/bin/curl").unwrap();
+    let curl = curl.to_str().unwrap();
+    env.write_policy(
+        "exes.json",
+        &json!({
+            "version": "1",
+            "server": { "name": "exes", "match": [format!("127.0.0.3:{}", server.port)] },
+            "default": "deny",
+            "tools": { "echo": {} },
+            "grants": [ { "exes": [curl], "tools": { "delete_file": {} } } ]
+        })
+        .to_string(),
+    );
+    env.start_daemon();
+    let url = format!("http://127.0.0.3:{}/mcp", server.port);
+    let call = |path: &str| {
+        json!({"jsonrpc": "2.0", "id": 1, "method": "tools/call",
+               "params": {"name": "delete_file", "arguments": {"path": path}}})
+        .to_string()
+    };
+    let curl_args = |bin: &str, path: &str| -> Vec<String> {
+        [
+            bin,
+            "-s",
+            "-H",
+            "Content-Type: application/json",
+            "-H",
+            "Accept: application/json, text/event-stream",
+            "-d",
+            &call(path),
+            &url,
+        ]
+        .map(String::from)
+        .to_vec()
+    };
+    // The granted file, run by a non-root agent: the grant applies.
+    let args = curl_args(curl, "/granted");
+    let mut cmd = env.exec(
+        "exe-bot",
+        &args.iter().map(String::as_str).collect::<Vec<_>>(),
+    );
+    as_user(&mut cmd, OUTSIDER, OUTSIDER);
+    let out = run_ok(&mut cmd);
+    assert!(
+        out.contains("deleted /granted"),
+        "{out}\n{}",
+        env.daemon_log()
+    );
+    // A copy of it (another file) mounted over the granted path in the agent's namespaces.
+    let scratch = RmDir(std::path::PathBuf::from(format!(
+        "/tmp/guard-exes-{}",
+        std::process::id()
+    )));
+    std::fs::create_dir_all(&scratch.0).unwrap();
+    std::fs::set_permissions(
+        &scratch.0,
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let copy = scratch.0.join("curl");
+    let quoted: Vec<String> = curl_args(curl, "/borrowed")
+        .iter()
+        .map(|a| format!("'{}'", a.replace('\'', r"'\''")))
+        .collect();
+    let script = format!(
+        "cp {curl} {copy} && mount --bind {copy} {curl} && exec {}",
+        quoted.join(" "),
+        copy = copy.display()
+    );
+    let mut cmd = env.exec(
+        "exe-bot",
+        &["unshare", "-U", "-m", "-r", "sh", "-c", &script],
+    );
+    as_user(&mut cmd, OUTSIDER, OUTSIDER);
+    let out = run_ok(&mut cmd);
+    assert!(out.contains("-32001"), "{out}");
+    assert_eq!(
+        server.tools_called(),
+        ["delete_file"],
+        "the borrowed name ran a call only the granted file may make"
+    );
+}

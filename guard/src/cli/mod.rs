@@ -205,7 +205,8 @@ pub fn main() -> i32 {
             let caller = Caller {
                 agent,
                 uid: uid.unwrap_or_else(|| nix::unistd::getuid().as_raw()),
-                exe,
+                // Explained as if the caller ran the file at that path.
+                exes: exe.into_iter().collect(),
                 cgroup,
                 instance: None,
             };

@@ -4,6 +4,7 @@
 //! HTTP or MCP.
 
 mod attach;
+pub mod btf;
 pub mod cgroup;
 pub mod sys;
 
@@ -23,8 +24,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use guard_common::{
-    ClientKey, Config as KConfig, ExemptPorts, Origin, AF_INET, AF_INET6, COUNTERS, COUNTER_NAMES,
-    EXEMPT_MAX_PORTS,
+    ClientKey, Config as KConfig, ExeOffsets, ExemptPorts, Origin, AF_INET, AF_INET6, COUNTERS,
+    COUNTER_NAMES, EXEMPT_MAX_PORTS,
 };
 
 use crate::{config::ExemptRule, net::canonical_addr};
@@ -130,15 +131,54 @@ where
     T::try_from(map).with_context(|| format!("opening map {name}"))
 }
 
+/// Whether the kernel is locked down for confidentiality (no reading of kernel memory by BPF),
+/// as far as securityfs tells.
+fn confidentiality_lockdown() -> bool {
+    std::fs::read_to_string("/sys/kernel/security/lockdown")
+        .is_ok_and(|s| s.contains("[confidentiality]"))
+}
+
 impl Kernel {
     /// Loads the object with its maps pinned under `pin_dir` (reusing pinned maps from an earlier
     /// run), and writes `settings`. Programs are not attached yet: see [`Kernel::attach`].
     pub fn load(pin_dir: &Path, settings: Settings) -> Result<Kernel> {
         ensure_bpffs(pin_dir)?;
-        let mut ebpf = EbpfLoader::new()
-            .default_map_pin_directory(pin_dir)
-            .load(EBPF_OBJECT)
-            .context("loading guard's eBPF object (needs root, and a kernel with BPF and BTF)")?;
+        // Executables are identified by the kernel (inode and device, read at connect) unless
+        // the kernel cannot tell the offsets or refuses reading its memory.
+        let exe = match btf::exe_offsets() {
+            Ok(o) if !confidentiality_lockdown() => o,
+            Ok(_) => {
+                tracing::warn!("the kernel is locked down for confidentiality: executables are not identified, and `exes` grants never apply");
+                ExeOffsets::default()
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "{e:#}: executables are not identified, and `exes` grants never apply"
+                );
+                ExeOffsets::default()
+            }
+        };
+        let load = |exe_read: u32| {
+            EbpfLoader::new()
+                .default_map_pin_directory(pin_dir)
+                .override_global("EXE_READ", &exe_read, true)
+                .load(EBPF_OBJECT)
+        };
+        let (mut ebpf, exe) = match load(exe.known) {
+            Ok(e) => (e, exe),
+            Err(e) if exe.known != 0 => {
+                tracing::warn!("loading with executable identification failed ({e}); loading without: `exes` grants never apply");
+                let e = load(0).context(
+                    "loading guard's eBPF object (needs root, and a kernel with BPF and BTF)",
+                )?;
+                (e, ExeOffsets::default())
+            }
+            Err(e) => {
+                return Err(e).context(
+                    "loading guard's eBPF object (needs root, and a kernel with BPF and BTF)",
+                )
+            }
+        };
         let mut config: Array<MapData, KConfig> = take_map(&mut ebpf, guard_common::MAP_CONFIG)?;
         let kconfig = KConfig {
             host_netns_cookie: settings.host_netns_cookie,
@@ -148,6 +188,7 @@ impl Kernel {
             udp_mode: settings.udp_mode,
             attach_level: settings.attach_level,
             ready: 1,
+            exe,
         };
         config
             .set(0, kconfig, 0)

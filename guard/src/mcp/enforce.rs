@@ -273,7 +273,7 @@ impl Engine {
         {
             return true;
         }
-        let policy_caller = caller.caller();
+        let policy_caller = caller.caller(sp.grant_exes());
         let now = Instant::now();
         let refuses = |s: &Asked, args: &Value| {
             matches!(
@@ -349,7 +349,7 @@ impl Engine {
                 None
             }
             Some(sp) => {
-                let policy_caller = caller.caller();
+                let policy_caller = caller.caller(sp.grant_exes());
                 match self.decide(sp, &asked, &args, also.as_ref(), &policy_caller) {
                     Step::Allow { rule } => {
                         r.rule = Some(rule);

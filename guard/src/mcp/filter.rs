@@ -160,7 +160,7 @@ impl Engine {
         let Some(sp) = policies.by_name(server) else {
             return true;
         };
-        let policy_caller = caller.caller();
+        let policy_caller = caller.caller(sp.grant_exes());
         let mut r = self.record(Event::McpRequest, Decision::Allow, caller, t);
         r.method = Some(subject.method.clone());
         r.tool = Some(subject.name.clone());
@@ -260,7 +260,7 @@ impl Engine {
             }
             Err(e) => tracing::error!("tool pins for {server}: {e:#}"),
         }
-        let policy_caller = caller.caller();
+        let policy_caller = caller.caller(sp.grant_exes());
         let block_changed = sp.on_tool_change == ToolChange::Block;
         let removed = wire::filter_tools(m, |name| {
             sp.visible(name, &policy_caller) && !(block_changed && self.pins.blocked(server, name))
@@ -295,7 +295,7 @@ impl Engine {
         let Some(sp) = policies.by_name(server) else {
             return false;
         };
-        let policy_caller = caller.caller();
+        let policy_caller = caller.caller(sp.grant_exes());
         let mut any = false;
         for (field, key, method) in wire::OTHER_LISTS {
             let prompts = *field == "prompts";

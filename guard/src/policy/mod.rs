@@ -136,8 +136,9 @@ pub struct Caller {
     /// `guard exec --agent NAME`.
     pub agent: Option<String>,
     pub uid: u32,
-    /// Executable path.
-    pub exe: Option<String>,
+    /// The `exes` paths of the policy (as the daemon's namespace resolves them) that are the
+    /// file the caller executes, by the kernel's record of it (device and inode at connect).
+    pub exes: Vec<String>,
     /// cgroup v2 path, relative to the cgroup mount (e.g. `/guard.slice/agent-bot-1`).
     pub cgroup: Option<String>,
     /// The agent instance: the cgroup id the connection came from (one `guard exec`, or one
@@ -266,7 +267,10 @@ impl Grant {
         }
         named(&self.agents, &c.agent)
             && self.uids.as_ref().is_none_or(|u| u.contains(&c.uid))
-            && named(&self.exes, &c.exe)
+            && self
+                .exes
+                .as_ref()
+                .is_none_or(|l| l.iter().any(|x| c.exes.contains(x)))
             && match &self.cgroups {
                 None => true,
                 Some(list) => c.cgroup.as_deref().is_some_and(|cg| {
@@ -311,6 +315,15 @@ impl ServerPolicy {
     /// The `server.match` entries as written.
     pub fn match_entries(&self) -> impl Iterator<Item = &str> {
         self.matchers.iter().map(|(s, _)| s.as_str())
+    }
+
+    /// Every executable path the grants name (decisions compare the caller's executable
+    /// with these; see [`Caller::exes`]).
+    pub fn grant_exes(&self) -> impl Iterator<Item = &str> {
+        self.grants
+            .iter()
+            .flat_map(|g| g.exes.iter().flatten())
+            .map(String::as_str)
     }
 
     /// The tools the base policy names (not grants), in no particular order.

@@ -576,12 +576,12 @@ fn grants_most_specific_wins_and_only_for_the_named() {
 
     // exes: exact paths.
     let py = Caller {
-        exe: Some("/usr/bin/python3".into()),
+        exes: vec!["/usr/bin/python3".into()],
         ..Caller::default()
     };
     assert_eq!(d("py", &py), allow("grants[5].tools.py"));
     let py3 = Caller {
-        exe: Some("/usr/bin/python3.12".into()),
+        exes: vec!["/usr/bin/python3.12".into()],
         ..Caller::default()
     };
     assert_eq!(d("py", &py3).rule(), "default");

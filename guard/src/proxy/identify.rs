@@ -1,13 +1,14 @@
 //! Who is behind an accepted connection and where it was going. The proxy asks an [`Identify`]:
 //! the daemon's is [`KernelIdentify`], which takes the origin the kernel recorded at `connect()`
-//! from the origin map by the client's address and adds attribution (agent name, executable,
-//! cgroup path) read at accept time. Tests give the proxy one of their own, so the real proxy
+//! from the origin map by the client's address (with the executable's device and inode, read by
+//! the kernel at `connect()`) and adds attribution (agent name, executable path, cgroup path)
+//! read at accept time. Tests give the proxy one of their own, so the real proxy
 //! runs without eBPF.
 
 use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
-    identity::{Agents, Identity},
+    identity::{Agents, ExeFile, Identity},
     kernel::{self, Kernel},
 };
 
@@ -64,6 +65,7 @@ fn identify(kernel: &Kernel, agents: &Agents, client: SocketAddr) -> Option<Conn
         exe: std::fs::read_link(format!("/proc/{}/exe", origin.tgid))
             .ok()
             .map(|p| p.display().to_string()),
+        exe_file: ExeFile::from_kernel(origin.exe_dev, origin.exe_ino),
         cgroup: cgroup.map(|c| format!("/{c}")),
     };
     Some(Connection {
