@@ -138,7 +138,7 @@ impl Btf {
             let bits = base_bits + if t.kind_flag { off & 0xff_ffff } else { off };
             let n = self.name(name);
             if n == member {
-                return (bits % 8 == 0).then_some(bits / 8);
+                return bits.is_multiple_of(8).then_some(bits / 8);
             }
             if n.is_empty() {
                 let inner = self.resolve(ty)?;

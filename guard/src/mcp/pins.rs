@@ -262,7 +262,7 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let pins = Pins::new(&dir, &fields());
         let t = tool("rm", "Remove a file");
-        pins.observe("s", &[t.clone()], false).unwrap();
+        pins.observe("s", std::slice::from_ref(&t), false).unwrap();
         for (field, value) in [
             ("title", json!("Harmless")),
             (
@@ -279,12 +279,12 @@ mod tests {
             let c = pins.observe("s", &[changed], false).unwrap();
             assert_eq!(c.len(), 1, "{field}");
             assert!(pins.blocked("s", "rm"), "{field}");
-            pins.observe("s", &[t.clone()], false).unwrap();
+            pins.observe("s", std::slice::from_ref(&t), false).unwrap();
             assert!(!pins.blocked("s", "rm"));
         }
         // Only the configured fields count.
         let names = Pins::new(&dir.join("n"), &["name".to_string()]);
-        names.observe("s", &[t.clone()], false).unwrap();
+        names.observe("s", std::slice::from_ref(&t), false).unwrap();
         assert!(names
             .observe("s", &[tool("rm", "other")], false)
             .unwrap()
@@ -314,7 +314,10 @@ mod tests {
             1
         );
         // The same over the old fields: unblocked and pinned again over all of them.
-        assert!(pins.observe("s", &[t.clone()], false).unwrap().is_empty());
+        assert!(pins
+            .observe("s", std::slice::from_ref(&t), false)
+            .unwrap()
+            .is_empty());
         assert!(!pins.blocked("s", "echo"));
         let mut titled = t.clone();
         titled["title"] = json!("Now with a title");
