@@ -45,42 +45,14 @@ impl ExeFile {
 
     /// Whether `path`, as the daemon's own mount namespace resolves it (symbolic links
     /// followed), is this file. A bind mount in an agent's namespace changes what a path names
-    /// there, not here. The device is compared as `stat` reports it and, for filesystems whose
-    /// `stat` names another device than their superblock's (btrfs subvolumes), as the
-    /// mount table does.
+    /// there, not here. Where `stat` reports another device than the superblock's (btrfs
+    /// subvolumes, some overlayfs files) nothing matches: on btrfs an inode number is unique only
+    /// within a subvolume, which any user may create, so the superblock's device with an inode
+    /// number would not tell files apart.
     pub fn is(&self, path: &str) -> bool {
         use std::os::unix::fs::MetadataExt as _;
-        let Ok(md) = std::fs::metadata(path) else {
-            return false;
-        };
-        if md.ino() != self.ino {
-            return false;
-        }
-        md.dev() == self.dev || mount_dev(path) == Some(self.dev)
+        std::fs::metadata(path).is_ok_and(|md| md.ino() == self.ino && md.dev() == self.dev)
     }
-}
-
-/// The device of the superblock `path` is on, from the mount table (`major:minor` of its
-/// mount, found by `statx`'s mount id).
-fn mount_dev(path: &str) -> Option<u64> {
-    let c = std::ffi::CString::new(path).ok()?;
-    let mut stx: libc::statx = unsafe { std::mem::zeroed() };
-    // SAFETY: a valid C string and a zeroed statx buffer the call fills.
-    let r = unsafe { libc::statx(libc::AT_FDCWD, c.as_ptr(), 0, libc::STATX_MNT_ID, &mut stx) };
-    if r != 0 || stx.stx_mask & libc::STATX_MNT_ID == 0 {
-        return None;
-    }
-    let table = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    table.lines().find_map(|l| {
-        let mut f = l.split(' ');
-        let id: u64 = f.next()?.parse().ok()?;
-        let (_, majmin) = (f.next()?, f.next()?);
-        if id != stx.stx_mnt_id {
-            return None;
-        }
-        let (maj, min) = majmin.split_once(':')?;
-        Some(libc::makedev(maj.parse().ok()?, min.parse().ok()?))
-    })
 }
 
 impl Identity {

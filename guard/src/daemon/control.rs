@@ -227,12 +227,15 @@ pub fn call(socket: &Path, request: Request) -> Result<Value> {
         request,
     })?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A daemon that refuses the connection answers before it reads (and closes): its answer
+    // is still there to read when the write finds the socket closed.
+    let written = stream.write_all(&line);
     let mut reply = String::new();
     BufReader::new(&stream)
         .read_line(&mut reply)
         .context("reading the daemon's answer")?;
     if reply.is_empty() {
+        written.context("sending the request to the daemon")?;
         bail!("the guard daemon closed the control connection without answering");
     }
     let resp: Response =
@@ -276,13 +279,15 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
 
 /// How much of the daemon the control socket may take: every request is short (a line in, a
 /// line out), so a connection has a deadline, one uid a few at once, and all of them together
-/// a fixed number of file descriptors — never the proxy's.
+/// a fixed number of file descriptors — never the proxy's. Root has its own share: no other
+/// uid can keep the operator from `approve`, `deny`, `disable` or `reload`.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
-    /// Connections served at once, all callers together: beyond, nothing more is accepted
-    /// until one ends (they wait in the listen backlog).
+    /// Connections of uids other than root served at once: beyond, answered with an error and
+    /// closed at once (no descriptor is held for them).
     pub total: usize,
-    /// Connections one uid has open at once: beyond, it is answered with an error and closed.
+    /// Connections one uid (root too) has open at once: beyond, answered with an error and
+    /// closed at once.
     pub per_uid: usize,
     /// The whole exchange (request line, handling, answer) must end within this.
     pub deadline: Duration,
@@ -324,10 +329,6 @@ pub async fn serve_with<H: Handler>(listener: UnixListener, handler: Arc<H>, lim
     let open = Arc::new(Semaphore::new(limits.total));
     let per_uid: Arc<Mutex<HashMap<u32, usize>>> = Arc::default();
     loop {
-        // A permit before the accept: at the cap, no descriptor is taken for another caller.
-        let Ok(permit) = open.clone().acquire_owned().await else {
-            return;
-        };
         let (stream, _) = match listener.accept().await {
             Ok(s) => s,
             Err(e) => {
@@ -356,18 +357,31 @@ pub async fn serve_with<H: Handler>(listener: UnixListener, handler: Arc<H>, lim
                 None
             }
         };
+        let permit = match peer.uid {
+            0 => None,
+            _ => open.clone().try_acquire_owned().ok(),
+        };
+        let refusal = match (&slot, &permit) {
+            (None, _) => Some(format!(
+                "uid {} has {} control connections open already; try again when they end",
+                peer.uid, limits.per_uid
+            )),
+            (Some(_), None) if peer.uid != 0 => Some(format!(
+                "the daemon serves {} control connections already; try again in a moment",
+                limits.total
+            )),
+            _ => None,
+        };
+        if let Some(msg) = refusal {
+            // Answered without reading and closed now: a refused caller holds nothing.
+            let mut out = serde_json::to_vec(&Response::err(msg)).unwrap_or_default();
+            out.push(b'\n');
+            let _ = stream.try_write(&out);
+            continue;
+        }
         let handler = handler.clone();
         tokio::spawn(async move {
-            let _permit = permit;
-            let Some(_slot) = slot else {
-                let msg = format!(
-                    "uid {} has {} control connections open already; try again when they end",
-                    peer.uid, limits.per_uid
-                );
-                let _ = tokio::time::timeout(limits.deadline, answer(stream, &Response::err(msg)))
-                    .await;
-                return;
-            };
+            let (_permit, _slot) = (permit, slot);
             match tokio::time::timeout(limits.deadline, serve_one(stream, peer, handler)).await {
                 Ok(Err(e)) => tracing::debug!("control connection: {e:#}"),
                 Err(_) => tracing::debug!(
@@ -378,20 +392,6 @@ pub async fn serve_with<H: Handler>(listener: UnixListener, handler: Arc<H>, lim
             }
         });
     }
-}
-
-/// Answers `response` to whatever the caller asks (its request line is read first, so that the
-/// caller reads the answer rather than a broken pipe).
-async fn answer(stream: UnixStream, response: &Response) -> Result<()> {
-    let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    tokio::io::BufReader::new(read.take(MAX_REQUEST))
-        .read_line(&mut line)
-        .await?;
-    let mut out = serde_json::to_vec(response)?;
-    out.push(b'\n');
-    write.write_all(&out).await?;
-    Ok(())
 }
 
 async fn serve_one<H: Handler>(stream: UnixStream, peer: Peer, handler: Arc<H>) -> Result<()> {
@@ -512,8 +512,8 @@ mod tests {
         let ok = request(path.clone()).await.unwrap().unwrap();
         assert_eq!(ok["uid"], u32::from(nix::unistd::getuid()));
         server.abort();
-        // All callers together hold at most `total` descriptors: the next waits in the backlog
-        // (its request unanswered) until one of them ends.
+        // Callers other than root together hold at most `total` connections: the next is
+        // refused at once (root has its own share).
         let path2 = dir.join("d.sock");
         let limits = Limits {
             total: 2,
@@ -524,10 +524,14 @@ mod tests {
         let idle: Vec<StdUnixStream> = (0..2)
             .map(|_| StdUnixStream::connect(&path2).unwrap())
             .collect();
-        let waiting = request(path2.clone());
-        tokio::time::sleep(Duration::from_millis(200)).await;
-        assert!(!waiting.is_finished(), "served beyond the total");
-        assert!(waiting.await.unwrap().is_ok());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let third = request(path2.clone()).await.unwrap();
+        if nix::unistd::getuid().is_root() {
+            assert!(third.is_ok(), "{third:?}");
+        } else {
+            let e = third.unwrap_err().to_string();
+            assert!(e.contains("serves 2 control connections"), "{e}");
+        }
         drop(idle);
         server.abort();
         std::fs::remove_dir_all(&dir).unwrap();

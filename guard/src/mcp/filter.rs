@@ -142,7 +142,14 @@ impl Engine {
         } else if !self.screen(caller, t, server, &v).await {
             return Ok(EventData::Drop);
         }
-        Ok(match self.filter_message(caller, t, server, &mut v) {
+        let lists = match &mut v {
+            // Every message of a batch is filtered (no short-circuit).
+            Value::Array(items) => items.iter_mut().fold(false, |any, m| {
+                self.filter_message(caller, t, server, m) | any
+            }),
+            m => self.filter_message(caller, t, server, m),
+        };
+        Ok(match lists {
             true => EventData::Replace(v.to_string()),
             false => EventData::Pass,
         })

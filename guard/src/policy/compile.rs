@@ -207,7 +207,7 @@ fn rules(base: &[Seg], prefix: &str, maps: [ToolMap; 4], errs: &mut Vec<Problem>
                 path: at(base, ["resources".into(), Seg::Key(pattern.clone())]),
                 at_key: true,
                 what: format!(
-                    "\"{pattern}\" would never match: URIs are matched normalised (lower-case scheme and host, escapes decoded, no dot segments or duplicate slashes), as in \"{n}\""
+                    "\"{pattern}\" would never match: URIs are matched normalised (lower-case scheme and host, escapes decoded, no default port, duplicate slashes, query or fragment), as in \"{n}\""
                 ),
             }),
             Err(e) => errs.push(Problem {

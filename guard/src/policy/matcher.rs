@@ -95,13 +95,24 @@ impl Matcher {
 
     /// A request to `dst`, an address this entry's server is known to have (its IP, or what its
     /// name resolves to): the path must fit and the port be the destination's; the score says
-    /// whether the entry names the destination itself or the `Host` header.
-    pub fn score_at(&self, host: Option<&str>, dst: SocketAddr, path: &str) -> Option<Score> {
+    /// whether the entry names the destination itself or the `Host` header. `fold`: the path
+    /// compared without regard to ASCII case (as Express routes by default).
+    pub fn score_at(
+        &self,
+        host: Option<&str>,
+        dst: SocketAddr,
+        path: &str,
+        fold: bool,
+    ) -> Option<Score> {
         if self.port != dst.port() {
             return None;
         }
         if let Some(prefix) = &self.path {
-            if !path_has_prefix(path, prefix) {
+            let fits = match fold {
+                true => path_has_prefix(&path.to_ascii_lowercase(), &prefix.to_ascii_lowercase()),
+                false => path_has_prefix(path, prefix),
+            };
+            if !fits {
                 return None;
             }
         }

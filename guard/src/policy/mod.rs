@@ -600,14 +600,14 @@ impl PolicySet {
             ));
         };
         let clean = subject::clean_path(&decoded);
-        let pick = |path: &str| -> Result<Option<&ServerPolicy>, String> {
+        let pick = |path: &str, fold: bool| -> Result<Option<&ServerPolicy>, String> {
             let mut best: Option<(matcher::Score, &ServerPolicy)> = None;
             let mut tied: Option<&str> = None;
             for s in self.servers.iter().filter(|s| names.contains(&s.name)) {
                 let score = s
                     .matchers
                     .iter()
-                    .filter_map(|(_, m)| m.score_at(host, dst, path))
+                    .filter_map(|(_, m)| m.score_at(host, dst, path, fold))
                     .max();
                 let Some(sc) = score else { continue };
                 match best {
@@ -627,16 +627,31 @@ impl PolicySet {
                 (best, _) => Ok(best.map(|(_, s)| s)),
             }
         };
-        let (as_written, as_read) = match (pick(raw), pick(&clean)) {
-            (Err(e), _) | (_, Err(e)) => return Among::Ambiguous(e),
-            (Ok(a), Ok(b)) => (a, b),
+        // As written, as decoded and normalised, and without regard to case (servers route
+        // each way): one answer, or the request is ambiguous.
+        let (as_written, as_read, folded) =
+            match (pick(raw, false), pick(&clean, false), pick(&clean, true)) {
+                (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return Among::Ambiguous(e),
+                (Ok(a), Ok(b), Ok(c)) => (a, b, c),
+            };
+        let same = |x: Option<&ServerPolicy>, y: Option<&ServerPolicy>| match (x, y) {
+            (Some(x), Some(y)) => std::ptr::eq(x, y),
+            (None, None) => true,
+            _ => false,
         };
-        match (as_written, as_read) {
-            (Some(a), Some(b)) if std::ptr::eq(a, b) => Among::One(a),
-            (None, None) => Among::Unmatched,
-            _ => Among::Ambiguous(format!(
+        if !same(as_written, as_read) {
+            return Among::Ambiguous(format!(
                 "the path {raw:?} reads as {clean:?} once decoded and normalised, which another server's policy covers"
-            )),
+            ));
+        }
+        if !same(as_read, folded) {
+            return Among::Ambiguous(format!(
+                "the path {raw:?} fits another server's policy when case is ignored, as some servers route"
+            ));
+        }
+        match as_read {
+            Some(s) => Among::One(s),
+            None => Among::Unmatched,
         }
     }
 

@@ -114,11 +114,15 @@ pub(super) fn glob(pattern: &str, text: &str) -> bool {
     p[pi..].iter().all(|&c| c == b'*')
 }
 
-/// A URI as a server that decodes it reads it, so that a pattern cannot be dodged by spelling:
-/// the scheme and authority in lower case, the path percent-decoded, without dot segments and
-/// duplicate slashes; query and fragment as written. Refused (the reason): control characters,
-/// white space, backslashes, and a path that still holds a percent escape after decoding (a
-/// server that decodes twice would read another path).
+/// A URI as servers read it, so that a pattern cannot be dodged by spelling. What servers
+/// canonicalise (the TS SDK with `new URL()`, FastMCP with pydantic's URL type, WHATWG rules)
+/// is canonicalised here: scheme and host in lower case, percent escapes decoded, default ports
+/// dropped, `file:/p`, `file:p` and `file://localhost/p` as `file:///p`, `https:h/p` as
+/// `https://h/p`, runs of `/` as one. Query and fragment are not part of what is decided: servers
+/// match resources without them (FastMCP ignores undeclared query parameters), so
+/// `file:///a/.env?x` is `file:///a/.env`. Refused (the reason), as servers read them apart: control
+/// characters, white space, backslashes, `.` and `..` segments, encoded `/`, a path encoded twice,
+/// user info, and hosts that are not plain ASCII.
 pub fn normalize_uri(uri: &str) -> Result<String, String> {
     if let Some(c) = uri
         .chars()
@@ -138,28 +142,87 @@ pub fn normalize_uri(uri: &str) -> Result<String, String> {
     if !scheme_ok {
         return Err(format!("\"{scheme}\" is not a URI scheme"));
     }
-    let (authority, rest) = match rest.strip_prefix("//") {
-        Some(r) => {
-            let end = r.find(['/', '?', '#']).unwrap_or(r.len());
-            (Some(r[..end].to_ascii_lowercase()), &r[end..])
-        }
-        None => (None, rest),
+    let scheme = scheme.to_ascii_lowercase();
+    // Neither query nor fragment is decided on.
+    let rest = &rest[..rest.find(['?', '#']).unwrap_or(rest.len())];
+    let default_port = match scheme.as_str() {
+        "http" | "ws" => Some("80"),
+        "https" | "wss" => Some("443"),
+        "ftp" => Some("21"),
+        _ => None,
     };
-    let end = rest.find(['?', '#']).unwrap_or(rest.len());
-    let (path, tail) = rest.split_at(end);
+    let (authority, path) = if scheme == "file" {
+        // file:/p, file:p, file:///p, file://host/p
+        match rest.strip_prefix("//") {
+            Some(r) => {
+                let end = r.find('/').unwrap_or(r.len());
+                (Some(&r[..end]), &r[end..])
+            }
+            None => (Some(""), rest),
+        }
+    } else if default_port.is_some() {
+        // Special schemes: any number of slashes before the host (https:h/p is https://h/p).
+        let r = rest.trim_start_matches('/');
+        let end = r.find('/').unwrap_or(r.len());
+        (Some(&r[..end]), &r[end..])
+    } else {
+        match rest.strip_prefix("//") {
+            Some(r) => {
+                let end = r.find('/').unwrap_or(r.len());
+                (Some(&r[..end]), &r[end..])
+            }
+            None => (None, rest),
+        }
+    };
+    let authority = match authority {
+        Some(a) => Some(host(a, &scheme, default_port)?),
+        None => None,
+    };
     let decoded = percent_decode(path)?;
-    if percent_decode(&decoded)? != decoded {
+    if decoded.contains('%') && percent_decode(&decoded)? != decoded {
         return Err("the URI's path is percent-encoded twice".into());
     }
-    let mut out = scheme.to_ascii_lowercase();
+    if path.to_ascii_lowercase().contains("%2f") {
+        return Err(
+            "the URI's path holds an encoded \"/\", which servers split differently".into(),
+        );
+    }
+    if decoded.split('/').any(|seg| seg == "." || seg == "..") {
+        return Err(
+            "the URI's path holds \".\" or \"..\" segments, which servers resolve differently"
+                .into(),
+        );
+    }
+    let mut out = scheme.clone();
     out.push(':');
     if let Some(a) = authority {
         out.push_str("//");
         out.push_str(&a);
     }
-    out.push_str(&clean_path(&decoded));
-    out.push_str(tail);
+    let path = clean_path(&decoded);
+    if scheme == "file" && !path.starts_with('/') {
+        out.push('/');
+    }
+    out.push_str(&path);
     Ok(out)
+}
+
+/// A URI's authority as servers read it: decoded, lower case, without a default port.
+fn host(a: &str, scheme: &str, default_port: Option<&str>) -> Result<String, String> {
+    if a.contains('@') {
+        return Err("the URI holds user info, which servers read differently".into());
+    }
+    let a = percent_decode(a)?.to_ascii_lowercase();
+    if !a.is_ascii() || a.contains(['/', '%']) {
+        return Err("the URI's host is not plain ASCII once decoded".into());
+    }
+    if scheme == "file" && a == "localhost" {
+        return Ok(String::new());
+    }
+    match default_port.and_then(|d| a.strip_suffix(&format!(":{d}"))) {
+        Some(h) => Ok(h.to_string()),
+        None => Ok(a),
+    }
 }
 
 pub(super) fn percent_decode(s: &str) -> Result<String, String> {
@@ -235,14 +298,31 @@ mod tests {
     #[test]
     fn uris_read_as_servers_read_them() {
         let n = |u: &str| normalize_uri(u).unwrap();
-        assert_eq!(n("file:///work/../etc/passwd"), "file:///etc/passwd");
-        assert_eq!(n("file:///work/%2e%2e/etc//passwd"), "file:///etc/passwd");
-        assert_eq!(n("FILE://HOST/a/./b"), "file://host/a/b");
+        assert_eq!(n("file:///work//etc/passwd"), "file:///work/etc/passwd");
+        assert_eq!(n("FILE://HOST/a/b"), "file://host/a/b");
         assert_eq!(n("file:///a/b/"), "file:///a/b/");
         assert_eq!(n("secret://token"), "secret://token");
         assert_eq!(n("urn:x:y"), "urn:x:y");
-        assert_eq!(n("file:///a?x=../y#f"), "file:///a?x=../y#f");
-        assert_eq!(n("file:///../../etc"), "file:///etc");
+        // Query and fragment are not decided on.
+        assert_eq!(n("file:///a/.env?x=../y#f"), "file:///a/.env");
+        // What the TS SDK's `new URL()` and pydantic make of them.
+        for same in [
+            "file:/etc/shadow",
+            "file:etc/shadow",
+            "file://localhost/etc/shadow",
+            "file:///etc/%73hadow",
+        ] {
+            assert_eq!(n(same), "file:///etc/shadow", "{same}");
+        }
+        for same in [
+            "https://internal.example:443/x",
+            "https://%69nternal.example/x",
+            "https:internal.example/x",
+            "HTTPS:///Internal.Example/x",
+        ] {
+            assert_eq!(n(same), "https://internal.example/x", "{same}");
+        }
+        assert_eq!(n("http://h:8080/x"), "http://h:8080/x");
         for bad in [
             "file:///a\\..\\etc",
             "file:///a%00b",
@@ -251,6 +331,13 @@ mod tests {
             "no-scheme",
             "file:///a b",
             "file:///%ff",
+            "file:///work/../etc/passwd",
+            "file:///work/%2e%2e/etc",
+            "notes://public/..%2Fprivate%2Fx",
+            "notes://public/a%2Fb",
+            "https://user@h/x",
+            "https://ｉnternal.example/x",
+            "https://%ef%bd%89nternal.example/x",
         ] {
             assert!(normalize_uri(bad).is_err(), "{bad}");
         }

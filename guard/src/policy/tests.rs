@@ -1218,6 +1218,11 @@ fn rule_names_that_could_never_apply_are_load_errors() {
         (r#""methods": {"resources/read": {}}"#, "by URI"),
         (
             r#""resources": {"file:///a/../b": {}}"#,
+            "not a URI pattern",
+        ),
+        (r#""resources": {"file:///a//b": {}}"#, "would never match"),
+        (
+            r#""resources": {"db://x?table=*": {}}"#,
             "would never match",
         ),
         (r#""resources": {"FILE:///a": {}}"#, "would never match"),
@@ -1268,6 +1273,7 @@ fn a_shared_address_is_chosen_by_the_path_servers_read() {
         "//a/mcp",
         "/b/%2e%2e/a",
         "/a/%zz",
+        "/A/mcp",
     ] {
         assert_eq!(pick(None, dodge, &names), "ambiguous", "{dodge}");
     }

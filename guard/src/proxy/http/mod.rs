@@ -157,9 +157,24 @@ impl Ctx {
         policies: &PolicySet,
         received: Instant,
     ) -> (Target, Option<String>) {
-        let host_header = header_str(req.headers(), "host")
-            .map(str::to_string)
-            .or_else(|| req.uri().authority().map(|a| a.to_string()));
+        // A request-target in absolute form names the server a server reads (RFC 9112 §3.2.2:
+        // it wins over Host); one that disagrees with Host is refused.
+        let in_target = req.uri().authority().map(|a| a.to_string());
+        let host_field = header_str(req.headers(), "host").map(str::to_string);
+        let mismatch = match (&in_target, &host_field) {
+            (Some(t), Some(h)) => {
+                let https = req.uri().scheme_str() == Some("https");
+                let plain = |s: &str| {
+                    let s = s.to_ascii_lowercase();
+                    let default = if https { ":443" } else { ":80" };
+                    s.strip_suffix(default).map(str::to_string).unwrap_or(s)
+                };
+                (plain(t) != plain(h))
+                    .then(|| format!("the request names {t:?} in its target and {h:?} in Host"))
+            }
+            _ => None,
+        };
+        let host_header = in_target.or(host_field);
         let host = host_header
             .as_deref()
             .map(|h| {
@@ -180,11 +195,11 @@ impl Ctx {
         let here = self.http.named.at(dst);
         let (server, refusal) = if here.len() > 1 {
             // A shared address: Host and path choose among its servers only, read as servers
-            // read them; what fits none (but the server a TLS connection was taken for) or
-            // several is refused, not given to whichever policy was loaded first.
+            // read them; what fits none or several is refused, not given to whichever policy
+            // was loaded first.
             match policies.choose_among(&here, host_header.as_deref(), dst, req.uri().path()) {
                 Among::One(s) => (Some(s.name.clone()), None),
-                Among::Unmatched if self.floor.is_some() => (self.floor.clone(), None),
+                // (Also over TLS: an SNI that several of them fit chose by load order.)
                 Among::Unmatched => (
                     None,
                     Some(format!(
@@ -205,6 +220,7 @@ impl Ctx {
         let session = header_str(req.headers(), "mcp-session-id")
             .map(str::to_string)
             .or_else(|| query_session(req.uri()));
+        let refusal = mismatch.or(refusal);
         let target = Target {
             server,
             host,
