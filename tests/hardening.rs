@@ -1363,3 +1363,67 @@ fn a_shared_address_is_decided_by_the_path_as_servers_read_it() {
         .count();
     assert!(refused >= 6, "{refused}");
 }
+
+/// Spellings a server reads as a denied resource: a query or fragment (FastMCP's template
+/// matching ignores them), and what URL parsers canonicalise.
+#[test]
+fn resource_uris_are_decided_as_servers_resolve_them() {
+    let dir = TestDir::new("uri-spellings");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    for (name, s) in &trio.servers[..2] {
+        let p = json!({
+            "version": "1",
+            "server": { "name": name, "match": [Trio::addr(s).to_string()] },
+            "default": "allow",
+            "resources": { "secret://vault/k1": { "action": "deny", "reason": "not k1" } }
+        });
+        dir.write_policy(&format!("{name}.json"), &p.to_string());
+    }
+    let g = Guard::start(&dir, "", "");
+    let read = |uri: &str| {
+        json!({"jsonrpc": "2.0", "id": 3, "method": "resources/read", "params": {"uri": uri}})
+            .to_string()
+    };
+    for (name, s) in &trio.servers[..2] {
+        for uri in [
+            "secret://vault/k1?x=1",
+            "secret://vault/k1#frag",
+            "SECRET://VAULT/k1",
+            "secret://vault/%6b1",
+            "secret://vault//k1",
+            "secret://vault/x/../k1",
+        ] {
+            let (_, answer) = g.curl_post(&s.url, &[], &read(uri));
+            assert!(answer.contains("-32001"), "{name}: {uri} -> {answer}");
+        }
+        assert_eq!(
+            served(s),
+            Vec::<String>::new(),
+            "{name} served the denied entry"
+        );
+        let (_, answer) = g.curl_post(&s.url, &[], &read("secret://vault/k2"));
+        assert!(answer.contains("vault entry k2"), "{name}: {answer}");
+    }
+}
+
+/// A request line naming one server in absolute form and `Host` another: servers read the
+/// request line (RFC 9112), guard refuses the disagreement.
+#[test]
+fn a_target_and_host_that_disagree_are_refused() {
+    let dir = TestDir::new("absolute-form");
+    let trio = Trio::start(&dir, ["127.0.0.3", "127.0.0.4", "127.0.0.5"]);
+    trio.name_all(&dir);
+    let g = Guard::start(&dir, "", "");
+    let (_, go) = &trio.servers[2];
+    let dst = Trio::addr(go);
+    let route = g.route(dst, "curl");
+    let request = format!(
+        "POST http://elsewhere.invalid:{}/mcp HTTP/1.1\r\nHost: {dst}\r\nContent-Type: application/json\r\nAccept: application/json, text/event-stream\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{DELETE}",
+        dst.port(),
+        DELETE.len()
+    );
+    let answer = raw_request(route, request.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(answer.contains("in its target"), "{answer}");
+    assert!(go.calls().is_empty());
+}
