@@ -180,8 +180,8 @@ mod tests {
             (Kind::Tool, "x".into())
         );
         assert_eq!(
-            s("resources/read", json!({"uri": "file:///w/../etc/passwd"})),
-            (Kind::Resource, "file:///etc/passwd".into())
+            s("resources/read", json!({"uri": "FILE:/w//etc/passwd?x"})),
+            (Kind::Resource, "file:///w/etc/passwd".into())
         );
         assert_eq!(
             s("prompts/get", json!({"name": "p"})),
@@ -201,10 +201,12 @@ mod tests {
         ] {
             assert_eq!(ask(&msg(m, json!({}))), Ask::Pass, "{m}");
         }
-        assert!(matches!(
-            ask(&msg("resources/read", json!({"uri": 5}))),
-            Ask::Unreadable(_)
-        ));
+        for uri in [json!(5), json!("file:///w/../etc/passwd")] {
+            assert!(matches!(
+                ask(&msg("resources/read", json!({ "uri": uri }))),
+                Ask::Unreadable(_)
+            ));
+        }
         let c = ask(&msg(
             "completion/complete",
             json!({"ref": {"type": "ref/prompt", "name": "p"}, "argument": {"name": "a", "value": ""}}),
