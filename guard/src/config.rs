@@ -211,6 +211,16 @@ impl Default for PolicySection {
 #[derive(Debug, Clone, PartialEq)]
 pub struct PinFields(pub Vec<String>);
 
+/// Every field a client shows the model or acts on: the default `policy.pin_fields`.
+pub const DEFAULT_PIN_FIELDS: &[&str] = &[
+    "name",
+    "title",
+    "description",
+    "inputSchema",
+    "outputSchema",
+    "annotations",
+];
+
 /// The fields a pin can cover.
 const TOOL_FIELDS: &[&str] = &[
     "name",
@@ -225,12 +235,7 @@ const TOOL_FIELDS: &[&str] = &[
 
 impl Default for PinFields {
     fn default() -> Self {
-        PinFields(
-            crate::mcp::pins::DEFAULT_FIELDS
-                .iter()
-                .map(|f| f.to_string())
-                .collect(),
-        )
+        PinFields(DEFAULT_PIN_FIELDS.iter().map(|f| f.to_string()).collect())
     }
 }
 
@@ -773,6 +778,15 @@ approvers_group = "sec"
             e.starts_with("guard.toml:4:2: unknown field `proxxy`"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn bad_pin_fields_are_located() {
+        let e = err("[policy]\npin_fields = [\"name\", \"descripton\"]\n");
+        assert!(e.starts_with("guard.toml:2:14:"), "{e}");
+        assert!(e.contains("not a tool definition field"), "{e}");
+        let e = err("[policy]\npin_fields = [\"description\"]\n");
+        assert!(e.contains("must include \"name\""), "{e}");
     }
 
     #[test]

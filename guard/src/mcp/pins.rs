@@ -40,16 +40,6 @@ pub struct Pins {
     changed: Mutex<HashMap<String, HashSet<String>>>,
 }
 
-/// Every field a client shows the model or acts on: the default `policy.pin_fields`.
-pub const DEFAULT_FIELDS: &[&str] = &[
-    "name",
-    "title",
-    "description",
-    "inputSchema",
-    "outputSchema",
-    "annotations",
-];
-
 /// The fields of a pin stored without a field list.
 const LEGACY_FIELDS: &[&str] = &["name", "description", "inputSchema"];
 
@@ -213,7 +203,7 @@ mod tests {
     use serde_json::json;
 
     fn fields() -> Vec<String> {
-        DEFAULT_FIELDS.iter().map(|f| f.to_string()).collect()
+        crate::config::PinFields::default().0
     }
 
     fn tool(name: &str, desc: &str) -> Value {
