@@ -169,8 +169,11 @@ impl Ctx {
                     let default = if https { ":443" } else { ":80" };
                     s.strip_suffix(default).map(str::to_string).unwrap_or(s)
                 };
-                (plain(t) != plain(h))
-                    .then(|| format!("the request names {t:?} in its target and {h:?} in Host"))
+                (plain(t) != plain(h)).then(|| {
+                    format!(
+                        "the request names {t:?} in its target and {h:?} in Host; send one name"
+                    )
+                })
             }
             _ => None,
         };
@@ -203,11 +206,16 @@ impl Ctx {
                 Among::Unmatched => (
                     None,
                     Some(format!(
-                        "several policies name {dst} ({}) and none of them covers this request's Host and path",
+                        "several policies name {dst} ({}) and none of them covers this request's Host and path; write the path as the server's policy names it",
                         here.join(", ")
                     )),
                 ),
-                Among::Ambiguous(why) => (None, Some(format!("at {dst}: {why}"))),
+                Among::Ambiguous(why) => (
+                    None,
+                    Some(format!(
+                        "at {dst}: {why}; write the path as the server's policy names it"
+                    )),
+                ),
             }
         } else {
             // A Host naming another server never moves the request (see `Named::decide`).
@@ -246,10 +254,7 @@ impl Ctx {
                 "server.match",
                 &reason,
             );
-            return text_response(
-                StatusCode::FORBIDDEN,
-                format!("guard: {reason}; write the path as the server's policy names it\n"),
-            );
+            return text_response(StatusCode::FORBIDDEN, format!("guard: {reason}\n"));
         }
         if target.server.is_some() {
             // Answers guard must read (tools/list, pins) come back uncompressed.
