@@ -121,7 +121,7 @@ impl Drop for ForgetOnDrop<'_> {
 }
 
 /// What the policy said, before approvals.
-pub(super) enum Step {
+enum Step {
     Allow { rule: String },
     Refuse(Refusal),
     Hold { rule: String, timeout_s: u64 },
@@ -349,42 +349,18 @@ impl Engine {
                 None
             }
             Some(sp) => {
-                let policy_caller = caller.caller(sp.grant_exes());
-                match self.decide(sp, &asked, &args, also.as_ref(), &policy_caller) {
-                    Step::Allow { rule } => {
-                        r.rule = Some(rule);
-                        None
-                    }
-                    Step::Refuse(x) => Some(x),
-                    Step::Hold { .. } if !may_hold => Some(Refusal::new(
-                        RefusalKind::Denied,
-                        &sp.name,
-                        Some(&asked.name),
-                        "batch",
-                        "not held for approval: the batch contained a blocked call",
-                    )),
-                    Step::Hold { rule, timeout_s } => {
-                        let held = Hold {
-                            sp,
-                            asked: &asked,
-                            args: &args,
-                            args_sha256: r.args_sha256.clone().unwrap_or_default(),
-                            jsonrpc_id: r.jsonrpc_id.clone(),
-                            rule: &rule,
-                            timeout_s,
-                        };
-                        let (refusal, why) = self.hold(caller, t, held).await;
-                        r.reason = why;
-                        r.rule = Some(rule);
-                        refusal
-                    }
-                }
+                let q = Question {
+                    sp,
+                    asked: &asked,
+                    args: &args,
+                    also: also.as_ref(),
+                    may_hold,
+                };
+                self.settle(caller, t, q, &mut r).await
             }
         };
         if let Some(x) = &refusal {
-            r.decision = x.kind.audit();
-            r.rule = Some(x.rule.clone());
-            r.reason = Some(x.reason.clone());
+            stamp(&mut r, x);
         }
         r.latency_us = Some(t.received.elapsed().as_micros() as u64);
         match refusal {
@@ -400,9 +376,54 @@ impl Engine {
         }
     }
 
+    /// Decides `q` for `caller`, holding it for approval when the policy says so (and `q` may
+    /// be held): the refusal, if any. `r`, the request's record, gets the rule and reason.
+    pub(super) async fn settle(
+        &self,
+        caller: &Identity,
+        t: &Target,
+        q: Question<'_>,
+        r: &mut Record,
+    ) -> Option<Refusal> {
+        let policy_caller = caller.caller(q.sp.grant_exes());
+        let refusal = match self.decide(q.sp, q.asked, q.args, q.also, &policy_caller) {
+            Step::Allow { rule } => {
+                r.rule = Some(rule);
+                None
+            }
+            Step::Refuse(x) => Some(x),
+            Step::Hold { .. } if !q.may_hold => Some(Refusal::new(
+                RefusalKind::Denied,
+                &q.sp.name,
+                Some(&q.asked.name),
+                "batch",
+                "not held for approval: the batch contained a blocked call",
+            )),
+            Step::Hold { rule, timeout_s } => {
+                let held = Hold {
+                    sp: q.sp,
+                    asked: q.asked,
+                    args: q.args,
+                    args_sha256: r.args_sha256.clone().unwrap_or_default(),
+                    jsonrpc_id: r.jsonrpc_id.clone(),
+                    rule: &rule,
+                    timeout_s,
+                };
+                let (refusal, why) = self.hold(caller, t, held).await;
+                r.reason = why;
+                r.rule = Some(rule);
+                refusal
+            }
+        };
+        if let Some(x) = &refusal {
+            stamp(r, x);
+        }
+        refusal
+    }
+
     /// The policy's word on a request: pins first (tools), then what `also` names must not be
     /// denied, then [`ServerPolicy::decide_on`].
-    pub(super) fn decide(
+    fn decide(
         &self,
         sp: &ServerPolicy,
         asked: &Asked,
@@ -461,6 +482,23 @@ impl Engine {
     }
 }
 
+/// What [`Engine::settle`] decides: `asked` of `sp`, its conditions reading `args`; `also`
+/// must not be denied either; `may_hold`: false where a call needing approval is refused.
+pub(super) struct Question<'a> {
+    pub sp: &'a ServerPolicy,
+    pub asked: &'a Asked,
+    pub args: &'a Value,
+    pub also: Option<&'a Asked>,
+    pub may_hold: bool,
+}
+
+/// A refusal's decision, rule and reason in its record.
+fn stamp(r: &mut Record, x: &Refusal) {
+    r.decision = x.kind.audit();
+    r.rule = Some(x.rule.clone());
+    r.reason = Some(x.reason.clone());
+}
+
 /// One message judged, its record not yet written when it is allowed.
 enum Judged {
     Allow {
@@ -472,7 +510,7 @@ enum Judged {
 }
 
 /// A `require_approval` request being held.
-pub(super) struct Hold<'a> {
+struct Hold<'a> {
     pub sp: &'a ServerPolicy,
     pub asked: &'a Asked,
     pub args: &'a Value,
@@ -485,7 +523,7 @@ pub(super) struct Hold<'a> {
 impl Engine {
     /// Holds a `require_approval` call until an approver answers or the time runs out. Returns
     /// the refusal (None: approved) and what the call's record should give as its reason.
-    pub(super) async fn hold(
+    async fn hold(
         &self,
         caller: &Identity,
         t: &Target,

@@ -11,7 +11,7 @@ use serde_json::{json, Value};
 
 use super::{
     ask::{self, Ask},
-    enforce::{Engine, Hold, Step, Target},
+    enforce::{Engine, Question, Target},
     wire,
 };
 use crate::{
@@ -167,40 +167,20 @@ impl Engine {
         let Some(sp) = policies.by_name(server) else {
             return true;
         };
-        let policy_caller = caller.caller(sp.grant_exes());
         let mut r = self.record(Event::McpRequest, Decision::Allow, caller, t);
         r.method = Some(subject.method.clone());
         r.tool = Some(subject.name.clone());
         r.jsonrpc_id = m.get("id").cloned();
         r.args_sha256 = Some(wire::sha256_hex(&args));
         r.detail = Some(json!({ "direction": "server_to_client" }));
-        let refusal = match self.decide(sp, &subject, &args, None, &policy_caller) {
-            Step::Allow { rule } => {
-                r.rule = Some(rule);
-                None
-            }
-            Step::Refuse(x) => Some(x),
-            Step::Hold { rule, timeout_s } => {
-                let held = Hold {
-                    sp,
-                    asked: &subject,
-                    args: &args,
-                    args_sha256: r.args_sha256.clone().unwrap_or_default(),
-                    jsonrpc_id: r.jsonrpc_id.clone(),
-                    rule: &rule,
-                    timeout_s,
-                };
-                let (refusal, why) = self.hold(caller, t, held).await;
-                r.rule = Some(rule);
-                r.reason = why;
-                refusal
-            }
+        let q = Question {
+            sp,
+            asked: &subject,
+            args: &args,
+            also: None,
+            may_hold: true,
         };
-        if let Some(x) = &refusal {
-            r.decision = x.kind.audit();
-            r.rule = Some(x.rule.clone());
-            r.reason = Some(x.reason.clone());
-        }
+        let refusal = self.settle(caller, t, q, &mut r).await;
         self.write(&r) && refusal.is_none()
     }
 
