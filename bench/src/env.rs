@@ -157,6 +157,8 @@ pub struct BenchEnv {
     daemon: Option<Child>,
     /// RLIMIT_NOFILE soft limit for the daemon (as a unit's `LimitNOFILE=`); None: inherited.
     pub daemon_nofile: Option<u64>,
+    /// `scope.containment` of the daemon's configuration.
+    containment: &'static str,
 }
 
 fn free_port() -> Result<u16> {
@@ -199,6 +201,7 @@ impl BenchEnv {
             pin_dir,
             daemon: None,
             daemon_nofile: None,
+            containment: "auto",
         };
         for cg in [
             "daemon",
@@ -239,6 +242,9 @@ impl BenchEnv {
 [scope]
 attach_cgroup = "{name}/guard.slice"
 guarded_cgroups = ["{name}/guard.slice/bench"]
+containment = "{containment}"
+# Where BPF LSM is not on: the fullest confinement guard exec applies, measured as its cost.
+exec_confinement = "landlock"
 
 [proxy]
 listen_port = {port}
@@ -258,6 +264,7 @@ extra_roots = ["{dir}/upstream-ca.pem"]
 listen = ""
 "#,
             name = self.name,
+            containment = self.containment,
             port = self.port,
             pins = self.pin_dir.display(),
             dir = self.dir.display(),
@@ -336,6 +343,13 @@ listen = ""
             }
             thread::sleep(Duration::from_millis(50));
         }
+    }
+
+    /// Restarts the daemon with `scope.containment = mode` (`"auto"`, `"off"`).
+    pub fn restart_with_containment(&mut self, mode: &'static str) -> Result<u32> {
+        self.containment = mode;
+        self.write_config()?;
+        self.restart_daemon()
     }
 
     /// Stops the daemon (SIGTERM, then SIGKILL after 5 s) and starts a fresh one; the pinned

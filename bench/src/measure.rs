@@ -224,6 +224,118 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// What containment costs a guarded process: `connect()` (spaced 0.5 ms apart) and a
+    /// fork + exec loop, with containment as the daemon turns it on here (BPF LSM programs; or,
+    /// partial, the Landlock domain and seccomp filter `guard exec` applies, which the worker
+    /// applies itself) against the same work without (LSM: after a restart with
+    /// `scope.containment = "off"`).
+    pub fn containment(&mut self, target: SocketAddr) -> Result<()> {
+        self.progress("containment: connect() and fork+exec, containment on and off");
+        let status = self.env.status()?;
+        let c = &status["containment"];
+        let state = c["state"].as_str().unwrap_or("off").to_string();
+        if state == "off" {
+            let why = c["reason"].as_str().unwrap_or("?").to_string();
+            for metric in [
+                "containment: connect() median",
+                "containment: fork+exec median",
+            ] {
+                self.rep.row(
+                    metric,
+                    "-",
+                    format!("containment is off: {why}"),
+                    "",
+                    "",
+                    Verdict::NotMeasured,
+                );
+            }
+            return Ok(());
+        }
+        let iters = self.n(2000);
+        let spawns = self.n(400);
+        let connect = |confine: &Value| {
+            json!({ "kind": "connect", "addr": target.to_string(), "iters": iters,
+                    "warmup": 100, "pause_us": 500, "confine": confine })
+        };
+        let spawn = |confine: &Value| json!({ "kind": "spawn", "iters": spawns, "warmup": 20, "confine": confine });
+        let confine = c["confine"].clone();
+        let (mut on_c, mut on_s, mut off_c, mut off_s) = (
+            Merged::default(),
+            Merged::default(),
+            Merged::default(),
+            Merged::default(),
+        );
+        // Partial containment is the worker's own (guard exec's) confinement: the same daemon
+        // serves both sides, A B B A twice. The LSM programs go with a restart of the daemon,
+        // which is given a second to settle before each measurement.
+        let lsm = state == "on";
+        let rounds: &[&str] = if lsm {
+            &["on", "off", "off", "on"]
+        } else {
+            &["on", "off", "off", "on", "on", "off", "off", "on"]
+        };
+        let mut running = "auto";
+        for &round in rounds {
+            let mode = if round == "on" || !lsm { "auto" } else { "off" };
+            if mode != running {
+                self.env.restart_with_containment(mode)?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                running = mode;
+            }
+            let conf = if round == "on" {
+                confine.clone()
+            } else {
+                Value::Null
+            };
+            let c = self.side(Side::Guard, &connect(&conf), iters + 100)?;
+            let s = self.side(Side::Guard, &spawn(&conf), 0)?;
+            if round == "on" {
+                on_c.add(&c);
+                on_s.add(&s);
+            } else {
+                off_c.add(&c);
+                off_s.add(&s);
+            }
+        }
+        if running != "auto" {
+            self.env.restart_with_containment("auto")?;
+        }
+        let (oc, os, fc, fs) = (
+            on_c.summary(),
+            on_s.summary(),
+            off_c.summary(),
+            off_s.summary(),
+        );
+        let ratio = |on: u64, off: u64| on as f64 / off.max(1) as f64;
+        let what = if state == "on" {
+            "BPF LSM programs"
+        } else {
+            "partial: guard exec's Landlock + seccomp"
+        };
+        for (metric, on, off) in [
+            ("containment: connect() median", oc.p50, fc.p50),
+            ("containment: fork+exec median", os.p50, fs.p50),
+        ] {
+            self.rep.row(
+                format!("{metric} ({what})"),
+                format!("{} off", us(off)),
+                format!("{} on", us(on)),
+                format!("x{:.3}", ratio(on, off)),
+                "",
+                Verdict::Info,
+            );
+        }
+        self.rep.results.insert(
+            "containment".into(),
+            json!({
+                "state": state,
+                "connect": { "on": oc.to_json(), "off": fc.to_json(), "ratio_median": ratio(oc.p50, fc.p50) },
+                "fork_exec": { "on": os.to_json(), "off": fs.to_json(), "ratio_median": ratio(os.p50, fs.p50) },
+            }),
+        );
+        Ok(())
+    }
+
     /// `tools/call` round trips on keep-alive connections, at each concurrency of `levels`
     /// (clients, timed calls or none, seconds); the latency targets apply to one client when
     /// `targets`.

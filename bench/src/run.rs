@@ -37,7 +37,7 @@ pub struct Opts {
 
 /// The groups of measurements `--only` selects from.
 pub const GROUPS: &[&str] = &[
-    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "bulk", "rss",
+    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "contain", "bulk", "rss",
 ];
 
 impl Opts {
@@ -218,6 +218,9 @@ fn measure(
     measure_real(b, real)?;
     if opts.wants("connect") {
         b.connect(servers.accept)?;
+    }
+    if opts.wants("contain") {
+        b.containment(servers.accept)?;
     }
     if opts.wants("bulk") {
         b.bulk(servers.sink, servers.relay)?;

@@ -43,8 +43,14 @@ pub const PROTOCOL: &str = "2025-06-18";
 pub fn main(spec: &str) -> Result<()> {
     let spec: Value = serde_json::from_str(spec).context("worker spec is not JSON")?;
     raise_nofile();
+    // As `guard exec` confines an agent where containment is partial (no BPF LSM).
+    if let Some(c) = spec.get("confine").filter(|c| !c.is_null()) {
+        let c: guard::kernel::confine::Confinement = serde_json::from_value(c.clone())?;
+        guard::kernel::confine::apply(&c).context("confining the worker as guard exec would")?;
+    }
     let kind = spec["kind"].as_str().unwrap_or("");
     let out = match kind {
+        "spawn" => spawn_times(&spec)?,
         "mcp" => runtime()?.block_on(mcp_load(&spec))?,
         "mcp_conn" => runtime()?.block_on(mcp_per_connection(&spec))?,
         "connect" => connect_times(&spec)?,
@@ -410,6 +416,27 @@ fn sockaddr_in(a: SocketAddrV4) -> libc::sockaddr_in {
 }
 
 /// Times the `connect()` syscall itself: socket creation and close are outside the timed part.
+/// fork + exec of `/bin/true`, waited for, `iters` times after `warmup`.
+fn spawn_times(spec: &Value) -> Result<Value> {
+    let iters = spec["iters"].as_u64().unwrap_or(500);
+    let warmup = spec["warmup"].as_u64().unwrap_or(20);
+    let mut samples = Vec::with_capacity(iters as usize);
+    for i in 0..warmup + iters {
+        let t = Instant::now();
+        let status = std::process::Command::new("/bin/true")
+            .status()
+            .context("running /bin/true")?;
+        let dt = t.elapsed();
+        if !status.success() {
+            bail!("/bin/true (iteration {i}): {status}");
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+        }
+    }
+    Ok(json!({ "latency": Summary::of(&mut samples).to_json(), "samples_ns": samples }))
+}
+
 fn connect_times(spec: &Value) -> Result<Value> {
     let SocketAddr::V4(a) = addr(spec)? else {
         bail!("connect: IPv4 address expected");

@@ -167,6 +167,124 @@ impl ExemptPorts {
     }
 }
 
+/// Containment (BPF LSM, per cgroup): maps, as pinned under the bpffs directory.
+pub const MAP_CONTAIN_CONFIG: &str = "CONTAIN_CONFIG";
+pub const MAP_UNIX_ALLOW: &str = "UNIX_ALLOW";
+pub const MAP_CONTAINED: &str = "CONTAINED";
+pub const MAP_CONTAIN_COUNTERS: &str = "CONTAIN_COUNTERS";
+pub const UNIX_ALLOW_ENTRIES: u32 = 256;
+/// Bytes of the ring buffer that carries refusals to the daemon (a power of two, page multiple).
+pub const CONTAINED_RING_BYTES: u32 = 256 * 1024;
+/// `sun_path` of `struct sockaddr_un`.
+pub const UNIX_PATH_MAX: usize = 108;
+
+/// `scope.unix`.
+pub const UNIX_ALLOW_LISTED: u32 = 0;
+pub const UNIX_ALLOW_ALL: u32 = 1;
+
+/// What a guarded process was refused ([`Contained::kind`], and the index of its counter).
+pub const CONTAIN_PTRACE: u32 = 0;
+pub const CONTAIN_FOREIGN_SOCKET: u32 = 1;
+pub const CONTAIN_UNIX: u32 = 2;
+pub const CONTAIN_SOCKET_FAMILY: u32 = 3;
+pub const CONTAIN_USERNS: u32 = 4;
+pub const CONTAIN_KINDS: u32 = 5;
+pub const CONTAIN_NAMES: [&str; CONTAIN_KINDS as usize] = [
+    "process_access",
+    "foreign_socket",
+    "unix_connect",
+    "socket_family",
+    "user_namespace",
+];
+
+/// The one entry of the containment config array (a map of its own, so the redirect's pinned
+/// config keeps its layout).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainConfig {
+    /// One of `UNIX_*`.
+    pub unix_mode: u32,
+    /// Non-zero: guarded processes may not create user namespaces.
+    pub userns_deny: u32,
+    /// Non-zero once the daemon wrote this entry; the programs refuse nothing before.
+    pub ready: u32,
+    pub _pad0: u32,
+    pub offsets: ContainOffsets,
+}
+
+/// Byte offsets (from the kernel's BTF) of the fields the containment programs read to tell
+/// whose a task, socket or listener is: its cgroup (`task_struct.cgroups` ->
+/// `css_set.dfl_cgrp`, `sock.sk_cgrp_data`; then `cgroup.level`, `cgroup.ancestors[]`,
+/// `cgroup.kn` -> `kernfs_node.id`) and its uid (`task_struct.real_cred` -> `cred.uid`,
+/// `sock.sk_uid`), and a Unix listener's bound name (`unix_sock.addr` -> `unix_address`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ContainOffsets {
+    pub task_cgroups: u32,
+    pub task_real_cred: u32,
+    pub task_tgid: u32,
+    pub css_set_dfl_cgrp: u32,
+    pub cgroup_level: u32,
+    pub cgroup_ancestors: u32,
+    pub cgroup_kn: u32,
+    pub kernfs_node_id: u32,
+    pub cred_uid: u32,
+    pub file_inode: u32,
+    pub file_private_data: u32,
+    pub inode_mode: u32,
+    pub socket_sk: u32,
+    pub sock_family: u32,
+    pub sock_cgrp_data: u32,
+    pub sock_uid: u32,
+    pub unix_sock_addr: u32,
+    pub unix_address_len: u32,
+    pub unix_address_name: u32,
+    pub _pad0: u32,
+}
+
+/// A refusal, as the containment programs report it to the daemon (ring buffer `CONTAINED`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Contained {
+    /// One of `CONTAIN_*`.
+    pub kind: u32,
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// The errno the call got.
+    pub errno: u32,
+    /// By kind: process access: target tgid, ptrace mode; foreign socket: its family;
+    /// socket family: family, type, protocol.
+    pub detail: [u32; 4],
+    pub cgroup_id: u64,
+    /// The guarded cgroup the refused process belongs to (0: guarded by uid).
+    pub guard_cgroup_id: u64,
+    pub comm: [u8; 16],
+    /// Unix: the listener's bound name (`name[0] == 0`: abstract), `name_len` bytes of it.
+    pub name_len: u32,
+    pub name: [u8; UNIX_PATH_MAX],
+}
+
+impl Default for Contained {
+    fn default() -> Self {
+        Contained {
+            kind: 0,
+            pid: 0,
+            tgid: 0,
+            uid: 0,
+            gid: 0,
+            errno: 0,
+            detail: [0; 4],
+            cgroup_id: 0,
+            guard_cgroup_id: 0,
+            comm: [0; 16],
+            name_len: 0,
+            name: [0; UNIX_PATH_MAX],
+        }
+    }
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are repr(C), Copy, with explicit padding fields and no pointers.
@@ -174,4 +292,5 @@ mod user {
     unsafe impl aya::Pod for super::Origin {}
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ExemptPorts {}
+    unsafe impl aya::Pod for super::ContainConfig {}
 }

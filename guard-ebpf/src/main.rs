@@ -1,4 +1,5 @@
-//! guard's kernel side: cgroup programs that redirect guarded TCP connects to the local proxy.
+//! guard's kernel side: cgroup programs that redirect guarded TCP connects to the local proxy,
+//! and per-cgroup LSM programs that contain guarded processes (`contain`).
 //!
 //! These programs run for every socket operation of every process below the attach cgroup, so the
 //! path for an unguarded process is kept to a config read and the guarded-set lookups, and it
@@ -6,6 +7,8 @@
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
+#[cfg(target_arch = "bpf")]
+mod contain;
 #[cfg(target_arch = "bpf")]
 mod programs;
 

@@ -17,8 +17,8 @@ use aya_ebpf::{
 };
 use guard_common::*;
 
-const ALLOW: i32 = 1;
-const REFUSE: i32 = 0;
+pub(crate) const ALLOW: i32 = 1;
+pub(crate) const REFUSE: i32 = 0;
 
 const SOCK_STREAM: u32 = 1;
 const SOCK_DGRAM: u32 = 2;
@@ -92,7 +92,7 @@ fn count(index: u32) {
 }
 
 #[inline(always)]
-fn config() -> Option<&'static Config> {
+pub(crate) fn config() -> Option<&'static Config> {
     let c = GUARD_CONFIG.get(0)?;
     if c.ready == 0 {
         return None;
@@ -100,16 +100,20 @@ fn config() -> Option<&'static Config> {
     Some(c)
 }
 
+/// Whom a guarded process is guarded as: the outermost guarded cgroup among its ancestors (at
+/// `level`), or its uid.
+#[derive(Clone, Copy)]
+pub(crate) enum Guard {
+    Cgroup { level: u32, id: u64 },
+    Uid { uid: u32 },
+}
+
 /// Decided from identities a process cannot forge: its cgroup (or an ancestor) and its uid.
 #[inline(always)]
-fn is_guarded(cfg: &Config) -> bool {
+pub(crate) fn guard_of_current(cfg: &Config) -> Option<Guard> {
     let cgroup = unsafe { bpf_get_current_cgroup_id() };
     if cgroup == cfg.daemon_cgroup_id {
-        return false;
-    }
-    let uid = bpf_get_current_uid_gid() as u32;
-    if unsafe { GUARDED_UIDS.get(&uid) }.is_some() {
-        return true;
+        return None;
     }
     let mut level = cfg.attach_level;
     while level < MAX_CGROUP_DEPTH {
@@ -119,11 +123,20 @@ fn is_guarded(cfg: &Config) -> bool {
             break;
         }
         if unsafe { GUARDED_CGROUPS.get(&id) }.is_some() {
-            return true;
+            return Some(Guard::Cgroup { level, id });
         }
         level += 1;
     }
-    false
+    let uid = bpf_get_current_uid_gid() as u32;
+    if unsafe { GUARDED_UIDS.get(&uid) }.is_some() {
+        return Some(Guard::Uid { uid });
+    }
+    None
+}
+
+#[inline(always)]
+fn is_guarded(cfg: &Config) -> bool {
+    guard_of_current(cfg).is_some()
 }
 
 #[inline(always)]
@@ -509,6 +522,24 @@ pub fn guard_post_bind4(ctx: SockContext) -> i32 {
 #[cgroup_sock(post_bind6)]
 pub fn guard_post_bind6(ctx: SockContext) -> i32 {
     post_bind(&ctx)
+}
+
+/// IPv4 and IPv6 sockets a guarded process creates: raw, ping (ICMP) and protocols other than
+/// TCP and UDP are refused (the same rule as the LSM `socket_create` program, which also covers
+/// the other families, where the kernel runs BPF LSM).
+#[cgroup_sock(sock_create)]
+pub fn guard_sock_create(ctx: SockContext) -> i32 {
+    let sk = ctx.sock;
+    let (family, ty, protocol) = unsafe { ((*sk).family, (*sk).type_, (*sk).protocol) };
+    let Some(errno) = crate::contain::family_refusal(family as i32, ty as i32, protocol as i32)
+    else {
+        return ALLOW;
+    };
+    let Some(cfg) = config() else { return ALLOW };
+    let Some(g) = guard_of_current(cfg) else {
+        return ALLOW;
+    };
+    crate::contain::refuse_family(g, family as i32, ty as i32, protocol as i32, errno)
 }
 
 #[cfg(not(test))]

@@ -102,6 +102,69 @@ pub struct Scope {
     /// With `udp = "dns-only"`: the only addresses guarded DNS may go to (IP addresses, or
     /// `"resolv.conf"` for the nameservers /etc/resolv.conf lists at start). Empty: any.
     pub dns_servers: Vec<String>,
+    /// Containment (BPF LSM per cgroup): `auto` turns it on where the kernel has it and says
+    /// loudly where not; `require` refuses to start without it; `off`.
+    pub containment: ContainmentMode,
+    /// Unix sockets a guarded process may connect to: `allow-listed` (its own agent's
+    /// listeners, guard's control socket, `unix_allow`) or `allow` (any).
+    pub unix: UnixMode,
+    /// Bound names of Unix listeners any guarded process may reach: paths (both as written and
+    /// with symlinks resolved) or `@name` for the abstract namespace.
+    pub unix_allow: Vec<String>,
+    /// Whether guarded processes may create user namespaces.
+    pub userns: UsernsMode,
+    /// Where BPF LSM containment cannot be on: what `guard exec` confines its command with
+    /// itself (`off`, `seccomp`, or `landlock`: seccomp and a Landlock domain).
+    pub exec_confinement: ExecConfinement,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecConfinement {
+    Off,
+    Seccomp,
+    Landlock,
+}
+
+/// Listeners that keep logging and name resolution working under `scope.unix = "allow-listed"`
+/// (the README says why each is here). None of them runs commands or makes connections for
+/// its client.
+pub const DEFAULT_UNIX_ALLOW: &[&str] = &[
+    // systemd-journald: syslog(3), sd_journal_print, and services' stdout to the journal.
+    "/dev/log",
+    "/run/systemd/journal/dev-log",
+    "/run/systemd/journal/socket",
+    "/run/systemd/journal/stdout",
+    // glibc's name service cache (getpwnam, getaddrinfo through nscd); glibc falls back when
+    // refused, slower.
+    "/run/nscd/socket",
+    "/var/run/nscd/socket",
+    // systemd-resolved's varlink API (nss-resolve's getaddrinfo).
+    "/run/systemd/resolve/io.systemd.Resolve",
+    // systemd's user database (nss-systemd's getpwnam for dynamic and homed users).
+    "/run/systemd/userdb/io.systemd.Multiplexer",
+];
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum ContainmentMode {
+    Auto,
+    Require,
+    Off,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnixMode {
+    AllowListed,
+    Allow,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum UsernsMode {
+    Allow,
+    Deny,
 }
 
 impl Default for Scope {
@@ -113,6 +176,11 @@ impl Default for Scope {
             exempt: vec![],
             udp: UdpMode::DnsOnly,
             dns_servers: vec![],
+            containment: ContainmentMode::Auto,
+            unix: UnixMode::AllowListed,
+            unix_allow: DEFAULT_UNIX_ALLOW.iter().map(|s| s.to_string()).collect(),
+            userns: UsernsMode::Allow,
+            exec_confinement: ExecConfinement::Off,
         }
     }
 }
@@ -560,6 +628,38 @@ struct LocatedScope {
     exempt: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     dns_servers: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    unix_allow: Option<Vec<Spanned<String>>>,
+}
+
+/// A `scope.unix_allow` entry as the kernel holds a bound name: a path's bytes, or for `@name`
+/// a NUL then the name's; None with why it cannot be one.
+pub fn unix_name(entry: &str) -> Result<Vec<u8>, String> {
+    let bytes = if let Some(abs) = entry.strip_prefix('@') {
+        if abs.is_empty() {
+            return Err("`@` needs an abstract name after it".into());
+        }
+        let mut b = vec![0u8];
+        b.extend_from_slice(abs.as_bytes());
+        b
+    } else if entry.starts_with('/') {
+        if entry.contains('\0') {
+            return Err("a path has no NUL byte".into());
+        }
+        entry.as_bytes().to_vec()
+    } else {
+        return Err(format!(
+            "{entry:?} is neither an absolute path nor `@name` (an abstract socket)"
+        ));
+    };
+    // A path also needs its terminating NUL within sun_path.
+    let max = guard_common::UNIX_PATH_MAX - usize::from(bytes[0] != 0);
+    if bytes.len() > max {
+        return Err(format!(
+            "{entry:?} is longer than a Unix socket name can be ({max} bytes)"
+        ));
+    }
+    Ok(bytes)
 }
 
 impl Config {
@@ -619,6 +719,10 @@ impl Config {
                     ),
                 ));
             }
+        }
+        for u in scope.unix_allow.iter().flatten() {
+            unix_name(u.get_ref())
+                .map_err(|m| at(u.span().start, format!("scope.unix_allow: {m}")))?;
         }
         let config: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);

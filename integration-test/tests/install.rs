@@ -514,7 +514,7 @@ fn install_start_and_uninstall_in_a_staging_root() {
     assert!(env.pin_dir.join("links").exists());
     (daemon, _) = start_installed(&env, &stage, &log_path);
     assert!(
-        daemon_log().contains("newly_attached=0 reused=10 updated=0"),
+        daemon_log().contains("newly_attached=0 reused=11 updated=0"),
         "{}",
         daemon_log()
     );

@@ -338,7 +338,8 @@ fn sigkill_fails_closed_and_a_restart_reuses_the_pinned_programs() {
     let server = HttpServer::start("127.0.0.2:0");
     let attached = env.attached();
     let count: usize = attached.values().map(Vec::len).sum();
-    assert_eq!(count, 10, "{attached:?}");
+    let lsm = attached["lsm_cgroup"].len();
+    assert_eq!(count, guard::kernel::PROGRAMS.len() + lsm, "{attached:?}");
 
     let probe = format!(
         r#"
@@ -385,7 +386,7 @@ except OSError as e:
     // Same programs, same count: the restart reused the pinned links.
     assert_eq!(env.attached(), attached);
     assert!(
-        env.daemon_log().contains("reused=10"),
+        env.daemon_log().contains("reused=11"),
         "{}",
         env.daemon_log()
     );
@@ -604,7 +605,17 @@ fn disable_is_root_only_audited_and_detaches_everything() {
     let out = run(&mut cmd, Duration::from_secs(10));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("only root"));
-    assert_eq!(env.attached().values().map(Vec::len).sum::<usize>(), 10);
+    // The redirect's eleven, and containment's six where it is on.
+    let lsm = if env.status()["containment"]["state"] == "on" {
+        6
+    } else {
+        0
+    };
+    assert_eq!(
+        env.attached().values().map(Vec::len).sum::<usize>(),
+        guard::kernel::PROGRAMS.len() + lsm
+    );
+    assert_eq!(guard::kernel::PROGRAMS.len(), 11);
 
     run_ok(env.guard().arg("disable"));
     assert_eq!(env.attached().values().map(Vec::len).sum::<usize>(), 0);
@@ -841,7 +852,7 @@ fn a_restart_switches_pinned_links_running_another_build_to_this_one() {
     // The restart put this build's program on the same link, and kept the other nine.
     assert!(
         env.daemon_log()
-            .contains("newly_attached=0 reused=9 updated=1 removed=1"),
+            .contains("newly_attached=0 reused=10 updated=1 removed=1"),
         "{}",
         env.daemon_log()
     );
@@ -885,7 +896,7 @@ fn a_pinned_link_no_longer_attached_is_replaced_at_start() {
     env.start_daemon();
     assert!(
         env.daemon_log()
-            .contains("newly_attached=1 reused=9 updated=0"),
+            .contains("newly_attached=1 reused=10 updated=0"),
         "{}",
         env.daemon_log()
     );

@@ -356,6 +356,8 @@ impl Budget {
             // A batch of tools/list requests is as many filtered answers, each one recorded.
             (Event::ToolsList, Decision::Deny | Decision::Filter) => Some(Budget::Requests),
             (Event::Approval, Decision::Pending | Decision::Timeout) => Some(Budget::Requests),
+            // What the kernel refused a guarded process: as repeatable as a refused request.
+            (Event::Contained, _) => Some(Budget::Requests),
             _ => None,
         }
     }
@@ -364,6 +366,12 @@ impl Budget {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn containment_refusals_share_the_refusal_budget() {
+        let r = Record::new(Event::Contained, Decision::Deny);
+        assert!(matches!(Budget::of(&r), Some(Budget::Requests)));
+    }
 
     #[test]
     fn timestamps() {

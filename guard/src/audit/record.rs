@@ -38,12 +38,15 @@ pub enum Event {
     DaemonStop,
     /// `guard disable`.
     Disable,
+    /// Something the kernel refused a guarded process (containment).
+    Contained,
 }
 
 impl Event {
     pub fn as_str(self) -> &'static str {
         match self {
             Event::Connection => "connection",
+            Event::Contained => "contained",
             Event::ConnectionSummary => "connection_summary",
             Event::RefusalSummary => "refusal_summary",
             Event::ToolCall => "tool_call",

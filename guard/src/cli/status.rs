@@ -41,6 +41,27 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         g("programs_attached"),
         program_names(&g("programs"))
     );
+    let contain = g("containment");
+    match contain["state"].as_str() {
+        Some("on") => {
+            let refused = contain["refused"].as_object().map_or(String::new(), |m| {
+                m.iter()
+                    .map(|(k, v)| format!("{k} {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            });
+            println!("containment:     on (refused: {refused})");
+        }
+        Some("partial") => println!(
+            "containment:     PARTIAL: {}",
+            contain["reason"].as_str().unwrap_or("?")
+        ),
+        Some(_) => println!(
+            "containment:     OFF: {}",
+            contain["reason"].as_str().unwrap_or("?")
+        ),
+        None => {}
+    }
     println!(
         "proxy:           {}",
         g("proxy").as_array().map_or(String::new(), |a| a

@@ -68,6 +68,13 @@ impl Daemon {
             "guarded_cgroups": guarded,
             "guarded_uids": uids,
             "agents": agents,
+            "containment": {
+                "state": self.containment.state,
+                "reason": self.containment.reason,
+                "covers": self.containment.covers,
+                "confine": self.containment.confine,
+                "refused": self.kernel.contain_counters(),
+            },
             "counters": {
                 "redirected": kernel.get("redirected").copied().unwrap_or(0),
                 "passed_through": proxy.passed_through,

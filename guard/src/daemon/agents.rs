@@ -154,7 +154,9 @@ impl Daemon {
         self.audit.write(&r)?;
         Ok(
             json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true,
-                  "ca_bundle": CaFiles::new(&self.config.paths.state_dir).bundle}),
+                  "ca_bundle": CaFiles::new(&self.config.paths.state_dir).bundle,
+                  // Without BPF LSM: what guard exec confines the command with itself.
+                  "confine": self.containment.confine}),
         )
     }
 

@@ -163,7 +163,13 @@ fn adopt_agents(
 }
 
 /// The `daemon_start` record: what was attached, reused, switched and removed.
-fn audit_start(audit: &Audit, source: &str, at: &AttachPoint, done: &Attached) -> Result<()> {
+fn audit_start(
+    audit: &Audit,
+    source: &str,
+    at: &AttachPoint,
+    done: &Attached,
+    containment: &super::contain::Containment,
+) -> Result<()> {
     let mut r = audit.record(Event::DaemonStart, Decision::Enforce);
     r.detail = Some(json!({
         "config": source,
@@ -172,6 +178,7 @@ fn audit_start(audit: &Audit, source: &str, at: &AttachPoint, done: &Attached) -
         "programs_reused": done.reused,
         "programs_updated": done.updated,
         "stale_links_removed": done.removed,
+        "containment": containment,
         "pid": std::process::id(),
     }));
     audit.write(&r)
@@ -273,6 +280,10 @@ pub(super) async fn start(
     let mut kernel = load_kernel(&config, &at)?;
     let agents = Arc::new(Agents::default());
     let next_agent = adopt_agents(&kernel, &config, &at, &agents)?;
+    // Before the redirect is attached: under `require`, a kernel without containment stops
+    // the start here.
+    let containment = super::contain::start(&mut kernel, &config, &at.attach_path)?;
+    let contained = kernel.take_contained();
     let done = kernel.attach(&at.attach_path)?;
     let kernel = Arc::new(kernel);
     tracing::info!(
@@ -284,7 +295,7 @@ pub(super) async fn start(
         proxy = ?listen,
         "guard is enforcing"
     );
-    audit_start(&audit, &config_source, &at, &done)?;
+    audit_start(&audit, &config_source, &at, &done, &containment)?;
 
     let identify = Arc::new(KernelIdentify {
         kernel: kernel.clone(),
@@ -318,6 +329,8 @@ pub(super) async fn start(
         disabled: AtomicBool::new(false),
         next_agent: AtomicU64::new(next_agent),
         started: Instant::now(),
+        containment,
+        contained: Mutex::new(contained),
     };
     Ok((daemon, control_listener))
 }

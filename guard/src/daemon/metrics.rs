@@ -170,7 +170,7 @@ impl Daemon {
             .filter(|(n, _)| n.starts_with("refused_"))
             .map(|(_, v)| v)
             .sum();
-        self.metrics.render(
+        let mut out = self.metrics.render(
             &[
                 (
                     "guard_redirected_total",
@@ -255,7 +255,22 @@ impl Daemon {
                     u64::from(audit.ok),
                 ),
             ],
-        )
+        );
+        out.push_str("# HELP guard_containment 1 for the containment state in force (on; partial: guard exec confines its agents itself; off: see guard status for why).\n");
+        out.push_str("# TYPE guard_containment gauge\n");
+        for state in ["on", "partial", "off"] {
+            let _ = writeln!(
+                out,
+                "guard_containment{{state=\"{state}\"}} {}",
+                u64::from(self.containment.state == state)
+            );
+        }
+        out.push_str("# HELP guard_contained_total What the kernel refused guarded processes (containment), by kind.\n");
+        out.push_str("# TYPE guard_contained_total counter\n");
+        for (what, n) in self.kernel.contain_counters() {
+            let _ = writeln!(out, "guard_contained_total{{what=\"{what}\"}} {n}");
+        }
+        out
     }
 }
 

@@ -6,6 +6,7 @@
 mod admin;
 mod agents;
 mod bootstrap;
+mod contain;
 pub mod control;
 mod metrics;
 mod policies;
@@ -58,6 +59,9 @@ pub struct Daemon {
     disabled: AtomicBool,
     next_agent: AtomicU64,
     started: Instant,
+    containment: contain::Containment,
+    /// The containment programs' refusals, until [`Daemon::serve`] starts reading them.
+    contained: Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
 }
 
 /// Every proxied connection holds two descriptors: lift the soft limit to the hard one (a
@@ -117,6 +121,9 @@ impl Daemon {
         // Control last: a daemon that answers `status` serves everything else already.
         tokio::spawn(control::serve(listener, self.clone()));
         tokio::spawn(self.clone().reap());
+        if let Some(ring) = self.contained.lock().unwrap().take() {
+            tokio::spawn(self.clone().report_contained(ring));
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
         let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;

@@ -11,12 +11,13 @@ use aya::programs::{
 };
 
 use super::{
+    contain::{LSM_CGROUP_ATTACH_TYPE, LSM_PROGRAMS},
     sys::{link_cgroup_id, link_update, prog_query},
     Kernel, PROGRAMS,
 };
 
 /// What attaching one program did.
-enum Step {
+pub(super) enum Step {
     Attached,
     Reused,
     Updated,
@@ -33,7 +34,7 @@ impl Kernel {
         let mut done = Attached::default();
         let cgroup_id = super::cgroup::cgroup_id(cgroup)?;
         for (name, _, _) in PROGRAMS {
-            match self.attach_one(name, &cg, cgroup_id)? {
+            match self.attach_one(name, None, &cg, cgroup_id)? {
                 Step::Attached => done.attached += 1,
                 Step::Reused => done.reused += 1,
                 Step::Updated => done.updated += 1,
@@ -44,7 +45,9 @@ impl Kernel {
             for entry in fs::read_dir(self.pin_dir.join(dir))? {
                 let path = entry?.path();
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
-                if !PROGRAMS.iter().any(|(p, _, _)| *p == name) {
+                let known = PROGRAMS.iter().any(|(p, _, _)| *p == name)
+                    || LSM_PROGRAMS.iter().any(|(p, _)| *p == name);
+                if !known {
                     unpin_link(&path)
                         .with_context(|| format!("removing stale pin {}", path.display()))?;
                     tracing::info!(pin = %path.display(), "stale pin of an earlier build removed");
@@ -55,8 +58,15 @@ impl Kernel {
         Ok(done)
     }
 
-    /// Program `name`: loaded, then its pinned link reused, switched, or made.
-    fn attach_one(&mut self, name: &str, cg: &fs::File, cgroup_id: u64) -> Result<Step> {
+    /// Program `name`: loaded, then its pinned link reused, switched, or made. `lsm`: the hook
+    /// of a per-cgroup LSM program, and the kernel BTF it is found in.
+    pub(super) fn attach_one(
+        &mut self,
+        name: &str,
+        lsm: Option<(&str, &aya::Btf)>,
+        cg: &fs::File,
+        cgroup_id: u64,
+    ) -> Result<Step> {
         let pin = self.pin_dir.join("links").join(name);
         // The program each link runs is pinned beside it: its tag tells whether it is this
         // build's (listing programs by id would need CAP_SYS_ADMIN, which the unit drops).
@@ -69,6 +79,10 @@ impl Kernel {
             aya::programs::Program::CgroupSockAddr(p) => load_once(p.load())?,
             aya::programs::Program::CgroupSock(p) => load_once(p.load())?,
             aya::programs::Program::SockOps(p) => load_once(p.load())?,
+            aya::programs::Program::LsmCgroup(p) => {
+                let (hook, btf) = lsm.ok_or_else(|| anyhow!("program {name} has no hook"))?;
+                load_once(p.load(hook, btf))?
+            }
             _ => bail!("program {name} has an unexpected type"),
         }
         if pin.exists() {
@@ -123,6 +137,10 @@ impl Kernel {
                 let id = p.attach(cg, CgroupAttachMode::Single)?;
                 p.take_link(id)?.try_into()?
             }
+            aya::programs::Program::LsmCgroup(p) => {
+                let id = p.attach(cg)?;
+                p.take_link(id)?.into()
+            }
             _ => bail!("program {name} has an unexpected type"),
         };
         link.pin(&pin)
@@ -174,12 +192,15 @@ pub fn attached_programs(cgroup: &Path) -> Result<BTreeMap<String, Vec<u32>>> {
             .with_context(|| format!("querying {attach} programs at {}", cgroup.display()))?;
         out.insert(attach.to_string(), ids);
     }
+    let ids = prog_query(cg.as_fd().as_raw_fd(), LSM_CGROUP_ATTACH_TYPE)
+        .with_context(|| format!("querying LSM programs at {}", cgroup.display()))?;
+    out.insert("lsm_cgroup".to_string(), ids);
     Ok(out)
 }
 
 /// Unpinning and dropping the last reference detaches the program (a pin that is not a link, a
 /// program pin say, is just removed).
-fn unpin_link(pin: &Path) -> Result<()> {
+pub(super) fn unpin_link(pin: &Path) -> Result<()> {
     match PinnedLink::from_pin(pin) {
         Ok(link) => drop(link.unpin()?),
         Err(_) => fs::remove_file(pin)?,

@@ -7,7 +7,7 @@
 //! records, struct and union members (anonymous ones searched through), names.
 
 use anyhow::{anyhow, bail, Context as _, Result};
-use guard_common::ExeOffsets;
+use guard_common::{ContainOffsets, ExeOffsets};
 
 const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
@@ -173,6 +173,40 @@ pub fn exe_offsets_of(btf: &Btf) -> Result<ExeOffsets> {
     })
 }
 
+/// The containment programs' offsets of this kernel.
+pub fn contain_offsets() -> Result<ContainOffsets> {
+    let path = "/sys/kernel/btf/vmlinux";
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    contain_offsets_of(&Btf::parse(&bytes).with_context(|| format!("parsing {path}"))?)
+}
+
+pub fn contain_offsets_of(btf: &Btf) -> Result<ContainOffsets> {
+    Ok(ContainOffsets {
+        task_cgroups: btf.offset("task_struct", "cgroups")?,
+        task_real_cred: btf.offset("task_struct", "real_cred")?,
+        task_tgid: btf.offset("task_struct", "tgid")?,
+        css_set_dfl_cgrp: btf.offset("css_set", "dfl_cgrp")?,
+        cgroup_level: btf.offset("cgroup", "level")?,
+        cgroup_ancestors: btf.offset("cgroup", "ancestors")?,
+        cgroup_kn: btf.offset("cgroup", "kn")?,
+        kernfs_node_id: btf.offset("kernfs_node", "id")?,
+        cred_uid: btf.offset("cred", "uid")?,
+        file_inode: btf.offset("file", "f_inode")?,
+        file_private_data: btf.offset("file", "private_data")?,
+        inode_mode: btf.offset("inode", "i_mode")?,
+        socket_sk: btf.offset("socket", "sk")?,
+        sock_family: btf.offset("sock", "__sk_common")?
+            + btf.offset("sock_common", "skc_family")?,
+        sock_cgrp_data: btf.offset("sock", "sk_cgrp_data")?
+            + btf.offset("sock_cgroup_data", "cgroup")?,
+        sock_uid: btf.offset("sock", "sk_uid")?,
+        unix_sock_addr: btf.offset("unix_sock", "addr")?,
+        unix_address_len: btf.offset("unix_address", "len")?,
+        unix_address_name: btf.offset("unix_address", "name")?,
+        _pad0: 0,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +224,9 @@ mod tests {
             "{o:?}"
         );
         assert!(o.inode_sb > 0 && o.sb_dev > 0, "{o:?}");
+        let c = contain_offsets_of(&btf).unwrap();
+        assert!(c.task_cgroups > 0 && c.css_set_dfl_cgrp > 0 && c.cgroup_ancestors > 0);
+        assert!(c.sock_cgrp_data > 0 && c.unix_sock_addr > 0 && c.unix_address_name > 0);
         assert!(btf.offset("task_struct", "no_such_member").is_err());
         assert!(btf.offset("no_such_struct", "mm").is_err());
         assert!(Btf::parse(b"not btf at all, not at all").is_err());

@@ -6,6 +6,8 @@
 mod attach;
 pub mod btf;
 pub mod cgroup;
+pub mod confine;
+pub mod contain;
 pub mod sys;
 
 pub use attach::{attached_programs, unpin_all, Attached};
@@ -20,7 +22,7 @@ use std::{
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::{
-    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray},
+    maps::{lpm_trie::Key, Array, HashMap, LpmTrie, MapData, PerCpuArray, RingBuf},
     Ebpf, EbpfLoader,
 };
 use guard_common::{
@@ -46,6 +48,7 @@ pub const PROGRAMS: &[(&str, &str, u32)] = &[
     ("guard_post_bind4", "post_bind4", 12),
     ("guard_post_bind6", "post_bind6", 13),
     ("guard_sock_release", "sock_release", 34),
+    ("guard_sock_create", "sock_create", 2),
 ];
 
 /// What the programs need to know, written into the config map.
@@ -69,6 +72,10 @@ pub struct Kernel {
     dns_servers: Mutex<HashMap<MapData, [u32; 4], u32>>,
     dns_restrict: Mutex<Array<MapData, u32>>,
     counters: PerCpuArray<MapData, u64>,
+    contain_config: Array<MapData, guard_common::ContainConfig>,
+    unix_allow: Mutex<HashMap<MapData, [u8; guard_common::UNIX_PATH_MAX], u32>>,
+    contain_counters: PerCpuArray<MapData, u64>,
+    contained: Option<RingBuf<MapData>>,
     /// Kept so the freshly loaded programs stay valid until attached and pinned.
     ebpf: Ebpf,
 }
@@ -204,6 +211,10 @@ impl Kernel {
             dns_servers: Mutex::new(take_map(&mut ebpf, guard_common::MAP_DNS_SERVERS)?),
             dns_restrict: Mutex::new(take_map(&mut ebpf, guard_common::MAP_DNS_RESTRICT)?),
             counters: take_map(&mut ebpf, guard_common::MAP_COUNTERS)?,
+            contain_config: take_map(&mut ebpf, guard_common::MAP_CONTAIN_CONFIG)?,
+            unix_allow: Mutex::new(take_map(&mut ebpf, guard_common::MAP_UNIX_ALLOW)?),
+            contain_counters: take_map(&mut ebpf, guard_common::MAP_CONTAIN_COUNTERS)?,
+            contained: Some(take_map(&mut ebpf, guard_common::MAP_CONTAINED)?),
             ebpf,
         })
     }

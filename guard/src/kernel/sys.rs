@@ -110,14 +110,17 @@ pub fn link_update(pin: &Path, prog: std::os::fd::BorrowedFd<'_>) -> Result<()> 
 pub(super) fn prog_query(fd: i32, attach_type: u32) -> std::io::Result<Vec<u32>> {
     const BPF_PROG_QUERY: libc::c_long = 16;
     let mut ids = [0u32; 64];
+    let mut flags = [0u32; 64];
     // union bpf_attr, query member: target_fd, attach_type, query_flags, attach_flags,
-    // prog_ids (u64 pointer), prog_cnt. The rest must be zero.
+    // prog_ids (u64 pointer), prog_cnt, 4 bytes of padding, prog_attach_flags (u64 pointer;
+    // required for BPF_LSM_CGROUP, whose programs each have their own). The rest must be zero.
     let mut attr = [0u8; 128];
     attr[0..4].copy_from_slice(&(fd as u32).to_ne_bytes());
     attr[4..8].copy_from_slice(&attach_type.to_ne_bytes());
     attr[16..24].copy_from_slice(&(ids.as_mut_ptr() as u64).to_ne_bytes());
     attr[24..28].copy_from_slice(&(ids.len() as u32).to_ne_bytes());
-    // SAFETY: attr is a valid bpf_attr for BPF_PROG_QUERY; ids outlives the call. The kernel
+    attr[32..40].copy_from_slice(&(flags.as_mut_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a valid bpf_attr for BPF_PROG_QUERY; ids and flags outlive the call. The kernel
     // writes prog_cnt back into attr.
     unsafe { sys_bpf(BPF_PROG_QUERY, &mut attr) }?;
     let cnt = u32::from_ne_bytes(attr[24..28].try_into().unwrap()) as usize;
