@@ -188,13 +188,17 @@ pub const CONTAIN_FOREIGN_SOCKET: u32 = 1;
 pub const CONTAIN_UNIX: u32 = 2;
 pub const CONTAIN_SOCKET_FAMILY: u32 = 3;
 pub const CONTAIN_USERNS: u32 = 4;
-pub const CONTAIN_KINDS: u32 = 5;
+pub const CONTAIN_SIGNAL: u32 = 5;
+pub const CONTAIN_TERMINAL: u32 = 6;
+pub const CONTAIN_KINDS: u32 = 7;
 pub const CONTAIN_NAMES: [&str; CONTAIN_KINDS as usize] = [
     "process_access",
     "foreign_socket",
     "unix_connect",
     "socket_family",
     "user_namespace",
+    "signal",
+    "terminal_injection",
 ];
 
 /// The one entry of the containment config array (a map of its own, so the redirect's pinned
@@ -255,7 +259,7 @@ pub struct Contained {
     /// The errno the call got.
     pub errno: u32,
     /// By kind: process access: target tgid, ptrace mode; foreign socket: its family;
-    /// socket family: family, type, protocol.
+    /// socket family: family, type, protocol; signal: target tgid, signal; terminal: ioctl.
     pub detail: [u32; 4],
     pub cgroup_id: u64,
     /// The guarded cgroup the refused process belongs to (0: guarded by uid).

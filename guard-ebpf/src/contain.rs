@@ -25,7 +25,7 @@ use aya_ebpf::{
 };
 use guard_common::*;
 
-use crate::programs::{config, guard_of_current, Guard, ALLOW, REFUSE};
+use crate::programs::{config, guard_of_current, Guard, ALLOW, GUARDED_CGROUPS, REFUSE};
 
 #[map]
 static CONTAIN_CONFIG: Array<ContainConfig> = Array::pinned(1, 0);
@@ -41,8 +41,14 @@ static CONTAIN_COUNTERS: PerCpuArray<u64> = PerCpuArray::pinned(CONTAIN_KINDS, 0
 const EPERM: i32 = 1;
 const EACCES: i32 = 13;
 const ENOPROTOOPT: i32 = 92;
+const EPROTONOSUPPORT: i32 = 93;
+const EAFNOSUPPORT: i32 = 97;
 
-const PTRACE_MODE_ATTACH: u32 = 0x02;
+/// Set by checks made only to decide what to show (`/proc/PID/stat`'s wchan, say), never by
+/// those that hand over memory, descriptors or other process state.
+const PTRACE_MODE_NOAUDIT: u32 = 0x04;
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
 const S_IFMT: u16 = 0o170000;
 const S_IFSOCK: u16 = 0o140000;
 
@@ -151,16 +157,36 @@ fn cgroup_ancestor(o: &ContainOffsets, cgroup: u64, level: u32) -> u64 {
     rd64(rd64(ancestor, o.cgroup_kn), o.kernfs_node_id)
 }
 
+/// Whether `cgroup` or an ancestor of it below the attach cgroup is guarded.
+#[inline(always)]
+fn under_guarded_cgroup(cfg: &Config, o: &ContainOffsets, cgroup: u64) -> bool {
+    let mut level = cfg.attach_level;
+    while level < MAX_CGROUP_DEPTH {
+        let id = cgroup_ancestor(o, cgroup, level);
+        if id == 0 {
+            return false;
+        }
+        if unsafe { GUARDED_CGROUPS.get(&id) }.is_some() {
+            return true;
+        }
+        level += 1;
+    }
+    false
+}
+
 /// Whether a task or socket with `cgroup` (a `struct cgroup *`) and `uid` belongs to the same
 /// guard as the current task: below the same guarded cgroup, or (guarded by uid) of the same
-/// uid below the attach cgroup.
+/// uid below the attach cgroup and in no agent's cgroup.
 #[inline(always)]
 fn same_guard(cfg: &Config, o: &ContainOffsets, g: Guard, cgroup: u64, uid: u32) -> bool {
     match g {
         Guard::Cgroup { level, id } => cgroup_ancestor(o, cgroup, level) == id,
         Guard::Uid { uid: own } => {
             let attach = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.attach_level as i32) };
-            uid == own && attach != 0 && cgroup_ancestor(o, cgroup, cfg.attach_level) == attach
+            uid == own
+                && attach != 0
+                && cgroup_ancestor(o, cgroup, cfg.attach_level) == attach
+                && !under_guarded_cgroup(cfg, o, cgroup)
         }
     }
 }
@@ -254,8 +280,15 @@ pub(crate) fn family_refusal(family: i32, ty: i32, protocol: i32) -> Option<i32>
     } else if ty == SOCK_STREAM && protocol == IPPROTO_MPTCP {
         // The answer of a kernel without MPTCP: runtimes fall back to TCP.
         Some(ENOPROTOOPT)
-    } else {
+    } else if family == AF_INET || family == AF_INET6 {
+        // What an unprivileged process gets for raw sockets, say.
         Some(EACCES)
+    } else if family == AF_NETLINK {
+        // The answers of a kernel without that family or protocol: udev monitors, `ss` and
+        // sudo's audit socket go on without.
+        Some(EPROTONOSUPPORT)
+    } else {
+        Some(EAFNOSUPPORT)
     }
 }
 
@@ -275,13 +308,14 @@ pub(crate) fn refuse_family(g: Guard, family: i32, ty: i32, protocol: i32, errno
     REFUSE
 }
 
-/// ptrace attach, `/proc/PID/mem`, `process_vm_readv`/`writev` and `pidfd_getfd` all ask
-/// `ptrace_may_access` with an ATTACH mode: refused for a target outside the current task's
-/// guard. READ modes (what `ps` and `/proc/PID/stat` need) stay open.
+/// ptrace attach, `/proc/PID/mem`, `process_vm_readv`/`writev`, `pidfd_getfd` (ATTACH modes)
+/// and `/proc/PID/fd`, `environ`, `maps`, `ns` (READ modes) all ask `ptrace_may_access`:
+/// refused for a target outside the current task's guard. Checks made only to decide what to
+/// show (NOAUDIT: `/proc/PID/stat`'s fields, which `ps` reads) stay open.
 #[lsm_cgroup(hook = "ptrace_access_check")]
 pub fn guard_ptrace_access_check(ctx: LsmContext) -> i32 {
     let mode: u32 = ctx.arg(1);
-    if mode & PTRACE_MODE_ATTACH == 0 {
+    if mode & PTRACE_MODE_NOAUDIT != 0 {
         return ALLOW;
     }
     let Some((cfg, cc, g)) = guarded() else {
@@ -401,6 +435,42 @@ pub fn guard_socket_create(ctx: LsmContext) -> i32 {
         return ALLOW;
     };
     refuse_family(g, family, ty, protocol, errno)
+}
+
+/// Signals to processes outside the guard (a Node.js process opens its debugger on SIGUSR1):
+/// refused; signal 0 (is it alive?) is not a signal.
+#[lsm_cgroup(hook = "task_kill")]
+pub fn guard_task_kill(ctx: LsmContext) -> i32 {
+    let sig: i32 = ctx.arg(2);
+    if sig == 0 {
+        return ALLOW;
+    }
+    let Some((cfg, cc, g)) = guarded() else {
+        return ALLOW;
+    };
+    let o = &cc.offsets;
+    let task: u64 = ctx.arg(0);
+    let cgroup = rd64(rd64(task, o.task_cgroups), o.css_set_dfl_cgrp);
+    let uid = rd32(rd64(task, o.task_real_cred), o.cred_uid);
+    if same_guard(cfg, o, g, cgroup, uid) {
+        return ALLOW;
+    }
+    let tgid = rd32(task, o.task_tgid);
+    refuse(CONTAIN_SIGNAL, EPERM, g, [tgid, sig as u32, 0, 0], (0, 0))
+}
+
+/// Typing into a terminal (TIOCSTI) or pasting its selection (TIOCLINUX): the user's unguarded
+/// shell would run what the agent wrote.
+#[lsm_cgroup(hook = "file_ioctl")]
+pub fn guard_file_ioctl(ctx: LsmContext) -> i32 {
+    let cmd: u32 = ctx.arg(1);
+    if cmd != TIOCSTI && cmd != TIOCLINUX {
+        return ALLOW;
+    }
+    let Some((_, _, g)) = guarded() else {
+        return ALLOW;
+    };
+    refuse(CONTAIN_TERMINAL, EPERM, g, [cmd, 0, 0, 0], (0, 0))
 }
 
 #[lsm_cgroup(hook = "userns_create")]

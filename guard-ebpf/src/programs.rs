@@ -31,7 +31,7 @@ const LOOPBACK4: u32 = u32::from_ne_bytes([127, 0, 0, 1]);
 #[map]
 static GUARD_CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
-static GUARDED_CGROUPS: HashMap<u64, u32> = HashMap::pinned(GUARDED_CGROUP_ENTRIES, 0);
+pub(crate) static GUARDED_CGROUPS: HashMap<u64, u32> = HashMap::pinned(GUARDED_CGROUP_ENTRIES, 0);
 #[map]
 static GUARDED_UIDS: HashMap<u32, u32> = HashMap::pinned(GUARDED_UID_ENTRIES, 0);
 #[map]

@@ -36,7 +36,8 @@ class iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 target = sys.argv[1]
 if target == "child":
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"],
+                             stdout=subprocess.DEVNULL)
     time.sleep(0.5)
     pid = child.pid
 else:
@@ -78,6 +79,16 @@ def getfd():
     fd = check(libc.syscall(438, pidfd, 0, 0))
     os.close(fd)
 attempt("pidfd-getfd", getfd)
+attempt("environ", lambda: open(f"/proc/{pid}/environ", "rb").read())
+attempt("fd-reopen", lambda: open(f"/proc/{pid}/fd/1", "wb").close())
+import signal
+attempt("signal", lambda: os.kill(pid, signal.SIGCONT))
+# Renames across directories keep working in a confined agent (Landlock's REFER).
+import tempfile
+d = tempfile.mkdtemp()
+os.mkdir(d + "/a"); os.mkdir(d + "/b")
+open(d + "/a/f", "w").close()
+attempt("rename", lambda: os.rename(d + "/a/f", d + "/b/f"))
 if target == "child":
     child.kill()
 "#;
@@ -232,17 +243,28 @@ fn no_process_outside_the_agent_can_be_reached_and_its_own_children_can() {
         "proc-mem ok",
         "process-vm-writev ok",
         "pidfd-getfd ok",
+        "environ ok",
+        "fd-reopen ok",
+        "signal ok",
+        "rename ok",
     ] {
         assert!(free.contains(line), "unguarded: {free}");
     }
 
     let guarded = python_as_nobody(&env, Some("reacher"), &out_cg, PROCESS_ACCESS, &[&pid]);
-    for line in [
+    let mut refused = vec![
         "gdb refused",
         "proc-mem errno 13",
         "process-vm-writev errno 1",
         "pidfd-getfd errno 1",
-    ] {
+        "environ errno 13",
+        "fd-reopen errno 13",
+        "rename ok",
+    ];
+    if state.covers("signal") {
+        refused.push("signal errno 1");
+    }
+    for line in refused {
         assert!(guarded.contains(line), "guarded, outside target: {guarded}");
     }
     let own = python_as_nobody(&env, Some("reacher"), &out_cg, PROCESS_ACCESS, &["child"]);
@@ -251,6 +273,10 @@ fn no_process_outside_the_agent_can_be_reached_and_its_own_children_can() {
         "proc-mem ok",
         "process-vm-writev ok",
         "pidfd-getfd ok",
+        "environ ok",
+        "fd-reopen ok",
+        "signal ok",
+        "rename ok",
     ] {
         assert!(own.contains(line), "guarded, own child: {own}");
     }
@@ -612,6 +638,8 @@ attempt("raw-icmp6", lambda: socket.socket(socket.AF_INET6, socket.SOCK_RAW, soc
 attempt("packet", lambda: socket.socket(socket.AF_PACKET, socket.SOCK_RAW, 0))
 attempt("vsock", lambda: socket.socket(40, socket.SOCK_STREAM))
 attempt("netlink-audit", lambda: socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 9))
+params = ctypes.create_string_buffer(120)
+attempt("io_uring", lambda: os.close(check(libc.syscall(425, 4, params))))
 "#;
 
 /// `unshare -U -r -n python3 -c FAMILIES`, guarded or not, as NOBODY.
@@ -658,15 +686,22 @@ fn raw_ping_and_other_sockets_are_refused_at_creation_also_in_a_user_namespace()
     // IPv4 and IPv6 sockets other than TCP and UDP: refused with or without BPF LSM (the
     // cgroup sock_create program, audited); the other families by the LSM program, or by
     // guard exec's seccomp filter (not audited).
-    let mut refused = vec!["ping", "raw-icmp", "raw-icmp6"];
+    let mut refused = vec!["ping errno 13", "raw-icmp errno 13", "raw-icmp6 errno 13"];
+    assert!(free.contains("io_uring ok"), "unguarded: {free}");
     if state.holds("socket_family", &env) {
-        refused.extend(["packet", "vsock", "netlink-audit"]);
+        // Answered as by a kernel without them, so programs that probe go on without.
+        refused.extend([
+            "packet errno 97",
+            "vsock errno 97",
+            "netlink-audit errno 93",
+        ]);
+        if !lsm {
+            // guard exec's filter: io_uring makes sockets without socket(2).
+            refused.push("io_uring errno 38");
+        }
     }
     for r in &refused {
-        assert!(
-            guarded.contains(&format!("{r} errno 13")),
-            "guarded: {guarded}"
-        );
+        assert!(guarded.contains(r), "guarded: {guarded}");
     }
     let records = contained(&env, "socket_family");
     let audited = if lsm { refused.len() } else { 3 };
@@ -741,7 +776,11 @@ fn containment_says_whether_it_is_on_and_why_not() {
     let mut env = Env::new("");
     if started(&mut env).lsm {
         let attached = env.attached();
-        assert_eq!(attached["lsm_cgroup"].len(), 6, "{attached:?}");
+        assert_eq!(
+            attached["lsm_cgroup"].len(),
+            guard::kernel::contain::LSM_PROGRAMS.len(),
+            "{attached:?}"
+        );
         let metrics = env.metrics();
         assert!(
             metrics.contains("guard_containment{state=\"on\"} 1"),
@@ -888,4 +927,34 @@ fn guard_exec_does_not_hand_inherited_sockets_to_the_command() {
     );
     assert!(!stdout.contains("socket:["), "{stdout}");
     assert!(stdout.contains("/etc/hostname"), "{stdout}");
+}
+
+const TERMINAL: &str = r#"
+import fcntl, pty, termios
+m, s = pty.openpty()
+os.setsid()
+fcntl.ioctl(s, termios.TIOCSCTTY, 0)
+attempt("tiocsti", lambda: fcntl.ioctl(s, termios.TIOCSTI, b"x"))
+"#;
+
+#[test]
+fn a_guarded_process_cannot_type_into_a_terminal() {
+    let mut env = contain_env("");
+    let state = started(&mut env);
+    let out_cg = outside(&env);
+    let legacy = std::fs::read_to_string("/proc/sys/dev/tty/legacy_tiocsti")
+        .map(|v| v.trim() == "1")
+        .unwrap_or(true);
+    if legacy {
+        let free = python_as_nobody(&env, None, &out_cg, TERMINAL, &[]);
+        assert!(free.contains("tiocsti ok"), "unguarded: {free}");
+    }
+    if !state.holds("terminal_injection", &env) {
+        return;
+    }
+    let guarded = python_as_nobody(&env, Some("typist"), &out_cg, TERMINAL, &[]);
+    assert!(guarded.contains("tiocsti errno 1"), "guarded: {guarded}");
+    if state.lsm {
+        assert!(!contained(&env, "terminal_injection").is_empty());
+    }
 }

@@ -63,7 +63,8 @@ fn partial(config: &Config, reason: &str) -> Option<Containment> {
         ExecConfinement::Seccomp => false,
         ExecConfinement::Landlock => true,
     };
-    let landlock = confine::landlock_abi().filter(|_| wants_landlock);
+    // ABI 1 would refuse renames across directories: not used.
+    let landlock = confine::landlock_abi().filter(|abi| wants_landlock && *abi >= 2);
     let abstract_unix = config.scope.unix == UnixMode::AllowListed
         && !config.scope.unix_allow.iter().any(|u| u.starts_with('@'));
     let confinement = Confinement {
@@ -71,9 +72,12 @@ fn partial(config: &Config, reason: &str) -> Option<Containment> {
         abstract_unix: abstract_unix && landlock.is_some_and(|abi| abi >= 6),
         userns_deny: config.scope.userns == UsernsMode::Deny,
     };
-    let mut covers = vec!["socket_family"];
+    let mut covers = vec!["socket_family", "terminal_injection"];
     if landlock.is_some() {
         covers.push("process_access");
+    }
+    if landlock.is_some_and(|abi| abi >= 6) {
+        covers.push("signal");
     }
     if confinement.abstract_unix {
         covers.push("abstract_unix_connect");
@@ -84,7 +88,7 @@ fn partial(config: &Config, reason: &str) -> Option<Containment> {
     let how = match landlock {
         Some(abi) => format!("Landlock ABI {abi} and seccomp"),
         None if wants_landlock => {
-            "seccomp only (Landlock is not enabled in this kernel: no process isolation)".into()
+            "seccomp only (no Landlock ABI 2+ in this kernel: no process isolation)".into()
         }
         None => "seccomp (scope.exec_confinement = \"seccomp\")".into(),
     };
@@ -297,6 +301,11 @@ fn contained_detail(c: &guard_common::Contained, what: &str) -> serde_json::Valu
             d["type"] = json!(c.detail[1]);
             d["protocol"] = json!(c.detail[2]);
         }
+        guard_common::CONTAIN_SIGNAL => {
+            d["target_pid"] = json!(c.detail[0]);
+            d["signal"] = json!(c.detail[1]);
+        }
+        guard_common::CONTAIN_TERMINAL => d["ioctl"] = json!(format!("{:#x}", c.detail[0])),
         _ => {}
     }
     d
@@ -326,6 +335,13 @@ fn contained_reason(c: &guard_common::Contained, what: &str) -> String {
         ),
         guard_common::CONTAIN_USERNS => {
             "user namespaces are off for guarded processes (scope.userns = \"deny\")".into()
+        }
+        guard_common::CONTAIN_SIGNAL => format!(
+            "signal {} to process {} outside the agent refused",
+            c.detail[1], c.detail[0]
+        ),
+        guard_common::CONTAIN_TERMINAL => {
+            "typing into a terminal (TIOCSTI/TIOCLINUX) refused".into()
         }
         _ => format!("{what} refused"),
     }

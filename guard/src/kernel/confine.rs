@@ -1,15 +1,19 @@
 //! Containment where the kernel runs no BPF LSM programs: `guard exec` confines the command it
-//! is about to exec with Landlock and seccomp, which every process it starts inherits and none
-//! can undo. Less than the LSM programs (nothing is audited; path Unix sockets and descriptors
-//! received from outside stay open), and only for agents started with `guard exec`:
+//! is about to exec with seccomp and, if asked, Landlock, which every process it starts
+//! inherits and none can undo. Less than the LSM programs (nothing is audited; path Unix
+//! sockets and descriptors received from outside stay open), and only for agents started with
+//! `guard exec`:
 //!
-//! - with `scope.exec_confinement = "landlock"`, a Landlock domain: Landlock lets a process ptrace (attach, `/proc/PID/mem`,
-//!   `process_vm_*`, `pidfd_getfd`) only processes of its own domain or one nested in it, so
-//!   the agent reaches its own children and nothing else; with Landlock ABI 6+, connecting to
-//!   abstract Unix sockets outside the domain is refused too (`LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET`);
 //! - a seccomp filter: socket families other than IPv4/IPv6 (the cgroup `sock_create` program
-//!   decides those, and audits), Unix and netlink route are refused at `socket()`, and, with
-//!   `scope.userns = "deny"`, new user namespaces.
+//!   decides those, and audits), Unix and netlink route are refused at `socket()` and
+//!   `socketpair()`; io_uring (which makes sockets without `socket()`) and typing into the
+//!   terminal (`TIOCSTI`, `TIOCLINUX`) are refused; with `scope.userns = "deny"`, new user
+//!   namespaces too;
+//! - with `scope.exec_confinement = "landlock"`, a Landlock domain (ABI 2+): a process in it
+//!   may ptrace (attach, `/proc/PID/mem`, `process_vm_*`, `pidfd_getfd`, and READ modes:
+//!   `/proc/PID/fd`, `environ`) only processes of its own domain or one nested in it, so the
+//!   agent reaches its own children and nothing else; with ABI 6+ it may not signal processes
+//!   outside either, nor connect to abstract Unix sockets outside (unless those are allowed).
 //!
 //! Both need `no_new_privs`: set-user-ID programs run without their privileges under it. A
 //! Landlock domain also forbids mount operations, which sandboxes inside an agent (bubblewrap)
@@ -35,7 +39,9 @@ const LANDLOCK_CREATE_RULESET_VERSION: u32 = 1;
 /// Making block devices: restricted in the domain without any rule, which takes nothing from a
 /// process that could not make them anyway (it needs CAP_MKNOD in the initial namespace).
 const LANDLOCK_ACCESS_FS_MAKE_BLOCK: u64 = 1 << 11;
+const LANDLOCK_ACCESS_FS_REFER: u64 = 1 << 13;
 const LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET: u64 = 1 << 0;
+const LANDLOCK_SCOPE_SIGNAL: u64 = 1 << 1;
 
 /// The Landlock ABI version of this kernel; None when Landlock is not enabled.
 pub fn landlock_abi() -> Option<u32> {
@@ -65,33 +71,82 @@ pub fn apply(c: &Confinement) -> Result<()> {
 }
 
 fn landlock(c: &Confinement) -> Result<()> {
-    let Some(abi) = landlock_abi() else {
-        bail!("Landlock is not enabled in this kernel (boot with `lsm=` listing `landlock`)");
+    let abi = match landlock_abi() {
+        None => {
+            bail!("Landlock is not enabled in this kernel (boot with `lsm=` listing `landlock`)")
+        }
+        // ABI 1 refuses every rename and link across directories in a domain.
+        Some(1) => bail!("Landlock ABI 1 (Linux 5.13-5.18) would break renames across directories"),
+        Some(abi) => abi,
     };
     // struct landlock_ruleset_attr: handled_access_fs, handled_access_net (ABI 4), scoped
-    // (ABI 6); the size says which fields the kernel reads.
-    let scoped = if c.abstract_unix && abi >= 6 {
-        LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET
+    // (ABI 6); the size says which fields the kernel reads. With scopes (ABI 6+) the domain
+    // handles no file access at all; before, it handles making block devices (which needs
+    // CAP_MKNOD anyway) and REFER, granted beneath `/`: a domain that handles any file right
+    // refuses REFER (renames and links across directories) unless a rule grants it.
+    let (fs, scoped, size) = if abi >= 6 {
+        let mut scoped = LANDLOCK_SCOPE_SIGNAL;
+        if c.abstract_unix {
+            scoped |= LANDLOCK_SCOPE_ABSTRACT_UNIX_SOCKET;
+        }
+        (0, scoped, 24)
     } else {
-        0
+        let size = if abi >= 4 { 16 } else { 8 };
+        (
+            LANDLOCK_ACCESS_FS_MAKE_BLOCK | LANDLOCK_ACCESS_FS_REFER,
+            0,
+            size,
+        )
     };
-    let attr: [u64; 3] = [LANDLOCK_ACCESS_FS_MAKE_BLOCK, 0, scoped];
-    let size = match abi {
-        1..=3 => 8,
-        4 | 5 => 16,
-        _ => 24,
-    };
+    let attr: [u64; 3] = [fs, 0, scoped];
     // SAFETY: attr is valid for `size` bytes.
     let fd = unsafe { libc::syscall(SYS_LANDLOCK_CREATE_RULESET, attr.as_ptr(), size, 0u32) };
     if fd < 0 {
         return Err(std::io::Error::last_os_error()).context("landlock_create_ruleset");
     }
-    // SAFETY: fd is the ruleset just made; closed right after.
-    let r = unsafe { libc::syscall(SYS_LANDLOCK_RESTRICT_SELF, fd as i32, 0u32) };
+    let fd = fd as i32;
+    let result = (|| -> Result<()> {
+        if fs & LANDLOCK_ACCESS_FS_REFER != 0 {
+            grant_refer_beneath_root(fd)?;
+        }
+        // SAFETY: fd is the ruleset just made.
+        if unsafe { libc::syscall(SYS_LANDLOCK_RESTRICT_SELF, fd, 0u32) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("landlock_restrict_self");
+        }
+        Ok(())
+    })();
+    // SAFETY: fd is ours, closed once.
+    unsafe { libc::close(fd) };
+    result
+}
+
+/// A rule granting REFER beneath `/` (`struct landlock_path_beneath_attr`, packed).
+fn grant_refer_beneath_root(ruleset: i32) -> Result<()> {
+    const SYS_LANDLOCK_ADD_RULE: libc::c_long = 445;
+    const LANDLOCK_RULE_PATH_BENEATH: u32 = 1;
+    // SAFETY: a constant C string; the descriptor is closed below.
+    let root = unsafe { libc::open(c"/".as_ptr(), libc::O_PATH | libc::O_CLOEXEC) };
+    if root < 0 {
+        return Err(std::io::Error::last_os_error()).context("opening /");
+    }
+    let mut attr = [0u8; 12];
+    attr[..8].copy_from_slice(&LANDLOCK_ACCESS_FS_REFER.to_ne_bytes());
+    attr[8..].copy_from_slice(&root.to_ne_bytes());
+    // SAFETY: attr is the 12-byte packed struct the call reads.
+    let r = unsafe {
+        libc::syscall(
+            SYS_LANDLOCK_ADD_RULE,
+            ruleset,
+            LANDLOCK_RULE_PATH_BENEATH,
+            attr.as_ptr(),
+            0u32,
+        )
+    };
     let err = std::io::Error::last_os_error();
-    unsafe { libc::close(fd as i32) };
+    // SAFETY: root is ours, closed once.
+    unsafe { libc::close(root) };
     if r != 0 {
-        return Err(err).context("landlock_restrict_self");
+        return Err(err).context("landlock_add_rule (REFER beneath /)");
     }
     Ok(())
 }
@@ -118,6 +173,8 @@ const fn off_arg(n: u32) -> u32 {
 mod arch {
     pub const AUDIT_ARCH: u32 = 0xc000_003e;
     pub const NR_SOCKET: u32 = 41;
+    pub const NR_SOCKETPAIR: u32 = 53;
+    pub const NR_IOCTL: u32 = 16;
     pub const NR_CLONE: u32 = 56;
     pub const NR_UNSHARE: u32 = 272;
     pub const NR_CLONE3: u32 = 435;
@@ -129,6 +186,8 @@ mod arch {
 mod arch {
     pub const AUDIT_ARCH: u32 = 0xc000_00b7;
     pub const NR_SOCKET: u32 = 198;
+    pub const NR_SOCKETPAIR: u32 = 199;
+    pub const NR_IOCTL: u32 = 29;
     pub const NR_CLONE: u32 = 220;
     pub const NR_UNSHARE: u32 = 97;
     pub const NR_CLONE3: u32 = 435;
@@ -141,6 +200,12 @@ const AF_INET6: u32 = 10;
 const AF_NETLINK: u32 = 16;
 const NETLINK_ROUTE: u32 = 0;
 const CLONE_NEWUSER: u32 = 0x1000_0000;
+const TIOCSTI: u32 = 0x5412;
+const TIOCLINUX: u32 = 0x541c;
+// The same numbers on every architecture (the generic table).
+const NR_IO_URING_SETUP: u32 = 425;
+const NR_IO_URING_ENTER: u32 = 426;
+const NR_IO_URING_REGISTER: u32 = 427;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(C)]
@@ -236,6 +301,13 @@ pub fn filter(c: &Confinement) -> Vec<Insn> {
     a.op(BPF_LD_W_ABS, OFF_NR);
     a.jump(BPF_JGE_K, X32_BIT, Label("enosys"), Next);
     a.jump(BPF_JEQ_K, NR_SOCKET, Label("socket"), Next);
+    a.jump(BPF_JEQ_K, NR_SOCKETPAIR, Label("socketpair"), Next);
+    a.jump(BPF_JEQ_K, NR_IOCTL, Label("ioctl"), Next);
+    // io_uring makes sockets (IORING_OP_SOCKET) without socket(2): "not implemented", so
+    // runtimes fall back to plain system calls.
+    a.jump(BPF_JEQ_K, NR_IO_URING_SETUP, Label("enosys"), Next);
+    a.jump(BPF_JEQ_K, NR_IO_URING_ENTER, Label("enosys"), Next);
+    a.jump(BPF_JEQ_K, NR_IO_URING_REGISTER, Label("enosys"), Next);
     if c.userns_deny {
         a.jump(BPF_JEQ_K, NR_UNSHARE, Label("flags"), Next);
         a.jump(BPF_JEQ_K, NR_CLONE, Label("flags"), Next);
@@ -251,21 +323,39 @@ pub fn filter(c: &Confinement) -> Vec<Insn> {
     // IPv4 and IPv6: the cgroup sock_create program decides (and audits).
     a.jump(BPF_JEQ_K, AF_INET, Label("allow"), Next);
     a.jump(BPF_JEQ_K, AF_INET6, Label("allow"), Next);
-    a.jump(BPF_JEQ_K, AF_NETLINK, Next, Label("eacces"));
+    a.jump(BPF_JEQ_K, AF_NETLINK, Next, Label("eafnosupport"));
     a.op(BPF_LD_W_ABS, off_arg(2));
-    a.jump(BPF_JEQ_K, NETLINK_ROUTE, Label("allow"), Label("eacces"));
+    a.jump(
+        BPF_JEQ_K,
+        NETLINK_ROUTE,
+        Label("allow"),
+        Label("eprotonosupport"),
+    );
+
+    a.label("socketpair");
+    a.op(BPF_LD_W_ABS, off_arg(0));
+    a.jump(BPF_JEQ_K, AF_UNIX, Label("allow"), Label("eafnosupport"));
+
+    // Typing into a terminal (TIOCSTI) or pasting its selection (TIOCLINUX) would have the
+    // user's unguarded shell run what the agent wrote.
+    a.label("ioctl");
+    a.op(BPF_LD_W_ABS, off_arg(1));
+    a.jump(BPF_JEQ_K, TIOCSTI, Label("eperm"), Next);
+    a.jump(BPF_JEQ_K, TIOCLINUX, Label("eperm"), Label("allow"));
 
     if c.userns_deny {
         a.label("flags");
         a.op(BPF_LD_W_ABS, off_arg(0));
         a.jump(BPF_JSET_K, CLONE_NEWUSER, Label("eperm"), Label("allow"));
-        a.label("eperm");
-        a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EPERM as u32);
     }
     a.label("allow");
     a.op(BPF_RET_K, SECCOMP_RET_ALLOW);
-    a.label("eacces");
-    a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EACCES as u32);
+    a.label("eperm");
+    a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EPERM as u32);
+    a.label("eafnosupport");
+    a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32);
+    a.label("eprotonosupport");
+    a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::EPROTONOSUPPORT as u32);
     a.label("enosys");
     a.op(BPF_RET_K, SECCOMP_RET_ERRNO | libc::ENOSYS as u32);
     a.finish()
@@ -333,7 +423,8 @@ mod tests {
         }
     }
 
-    const EACCES: u32 = SECCOMP_RET_ERRNO | libc::EACCES as u32;
+    const EAFNOSUPPORT: u32 = SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32;
+    const EPROTONOSUPPORT: u32 = SECCOMP_RET_ERRNO | libc::EPROTONOSUPPORT as u32;
     const EPERM: u32 = SECCOMP_RET_ERRNO | libc::EPERM as u32;
     const ENOSYS: u32 = SECCOMP_RET_ERRNO | libc::ENOSYS as u32;
 
@@ -361,11 +452,34 @@ mod tests {
         );
         assert_eq!(socket(&p, 10, 2, 0), SECCOMP_RET_ALLOW);
         assert_eq!(socket(&p, 16, 3, 0), SECCOMP_RET_ALLOW);
-        assert_eq!(socket(&p, 16, 3, 9), EACCES, "netlink audit");
-        assert_eq!(socket(&p, 17, 3, 0), EACCES, "packet");
-        assert_eq!(socket(&p, 40, 1, 0), EACCES, "vsock");
+        assert_eq!(socket(&p, 16, 3, 9), EPROTONOSUPPORT, "netlink audit");
+        assert_eq!(socket(&p, 17, 3, 0), EAFNOSUPPORT, "packet");
+        assert_eq!(socket(&p, 40, 1, 0), EAFNOSUPPORT, "vsock");
         // The family's high word is not read by the kernel either.
-        assert_eq!(socket(&p, (1 << 32) | 17, 3, 0), EACCES);
+        assert_eq!(socket(&p, (1 << 32) | 17, 3, 0), EAFNOSUPPORT);
+        let call = |nr, args| run(&p, arch::AUDIT_ARCH, nr, args);
+        assert_eq!(
+            call(arch::NR_SOCKETPAIR, [1, 1, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW
+        );
+        assert_eq!(
+            call(arch::NR_SOCKETPAIR, [30, 1, 0, 0, 0, 0]),
+            EAFNOSUPPORT,
+            "tipc"
+        );
+        for nr in [NR_IO_URING_SETUP, NR_IO_URING_ENTER, NR_IO_URING_REGISTER] {
+            assert_eq!(call(nr, [0; 6]), ENOSYS);
+        }
+        assert_eq!(call(arch::NR_IOCTL, [0, TIOCSTI as u64, 0, 0, 0, 0]), EPERM);
+        assert_eq!(
+            call(arch::NR_IOCTL, [0, TIOCLINUX as u64, 0, 0, 0, 0]),
+            EPERM
+        );
+        assert_eq!(
+            call(arch::NR_IOCTL, [0, 0x5401, 0, 0, 0, 0]),
+            SECCOMP_RET_ALLOW,
+            "TCGETS"
+        );
         // Other system calls, other architectures.
         assert_eq!(run(&p, arch::AUDIT_ARCH, 0, [0; 6]), SECCOMP_RET_ALLOW);
         assert_eq!(run(&p, 0x4000_0003, 102, [17, 3, 0, 0, 0, 0]), ENOSYS);
@@ -419,6 +533,6 @@ mod tests {
             "fork"
         );
         assert_eq!(call(arch::NR_CLONE3, 0), ENOSYS);
-        assert_eq!(socket(&p, 17, 3, 0), EACCES);
+        assert_eq!(socket(&p, 17, 3, 0), EAFNOSUPPORT);
     }
 }

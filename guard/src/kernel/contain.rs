@@ -13,7 +13,7 @@ use guard_common::{
 use super::{attach::Step, Kernel};
 
 /// Every containment program and the LSM hook it is for. At most 10 distinct hooks can be
-/// attached per cgroup host-wide (`CGROUP_LSM_NUM`): guard takes six.
+/// attached per cgroup host-wide (`CGROUP_LSM_NUM`): guard takes eight.
 pub const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("guard_ptrace_access_check", "ptrace_access_check"),
     ("guard_file_receive", "file_receive"),
@@ -21,6 +21,8 @@ pub const LSM_PROGRAMS: &[(&str, &str)] = &[
     ("guard_unix_may_send", "unix_may_send"),
     ("guard_socket_create", "socket_create"),
     ("guard_userns_create", "userns_create"),
+    ("guard_task_kill", "task_kill"),
+    ("guard_file_ioctl", "file_ioctl"),
 ];
 
 /// `BPF_PROG_QUERY` attach type of per-cgroup LSM programs (`BPF_LSM_CGROUP`).
