@@ -25,7 +25,9 @@ use aya_ebpf::{
 };
 use guard_common::*;
 
-use crate::programs::{config, guard_of_current, Guard, ALLOW, GUARDED_CGROUPS, REFUSE};
+use crate::programs::{
+    config, guard_of_current, Guard, ALLOW, GUARDED_CGROUPS, GUARDED_UIDS, REFUSE,
+};
 
 #[map]
 static CONTAIN_CONFIG: Array<ContainConfig> = Array::pinned(1, 0);
@@ -47,6 +49,7 @@ const EAFNOSUPPORT: i32 = 97;
 /// Set by checks made only to decide what to show (`/proc/PID/stat`'s wchan, say), never by
 /// those that hand over memory, descriptors or other process state.
 const PTRACE_MODE_NOAUDIT: u32 = 0x04;
+const PTRACE_MODE_ATTACH: u32 = 0x02;
 const TIOCSTI: u32 = 0x5412;
 const TIOCLINUX: u32 = 0x541c;
 const S_IFMT: u16 = 0o170000;
@@ -174,30 +177,53 @@ fn under_guarded_cgroup(cfg: &Config, o: &ContainOffsets, cgroup: u64) -> bool {
     false
 }
 
+/// The id of `cgroup` itself.
+#[inline(always)]
+fn cgroup_id(o: &ContainOffsets, cgroup: u64) -> u64 {
+    rd64(rd64(cgroup, o.cgroup_kn), o.kernfs_node_id)
+}
+
+/// Whether `cgroup` is below the attach cgroup (as the current task is) and not the daemon's.
+#[inline(always)]
+fn below_attach(cfg: &Config, o: &ContainOffsets, cgroup: u64) -> bool {
+    let attach = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.attach_level as i32) };
+    attach != 0
+        && cgroup_ancestor(o, cgroup, cfg.attach_level) == attach
+        && cgroup_id(o, cgroup) != cfg.daemon_cgroup_id
+}
+
 /// Whether a task or socket with `cgroup` (a `struct cgroup *`) and `uid` belongs to the same
 /// guard as the current task: below the same guarded cgroup, or (guarded by uid) of the same
-/// uid below the attach cgroup and in no agent's cgroup.
+/// uid below the attach cgroup, not the daemon's, and in no agent's cgroup.
 #[inline(always)]
 fn same_guard(cfg: &Config, o: &ContainOffsets, g: Guard, cgroup: u64, uid: u32) -> bool {
     match g {
         Guard::Cgroup { level, id } => cgroup_ancestor(o, cgroup, level) == id,
         Guard::Uid { uid: own } => {
-            let attach = unsafe { bpf_get_current_ancestor_cgroup_id(cfg.attach_level as i32) };
-            uid == own
-                && attach != 0
-                && cgroup_ancestor(o, cgroup, cfg.attach_level) == attach
-                && !under_guarded_cgroup(cfg, o, cgroup)
+            uid == own && below_attach(cfg, o, cgroup) && !under_guarded_cgroup(cfg, o, cgroup)
         }
+    }
+}
+
+/// Whether a task with `cgroup` and `uid` is guarded at all (its own connects redirected).
+#[inline(always)]
+fn guarded_task(cfg: &Config, o: &ContainOffsets, cgroup: u64, uid: u32) -> bool {
+    below_attach(cfg, o, cgroup)
+        && (under_guarded_cgroup(cfg, o, cgroup) || unsafe { GUARDED_UIDS.get(&uid) }.is_some())
+}
+
+#[inline(always)]
+fn count_only(kind: u32) {
+    if let Some(c) = CONTAIN_COUNTERS.get_ptr_mut(kind) {
+        // Per-CPU slot: no other writer while this program runs on this CPU.
+        unsafe { *c += 1 };
     }
 }
 
 /// Counts a refusal and reserves its report (None: the ring is full; it is counted anyway).
 #[inline(always)]
 fn report(kind: u32, errno: i32, guard_cgroup_id: u64, detail: [u32; 4]) -> Option<*mut Contained> {
-    if let Some(c) = CONTAIN_COUNTERS.get_ptr_mut(kind) {
-        // Per-CPU slot: no other writer while this program runs on this CPU.
-        unsafe { *c += 1 };
-    }
+    count_only(kind);
     let mut entry = CONTAINED.reserve::<Contained>(0)?;
     let e = entry.as_mut_ptr();
     let pid_tgid = bpf_get_current_pid_tgid();
@@ -328,6 +354,13 @@ pub fn guard_ptrace_access_check(ctx: LsmContext) -> i32 {
     if same_guard(cfg, o, g, cgroup, uid) {
         return ALLOW;
     }
+    if mode & PTRACE_MODE_ATTACH == 0 {
+        // READ modes: `htop` and `pidof` read /proc/PID/exe of every process, and `ps -l`
+        // wchan; counted, not reported, so they do not crowd out the refusals that matter.
+        count_only(CONTAIN_PTRACE);
+        unsafe { bpf_set_retval(-EPERM) };
+        return REFUSE;
+    }
     let tgid = rd32(task, o.task_tgid);
     refuse(CONTAIN_PTRACE, EPERM, g, [tgid, mode, 0, 0], (0, 0))
 }
@@ -437,8 +470,10 @@ pub fn guard_socket_create(ctx: LsmContext) -> i32 {
     refuse_family(g, family, ty, protocol, errno)
 }
 
-/// Signals to processes outside the guard (a Node.js process opens its debugger on SIGUSR1):
-/// refused; signal 0 (is it alive?) is not a signal.
+/// Signals to unguarded processes (a Node.js process opens its debugger on SIGUSR1): refused;
+/// signal 0 (is it alive?) is not a signal. Guarded processes may be signalled by other guarded
+/// ones (a uid-guarded shell resumes the agents it started with `fg`): whatever they do next is
+/// guarded too.
 #[lsm_cgroup(hook = "task_kill")]
 pub fn guard_task_kill(ctx: LsmContext) -> i32 {
     let sig: i32 = ctx.arg(2);
@@ -452,7 +487,7 @@ pub fn guard_task_kill(ctx: LsmContext) -> i32 {
     let task: u64 = ctx.arg(0);
     let cgroup = rd64(rd64(task, o.task_cgroups), o.css_set_dfl_cgrp);
     let uid = rd32(rd64(task, o.task_real_cred), o.cred_uid);
-    if same_guard(cfg, o, g, cgroup, uid) {
+    if same_guard(cfg, o, g, cgroup, uid) || guarded_task(cfg, o, cgroup, uid) {
         return ALLOW;
     }
     let tgid = rd32(task, o.task_tgid);

@@ -33,7 +33,7 @@ static GUARD_CONFIG: Array<Config> = Array::pinned(1, 0);
 #[map]
 pub(crate) static GUARDED_CGROUPS: HashMap<u64, u32> = HashMap::pinned(GUARDED_CGROUP_ENTRIES, 0);
 #[map]
-static GUARDED_UIDS: HashMap<u32, u32> = HashMap::pinned(GUARDED_UID_ENTRIES, 0);
+pub(crate) static GUARDED_UIDS: HashMap<u32, u32> = HashMap::pinned(GUARDED_UID_ENTRIES, 0);
 #[map]
 static ORIGIN_BY_COOKIE: LruHashMap<u64, Origin> = LruHashMap::pinned(ORIGIN_MAP_ENTRIES, 0);
 #[map]

@@ -630,6 +630,8 @@ struct LocatedScope {
     dns_servers: Option<Vec<Spanned<String>>>,
     #[serde(default)]
     unix_allow: Option<Vec<Spanned<String>>>,
+    #[serde(default)]
+    guarded_uids: Option<Vec<Spanned<i64>>>,
 }
 
 /// A `scope.unix_allow` entry as the kernel holds a bound name: a path's bytes, or for `@name`
@@ -717,6 +719,14 @@ impl Config {
                     format!(
                         "scope.dns_servers: {v:?} is neither an IP address nor \"{RESOLV_CONF}\""
                     ),
+                ));
+            }
+        }
+        for u in scope.guarded_uids.iter().flatten() {
+            if *u.get_ref() == 0 {
+                return Err(at(
+                    u.span().start,
+                    "scope.guarded_uids: uid 0 cannot be guarded (root can detach guard's programs, and the daemon runs as root)".into(),
                 ));
             }
         }
@@ -895,6 +905,11 @@ approvers_group = "sec"
 
     #[test]
     fn bad_enum_value_is_located() {
+        let e = err("[scope]\nguarded_uids = [1000, 0]\n");
+        assert!(
+            e.contains(":2:23:") && e.contains("uid 0 cannot be guarded"),
+            "{e}"
+        );
         let e = err("[scope]\n  udp = \"quic\"\n");
         assert!(e.starts_with("guard.toml:2:9:"), "{e}");
         assert!(e.contains("dns-only"), "{e}");

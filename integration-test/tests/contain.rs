@@ -642,10 +642,20 @@ params = ctypes.create_string_buffer(120)
 attempt("io_uring", lambda: os.close(check(libc.syscall(425, 4, params))))
 "#;
 
-/// `unshare -U -r -n python3 -c FAMILIES`, guarded or not, as NOBODY.
+/// `unshare -U -r -n -m python3 -c FAMILIES`, guarded or not, as NOBODY.
 fn families_in_userns(env: &Env, agent: Option<&str>) -> std::process::Output {
     let script = format!("{PY_ATTEMPT}\n{FAMILIES}");
-    let args = ["unshare", "-U", "-r", "-n", PYTHON, "-c", script.as_str()];
+    // -m as well: a mount namespace, whose making mounts (Landlock ABI 6+ domains allow it).
+    let args = [
+        "unshare",
+        "-U",
+        "-r",
+        "-n",
+        "-m",
+        PYTHON,
+        "-c",
+        script.as_str(),
+    ];
     let mut cmd = match agent {
         Some(a) => env.exec(a, &args),
         None => {

@@ -15,9 +15,10 @@
 //!   agent reaches its own children and nothing else; with ABI 6+ it may not signal processes
 //!   outside either, nor connect to abstract Unix sockets outside (unless those are allowed).
 //!
-//! Both need `no_new_privs`: set-user-ID programs run without their privileges under it. A
-//! Landlock domain also forbids mount operations, which sandboxes inside an agent (bubblewrap)
-//! need: that is why it is a choice of its own.
+//! Both need `no_new_privs`: set-user-ID programs run without their privileges under it. Before
+//! ABI 6 the domain has to handle a file access right, and such a domain forbids mount
+//! operations, which sandboxes inside an agent (bubblewrap) need; from ABI 6 it handles only
+//! scopes, and mounts work.
 
 use anyhow::{bail, Context as _, Result};
 use serde::{Deserialize, Serialize};
