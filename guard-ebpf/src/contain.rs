@@ -67,64 +67,38 @@ const IPPROTO_UDP: i32 = 17;
 const IPPROTO_MPTCP: i32 = 262;
 const NETLINK_ROUTE: i32 = 0;
 
+/// A `T` at `base + off` in kernel memory; zero when `base` is 0 or the read fails.
+#[inline(always)]
+fn rd<T: Default>(base: u64, off: u32) -> T {
+    let mut v = T::default();
+    if base != 0 {
+        let r = unsafe {
+            bpf_probe_read_kernel(
+                &mut v as *mut T as *mut c_void,
+                core::mem::size_of::<T>() as u32,
+                (base + off as u64) as *const c_void,
+            )
+        };
+        if r != 0 {
+            v = T::default();
+        }
+    }
+    v
+}
+
 #[inline(always)]
 fn rd64(base: u64, off: u32) -> u64 {
-    if base == 0 {
-        return 0;
-    }
-    let mut v: u64 = 0;
-    let r = unsafe {
-        bpf_probe_read_kernel(
-            &mut v as *mut u64 as *mut c_void,
-            8,
-            (base + off as u64) as *const c_void,
-        )
-    };
-    if r == 0 {
-        v
-    } else {
-        0
-    }
+    rd(base, off)
 }
 
 #[inline(always)]
 fn rd32(base: u64, off: u32) -> u32 {
-    if base == 0 {
-        return 0;
-    }
-    let mut v: u32 = 0;
-    let r = unsafe {
-        bpf_probe_read_kernel(
-            &mut v as *mut u32 as *mut c_void,
-            4,
-            (base + off as u64) as *const c_void,
-        )
-    };
-    if r == 0 {
-        v
-    } else {
-        0
-    }
+    rd(base, off)
 }
 
 #[inline(always)]
 fn rd16(base: u64, off: u32) -> u16 {
-    if base == 0 {
-        return 0;
-    }
-    let mut v: u16 = 0;
-    let r = unsafe {
-        bpf_probe_read_kernel(
-            &mut v as *mut u16 as *mut c_void,
-            2,
-            (base + off as u64) as *const c_void,
-        )
-    };
-    if r == 0 {
-        v
-    } else {
-        0
-    }
+    rd(base, off)
 }
 
 #[inline(always)]

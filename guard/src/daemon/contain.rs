@@ -11,13 +11,12 @@ use super::Daemon;
 use crate::{
     audit::{AgentRef, Decision, Event},
     config::{unix_name, Config, ContainmentMode, ExecConfinement, UnixMode, UsernsMode},
-    identity::Identity,
     kernel::{
-        cgroup,
         confine::{self, Confinement},
         contain::{bpf_lsm_active, parse_contained, ContainSettings},
         Kernel,
     },
+    proxy::identify::{attributed, Seen},
 };
 
 /// Whether containment is on, and if not, why.
@@ -240,27 +239,18 @@ impl Daemon {
             .get(c.kind as usize)
             .copied()
             .unwrap_or("unknown");
-        let cgroup = cgroup::cgroup_of(c.tgid).ok();
-        let agent = self
-            .agents
-            .get(c.guard_cgroup_id)
-            .or_else(|| cgroup.as_deref().and_then(|g| self.agents.containing(g)))
-            .map(|a| a.name);
-        let comm_len = c.comm.iter().position(|b| *b == 0).unwrap_or(c.comm.len());
-        let identity = Identity {
-            pid: c.pid,
-            tgid: c.tgid,
-            uid: c.uid,
-            gid: c.gid,
-            comm: String::from_utf8_lossy(&c.comm[..comm_len]).into_owned(),
-            cgroup_id: c.cgroup_id,
-            agent,
-            exe: std::fs::read_link(format!("/proc/{}/exe", c.tgid))
-                .ok()
-                .map(|p| p.display().to_string()),
-            cgroup: cgroup.map(|g| format!("/{g}")),
-            ..Default::default()
-        };
+        let identity = attributed(
+            &self.agents,
+            Seen {
+                pid: c.pid,
+                tgid: c.tgid,
+                uid: c.uid,
+                gid: c.gid,
+                comm: &c.comm,
+                cgroup_id: c.cgroup_id,
+                agent_cgroup_id: c.guard_cgroup_id,
+            },
+        );
         let mut r = self.audit.record(Event::Contained, Decision::Deny);
         r.agent = Some(AgentRef::from(&identity));
         r.rule = Some(format!("containment.{what}"));

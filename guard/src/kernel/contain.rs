@@ -6,9 +6,7 @@ use std::{collections::BTreeMap, fs, path::Path};
 
 use anyhow::{anyhow, bail, Context as _, Result};
 use aya::maps::{MapData, RingBuf};
-use guard_common::{
-    ContainConfig, Contained, CONTAIN_KINDS, CONTAIN_NAMES, UNIX_ALLOW_ENTRIES, UNIX_PATH_MAX,
-};
+use guard_common::{ContainConfig, Contained, CONTAIN_NAMES, UNIX_ALLOW_ENTRIES, UNIX_PATH_MAX};
 
 use super::{attach::Step, Kernel};
 
@@ -162,16 +160,7 @@ impl Kernel {
 
     /// Containment refusals by kind, summed over CPUs.
     pub fn contain_counters(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for i in 0..CONTAIN_KINDS {
-            let total = self
-                .contain_counters
-                .get(&i, 0)
-                .map(|per_cpu| per_cpu.iter().sum())
-                .unwrap_or(0);
-            out.insert(CONTAIN_NAMES[i as usize].to_string(), total);
-        }
-        out
+        super::per_cpu_totals(&self.contain_counters, &CONTAIN_NAMES)
     }
 }
 

@@ -26,7 +26,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use guard_common::{
-    ClientKey, Config as KConfig, ExeOffsets, ExemptPorts, Origin, AF_INET, AF_INET6, COUNTERS,
+    ClientKey, Config as KConfig, ExeOffsets, ExemptPorts, Origin, AF_INET, AF_INET6,
     COUNTER_NAMES, EXEMPT_MAX_PORTS,
 };
 
@@ -335,17 +335,21 @@ impl Kernel {
 
     /// Kernel counters summed over CPUs, by name.
     pub fn counters(&self) -> BTreeMap<String, u64> {
-        let mut out = BTreeMap::new();
-        for i in 0..COUNTERS {
-            let total = self
-                .counters
+        per_cpu_totals(&self.counters, &COUNTER_NAMES)
+    }
+}
+
+/// A per-CPU counter array summed over CPUs, slot `i` named `names[i]`.
+fn per_cpu_totals(map: &PerCpuArray<MapData, u64>, names: &[&str]) -> BTreeMap<String, u64> {
+    (0..names.len() as u32)
+        .map(|i| {
+            let total = map
                 .get(&i, 0)
                 .map(|per_cpu| per_cpu.iter().sum())
                 .unwrap_or(0);
-            out.insert(COUNTER_NAMES[i as usize].to_string(), total);
-        }
-        out
-    }
+            (names[i as usize].to_string(), total)
+        })
+        .collect()
 }
 
 /// One trie entry per distinct prefix, each carrying the ports of every prefix that contains it,

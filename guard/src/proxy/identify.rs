@@ -43,34 +43,66 @@ impl Identify for KernelIdentify {
 /// redirect (or its entry is gone), and must be closed.
 fn identify(kernel: &Kernel, agents: &Agents, client: SocketAddr) -> Option<Connection> {
     let origin = kernel.take_origin(client)?;
-    let comm_len = origin
-        .comm
-        .iter()
-        .position(|b| *b == 0)
-        .unwrap_or(origin.comm.len());
-    let cgroup = kernel::cgroup::cgroup_of(origin.tgid).ok();
-    let agent = agents
-        .get(origin.cgroup_id)
-        .or_else(|| cgroup.as_deref().and_then(|c| agents.containing(c)))
-        .map(|a| a.name);
     let identity = Identity {
-        pid: origin.pid,
-        tgid: origin.tgid,
-        uid: origin.uid,
-        gid: origin.gid,
-        comm: String::from_utf8_lossy(&origin.comm[..comm_len]).into_owned(),
-        cgroup_id: origin.cgroup_id,
         netns_cookie: origin.netns_cookie,
-        agent,
-        exe: std::fs::read_link(format!("/proc/{}/exe", origin.tgid))
-            .ok()
-            .map(|p| p.display().to_string()),
         exe_file: ExeFile::from_kernel(origin.exe_dev, origin.exe_ino),
-        cgroup: cgroup.map(|c| format!("/{c}")),
+        ..attributed(
+            agents,
+            Seen {
+                pid: origin.pid,
+                tgid: origin.tgid,
+                uid: origin.uid,
+                gid: origin.gid,
+                comm: &origin.comm,
+                cgroup_id: origin.cgroup_id,
+                agent_cgroup_id: origin.cgroup_id,
+            },
+        )
     };
     Some(Connection {
         client,
         original_dst: kernel::original_dst(&origin),
         identity,
     })
+}
+
+/// What the kernel saw of a task (at `connect()`, or when it refused something).
+pub struct Seen<'a> {
+    pub pid: u32,
+    pub tgid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub comm: &'a [u8; 16],
+    pub cgroup_id: u64,
+    /// The agent cgroup to look the agent up by first.
+    pub agent_cgroup_id: u64,
+}
+
+/// `seen` with attribution read now: the agent (by cgroup id, else by the cgroup path that
+/// contains the task), the executable path and the cgroup path.
+pub fn attributed(agents: &Agents, seen: Seen<'_>) -> Identity {
+    let comm_len = seen
+        .comm
+        .iter()
+        .position(|b| *b == 0)
+        .unwrap_or(seen.comm.len());
+    let cgroup = kernel::cgroup::cgroup_of(seen.tgid).ok();
+    let agent = agents
+        .get(seen.agent_cgroup_id)
+        .or_else(|| cgroup.as_deref().and_then(|c| agents.containing(c)))
+        .map(|a| a.name);
+    Identity {
+        pid: seen.pid,
+        tgid: seen.tgid,
+        uid: seen.uid,
+        gid: seen.gid,
+        comm: String::from_utf8_lossy(&seen.comm[..comm_len]).into_owned(),
+        cgroup_id: seen.cgroup_id,
+        agent,
+        exe: std::fs::read_link(format!("/proc/{}/exe", seen.tgid))
+            .ok()
+            .map(|p| p.display().to_string()),
+        cgroup: cgroup.map(|c| format!("/{c}")),
+        ..Default::default()
+    }
 }
