@@ -121,8 +121,12 @@ pub struct Guard {
     pub connections_log: PathBuf,
     /// System roots plus guard's CA, as `guard exec` gives agents.
     pub ca_bundle: PathBuf,
+    /// `paths.stdio_socket`: where `guard wrap` (with [`Guard::config_file`]) reaches it.
+    pub stdio_socket: PathBuf,
     config_text: String,
     enforcement: Option<Enforcement>,
+    /// Ends the thread serving the stdio socket.
+    stdio_stop: Option<tokio::sync::oneshot::Sender<()>>,
     routes: Arc<Routes>,
     _rt: tokio::runtime::Runtime,
 }
@@ -144,6 +148,7 @@ state_dir = "{state}"
 audit_log = "{audit}"
 policies = "{policies}"
 control_socket = "{d}/unused.sock"
+stdio_socket = "{d}/stdio.sock"
 bpffs = "{d}/unused-bpffs"
 
 [proxy]
@@ -176,7 +181,10 @@ threads = 1
         let enforcement = rt
             .block_on(assemble(&config, policies, audit, identify))
             .unwrap();
+        let stdio_stop = serve_stdio(&config, enforcement.engine.clone());
         Guard {
+            stdio_socket: config.paths.stdio_socket.clone(),
+            stdio_stop: Some(stdio_stop),
             dir: dir.to_path_buf(),
             audit_log: config.paths.audit_log.clone(),
             connections_log: config.audit_settings().connections,
@@ -197,7 +205,17 @@ threads = 1
         Guard::with_config(&dir, text)
     }
 
-    fn stop(&mut self) {
+    /// The configuration file this guard runs with (`guard --config FILE wrap ...`).
+    pub fn config_file(&self) -> PathBuf {
+        self.dir.join("guard.toml")
+    }
+
+    /// Stops serving (the stdio socket and the proxy), as a daemon that died would;
+    /// [`Guard::restart`] starts it again.
+    pub fn stop(&mut self) {
+        if let Some(stop) = self.stdio_stop.take() {
+            let _ = stop.send(());
+        }
         if let Some(e) = self.enforcement.take() {
             e.proxy.workers.stop();
         }
@@ -291,6 +309,37 @@ threads = 1
     pub fn curl_post(&self, url: &str, headers: &[&str], body: &str) -> (u16, String) {
         self.curl_post_with("curl", &[], headers, body, url)
     }
+}
+
+/// Serves `paths.stdio_socket` as the daemon does, on a thread of its own, until told to stop.
+fn serve_stdio(config: &Config, engine: Arc<Engine>) -> tokio::sync::oneshot::Sender<()> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = std::sync::mpsc::channel();
+    let path = config.paths.stdio_socket.clone();
+    let stdio = Arc::new(guard::daemon::stdio::Stdio {
+        engine,
+        agents: Arc::new(guard::identity::Agents::default()),
+        max_body: config.proxy.max_body.0 as usize,
+        per_uid: guard::daemon::stdio::PER_UID,
+    });
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let at = path.clone();
+        rt.block_on(async move {
+            let listener = guard::daemon::stdio::bind(&at).unwrap();
+            let _ = ready_tx.send(());
+            tokio::select! {
+                _ = guard::daemon::stdio::serve(listener, stdio) => {}
+                _ = stopped => {}
+            }
+        });
+        let _ = std::fs::remove_file(&path);
+    });
+    ready.recv().unwrap();
+    stop
 }
 
 impl crate::AuditLog for Guard {

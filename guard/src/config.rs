@@ -239,6 +239,8 @@ pub enum OtherTraffic {
 pub struct Paths {
     pub bpffs: PathBuf,
     pub control_socket: PathBuf,
+    /// Where `guard wrap` sessions reach the daemon (stdio MCP servers' messages).
+    pub stdio_socket: PathBuf,
     pub state_dir: PathBuf,
     pub audit_log: PathBuf,
     pub policies: PathBuf,
@@ -249,6 +251,7 @@ impl Default for Paths {
         Paths {
             bpffs: "/sys/fs/bpf/guard".into(),
             control_socket: "/run/guard/guard.sock".into(),
+            stdio_socket: "/run/guard/stdio.sock".into(),
             state_dir: "/var/lib/guard".into(),
             audit_log: "/var/log/guard/audit.jsonl".into(),
             policies: "/etc/guard/policies".into(),

@@ -3,7 +3,8 @@
 //!
 //! The data path, one module a step: [`kernel`] (the eBPF redirect) -> [`proxy`] (accept,
 //! identify, classify, TLS, HTTP, TCP passthrough) -> [`mcp`] (the transport-free enforcement
-//! core, which asks [`policy`]) -> [`audit`]. [`identity`] says who a caller is; [`daemon`]
+//! core, which asks [`policy`]) -> [`audit`]; [`stdio`] is the other adapter around the core
+//! (`guard wrap`: stdio MCP servers). [`identity`] says who a caller is; [`daemon`]
 //! wires everything together and serves the control socket; [`cli`] is the command line.
 pub mod audit;
 pub mod cli;
@@ -16,3 +17,4 @@ pub mod mcp;
 pub mod net;
 pub mod policy;
 pub mod proxy;
+pub mod stdio;

@@ -2,6 +2,8 @@
 """A real MCP client (Python SDK's ClientSession) for guard's integration tests.
 
     python mcp_client.py URL [--transport streamable-http|sse] [--list] [--call TOOL JSON_ARGS]...
+                         (URL `stdio`: [--stdio-command JSON_ARRAY | --stdio-config FILE
+                          --stdio-server NAME] [--stdio-env K=V]...)
                          [--ca FILE] [--timeout SECONDS] [--header 'Name: value']... [--print-init]
                          [--sampling TEXT]
                          [--skip-output-validation]
@@ -36,6 +38,7 @@ from typing import Any
 import httpx
 from mcp import ClientSession
 from mcp.client.sse import sse_client
+from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.exceptions import McpError
 
@@ -94,7 +97,12 @@ async def run(args: argparse.Namespace) -> None:
     ) -> httpx.AsyncClient:
         return httpx.AsyncClient(headers=headers, timeout=timeout, auth=auth, verify=verify)
 
-    if args.transport == "sse":
+    if args.url == "stdio":
+        # The server's command line: --stdio-command (a JSON array), or the entry
+        # --stdio-server of an agent's MCP config file (--stdio-config).
+        transport = stdio_client(stdio_params(args))
+        http_client = None
+    elif args.transport == "sse":
         transport = sse_client(
             args.url,
             headers=headers or None,
@@ -156,6 +164,25 @@ async def run(args: argparse.Namespace) -> None:
             await http_client.aclose()
 
 
+def stdio_params(args: argparse.Namespace) -> StdioServerParameters:
+    if args.stdio_config:
+        with open(args.stdio_config, encoding="utf-8") as f:
+            config = json.load(f)
+        # Claude Desktop / Claude Code / Cursor: mcpServers; VS Code: servers.
+        servers = config.get("mcpServers") or config.get("servers") or {}
+        entry = servers[args.stdio_server]
+        command, argv, env = entry["command"], entry.get("args", []), entry.get("env")
+    else:
+        command, *argv = json.loads(args.stdio_command)
+        env = None
+    # The SDK passes only a few variables by default (HOME, PATH, ...): add what was asked.
+    if args.stdio_env:
+        from mcp.client.stdio import get_default_environment
+
+        env = {**get_default_environment(), **(env or {}), **dict(args.stdio_env)}
+    return StdioServerParameters(command=command, args=argv, env=env)
+
+
 def sampler(text: str) -> Any:
     """A sampling callback: prints {"sampling": <the request's first text>} and answers `text`."""
     from mcp import types
@@ -203,7 +230,19 @@ def describe(e: BaseException) -> list[str]:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("url", help="MCP endpoint: .../mcp (streamable-http) or .../sse (sse)")
+    p.add_argument(
+        "url", help="MCP endpoint: .../mcp (streamable-http) or .../sse (sse), or stdio"
+    )
+    p.add_argument("--stdio-command", help="with URL stdio: the server's command, a JSON array")
+    p.add_argument("--stdio-config", help="with URL stdio: an agent's MCP config file ...")
+    p.add_argument("--stdio-server", help="... and the name of the server entry in it")
+    p.add_argument(
+        "--stdio-env",
+        action="append",
+        default=[],
+        type=lambda s: tuple(s.split("=", 1)),
+        help="with URL stdio: K=V for the server's environment",
+    )
     p.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
     p.add_argument("--list", nargs=0, action=Steps, help="list every tool (all pages)")
     p.add_argument(

@@ -316,7 +316,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--host", default="127.0.0.1", help="address to bind (only this one); [::1] ok")
     p.add_argument("--port", type=int, default=0, help="port; 0 = any free one (see READY line)")
-    p.add_argument("--transport", choices=["streamable-http", "sse"], default="streamable-http")
+    p.add_argument(
+        "--transport", choices=["streamable-http", "sse", "stdio"], default="streamable-http"
+    )
     p.add_argument(
         "--json-response",
         action="store_true",
@@ -350,7 +352,12 @@ def main() -> None:
         format="mcp_server: %(levelname)s %(name)s: %(message)s",
     )
     try:
-        asyncio.run(serve(args))
+        if args.transport == "stdio":
+            # MCP on stdin/stdout (newline-delimited JSON-RPC); no READY line: stdout is the
+            # protocol's.
+            build(args).run(transport="stdio")
+        else:
+            asyncio.run(serve(args))
     except KeyboardInterrupt:
         pass
 

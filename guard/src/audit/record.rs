@@ -208,10 +208,9 @@ impl Record {
             &self.client,
             &self.rule,
         ];
-        let host_long = self
-            .server
-            .as_ref()
-            .is_some_and(|s| s.host.len() > MAX_HOST);
+        let host_long = self.server.as_ref().is_some_and(|s| {
+            s.host.len() > MAX_HOST || s.command.as_ref().is_some_and(|c| c.len() > MAX_TEXT)
+        });
         if !id_long && !host_long && !texts.into_iter().any(long) {
             return None;
         }
@@ -226,6 +225,10 @@ impl Record {
         if let Some(server) = r.server.as_mut() {
             // From `Host` or SNI, which the agent writes.
             server.host = clip(&server.host, MAX_HOST).into_owned();
+            server.command = server
+                .command
+                .as_deref()
+                .map(|c| clip(c, MAX_TEXT).into_owned());
         }
         if id_long {
             let id = self
@@ -278,6 +281,9 @@ pub struct ServerRef {
     pub name: Option<String>,
     pub host: String,
     pub port: u16,
+    /// A stdio server's command line (`guard wrap`), arguments joined by spaces.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
 }
 
 impl Record {
@@ -369,6 +375,7 @@ mod tests {
             name: None,
             host: "h".repeat(60_000),
             port: 80,
+            command: None,
         });
         let c = r.clipped().unwrap();
         assert!(serde_json::to_vec(&c).unwrap().len() < 4 * MAX_TEXT);

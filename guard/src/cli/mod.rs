@@ -78,6 +78,16 @@ pub enum Cmd {
     Approvals(ApprovalsCmd),
     /// Reload the policies now (root; same as SIGHUP to the daemon).
     Reload,
+    /// Run a stdio MCP server behind guard: every message between the agent (this command's
+    /// stdin and stdout) and CMD is decided by the daemon first.
+    Wrap {
+        /// The policy to apply (default: the `stdio:` match entry that fits CMD's command line).
+        #[arg(long)]
+        server: Option<String>,
+        /// The server's command, after `--`.
+        #[arg(required = true, last = true)]
+        cmd: Vec<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -163,6 +173,17 @@ pub enum AuditCmd {
     },
 }
 
+/// Ends this process by `sig`, as the server it wrapped ended (its parent sees the same
+/// status); 128 + `sig` if the signal does not kill.
+fn die_of(sig: i32) -> i32 {
+    // SAFETY: resetting a disposition and raising a signal on ourselves.
+    unsafe {
+        libc::signal(sig, libc::SIG_DFL);
+        libc::raise(sig);
+    }
+    128 + sig
+}
+
 pub fn main() -> i32 {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("GUARD_LOG")
@@ -221,6 +242,21 @@ pub fn main() -> i32 {
             );
             0
         }),
+        Cmd::Wrap { server, cmd } => {
+            let o = crate::stdio::wrap::Options {
+                socket: config.0.paths.stdio_socket.clone(),
+                server,
+                command: cmd,
+            };
+            return match crate::stdio::wrap::run(o) {
+                Ok(crate::stdio::wrap::Exit::Code(c)) => c,
+                Ok(crate::stdio::wrap::Exit::Signal(sig)) => die_of(sig),
+                Err(e) => {
+                    eprintln!("guard wrap: {e:#}");
+                    EXIT_GUARD_FAILED
+                }
+            };
+        }
         Cmd::Audit(AuditCmd::Tail {
             follow,
             json,

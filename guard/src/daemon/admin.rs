@@ -174,6 +174,7 @@ impl Daemon {
             name: Some(held.server.clone()),
             host: String::new(),
             port: 0,
+            command: None,
         });
         r.args_sha256 = Some(held.args_sha256.clone());
         r.detail = Some(detail);

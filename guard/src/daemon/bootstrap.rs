@@ -255,10 +255,13 @@ pub async fn assemble(
     })
 }
 
-pub(super) async fn start(
-    config: Config,
-    config_source: String,
-) -> Result<(Daemon, tokio::net::UnixListener)> {
+/// The daemon's Unix sockets, bound before anything is attached.
+pub(super) struct Sockets {
+    pub control: tokio::net::UnixListener,
+    pub stdio: tokio::net::UnixListener,
+}
+
+pub(super) async fn start(config: Config, config_source: String) -> Result<(Daemon, Sockets)> {
     let at = attach_point(&config)?;
     // Before anything is attached: a state directory that cannot be made stops the start.
     let state_dir = &config.paths.state_dir;
@@ -276,6 +279,7 @@ pub(super) async fn start(
         .filter_map(|l| l.local_addr().ok())
         .collect();
     let control_listener = control::bind(&config.paths.control_socket)?;
+    let stdio_listener = super::stdio::bind(&config.paths.stdio_socket)?;
 
     let mut kernel = load_kernel(&config, &at)?;
     let agents = Arc::new(Agents::default());
@@ -332,5 +336,9 @@ pub(super) async fn start(
         containment,
         contained: Mutex::new(contained),
     };
-    Ok((daemon, control_listener))
+    let sockets = Sockets {
+        control: control_listener,
+        stdio: stdio_listener,
+    };
+    Ok((daemon, sockets))
 }

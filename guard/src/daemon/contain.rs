@@ -107,7 +107,8 @@ fn partial(config: &Config, reason: &str) -> Option<Containment> {
 pub fn unix_allow_names(config: &Config) -> Vec<Vec<u8>> {
     let mut out = Vec::new();
     let control = config.paths.control_socket.display().to_string();
-    for entry in config.scope.unix_allow.iter().chain([&control]) {
+    let stdio = config.paths.stdio_socket.display().to_string();
+    for entry in config.scope.unix_allow.iter().chain([&control, &stdio]) {
         // Entries were checked when the configuration was read.
         let Ok(name) = unix_name(entry) else { continue };
         if name[0] != 0 {
@@ -378,6 +379,10 @@ mod tests {
         config.paths.control_socket = "/run/guard/guard.sock".into();
         let names = unix_allow_names(&config);
         let has = |s: &str| names.contains(&unix_name(s).unwrap());
+        assert!(
+            has("/run/guard/stdio.sock"),
+            "guard wrap reaches the daemon"
+        );
         assert!(has(&dir.path().join("link/s.sock").display().to_string()));
         assert!(has(&real
             .canonicalize()

@@ -126,7 +126,7 @@ impl Peer {
     }
 
     /// The peer of `stream`: its credentials and a pidfd of the process that connected.
-    fn of(stream: &UnixStream) -> Result<Peer> {
+    pub(crate) fn of(stream: &UnixStream) -> Result<Peer> {
         use std::os::fd::AsRawFd as _;
         let cred = stream.peer_cred()?;
         let pid = cred.pid().unwrap_or(0) as u32;

@@ -10,6 +10,7 @@ mod contain;
 pub mod control;
 mod metrics;
 mod policies;
+pub mod stdio;
 
 pub use admin::disable_offline;
 pub use agents::{parse_agent_dir, valid_agent_name};
@@ -97,8 +98,8 @@ pub fn run(config: Config, config_source: String) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
-        let (daemon, control_listener) = bootstrap::start(config, config_source).await?;
-        Arc::new(daemon).serve(control_listener).await
+        let (daemon, listeners) = bootstrap::start(config, config_source).await?;
+        Arc::new(daemon).serve(listeners).await
     })
 }
 
@@ -110,7 +111,7 @@ const RATE_LIMIT_SAVE: Duration = Duration::from_secs(1);
 const NAMED_REFRESH: Duration = Duration::from_secs(60);
 
 impl Daemon {
-    async fn serve(self: Arc<Self>, listener: tokio::net::UnixListener) -> Result<()> {
+    async fn serve(self: Arc<Self>, listeners: bootstrap::Sockets) -> Result<()> {
         if let Some(addr) = self.config.metrics.addr() {
             let l = tokio::net::TcpListener::bind(addr)
                 .await
@@ -118,8 +119,17 @@ impl Daemon {
             tracing::info!(%addr, "metrics on http://{addr}/metrics");
             tokio::spawn(metrics::serve(self.clone(), l));
         }
+        tokio::spawn(stdio::serve(
+            listeners.stdio,
+            Arc::new(stdio::Stdio {
+                engine: self.engine.clone(),
+                agents: self.agents.clone(),
+                max_body: self.config.proxy.max_body.0 as usize,
+                per_uid: stdio::PER_UID,
+            }),
+        ));
         // Control last: a daemon that answers `status` serves everything else already.
-        tokio::spawn(control::serve(listener, self.clone()));
+        tokio::spawn(control::serve(listeners.control, self.clone()));
         tokio::spawn(self.clone().reap());
         if let Some(ring) = self.contained.lock().unwrap().take() {
             tokio::spawn(self.clone().report_contained(ring));
@@ -169,6 +179,7 @@ impl Daemon {
         r.reason = Some(sig.into());
         let _ = self.audit.write(&r);
         let _ = std::fs::remove_file(&self.config.paths.control_socket);
+        let _ = std::fs::remove_file(&self.config.paths.stdio_socket);
         Ok(())
     }
 }

@@ -42,6 +42,8 @@ pub enum Transport {
     StreamableHttp,
     /// Legacy HTTP+SSE (answers travel on the session's event stream).
     Sse,
+    /// Newline-delimited JSON-RPC on a server's stdin and stdout (`guard wrap`).
+    Stdio,
 }
 
 impl Transport {
@@ -49,6 +51,7 @@ impl Transport {
         match self {
             Transport::StreamableHttp => "streamable-http",
             Transport::Sse => "sse",
+            Transport::Stdio => "stdio",
         }
     }
 }
@@ -67,15 +70,20 @@ pub struct Target {
     /// or clear blocks.
     pub at_destination: bool,
     pub session: Option<String>,
+    /// A stdio server's command line (arguments joined by spaces).
+    pub command: Option<String>,
     pub transport: Transport,
     /// When the request carrying the message arrived (the decision latency counts from here).
     pub received: Instant,
 }
 
 impl Target {
-    /// `host:port`, for unknown servers.
+    /// `host:port` (a stdio server: `stdio:COMMAND`), for unknown servers.
     pub fn address(&self) -> String {
-        format!("{}:{}", self.host, self.port)
+        match (&self.command, self.transport) {
+            (Some(c), Transport::Stdio) => format!("stdio:{c}"),
+            _ => format!("{}:{}", self.host, self.port),
+        }
     }
 }
 
@@ -165,6 +173,7 @@ impl Engine {
             name: t.server.clone(),
             host: t.host.clone(),
             port: t.port,
+            command: t.command.clone(),
         });
         r.original_dst = t.original_dst.map(|d| d.to_string());
         r.transport = Some(t.transport.as_str().into());

@@ -1,7 +1,9 @@
 //! `server.match` entries: which connections and requests a policy governs.
 //!
 //! An entry is a URL (`http[s]://host[:port]/path`: host, port (80/443 by scheme) and a path
-//! prefix) or `host:port` (a name or an IP literal, IPv6 in brackets). Names are compared with the
+//! prefix), `host:port` (a name or an IP literal, IPv6 in brackets), or `stdio:COMMAND-GLOB`, a
+//! glob (`*` matches anything) over the command line of a stdio server `guard wrap` starts (its
+//! arguments joined by single spaces). Names are compared with the
 //! request's `Host` header (or the TLS SNI name); IP literals also with the connection's original
 //! destination. The `Host` header and SNI are chosen by the agent while the original destination
 //! is not, so a match on the destination address takes precedence over one on the name.
@@ -15,8 +17,17 @@ enum Host {
     Ip(IpAddr),
 }
 
+/// One `server.match` entry.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct Matcher {
+pub(super) enum Matcher {
+    /// A network endpoint (URL or `host:port`).
+    Net(Endpoint),
+    /// `stdio:GLOB`: stdio servers by their command line.
+    Stdio(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(super) struct Endpoint {
     host: Host,
     port: u16,
     /// `Some` for URL entries: the path prefix, without a trailing `/` (`""` for the root).
@@ -29,6 +40,56 @@ pub(super) type Score = (bool, bool, usize);
 
 impl Matcher {
     pub fn parse(entry: &str) -> Result<Matcher, String> {
+        if let Some(glob) = entry.strip_prefix("stdio:") {
+            if glob.trim().is_empty() {
+                return Err(format!(
+                    "\"{entry}\": a stdio entry needs a command glob, e.g. \"stdio:*server-filesystem*\""
+                ));
+            }
+            return Ok(Matcher::Stdio(glob.to_string()));
+        }
+        Endpoint::parse(entry).map(Matcher::Net)
+    }
+
+    /// How well this entry fits a stdio server's command line: the number of literal (non-`*`)
+    /// bytes of its glob, so the more specific entry wins. None: not a stdio entry, or no match.
+    pub fn score_stdio(&self, command: &str) -> Option<usize> {
+        match self {
+            Matcher::Stdio(g) if super::subject::glob(g, command) => {
+                Some(g.bytes().filter(|b| *b != b'*').count())
+            }
+            _ => None,
+        }
+    }
+
+    fn net(&self) -> Option<&Endpoint> {
+        match self {
+            Matcher::Net(e) => Some(e),
+            Matcher::Stdio(_) => None,
+        }
+    }
+
+    pub fn score_request(&self, host: Option<&str>, dst: SocketAddr, path: &str) -> Option<Score> {
+        self.net()?.score_request(host, dst, path)
+    }
+
+    pub fn score_at(
+        &self,
+        host: Option<&str>,
+        dst: SocketAddr,
+        path: &str,
+        fold: bool,
+    ) -> Option<Score> {
+        self.net()?.score_at(host, dst, path, fold)
+    }
+
+    pub fn score_sni(&self, sni: Option<&str>, dst: SocketAddr) -> Option<Score> {
+        self.net()?.score_sni(sni, dst)
+    }
+}
+
+impl Endpoint {
+    fn parse(entry: &str) -> Result<Endpoint, String> {
         let lower = entry.to_ascii_lowercase();
         let scheme = if lower.starts_with("https://") {
             Some(("https://".len(), 443))
@@ -36,7 +97,7 @@ impl Matcher {
             Some(("http://".len(), 80))
         } else if lower.contains("://") {
             return Err(format!(
-                "\"{entry}\": only http:// and https:// URLs are supported"
+                "\"{entry}\": only http:// and https:// URLs (and stdio:COMMAND-GLOB) are supported"
             ));
         } else {
             None
@@ -56,7 +117,7 @@ impl Matcher {
                     None => default_port,
                 };
                 let path = tail.split(['?', '#']).next().unwrap_or("");
-                Ok(Matcher {
+                Ok(Endpoint {
                     host: parse_host(host).ok_or_else(|| format!("\"{entry}\": bad host"))?,
                     port,
                     path: Some(path.trim_end_matches('/').to_owned()),
@@ -64,10 +125,10 @@ impl Matcher {
             }
             None => {
                 let bad = || {
-                    format!("\"{entry}\": expected a URL (http[s]://host[:port]/path) or host:port")
+                    format!("\"{entry}\": expected a URL (http[s]://host[:port]/path), host:port or stdio:COMMAND-GLOB")
                 };
                 let (host, port) = split_host_port(entry).ok_or_else(bad)?;
-                Ok(Matcher {
+                Ok(Endpoint {
                     host: parse_host(host).ok_or_else(bad)?,
                     port: port.ok_or_else(bad)?,
                     path: None,
@@ -209,8 +270,11 @@ fn path_has_prefix(path: &str, prefix: &str) -> bool {
 mod tests {
     use super::*;
 
-    fn m(s: &str) -> Matcher {
-        Matcher::parse(s).unwrap()
+    fn m(s: &str) -> Endpoint {
+        match Matcher::parse(s).unwrap() {
+            Matcher::Net(e) => e,
+            Matcher::Stdio(g) => panic!("{s}: a stdio entry ({g})"),
+        }
     }
     fn sa(s: &str) -> SocketAddr {
         s.parse().unwrap()

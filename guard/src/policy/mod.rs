@@ -655,6 +655,23 @@ impl PolicySet {
         }
     }
 
+    /// The policy for a stdio server `guard wrap` starts, by its command line (arguments
+    /// joined by single spaces) against the `stdio:GLOB` entries: the entry with the most
+    /// literal characters wins, ties go to the first in load order.
+    pub fn match_stdio(&self, command: &str) -> Option<&ServerPolicy> {
+        let mut best: Option<(usize, &ServerPolicy)> = None;
+        for s in &self.servers {
+            for (_, m) in &s.matchers {
+                if let Some(sc) = m.score_stdio(command) {
+                    if best.is_none_or(|(b, _)| sc > b) {
+                        best = Some((sc, s));
+                    }
+                }
+            }
+        }
+        best.map(|(_, s)| s)
+    }
+
     /// The policy for a TLS connection: SNI name (if any) and original destination (paths are
     /// not known yet: per request, use [`match_request`](Self::match_request)).
     pub fn match_sni(&self, sni: Option<&str>, dst: SocketAddr) -> Option<&ServerPolicy> {

@@ -1283,3 +1283,46 @@ fn a_shared_address_is_chosen_by_the_path_servers_read() {
     // ... and the Host chooses only among the servers at the address.
     assert_eq!(pick(Some("c.example:8000"), "/b/mcp", &names), "b");
 }
+
+#[test]
+fn stdio_servers_match_by_command_line() {
+    let set = load(&[
+        (
+            "fs.json",
+            r#"{"server": {"name": "fs", "match": ["stdio:*server-filesystem*"]}, "default": "allow"}"#,
+        ),
+        (
+            "fs-work.json",
+            r#"{"server": {"name": "fs-work", "match": ["stdio:npx -y @modelcontextprotocol/server-filesystem /work*"]}, "default": "deny"}"#,
+        ),
+        (
+            "web.json",
+            r#"{"server": {"name": "web", "match": ["127.0.0.1:8080"]}, "default": "allow"}"#,
+        ),
+    ])
+    .unwrap();
+    let name = |c: &str| set.match_stdio(c).map(|s| s.name.clone());
+    assert_eq!(
+        name("npx -y @modelcontextprotocol/server-filesystem /home/u").as_deref(),
+        Some("fs")
+    );
+    // The more literal entry wins.
+    assert_eq!(
+        name("npx -y @modelcontextprotocol/server-filesystem /work/a").as_deref(),
+        Some("fs-work")
+    );
+    assert_eq!(name("uvx mcp-server-git"), None);
+    // A stdio entry never matches network traffic, nor a network entry a command line.
+    let dst: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
+    assert_eq!(set.match_request(None, dst, "/").unwrap().name, "web");
+    assert_eq!(name("127.0.0.1:8080"), None);
+    let e = errors("x.json", r#"{"server": {"match": ["stdio:  "]}}"#);
+    assert!(e[0].contains("needs a command glob"), "{e:?}");
+    // The same entry in two policies is a clash, as for addresses.
+    let e = load(&[
+        ("a.json", r#"{"server": {"match": ["stdio:*git*"]}}"#),
+        ("b.json", r#"{"server": {"match": ["stdio:*git*"]}}"#),
+    ])
+    .unwrap_err();
+    assert!(e[0].to_string().contains("already matched"), "{e:?}");
+}

@@ -236,6 +236,7 @@ impl Ctx {
             original_dst: Some(self.conn.original_dst),
             at_destination,
             session,
+            command: None,
             transport: Transport::StreamableHttp,
             received,
         };

@@ -48,6 +48,7 @@ impl Proxy {
             name: server.clone(),
             host: sni.clone().unwrap_or_else(|| dst.ip().to_string()),
             port: dst.port(),
+            command: None,
         });
         rec.record.detail = Some(json!({
             "sni": sni, "alpn": hello.alpn, "intercepted": intercept,
