@@ -474,3 +474,100 @@ fn bad_input_either_way_is_answered_and_audited_never_forwarded() {
         );
     }
 }
+
+#[test]
+fn mcp_config_wraps_each_format_and_the_agent_still_works() {
+    let dir = TestDir::new("stdio-mcp-config");
+    dir.write_policy("files.json", &policy(1));
+    let g = Guard::start(&dir, "", "");
+    let log = dir.join("calls.jsonl");
+    let python = peer_python().display().to_string();
+    let server = json!({
+        "command": python,
+        "args": [script("mcp_server.py").display().to_string(), "--transport", "stdio",
+                 "--log", log.display().to_string()],
+    });
+    let mut typed = server.clone();
+    typed["type"] = json!("stdio");
+    let formats = [
+        (
+            "claude_desktop_config.json",
+            json!({"mcpServers": {"files": server}}),
+        ),
+        (
+            ".claude.json",
+            json!({"numStartups": 2, "mcpServers": {"files": server},
+                   "projects": {"/w": {"mcpServers": {"other": server}}}}),
+        ),
+        (
+            "mcp.json",
+            json!({"mcpServers": {"files": server, "web": {"url": "http://127.0.0.1:9/mcp"}}}),
+        ),
+        (
+            "vscode-mcp.json",
+            json!({"inputs": [], "servers": {"files": typed}}),
+        ),
+    ];
+    let guard = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_guard"))
+            .args(args)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        (out.status.code(), text)
+    };
+    for (i, (name, config)) in formats.iter().enumerate() {
+        let file = dir.join(name);
+        let original = serde_json::to_string_pretty(config).unwrap();
+        std::fs::write(&file, &original).unwrap();
+        let f = file.display().to_string();
+        let (code, text) = guard(&["mcp-config", "check", &f]);
+        assert_eq!(code, Some(1), "{name}: {text}");
+        assert!(text.contains("outside guard wrap"), "{text}");
+        let (code, text) = guard(&[
+            "mcp-config",
+            "wrap",
+            &f,
+            "--guard",
+            env!("CARGO_BIN_EXE_guard"),
+        ]);
+        assert_eq!(code, Some(0), "{name}: {text}");
+        assert_eq!(
+            std::fs::read_to_string(dir.join(&format!("{name}.guard-backup"))).unwrap(),
+            original
+        );
+        let wrapped_text = std::fs::read_to_string(&file).unwrap();
+        assert_eq!(
+            guard(&["mcp-config", "check", &f]).0,
+            Some(0),
+            "{wrapped_text}"
+        );
+        // Again: nothing changes.
+        guard(&["mcp-config", "wrap", &f]);
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), wrapped_text);
+        // The SDK client reads the rewritten entry; guard decides its calls.
+        let text = format!("via {name}");
+        let mut c = Command::new(peer_python());
+        c.arg(script("mcp_client.py"))
+            .args(["stdio", "--stdio-config", &f, "--stdio-server", "files"])
+            .arg("--stdio-env")
+            .arg(format!("GUARD_CONFIG={}", g.config_file().display()))
+            .args(["--skip-output-validation", "--call", "echo"])
+            .arg(json!({"text": text}).to_string())
+            .args(["--call", "delete_file", r#"{"path":"/x"}"#]);
+        let run = run_client(&mut c);
+        assert_eq!(
+            run.calls[0]["result"]["content"][0]["text"],
+            text.as_str(),
+            "{run:?}"
+        );
+        assert_eq!(run.calls[1]["error"]["code"], -32001, "{run:?}");
+        assert_eq!(calls_logged(&log).len(), i + 1, "{name}");
+        // Unwrapped, it runs the server directly again.
+        assert_eq!(guard(&["mcp-config", "unwrap", &f]).0, Some(0));
+        assert_eq!(guard(&["mcp-config", "check", &f]).0, Some(1));
+        let back: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        assert_eq!(&back, config, "{name}");
+    }
+}

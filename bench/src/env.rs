@@ -252,6 +252,7 @@ listen_port = {port}
 [paths]
 bpffs = "{pins}"
 control_socket = "{dir}/guard.sock"
+stdio_socket = "{dir}/stdio.sock"
 state_dir = "{dir}/state"
 audit_log = "{dir}/audit.jsonl"
 policies = "{dir}/policies"

@@ -164,6 +164,7 @@ listen_port = {port}
 [paths]
 bpffs = "{pins}"
 control_socket = "{socket}"
+stdio_socket = "{dir}/stdio.sock"
 state_dir = "{dir}/state"
 audit_log = "{audit}"
 policies = "{dir}/policies"

@@ -8,6 +8,7 @@ mod approvals;
 mod audit;
 mod ca;
 mod exec;
+mod mcp_config;
 mod policy;
 mod status;
 
@@ -87,6 +88,30 @@ pub enum Cmd {
         /// The server's command, after `--`.
         #[arg(required = true, last = true)]
         cmd: Vec<String>,
+    },
+    /// Put the stdio MCP servers of an agent's config file under `guard wrap` (Claude Desktop,
+    /// Claude Code, Cursor, VS Code).
+    #[command(subcommand, name = "mcp-config")]
+    McpConfig(McpConfigCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum McpConfigCmd {
+    /// Rewrite every stdio server entry to run under `guard wrap` (the file as it was is kept
+    /// as FILE.guard-backup; running it again changes nothing).
+    Wrap {
+        file: PathBuf,
+        /// The guard binary the entries run (default: this one).
+        #[arg(long)]
+        guard: Option<PathBuf>,
+    },
+    /// Undo `wrap`: every entry runs its server directly again.
+    Unwrap { file: PathBuf },
+    /// List the stdio server entries that do not run under `guard wrap`; exit 1 if any.
+    Check {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -257,6 +282,7 @@ pub fn main() -> i32 {
                 }
             };
         }
+        Cmd::McpConfig(cmd) => mcp_config::run(cmd),
         Cmd::Audit(AuditCmd::Tail {
             follow,
             json,

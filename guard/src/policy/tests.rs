@@ -1289,15 +1289,15 @@ fn stdio_servers_match_by_command_line() {
     let set = load(&[
         (
             "fs.json",
-            r#"{"server": {"name": "fs", "match": ["stdio:*server-filesystem*"]}, "default": "allow"}"#,
+            r#"{"version": "1", "server": {"name": "fs", "match": ["stdio:*server-filesystem*"]}, "default": "allow"}"#,
         ),
         (
             "fs-work.json",
-            r#"{"server": {"name": "fs-work", "match": ["stdio:npx -y @modelcontextprotocol/server-filesystem /work*"]}, "default": "deny"}"#,
+            r#"{"version": "1", "server": {"name": "fs-work", "match": ["stdio:npx -y @modelcontextprotocol/server-filesystem /work*"]}, "default": "deny"}"#,
         ),
         (
             "web.json",
-            r#"{"server": {"name": "web", "match": ["127.0.0.1:8080"]}, "default": "allow"}"#,
+            r#"{"version": "1", "server": {"name": "web", "match": ["127.0.0.1:8080"]}, "default": "allow"}"#,
         ),
     ])
     .unwrap();
@@ -1316,12 +1316,21 @@ fn stdio_servers_match_by_command_line() {
     let dst: std::net::SocketAddr = "127.0.0.1:8080".parse().unwrap();
     assert_eq!(set.match_request(None, dst, "/").unwrap().name, "web");
     assert_eq!(name("127.0.0.1:8080"), None);
-    let e = errors("x.json", r#"{"server": {"match": ["stdio:  "]}}"#);
+    let e = errors(
+        "x.json",
+        r#"{"version": "1", "server": {"match": ["stdio:  "]}}"#,
+    );
     assert!(e[0].contains("needs a command glob"), "{e:?}");
     // The same entry in two policies is a clash, as for addresses.
     let e = load(&[
-        ("a.json", r#"{"server": {"match": ["stdio:*git*"]}}"#),
-        ("b.json", r#"{"server": {"match": ["stdio:*git*"]}}"#),
+        (
+            "a.json",
+            r#"{"version": "1", "server": {"match": ["stdio:*git*"]}}"#,
+        ),
+        (
+            "b.json",
+            r#"{"version": "1", "server": {"match": ["stdio:*git*"]}}"#,
+        ),
     ])
     .unwrap_err();
     assert!(e[0].to_string().contains("already matched"), "{e:?}");
