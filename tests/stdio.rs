@@ -571,3 +571,69 @@ fn mcp_config_wraps_each_format_and_the_agent_still_works() {
         assert_eq!(&back, config, "{name}");
     }
 }
+
+#[test]
+fn the_typescript_sdk_drives_server_everything_under_guard_wrap_with_its_policy() {
+    let dir = TestDir::new("stdio-everything");
+    let repo_policy = Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies/everything.json");
+    dir.write_policy(
+        "everything.json",
+        &std::fs::read_to_string(repo_policy).unwrap(),
+    );
+    let g = Guard::start(&dir, "", "");
+    let modules = peers_dir().join("node/node_modules");
+    let server = vec![
+        env!("CARGO_BIN_EXE_guard").to_string(),
+        "--config".into(),
+        g.config_file().display().to_string(),
+        "wrap".into(),
+        "--".into(),
+        "node".into(),
+        modules
+            .join("@modelcontextprotocol/server-everything/dist/index.js")
+            .display()
+            .to_string(),
+        "stdio".into(),
+    ];
+    let mut c = Command::new("node");
+    c.arg(script("mcp_client.mjs"))
+        .arg("stdio")
+        .arg("--stdio-command")
+        .arg(serde_json::to_string(&server).unwrap())
+        .arg("--node-modules")
+        .arg(&modules)
+        .args(["--timeout", "20", "--list"])
+        .args(["--call", "get-sum", r#"{"a":1,"b":2}"#])
+        .args(["--call", "get-env", "{}"])
+        .args(["--call", "echo"])
+        .arg(json!({"message": "x".repeat(1001)}).to_string());
+    let run = run_client(&mut c);
+    let tools = run.tools.clone().unwrap();
+    // hide_denied: what the policy denies is not listed.
+    assert!(tools.contains(&"get-sum".to_string()), "{tools:?}");
+    assert!(!tools.contains(&"get-env".to_string()), "{tools:?}");
+    assert!(
+        !tools.contains(&"gzip-file-as-resource".to_string()),
+        "{tools:?}"
+    );
+    assert_eq!(
+        run.calls[0]["result"]["content"][0]["text"], "The sum of 1 and 2 is 3.",
+        "{run:?}"
+    );
+    assert_eq!(run.calls[1]["error"]["code"], -32001, "{run:?}");
+    let long = &run.calls[2]["error"];
+    assert_eq!(long["code"], -32001, "{run:?}");
+    assert!(
+        long["message"]
+            .as_str()
+            .unwrap()
+            .contains("1000 characters"),
+        "{long}"
+    );
+    let audit = read_audit(&g.audit_log);
+    let env = audit.iter().find(|r| r["tool"] == "get-env").unwrap();
+    assert_eq!(
+        (env["server"]["name"].clone(), env["transport"].clone()),
+        (json!("everything"), json!("stdio"))
+    );
+}

@@ -52,13 +52,16 @@ enum Cmd {
         #[arg(long)]
         daemon_nofile: Option<u64>,
         /// Only these groups of measurements (comma-separated): policy, mcp, echo, conn, tls,
-        /// real, connect, bulk, rss. A partial run's table is not the whole picture.
+        /// real, connect, contain, stdio, bulk, rss. A partial run's table is not the whole picture.
         #[arg(long, value_delimiter = ',', value_parser = clap::builder::PossibleValuesParser::new(run::GROUPS))]
         only: Option<Vec<String>>,
     },
     /// One load generator (started by `run` inside a cgroup); SPEC is JSON.
     #[command(hide = true)]
     Worker { spec: String },
+    /// A stdio MCP server that answers at once (the stdio rows' server).
+    #[command(hide = true, name = "stdio-server")]
+    StdioServer,
 }
 
 fn main() -> ExitCode {
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
             r
         }
         Cmd::Worker { spec } => worker::main(&spec),
+        Cmd::StdioServer => worker::stdio_server(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

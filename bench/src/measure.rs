@@ -224,6 +224,53 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// A stdio server's `tools/call` round trip: the server started directly, and under
+    /// `guard wrap` (every line decided by the daemon), one call at a time.
+    pub fn stdio(&mut self) -> Result<()> {
+        self.progress("stdio: tools/call round trips, direct and under guard wrap");
+        let iters = self.n(3000);
+        let me = std::env::current_exe()?.display().to_string();
+        let direct = vec![me.clone(), "stdio-server".to_string()];
+        let mut wrapped = vec![
+            self.env.bin.display().to_string(),
+            "--config".into(),
+            self.env.config.display().to_string(),
+            "wrap".into(),
+            "--".into(),
+        ];
+        wrapped.extend(direct.iter().cloned());
+        let spec = |command: &[String]| json!({ "kind": "stdio", "command": command, "iters": iters, "warmup": 200 });
+        let mut m = self.abba_specs(
+            &[Side::Direct, Side::Guard],
+            &[spec(&direct), spec(&wrapped)],
+            0,
+        )?;
+        let (rd, rg) = (m[0].rate(), m[1].rate());
+        let (d, g) = (m[0].summary(), m[1].summary());
+        let added = g.p50 as i64 - d.p50 as i64;
+        self.rep.row(
+            "stdio tools/call median (guard wrap)",
+            us(d.p50),
+            us(g.p50),
+            added_us(g.p50, d.p50),
+            "<= +50 µs",
+            Verdict::of(added <= 50_000),
+        );
+        self.rep
+            .timed("stdio tools/call p99 (guard wrap)", d.p99, g.p99);
+        self.rep.results.insert(
+            "stdio".into(),
+            json!({
+                "iterations_per_side": 2 * iters,
+                "direct": d.to_json(), "guard": g.to_json(),
+                "calls_per_s": { "direct": rd, "guard": rg },
+                "added_median_us": added as f64 / 1000.0,
+                "added_p99_us": (g.p99 as i64 - d.p99 as i64) as f64 / 1000.0,
+            }),
+        );
+        Ok(())
+    }
+
     /// What containment costs a guarded process: `connect()` (spaced 0.5 ms apart) and a
     /// fork + exec loop, with containment as the daemon turns it on here (BPF LSM programs; or,
     /// partial, the Landlock domain and seccomp filter `guard exec` applies, which the worker

@@ -37,7 +37,7 @@ pub struct Opts {
 
 /// The groups of measurements `--only` selects from.
 pub const GROUPS: &[&str] = &[
-    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "contain", "bulk", "rss",
+    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "contain", "stdio", "bulk", "rss",
 ];
 
 impl Opts {
@@ -153,6 +153,7 @@ fn prepare(opts: &Opts, mount: &Path, servers: &Servers, rep: &mut Report) -> Re
     for r in &real {
         env.write_policy(&format!("{}.json", r.key), &mcp_policy(r.key, r.up.addr))?;
     }
+    env.write_policy("bench-stdio.json", &crate::upstreams::stdio_policy())?;
     let daemon = env.start_daemon()?;
     let nofile = env::nofile(daemon).unwrap_or(0);
     rep.machine.insert("daemon_nofile".into(), json!(nofile));
@@ -221,6 +222,9 @@ fn measure(
     }
     if opts.wants("contain") {
         b.containment(servers.accept)?;
+    }
+    if opts.wants("stdio") {
+        b.stdio()?;
     }
     if opts.wants("bulk") {
         b.bulk(servers.sink, servers.relay)?;

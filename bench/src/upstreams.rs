@@ -99,6 +99,17 @@ pub fn mcp_policy(name: &str, addr: SocketAddr) -> String {
     .to_string()
 }
 
+/// The policy of the stdio rows' server (`guard-bench stdio-server` under `guard wrap`).
+pub fn stdio_policy() -> String {
+    json!({
+        "version": "1",
+        "server": { "name": "bench-stdio", "match": ["stdio:*guard-bench stdio-server"] },
+        "default": "deny",
+        "tools": { "echo": {} }
+    })
+    .to_string()
+}
+
 /// A real MCP server that started, kept running until the run ends.
 pub struct RealPeer {
     /// Its results' key (and policy file name).

@@ -13,6 +13,8 @@
 //! - `bulk`: `bytes` bytes over one connection to a sink that acknowledges the count;
 //! - `echo_rtt`: 64-byte messages echoed back, one at a time, over one connection (not HTTP: a
 //!   passthrough relay through guard), `iters` round trips timed one by one;
+//! - `stdio`: a stdio MCP server started from `command` (argv), `initialize`, then `iters`
+//!   `tools/call`s one at a time, each round trip timed (newline-delimited JSON-RPC on pipes);
 //! - `hold_tcp` / `hold_mcp`: open `n` connections (bytes echoed / `initialize` and one
 //!   `tools/call` each, over TLS with `tls`), print `{"held": n}`, keep them open until stdin
 //!   closes.
@@ -54,6 +56,7 @@ pub fn main(spec: &str) -> Result<()> {
         "mcp" => runtime()?.block_on(mcp_load(&spec))?,
         "mcp_conn" => runtime()?.block_on(mcp_per_connection(&spec))?,
         "connect" => connect_times(&spec)?,
+        "stdio" => stdio_times(&spec)?,
         "bulk" => bulk(&spec)?,
         "echo_rtt" => echo_rtt(&spec)?,
         "hold_tcp" => hold_tcp(&spec)?,
@@ -640,4 +643,89 @@ async fn hold_mcp(spec: &Value) -> Result<Value> {
     }
     // Blocks this (only) runtime thread: the idle connections need nothing until released.
     opened.hold(start.elapsed().as_secs_f64())
+}
+
+/// `stdio`: round trips of `tools/call` to a stdio server (see the module documentation).
+fn stdio_times(spec: &Value) -> Result<Value> {
+    use std::io::BufRead as _;
+    let argv: Vec<String> = serde_json::from_value(spec["command"].clone())?;
+    let iters = spec["iters"].as_u64().unwrap_or(2000);
+    let warmup = spec["warmup"].as_u64().unwrap_or(200);
+    let mut child = std::process::Command::new(&argv[0])
+        .args(&argv[1..])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {argv:?}"))?;
+    let mut stdin = child.stdin.take().context("stdin")?;
+    let mut stdout = std::io::BufReader::new(child.stdout.take().context("stdout")?);
+    let mut line = String::new();
+    let mut round_trip = |msg: &str, line: &mut String| -> Result<()> {
+        stdin.write_all(msg.as_bytes())?;
+        stdin.flush()?;
+        line.clear();
+        if stdout.read_line(line)? == 0 {
+            bail!("the stdio server closed its output");
+        }
+        Ok(())
+    };
+    let init = format!(
+        "{}\n",
+        json!({"jsonrpc": "2.0", "id": 0, "method": "initialize", "params": {
+            "protocolVersion": PROTOCOL, "capabilities": {},
+            "clientInfo": {"name": "guard-bench", "version": "1"}}})
+    );
+    round_trip(&init, &mut line)?;
+    // `notifications/initialized` has no answer: it goes ahead of the first call.
+    let initialized = "{\"jsonrpc\":\"2.0\",\"method\":\"notifications/initialized\"}\n";
+    let mut samples = Vec::with_capacity(iters as usize);
+    let started = Instant::now();
+    let mut timed = Duration::ZERO;
+    for i in 0..warmup + iters {
+        let first = if i == 0 { initialized } else { "" };
+        let call = first.to_string() + &format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{},\"method\":\"tools/call\",\"params\":{{\"name\":\"echo\",\"arguments\":{{\"text\":\"hello\"}}}}}}\n",
+            i + 1
+        );
+        let t = Instant::now();
+        round_trip(&call, &mut line)?;
+        let dt = t.elapsed();
+        if !line.contains("\"result\"") {
+            bail!("call {i}: not a result: {}", line.trim());
+        }
+        if i >= warmup {
+            samples.push(dt.as_nanos() as u64);
+            timed += dt;
+        }
+    }
+    let _ = started;
+    drop(stdin);
+    let _ = child.wait();
+    Ok(json!({ "samples_ns": samples, "calls": iters, "secs": timed.as_secs_f64() }))
+}
+
+/// `guard-bench stdio-server`: a stdio MCP server that answers at once (`initialize`,
+/// `tools/list` with one tool, `tools/call` with the text it was given), so that what a round
+/// trip costs is the path, not the server.
+pub fn stdio_server() -> Result<()> {
+    use std::io::BufRead as _;
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout().lock();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let Ok(m) = serde_json::from_str::<Value>(&line) else {
+            continue;
+        };
+        let Some(id) = m.get("id") else { continue };
+        let result = match m["method"].as_str().unwrap_or("") {
+            "initialize" => json!({"protocolVersion": m["params"]["protocolVersion"],
+                "capabilities": {"tools": {}}, "serverInfo": {"name": "bench-stdio", "version": "1"}}),
+            "tools/list" => json!({"tools": [{"name": "echo", "inputSchema": {"type": "object"}}]}),
+            _ => json!({"content": [{"type": "text", "text": m["params"]["arguments"]["text"]}]}),
+        };
+        let answer = json!({"jsonrpc": "2.0", "id": id, "result": result});
+        writeln!(out, "{answer}")?;
+        out.flush()?;
+    }
+    Ok(())
 }

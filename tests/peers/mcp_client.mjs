@@ -48,6 +48,9 @@ const opts = {
   printInit: false,
   skipOutputValidation: false,
   modules: null,
+  // URL `stdio`: the server's argv (JSON array) and extra environment.
+  stdioCommand: null,
+  stdioEnv: {},
 };
 {
   const argv = process.argv.slice(2);
@@ -105,6 +108,13 @@ const opts = {
       opts.skipOutputValidation = true;
     } else if (a === "--node-modules") {
       opts.modules = val();
+    } else if (a === "--stdio-command") {
+      opts.stdioCommand = JSON.parse(val());
+    } else if (a === "--stdio-env") {
+      const kv = val();
+      const eq = kv.indexOf("=");
+      if (eq < 0) usage("--stdio-env wants K=V");
+      opts.stdioEnv[kv.slice(0, eq)] = kv.slice(eq + 1);
     } else if (a.startsWith("-") && a !== "-") {
       usage(`unrecognized arguments: ${a}`);
     } else if (opts.url === null) {
@@ -165,6 +175,7 @@ const load = (rel) => import(pathToFileURL(path.join(modules, PKG, "dist/esm", r
 const { Client } = await load("client/index.js");
 const { StreamableHTTPClientTransport } = await load("client/streamableHttp.js");
 const { SSEClientTransport } = await load("client/sse.js");
+const { StdioClientTransport, getDefaultEnvironment } = await load("client/stdio.js");
 const { McpError } = await load("types.js");
 const SDK_VERSION = JSON.parse(fs.readFileSync(path.join(modules, PKG, "package.json"), "utf8")).version;
 
@@ -183,16 +194,30 @@ setTimeout(
 );
 
 let url;
-try {
-  url = new URL(opts.url);
-} catch (e) {
-  usage(`bad URL ${opts.url}: ${e.message}`);
-}
+let transport;
 const requestInit = Object.keys(opts.headers).length ? { headers: opts.headers } : undefined;
-const transport =
-  opts.transport === "sse"
-    ? new SSEClientTransport(url, { requestInit })
-    : new StreamableHTTPClientTransport(url, { requestInit });
+if (opts.url === "stdio") {
+  // A stdio server (the SDK's StdioClientTransport): its stderr is ours; the SDK passes only a
+  // few variables (HOME, PATH, ...) unless told more.
+  if (!Array.isArray(opts.stdioCommand) || !opts.stdioCommand.length) usage("stdio needs --stdio-command");
+  const [command, ...args] = opts.stdioCommand;
+  transport = new StdioClientTransport({
+    command,
+    args,
+    env: { ...getDefaultEnvironment(), ...opts.stdioEnv },
+    stderr: "inherit",
+  });
+} else {
+  try {
+    url = new URL(opts.url);
+  } catch (e) {
+    usage(`bad URL ${opts.url}: ${e.message}`);
+  }
+  transport =
+    opts.transport === "sse"
+      ? new SSEClientTransport(url, { requestInit })
+      : new StreamableHTTPClientTransport(url, { requestInit });
+}
 
 // Tell the peer's JSON-RPC error responses (data) from the SDK's own McpErrors (time-out, "Connection
 // closed", output validation: failures): remember the id of the last request sent and every error
@@ -213,7 +238,8 @@ transport.onmessage = (message) => {
   }
 };
 let negotiated;
-const setProtocolVersion = transport.setProtocolVersion.bind(transport);
+// (Only HTTP transports carry the version; stdio has no setProtocolVersion.)
+const setProtocolVersion = transport.setProtocolVersion?.bind(transport) ?? (() => {});
 transport.setProtocolVersion = (v) => {
   negotiated = v;
   setProtocolVersion(v);

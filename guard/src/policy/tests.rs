@@ -894,7 +894,7 @@ fn several_semantic_errors_in_one_file() {
     assert_eq!(
         errors("p.json", text),
         [
-            "p.json:3:25: server.match[0]: \"localhost\": expected a URL (http[s]://host[:port]/path) or host:port",
+            "p.json:3:25: server.match[0]: \"localhost\": expected a URL (http[s]://host[:port]/path), host:port or stdio:COMMAND-GLOB",
             "p.json:5:38: tools.a.when: has no effect on a rule with \"action\": \"deny\"",
             "p.json:7:35: tools.c.rate_limit.max: must be between 1 and 1000000 (use \"action\": \"deny\" to refuse every call)",
             "p.json:8:58: tools.d.when[0].value: op \"in\" takes an array of values",
