@@ -637,3 +637,64 @@ fn the_typescript_sdk_drives_server_everything_under_guard_wrap_with_its_policy(
         (json!("everything"), json!("stdio"))
     );
 }
+
+#[test]
+fn the_python_sdk_2_client_and_server_work_under_guard_wrap() {
+    let dir = TestDir::new("stdio-mcp2");
+    dir.write_policy(
+        "files2.json",
+        &json!({
+            "version": "1",
+            "server": { "name": "files2", "match": ["stdio:*mcp2_server.py*"] },
+            "default": "deny",
+            "tools": {
+                "echo": {},
+                "delete_file": { "action": "deny", "reason": "deleting files is not allowed" }
+            }
+        })
+        .to_string(),
+    );
+    let g = Guard::start(&dir, "", "");
+    let log = dir.join("calls.jsonl");
+    let py2 = peer_python2().display().to_string();
+    let mut c = Command::new(&py2);
+    c.arg(script("mcp2_client.py"))
+        .args(["--timeout", "20", "--print-init", "--list"])
+        .args(["--call", "echo", r#"{"text":"two"}"#])
+        .args(["--call", "delete_file", r#"{"path":"/x"}"#])
+        .args(["--call", "add", r#"{"a":1,"b":2}"#])
+        .arg("--")
+        .args([env!("CARGO_BIN_EXE_guard"), "--config"])
+        .arg(g.config_file())
+        .args(["wrap", "--", &py2])
+        .arg(script("mcp2_server.py"))
+        .arg("--log")
+        .arg(&log);
+    let out = guard_testkit::process::run(&mut c, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}\n{stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<Value> = stdout
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    // `server/discover` (2026-07-28's lifecycle) passes like `initialize`.
+    assert_eq!(
+        lines[0]["initialize"]["protocolVersion"], "2026-07-28",
+        "{stdout}"
+    );
+    let tools = lines[1]["tools"].as_array().unwrap();
+    assert!(tools.contains(&json!("echo")), "{stdout}");
+    assert!(
+        !tools.contains(&json!("add")),
+        "denied by default, hidden: {stdout}"
+    );
+    assert_eq!(lines[2]["result"]["content"][0]["text"], "two", "{stdout}");
+    assert_eq!(lines[3]["error"]["code"], -32001, "{stdout}");
+    assert_eq!(lines[4]["error"]["code"], -32001, "{stdout}");
+    assert_eq!(calls_logged(&log), vec!["echo"]);
+}

@@ -36,6 +36,17 @@ pub fn peer_python() -> PathBuf {
     p
 }
 
+/// The Python of the 2.x SDK's venv (`tests/peers/requirements-mcp2.txt`).
+pub fn peer_python2() -> PathBuf {
+    let p = peers_dir().join("py2/bin/python");
+    assert!(
+        p.exists(),
+        "{} is missing: run `cargo xtask setup`",
+        p.display()
+    );
+    p
+}
+
 /// The peer scripts, copied where every user can read them (the checkout may be private).
 pub fn script(name: &str) -> PathBuf {
     // `GUARD_TEST_SCRIPTS`: a copy of tests/peers (xtask runs suites as uid 65534 from one, since

@@ -176,44 +176,10 @@ fn test_peers() -> Result<()> {
     fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     make_world_readable(&dir)?;
 
-    // Python: a venv of the system python3, the one every user can run.
-    let reqs =
-        fs::read(src.join("requirements.txt")).context("reading tests/peers/requirements.txt")?;
-    let hash = peers_hash(&[RECIPE.as_bytes(), b"python", &reqs]);
-    let venv = dir.join(format!("py-{}", &hash[..12]));
-    if !peers_installed(&venv, &hash) {
-        let python = Path::new("/usr/bin/python3");
-        let has_venv = Command::new(python)
-            .args(["-c", "import venv, ensurepip"])
-            .output()
-            .map(|o| o.status.success())
-            .unwrap_or(false);
-        if !has_venv {
-            install_packages(&["python3-venv"])?;
-        }
-        eprintln!(
-            "xtask: installing the Python test peers into {}",
-            venv.display()
-        );
-        remove_dir_if_exists(&venv)?;
-        status(Command::new(python).arg("-m").arg("venv").arg(&venv))?;
-        let py = venv.join("bin/python");
-        status(
-            Command::new(&py)
-                .args([
-                    "-m",
-                    "pip",
-                    "install",
-                    "--disable-pip-version-check",
-                    "--no-input",
-                ])
-                .args(["--only-binary", ":all:", "-r"])
-                .arg(src.join("requirements.txt")),
-        )?;
-        status(Command::new(&py).args(["-m", "pip", "check", "--disable-pip-version-check"]))?;
-        peers_finish(&venv, &hash)?;
-    }
-    peers_link(&dir.join("py"), &venv)?;
+    // Python: venvs of the system python3, the one every user can run: the 1.x SDK (`py`) and
+    // the 2.x SDK (`py2`; both are the package `mcp`, so each has its own venv).
+    python_venv(&src, &dir, RECIPE, "requirements.txt", "py")?;
+    python_venv(&src, &dir, RECIPE, "requirements-mcp2.txt", "py2")?;
 
     // Node: @modelcontextprotocol/server-everything and sdk, exactly as package-lock.json says.
     let package = fs::read(src.join("package.json")).context("reading tests/peers/package.json")?;
@@ -248,6 +214,52 @@ fn test_peers() -> Result<()> {
 
 /// The Go test server (tests/peers/mcp_server.go, standard library only), built with Debian's
 /// Go (installed when missing) into `go-<hash>/mcp_server_go`, pointed at by the link `go`.
+/// A venv named `<link>-<hash>` of tests/peers/`reqs`, installed unless its marker says it is,
+/// and the symlink `link` to it.
+fn python_venv(src: &Path, dir: &Path, recipe: &str, reqs_file: &str, link: &str) -> Result<()> {
+    let reqs = fs::read(src.join(reqs_file))
+        .with_context(|| format!("reading tests/peers/{reqs_file}"))?;
+    // The 1.x venv keeps the hash it always had (no reinstall on machines that have it).
+    let hash = match link {
+        "py" => peers_hash(&[recipe.as_bytes(), b"python", &reqs]),
+        _ => peers_hash(&[recipe.as_bytes(), link.as_bytes(), &reqs]),
+    };
+    let venv = dir.join(format!("{link}-{}", &hash[..12]));
+    if !peers_installed(&venv, &hash) {
+        let python = Path::new("/usr/bin/python3");
+        let has_venv = Command::new(python)
+            .args(["-c", "import venv, ensurepip"])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false);
+        if !has_venv {
+            install_packages(&["python3-venv"])?;
+        }
+        eprintln!(
+            "xtask: installing the Python test peers ({reqs_file}) into {}",
+            venv.display()
+        );
+        remove_dir_if_exists(&venv)?;
+        status(Command::new(python).arg("-m").arg("venv").arg(&venv))?;
+        let py = venv.join("bin/python");
+        status(
+            Command::new(&py)
+                .args([
+                    "-m",
+                    "pip",
+                    "install",
+                    "--disable-pip-version-check",
+                    "--no-input",
+                ])
+                .args(["--only-binary", ":all:", "-r"])
+                .arg(src.join(reqs_file)),
+        )?;
+        status(Command::new(&py).args(["-m", "pip", "check", "--disable-pip-version-check"]))?;
+        peers_finish(&venv, &hash)?;
+    }
+    peers_link(&dir.join(link), &venv)
+}
+
 fn go_peer(src: &Path, dir: &Path, recipe: &str) -> Result<()> {
     let code = fs::read(src.join("mcp_server.go")).context("reading tests/peers/mcp_server.go")?;
     let hash = peers_hash(&[recipe.as_bytes(), b"go", &code]);

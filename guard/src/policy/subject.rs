@@ -39,11 +39,13 @@ impl<'a> Subject<'a> {
 }
 
 /// Methods that always pass (lifecycle, lists — which are filtered instead — and
-/// notifications): naming one in `methods` is a load error.
+/// notifications): naming one in `methods` is a load error. `server/discover` is the
+/// lifecycle of protocol 2026-07-28 (what `initialize` was before it).
 pub fn always_passes(method: &str) -> bool {
     matches!(
         method,
         "initialize"
+            | "server/discover"
             | "ping"
             | "tools/list"
             | "resources/list"
