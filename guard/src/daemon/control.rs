@@ -259,6 +259,12 @@ pub trait Handler: Send + Sync + 'static {
 /// and makes it connectable by every user (`guard exec` is for everyone; each request is
 /// authorised on its own).
 pub fn bind(path: &Path) -> Result<UnixListener> {
+    bind_socket(path, "the control socket")
+}
+
+/// Binds a daemon socket every user may connect to (each caller is authorised by
+/// `SO_PEERCRED`): refuses when another daemon answers on it, replaces a stale file.
+pub(crate) fn bind_socket(path: &Path, what: &str) -> Result<UnixListener> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -271,8 +277,8 @@ pub fn bind(path: &Path) -> Result<UnixListener> {
         }
         std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
     }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the control socket {}", path.display()))?;
+    let listener =
+        UnixListener::bind(path).with_context(|| format!("binding {what} {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
     Ok(listener)
 }

@@ -6,7 +6,7 @@
 
 use std::{
     collections::HashMap,
-    os::unix::fs::{MetadataExt as _, PermissionsExt as _},
+    os::unix::fs::MetadataExt as _,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -46,22 +46,7 @@ pub struct Stdio {
 
 /// Binds the stdio socket (every user may connect: each session is the caller's own).
 pub fn bind(path: &Path) -> Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
-    if path.exists() {
-        if std::os::unix::net::UnixStream::connect(path).is_ok() {
-            bail!(
-                "another guard daemon is already answering on {}; stop it first",
-                path.display()
-            );
-        }
-        std::fs::remove_file(path).with_context(|| format!("removing stale {}", path.display()))?;
-    }
-    let listener = UnixListener::bind(path)
-        .with_context(|| format!("binding the stdio socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    Ok(listener)
+    super::control::bind_socket(path, "the stdio socket")
 }
 
 /// One uid's open sessions, given back on drop.
