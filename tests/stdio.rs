@@ -5,14 +5,12 @@
 //! call log).
 
 use std::{
-    io::{BufRead as _, BufReader, Write as _},
     path::Path,
-    process::{Child, ChildStdin, ChildStdout, Command, Stdio},
-    sync::mpsc,
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use guard_testkit::{inproc::*, peers::*, read_audit};
+use guard_testkit::{inproc::*, peers::*, read_audit, wrapped::Wrapped};
 use serde_json::{json, Value};
 
 /// The policy of the FastMCP test server, over stdio (and over HTTP at `http_port`).
@@ -215,75 +213,6 @@ fn rate_limits_and_approvals_are_the_daemons_shared_with_http() {
     assert_eq!(calls_logged(&stdio_log), vec!["add", "slow"]);
 }
 
-/// `guard wrap` driven line by line, as an agent drives it.
-struct Wrapped {
-    child: Child,
-    stdin: ChildStdin,
-    lines: mpsc::Receiver<Value>,
-}
-
-impl Wrapped {
-    fn start(argv: &[String]) -> Wrapped {
-        let mut child = Command::new(&argv[0])
-            .args(&argv[1..])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let stdin = child.stdin.take().unwrap();
-        let stdout: ChildStdout = child.stdout.take().unwrap();
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let v = serde_json::from_str(&line).unwrap_or_else(|e| {
-                    panic!("guard wrap wrote a line that is not JSON ({e}): {line}")
-                });
-                if tx.send(v).is_err() {
-                    break;
-                }
-            }
-        });
-        Wrapped {
-            child,
-            stdin,
-            lines,
-        }
-    }
-
-    fn send(&mut self, line: &str) {
-        self.stdin.write_all(line.as_bytes()).unwrap();
-        self.stdin.write_all(b"\n").unwrap();
-        self.stdin.flush().unwrap();
-    }
-
-    fn next(&self) -> Value {
-        self.lines
-            .recv_timeout(Duration::from_secs(20))
-            .expect("an answer from guard wrap")
-    }
-
-    /// Sends `initialize` and `notifications/initialized`.
-    fn initialize(&mut self) {
-        self.send(r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#);
-        assert!(self.next()["result"]["serverInfo"].is_object());
-        self.send(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#);
-    }
-
-    fn call(&mut self, id: u64, tool: &str, args: Value) -> Value {
-        let m = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                       "params": {"name": tool, "arguments": args}});
-        self.send(&m.to_string());
-        self.next()
-    }
-}
-
-impl Drop for Wrapped {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 #[test]
 fn without_the_daemon_nothing_reaches_the_server() {
     let dir = TestDir::new("stdio-daemon-gone");
@@ -434,27 +363,9 @@ fn bad_input_either_way_is_answered_and_audited_never_forwarded() {
     let seen = std::fs::read_to_string(&log).unwrap();
     assert_eq!(seen.lines().collect::<Vec<_>>(), vec!["noise", "dup"]);
     // A partial line at the end of the agent's input: refused, and wrap ends with the server.
-    w.stdin
-        .write_all(br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"late"#)
-        .unwrap();
-    drop(std::mem::replace(&mut w.stdin, {
-        // A placeholder: stdin is closed by dropping the real one.
-        let mut c = Command::new("true").stdin(Stdio::piped()).spawn().unwrap();
-        let s = c.stdin.take().unwrap();
-        let _ = c.wait();
-        s
-    }));
-    let t = Instant::now();
-    let status = loop {
-        if let Some(s) = w.child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t.elapsed() < Duration::from_secs(20),
-            "guard wrap did not end"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    w.write_raw(br#"{"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"late"#);
+    w.close_stdin();
+    let status = w.wait_exit(Duration::from_secs(20));
     assert!(status.success(), "{status}");
     assert!(!std::fs::read_to_string(&log).unwrap().contains("late"));
     let audit = read_audit(&g.audit_log);

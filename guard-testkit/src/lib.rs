@@ -1,6 +1,7 @@
 //! What guard's tests share: running processes ([`process`]), the real MCP peers
 //! ([`peers`]), a test PKI ([`pki`]), plain servers ([`servers`]), curl ([`curl`]), guard in-process without eBPF
-//! ([`inproc`]), and the root harness around a real daemon with real eBPF ([`root`]).
+//! ([`inproc`]), `guard wrap` driven line by line ([`wrapped`]), and the root harness around a
+//! real daemon with real eBPF ([`root`]).
 
 pub mod curl;
 pub mod inproc;
@@ -9,6 +10,7 @@ pub mod pki;
 pub mod process;
 pub mod root;
 pub mod servers;
+pub mod wrapped;
 
 use std::path::{Path, PathBuf};
 
