@@ -258,6 +258,14 @@ impl Bench<'_> {
         );
         self.rep
             .timed("stdio tools/call p99 (guard wrap)", d.p99, g.p99);
+        self.rep.row(
+            "stdio tools/call calls/s (guard wrap), 1 client",
+            format!("{rd:.0}"),
+            format!("{rg:.0}"),
+            format!("{:.0} %", rg / rd * 100.0),
+            "",
+            Verdict::Info,
+        );
         self.rep.results.insert(
             "stdio".into(),
             json!({

@@ -165,14 +165,16 @@ impl Stdio {
         stream
             .write_all(&encode(Kind::Welcome, 0, &payload))
             .await?;
-        let s = Arc::new(Session {
-            engine: self.engine.clone(),
+        let s = Arc::new(Session::new(
+            self.engine.clone(),
             caller,
-            server: hello.server,
+            hello.server,
             command,
-            max_body: self.max_body,
-        });
+            self.max_body,
+        ));
         let (rd, wr) = stream.into_split();
+        // Buffered: one read per frame (or several), not three.
+        let rd = tokio::io::BufReader::with_capacity(64 << 10, rd);
         session::run(s, rd, wr).await?;
         Ok(())
     }

@@ -87,10 +87,15 @@ pub fn ask(m: &Message) -> Ask {
         also: None,
     };
     match method {
-        "tools/call" => decide(
-            Asked::new(Kind::Tool, m.tool().unwrap_or(""), method),
-            m.arguments(),
-        ),
+        // A name that is not a string is no tool guard can decide on, yet a lenient server
+        // may coerce it into one (`tools[params.name]` in JavaScript turns ["x"] into "x").
+        "tools/call" => match (m.tool(), params.get("arguments")) {
+            (Some(_), Some(a)) if !a.is_object() => {
+                Ask::Unreadable("tools/call whose arguments are not an object".into())
+            }
+            (Some(name), _) => decide(Asked::new(Kind::Tool, name, method), m.arguments()),
+            (None, _) => Ask::Unreadable("tools/call without a tool name (a string)".into()),
+        },
         "resources/read" | "resources/subscribe" => match resource(params.get("uri")) {
             Ok(uri) => decide(Asked::new(Kind::Resource, uri, method), params.clone()),
             Err(why) => Ask::Unreadable(format!("{method}: {why}")),
@@ -200,6 +205,20 @@ mod tests {
             "prompts/list",
         ] {
             assert_eq!(ask(&msg(m, json!({}))), Ask::Pass, "{m}");
+        }
+        // A tool guard cannot name is refused, never decided as another.
+        for params in [
+            json!({"name": ["delete_file"]}),
+            json!({"name": 5}),
+            json!({}),
+            json!(["delete_file"]),
+            json!({"name": "x", "arguments": ["a"]}),
+            json!({"name": "x", "arguments": "a"}),
+        ] {
+            assert!(
+                matches!(ask(&msg("tools/call", params.clone())), Ask::Unreadable(_)),
+                "{params}"
+            );
         }
         for uri in [json!(5), json!("file:///w/../etc/passwd")] {
             assert!(matches!(

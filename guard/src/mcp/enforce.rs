@@ -69,6 +69,11 @@ pub struct Target {
     /// agent's that a `Host` header names the server to): only then do its answers pin tools
     /// or clear blocks.
     pub at_destination: bool,
+    /// Whose pins its answers are checked against and update: None, the server's own;
+    /// `Some(scope)`, a set of their own (`guard wrap` sessions: one per agent, else uid,
+    /// since the agent picks the command that answers, and must not pin or unblock tools
+    /// for others).
+    pub pin_scope: Option<String>,
     pub session: Option<String>,
     /// A stdio server's command line (arguments joined by spaces).
     pub command: Option<String>,
@@ -78,6 +83,14 @@ pub struct Target {
 }
 
 impl Target {
+    /// The pin set of `server` for this target (see [`Target::pin_scope`]).
+    pub fn pins_of(&self, server: &str) -> String {
+        match &self.pin_scope {
+            Some(scope) => format!("{server}@{scope}"),
+            None => server.to_string(),
+        }
+    }
+
     /// `host:port` (a stdio server: `stdio:COMMAND`), for unknown servers.
     pub fn address(&self) -> String {
         match (&self.command, self.transport) {
@@ -278,7 +291,7 @@ impl Engine {
         };
         if asked.kind == Kind::Tool
             && sp.on_tool_change == ToolChange::Block
-            && self.pins.blocked(&sp.name, &asked.name)
+            && self.pins.blocked(&t.pins_of(&sp.name), &asked.name)
         {
             return true;
         }
@@ -395,7 +408,8 @@ impl Engine {
         r: &mut Record,
     ) -> Option<Refusal> {
         let policy_caller = caller.caller(q.sp.grant_exes());
-        let refusal = match self.decide(q.sp, q.asked, q.args, q.also, &policy_caller) {
+        let pins = t.pins_of(&q.sp.name);
+        let refusal = match self.decide(q.sp, q.asked, q.args, q.also, &policy_caller, &pins) {
             Step::Allow { rule } => {
                 r.rule = Some(rule);
                 None
@@ -439,6 +453,7 @@ impl Engine {
         args: &Value,
         also: Option<&Asked>,
         caller: &policy::Caller,
+        pins: &str,
     ) -> Step {
         let refusal = |kind, rule: &str, reason: String| {
             Step::Refuse(Refusal::new(
@@ -451,7 +466,7 @@ impl Engine {
         };
         if asked.kind == Kind::Tool
             && sp.on_tool_change == ToolChange::Block
-            && self.pins.blocked(&sp.name, &asked.name)
+            && self.pins.blocked(pins, &asked.name)
         {
             return refusal(
                 RefusalKind::ToolChanged,

@@ -223,8 +223,9 @@ impl Engine {
         let accept = sp.on_tool_change == ToolChange::Allow;
         // An answer from elsewhere (an agent's own listener) is filtered by the pins, never
         // taken for the server's definitions.
+        let pins = t.pins_of(server);
         let observed = match t.at_destination {
-            true => self.pins.observe(server, tools, accept),
+            true => self.pins.observe(&pins, tools, accept),
             false => Ok(Vec::new()),
         };
         match observed {
@@ -250,7 +251,7 @@ impl Engine {
         let policy_caller = caller.caller(sp.grant_exes());
         let block_changed = sp.on_tool_change == ToolChange::Block;
         let removed = wire::filter_tools(m, |name| {
-            sp.visible(name, &policy_caller) && !(block_changed && self.pins.blocked(server, name))
+            sp.visible(name, &policy_caller) && !(block_changed && self.pins.blocked(&pins, name))
         });
         let mut r = self.record(Event::ToolsList, Decision::Filter, caller, t);
         r.method = Some("tools/list".into());

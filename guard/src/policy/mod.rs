@@ -79,7 +79,7 @@ mod load;
 mod locate;
 mod matcher;
 mod raw;
-mod subject;
+pub(crate) mod subject;
 #[cfg(test)]
 mod tests;
 
@@ -658,6 +658,20 @@ impl PolicySet {
     /// The policy for a stdio server `guard wrap` starts, by its command line (arguments
     /// joined by single spaces) against the `stdio:GLOB` entries: the entry with the most
     /// literal characters wins, ties go to the first in load order.
+    /// Whether policy `name` matches stdio servers by their command lines (`stdio:` entries)
+    /// and `command` matches none of them.
+    pub fn stdio_mismatch(&self, name: &str, command: &str) -> bool {
+        let Some(s) = self.by_name(name) else {
+            return false;
+        };
+        let mut stdio = s
+            .matchers
+            .iter()
+            .filter(|(_, m)| matches!(m, Matcher::Stdio(_)))
+            .peekable();
+        stdio.peek().is_some() && !stdio.any(|(_, m)| m.score_stdio(command).is_some())
+    }
+
     pub fn match_stdio(&self, command: &str) -> Option<&ServerPolicy> {
         let mut best: Option<(usize, &ServerPolicy)> = None;
         for s in &self.servers {

@@ -6,8 +6,9 @@
 //! `wrap.rs` is the agent's side (an unprivileged process: the child, its pipes, signals and
 //! exit status, what happens when the daemon goes away); `session.rs` the daemon's side of one
 //! session (a message in, the core's outcome out); `proto.rs` the frames between them on the
-//! daemon's stdio socket. Nothing is forwarded that the daemon has not decided.
+//! daemon's stdio socket; `pipe.rs` wrap's own stdin and stdout, polled without blocking threads. Nothing is forwarded that the daemon has not decided.
 
+mod pipe;
 pub mod proto;
 pub mod session;
 pub mod wrap;

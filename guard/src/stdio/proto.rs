@@ -83,6 +83,15 @@ pub fn encode_into(out: &mut Vec<u8>, kind: Kind, seq: u64, payload: &[u8]) {
 
 /// Reads one frame; None at a clean end of the stream (between frames).
 pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Frame>> {
+    read_frame_limited(r, |_| MAX_FRAME).await
+}
+
+/// [`read_frame`], refusing a frame of kind `k` longer than `limit(k)`. The payload's memory
+/// grows with the bytes that arrive, not with the length the header claims.
+pub async fn read_frame_limited<R: AsyncRead + Unpin>(
+    r: &mut R,
+    limit: impl Fn(Kind) -> usize,
+) -> io::Result<Option<Frame>> {
     let mut head = [0u8; HEADER];
     match r.read_exact(&mut head[..1]).await {
         Ok(_) => {}
@@ -93,11 +102,17 @@ pub async fn read_frame<R: AsyncRead + Unpin>(r: &mut R) -> io::Result<Option<Fr
     let kind = Kind::from_u8(head[0]).ok_or_else(|| bad(format!("frame kind {}", head[0])))?;
     let seq = u64::from_le_bytes(head[1..9].try_into().unwrap_or_default());
     let len = u32::from_le_bytes(head[9..13].try_into().unwrap_or_default()) as usize;
-    if len > MAX_FRAME {
-        return Err(bad(format!("a frame of {len} bytes (at most {MAX_FRAME})")));
+    let max = limit(kind).min(MAX_FRAME);
+    if len > max {
+        return Err(bad(format!(
+            "a {kind:?} frame of {len} bytes (at most {max})"
+        )));
     }
-    let mut payload = vec![0u8; len];
-    r.read_exact(&mut payload).await?;
+    let mut payload = Vec::with_capacity(len.min(64 << 10));
+    (&mut *r).take(len as u64).read_to_end(&mut payload).await?;
+    if payload.len() < len {
+        return Err(io::ErrorKind::UnexpectedEof.into());
+    }
     Ok(Some(Frame { kind, seq, payload }))
 }
 

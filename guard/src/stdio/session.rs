@@ -14,7 +14,7 @@ use tokio::{
     task::JoinSet,
 };
 
-use super::proto::{self, encode, read_frame, Frame, Kind, Problem};
+use super::proto::{self, encode, read_frame_limited, Frame, Kind, Problem};
 use crate::{
     audit::Event,
     identity::Identity,
@@ -33,7 +33,16 @@ pub struct Session {
     pub command: String,
     /// `proxy.max_body`.
     pub max_body: usize,
+    /// Ids of the server's requests passed to the agent and not answered yet: the only
+    /// answers from the agent that reach the server (once each). An agent does not answer a
+    /// request it was never shown (one held for approval, say).
+    pub asked: std::sync::Mutex<std::collections::HashSet<String>>,
 }
+
+/// Answers queued for a session's socket; beyond, its frames are not read until it reads.
+const ANSWERS_QUEUED: usize = 256;
+/// Server requests a session remembers at most (answered ones are forgotten).
+const MAX_ASKED: usize = 1024;
 
 /// Which policy governs a stdio server: the one named by `--server`, else the best `stdio:`
 /// entry matching its command line. Err: `--server` names no policy.
@@ -43,6 +52,10 @@ pub fn resolve(
     command: &str,
 ) -> Result<Option<String>, String> {
     match server {
+        // A policy that says which command lines are its server is not put on another.
+        Some(n) if policies.stdio_mismatch(n, command) => Err(format!(
+            "the policy of \"{n}\" names its stdio servers by command line, and `{command}` is not one of them (guard wrap --server {n})"
+        )),
         Some(n) if policies.by_name(n).is_some() => Ok(Some(n.to_string())),
         Some(n) => {
             let names: Vec<&str> = policies.servers().iter().map(|s| s.name.as_str()).collect();
@@ -56,6 +69,23 @@ pub fn resolve(
 }
 
 impl Session {
+    pub fn new(
+        engine: Arc<Engine>,
+        caller: Identity,
+        server: Option<String>,
+        command: String,
+        max_body: usize,
+    ) -> Session {
+        Session {
+            engine,
+            caller,
+            server,
+            command,
+            max_body,
+            asked: Default::default(),
+        }
+    }
+
     /// Where this session's messages go, for decisions and audit: resolved again for every
     /// message, so a reload that removes or renames the policy is seen at once (a policy
     /// that is gone makes the server unknown, never ungoverned).
@@ -69,8 +99,10 @@ impl Session {
             host: "stdio".into(),
             port: 0,
             original_dst: None,
-            // The server's own stdout: its lists are its definitions.
+            // The stdout of the command the agent started: its lists are that command's
+            // definitions, pinned for this principal's sessions only (the agent picks it).
             at_destination: true,
+            pin_scope: Some(format!("stdio-{}", self.caller.agent_key())),
             session: None,
             command: Some(self.command.clone()),
             transport: Transport::Stdio,
@@ -107,6 +139,10 @@ impl Session {
                 return to_agent(seq, &answer);
             }
         };
+        if let Some(why) = self.unasked_answer(&body) {
+            engine.audit_refused(Event::McpRequest, &self.caller, t, None, "protocol", &why);
+            return encode(Kind::Drop, seq, format!("guard: {why}").as_bytes());
+        }
         match engine
             .enforce_body(&self.caller, t, &body, Headers::default())
             .await
@@ -155,10 +191,64 @@ impl Session {
             .filter_json(&self.caller, t, &server, line)
             .await
         {
-            Filtered::Unchanged => encode(Kind::Pass, seq, b""),
-            Filtered::Changed(bytes) => encode(Kind::ToAgent, seq, &bytes),
+            Filtered::Unchanged => {
+                self.remember_requests(line);
+                encode(Kind::Pass, seq, b"")
+            }
+            Filtered::Changed(bytes) => {
+                self.remember_requests(&bytes);
+                encode(Kind::ToAgent, seq, &bytes)
+            }
             Filtered::Refused(why) => self.refused_from_server(t, seq, line, &why),
         }
+    }
+
+    /// The ids of the server's requests in `line` (passed to the agent), remembered.
+    fn remember_requests(&self, line: &[u8]) {
+        // Answers and notifications, most of what a server writes, name no method with an id.
+        if !line.windows(8).any(|w| w == b"\"method\"") {
+            return;
+        }
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            return;
+        };
+        let items = match v {
+            Value::Array(items) => items,
+            one => vec![one],
+        };
+        let mut asked = self.asked.lock().unwrap();
+        for m in &items {
+            if let (Some(id), Some(_)) = (m.get("id").filter(|i| !i.is_null()), m.get("method")) {
+                if asked.len() < MAX_ASKED {
+                    asked.insert(id.to_string());
+                }
+            }
+        }
+    }
+
+    /// Why the agent's answers in `body` do not go to the server, if they do not: one answers
+    /// a request the server did not send it (or one answered already).
+    fn unasked_answer(&self, body: &wire::Body) -> Option<String> {
+        let answers: Vec<&Value> = body
+            .messages
+            .iter()
+            .filter(|m| m.method.is_none())
+            .filter_map(|m| m.id.as_ref())
+            .collect();
+        if answers.is_empty() {
+            return None;
+        }
+        let mut asked = self.asked.lock().unwrap();
+        let keys: Vec<String> = answers.iter().map(|id| id.to_string()).collect();
+        if let Some(k) = keys.iter().find(|k| !asked.contains(*k)) {
+            return Some(format!(
+                "an answer to {k}, which the server did not ask the agent (or was answered already), is not passed on"
+            ));
+        }
+        for k in &keys {
+            asked.remove(k);
+        }
+        None
     }
 
     /// What becomes of a server's line that is not passed on (already audited): its ids are
@@ -282,7 +372,9 @@ where
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Vec<u8>>();
+    // Bounded: a client that does not read its answers stops being read, instead of making
+    // the daemon keep them.
+    let (tx, mut rx) = mpsc::channel::<Vec<u8>>(ANSWERS_QUEUED);
     let writer = tokio::spawn(async move {
         let mut buf = Vec::new();
         while let Some(frame) = rx.recv().await {
@@ -298,7 +390,14 @@ where
     });
     let mut waiting = JoinSet::new();
     let ended = loop {
-        let frame = match read_frame(&mut read).await {
+        // An agent's line is at most proxy.max_body (wrap reads no more of it); a problem
+        // report is a few bytes; a server's line may be up to a frame.
+        let limits = |k: Kind| match k {
+            Kind::FromAgent => session.max_body,
+            Kind::Problem => 4096,
+            _ => proto::MAX_FRAME,
+        };
+        let frame = match read_frame_limited(&mut read, limits).await {
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(e) => break Err(e),
@@ -307,12 +406,14 @@ where
         let mut decided = Box::pin(session.clone().handle(frame));
         match poll_once(&mut decided).await {
             Poll::Ready(out) => {
-                let _ = tx.send(out);
+                if tx.send(out).await.is_err() {
+                    break Ok(());
+                }
             }
             Poll::Pending => {
                 let tx = tx.clone();
                 waiting.spawn(async move {
-                    let _ = tx.send(decided.await);
+                    let _ = tx.send(decided.await).await;
                 });
             }
         }

@@ -58,7 +58,7 @@ pub fn run(o: Options) -> Result<Exit> {
         .enable_all()
         .build()?;
     let out = rt.block_on(relay(o));
-    // The agent's stdin is read on a blocking thread that may never return: not waited for.
+    // The agent's stdin may be read on a blocking thread that never returns: not waited for.
     rt.shutdown_background();
     out
 }
@@ -199,6 +199,9 @@ async fn connect(o: &Options) -> Result<Link> {
         }
     });
     let (ftx, frames) = mpsc::unbounded_channel();
+    // Buffered: a frame is one read, not one for its kind, one for the rest of its header and
+    // one for its payload.
+    let mut rd = BufReader::with_capacity(64 << 10, rd);
     tokio::spawn(async move {
         while let Ok(Some(f)) = read_frame(&mut rd).await {
             if ftx.send(f).is_err() {
@@ -415,8 +418,14 @@ async fn relay(o: Options) -> Result<Exit> {
     let start = link.welcome.start;
     let mut signals = signals()?;
     let (agent_tx, mut agent_lines) = mpsc::channel(64);
-    tokio::spawn(read_lines(tokio::io::stdin(), max_body, agent_tx));
-    let (to_agent, agent_writer) = writer(tokio::io::stdout());
+    match super::pipe::open(0) {
+        Some(p) => tokio::spawn(read_lines(p, max_body, agent_tx)),
+        None => tokio::spawn(read_lines(tokio::io::stdin(), max_body, agent_tx)),
+    };
+    let (to_agent, agent_writer) = match super::pipe::open(1) {
+        Some(p) => writer(p),
+        None => writer(tokio::io::stdout()),
+    };
     let (mut child, to_server, mut server_lines) = match start {
         true => {
             let mut child = spawn(&o.command)?;

@@ -235,6 +235,7 @@ impl Ctx {
             port: self.conn.original_dst.port(),
             original_dst: Some(self.conn.original_dst),
             at_destination,
+            pin_scope: None,
             session,
             command: None,
             transport: Transport::StreamableHttp,
