@@ -159,6 +159,8 @@ pub struct BenchEnv {
     pub daemon_nofile: Option<u64>,
     /// `scope.containment` of the daemon's configuration.
     containment: &'static str,
+    /// Whether the configuration names an agent (`[[agents]]`: the exec hooks on).
+    agents: bool,
 }
 
 fn free_port() -> Result<u16> {
@@ -202,6 +204,7 @@ impl BenchEnv {
             daemon: None,
             daemon_nofile: None,
             containment: "auto",
+            agents: false,
         };
         for cg in [
             "daemon",
@@ -263,12 +266,21 @@ extra_roots = ["{dir}/upstream-ca.pem"]
 # Off: the default port (15002) may belong to an installed guard.
 [metrics]
 listen = ""
-"#,
+{agents}"#,
             name = self.name,
             containment = self.containment,
             port = self.port,
             pins = self.pin_dir.display(),
             dir = self.dir.display(),
+            // A program no measurement runs: the exec hooks look every exec up, and match none.
+            agents = if self.agents {
+                format!(
+                    "\n[[agents]]\nname = \"bench-agent\"\nexe = [\"{}/bench-agent\"]\n",
+                    self.dir.display()
+                )
+            } else {
+                String::new()
+            },
         );
         fs::write(&self.config, text)?;
         Ok(())
@@ -347,6 +359,19 @@ listen = ""
     }
 
     /// Restarts the daemon with `scope.containment = mode` (`"auto"`, `"off"`).
+    /// Restarts the daemon with `[[agents]]` naming a program (the exec hooks on), or none.
+    pub fn restart_with_agents(&mut self, on: bool) -> Result<u32> {
+        if on {
+            let agent = self.dir.join("bench-agent");
+            if !agent.exists() {
+                fs::copy("/bin/true", &agent)?;
+            }
+        }
+        self.agents = on;
+        self.write_config()?;
+        self.restart_daemon()
+    }
+
     pub fn restart_with_containment(&mut self, mode: &'static str) -> Result<u32> {
         self.containment = mode;
         self.write_config()?;

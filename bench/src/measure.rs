@@ -279,6 +279,68 @@ impl Bench<'_> {
         Ok(())
     }
 
+    /// What enrolment at exec (`[[agents]]`) costs every other program: fork + exec of a
+    /// program that is not an agent, by an unguarded process below the attach cgroup, with the
+    /// exec hooks on (an agent configured) and off, A B B A.
+    pub fn enrolment(&mut self) -> Result<()> {
+        self.progress("enrolment: fork+exec of a non-agent, [[agents]] on and off");
+        let spawns = self.n(400);
+        let spec =
+            json!({ "kind": "spawn", "iters": spawns, "warmup": 20, "confine": Value::Null });
+        let (mut on, mut off) = (Merged::default(), Merged::default());
+        let mut mode = None;
+        for round in ["on", "off", "off", "on"] {
+            let want = round == "on";
+            if mode != Some(want) {
+                self.env.restart_with_agents(want)?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+                mode = Some(want);
+            }
+            if want {
+                let status = self.env.status()?;
+                let m = status["enrolment"]["mode"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string();
+                if m != "exec" {
+                    self.env.restart_with_agents(false)?;
+                    let why = status["enrolment"]["why_not"].as_str().unwrap_or("?");
+                    self.rep.row(
+                        "enrolment: fork+exec median (non-agent)",
+                        "-",
+                        format!("no exec hooks here ({m}): {why}"),
+                        "",
+                        "",
+                        Verdict::NotMeasured,
+                    );
+                    return Ok(());
+                }
+            }
+            let s = self.side(Side::Plain, &spec, 0)?;
+            if want {
+                on.add(&s)
+            } else {
+                off.add(&s)
+            }
+        }
+        self.env.restart_with_agents(false)?;
+        let (on, off) = (on.summary(), off.summary());
+        self.rep.row(
+            "enrolment: fork+exec median (non-agent)",
+            format!("{} off", us(off.p50)),
+            format!("{} on", us(on.p50)),
+            format!("{:.2}x", on.p50 as f64 / off.p50.max(1) as f64),
+            "",
+            Verdict::Info,
+        );
+        self.rep.results.insert(
+            "enrolment".into(),
+            json!({ "spawns_per_side": 2 * spawns, "off": off.to_json(), "on": on.to_json(),
+                    "median_ratio": on.p50 as f64 / off.p50.max(1) as f64 }),
+        );
+        Ok(())
+    }
+
     /// What containment costs a guarded process: `connect()` (spaced 0.5 ms apart) and a
     /// fork + exec loop, with containment as the daemon turns it on here (BPF LSM programs; or,
     /// partial, the Landlock domain and seccomp filter `guard exec` applies, which the worker

@@ -37,7 +37,8 @@ pub struct Opts {
 
 /// The groups of measurements `--only` selects from.
 pub const GROUPS: &[&str] = &[
-    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "contain", "stdio", "bulk", "rss",
+    "policy", "mcp", "echo", "conn", "tls", "real", "connect", "contain", "enrol", "stdio", "bulk",
+    "rss",
 ];
 
 impl Opts {
@@ -222,6 +223,9 @@ fn measure(
     }
     if opts.wants("contain") {
         b.containment(servers.accept)?;
+    }
+    if opts.wants("enrol") {
+        b.enrolment()?;
     }
     if opts.wants("stdio") {
         b.stdio()?;

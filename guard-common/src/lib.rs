@@ -18,6 +18,20 @@ pub const MAP_EXEMPT_V6: &str = "EXEMPT_V6";
 pub const MAP_COUNTERS: &str = "COUNTERS";
 pub const MAP_DNS_SERVERS: &str = "DNS_SERVERS";
 pub const MAP_DNS_RESTRICT: &str = "DNS_RESTRICT";
+pub const MAP_ENROL_SCOPE: &str = "ENROL_SCOPE";
+pub const MAP_ENROL_EXES: &str = "ENROL_EXES";
+pub const MAP_ENROLLING: &str = "ENROLLING";
+pub const MAP_ENROL_EVENTS: &str = "ENROL_EVENTS";
+
+/// Executables (`[[agents]] exe`) the exec hook marks, by file.
+pub const ENROL_EXE_ENTRIES: u32 = 4_096;
+/// Processes marked at exec (or forked from one) that the daemon has not moved yet.
+pub const ENROLLING_ENTRIES: u32 = 16_384;
+/// Bytes of the ring buffer that tells the daemon about marked processes.
+pub const ENROL_RING_BYTES: u32 = 256 * 1024;
+/// [`EnrolEvent::kind`].
+pub const ENROL_EXEC: u32 = 1;
+pub const ENROL_FORK: u32 = 2;
 
 /// Capacity of the origin maps (LRU: an entry a guarded socket, and one a connection not yet
 /// accepted by the proxy).
@@ -96,7 +110,8 @@ pub struct ExeOffsets {
     pub inode_sb: u32,
     pub sb_dev: u32,
     pub known: u32,
-    pub _pad0: u32,
+    /// `task_struct.tgid`: the fork hook reads the new task's.
+    pub task_tgid: u32,
 }
 
 /// Where a guarded socket wanted to go and who asked, at `connect()` time.
@@ -114,7 +129,10 @@ pub struct Origin {
     pub pid: u32,
     pub uid: u32,
     pub gid: u32,
-    pub _pad0: u32,
+    /// Non-zero: guarded because its process was marked at exec (an `[[agents]]` executable)
+    /// and not yet moved into its agent cgroup; the pid of the marked process (the root of
+    /// what it forked).
+    pub enrolling: u32,
     pub cgroup_id: u64,
     pub netns_cookie: u64,
     pub comm: [u8; 16],
@@ -289,6 +307,51 @@ impl Default for Contained {
     }
 }
 
+/// Where the exec and fork hooks mark processes (`ENROL_SCOPE[0]`): only below the attach
+/// cgroup, never the daemon's. The hooks are tracepoints, which run for every task of the
+/// host: this is what keeps them to guard's subtree.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolScope {
+    pub attach_cgroup_id: u64,
+    pub daemon_cgroup_id: u64,
+    pub attach_level: u32,
+    /// Non-zero once written; the hooks mark nothing before.
+    pub ready: u32,
+    pub exe: ExeOffsets,
+}
+
+/// An executable as the exec hook looks it up: inode number and its filesystem's device
+/// (kernel encoding).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ExeKey {
+    pub ino: u64,
+    pub dev: u32,
+    pub _pad0: u32,
+}
+
+/// A process marked at exec, or forked from one, until the daemon moved it (`ENROLLING`, by
+/// its pid).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Enrolling {
+    /// The process that ran the agent's executable (itself, for that one).
+    pub root: u32,
+    pub _pad0: u32,
+}
+
+/// What the hooks tell the daemon (ring buffer `ENROL_EVENTS`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EnrolEvent {
+    /// `ENROL_EXEC` or `ENROL_FORK`.
+    pub kind: u32,
+    pub pid: u32,
+    pub root: u32,
+    pub uid: u32,
+}
+
 #[cfg(feature = "user")]
 mod user {
     // SAFETY: all are repr(C), Copy, with explicit padding fields and no pointers.
@@ -297,4 +360,7 @@ mod user {
     unsafe impl aya::Pod for super::ClientKey {}
     unsafe impl aya::Pod for super::ExemptPorts {}
     unsafe impl aya::Pod for super::ContainConfig {}
+    unsafe impl aya::Pod for super::EnrolScope {}
+    unsafe impl aya::Pod for super::ExeKey {}
+    unsafe impl aya::Pod for super::Enrolling {}
 }

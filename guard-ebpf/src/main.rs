@@ -1,5 +1,6 @@
 //! guard's kernel side: cgroup programs that redirect guarded TCP connects to the local proxy,
-//! and per-cgroup LSM programs that contain guarded processes (`contain`).
+//! per-cgroup LSM programs that contain guarded processes (`contain`), and the exec hooks that
+//! mark agents' processes before their first instruction (`enrol`).
 //!
 //! These programs run for every socket operation of every process below the attach cgroup, so the
 //! path for an unguarded process is kept to a config read and the guarded-set lookups, and it
@@ -9,6 +10,8 @@
 
 #[cfg(target_arch = "bpf")]
 mod contain;
+#[cfg(target_arch = "bpf")]
+mod enrol;
 #[cfg(target_arch = "bpf")]
 mod programs;
 

@@ -55,13 +55,12 @@ static DNS_RESTRICT: Array<u32> = Array::pinned(1, 0);
 #[no_mangle]
 static EXE_READ: u32 = 0;
 
-/// The connecting task's executable: (inode number, device of its filesystem), or zeros.
+/// The current task's executable: (inode number, device of its filesystem), or zeros.
 #[inline(always)]
-fn current_exe(cfg: &Config) -> (u64, u32) {
-    if unsafe { read_volatile(&EXE_READ) } == 0 || cfg.exe.known == 0 {
+pub(crate) fn current_exe(o: &ExeOffsets) -> (u64, u32) {
+    if unsafe { read_volatile(&EXE_READ) } == 0 || o.known == 0 {
         return (0, 0);
     }
-    let o = &cfg.exe;
     let read = |base: u64, off: u32| -> Option<u64> {
         if base == 0 {
             return None;
@@ -134,9 +133,10 @@ pub(crate) fn guard_of_current(cfg: &Config) -> Option<Guard> {
     None
 }
 
+/// Guarded by cgroup or uid, or marked at exec and not moved into its agent cgroup yet.
 #[inline(always)]
 fn is_guarded(cfg: &Config) -> bool {
-    guard_of_current(cfg).is_some()
+    guard_of_current(cfg).is_some() || crate::enrol::enrolling_root().is_some()
 }
 
 #[inline(always)]
@@ -243,7 +243,7 @@ fn record_origin(
 ) -> bool {
     let pid_tgid = bpf_get_current_pid_tgid();
     let uid_gid = bpf_get_current_uid_gid();
-    let (exe_ino, exe_dev) = current_exe(cfg);
+    let (exe_ino, exe_dev) = current_exe(&cfg.exe);
     let origin = Origin {
         dst_addr: addr,
         dst_port: port_be,
@@ -252,7 +252,7 @@ fn record_origin(
         pid: pid_tgid as u32,
         uid: uid_gid as u32,
         gid: (uid_gid >> 32) as u32,
-        _pad0: 0,
+        enrolling: crate::enrol::enrolling_root().unwrap_or(0),
         cgroup_id: unsafe { bpf_get_current_cgroup_id() },
         netns_cookie: unsafe { bpf_get_netns_cookie(ctx.as_ptr()) },
         comm: bpf_get_current_comm().unwrap_or([0; 16]),

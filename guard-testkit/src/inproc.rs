@@ -110,6 +110,7 @@ impl Identify for Routes {
             client,
             original_dst: route.dst,
             identity: route.identity.clone(),
+            pass: false,
         })
     }
 }

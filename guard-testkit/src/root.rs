@@ -389,30 +389,42 @@ impl Drop for Env {
 fn remove_stale_cgroups(cg_mount: &Path) {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        for e in fs::read_dir(cg_mount).into_iter().flatten().flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name
-                .strip_prefix("guard-test-")
-                .and_then(|r| r.split('-').next())
-            else {
-                continue;
-            };
-            if pid.parse::<u32>().is_err() || Path::new("/proc").join(pid).exists() {
-                continue;
-            }
-            let _ = fs::write(e.path().join("cgroup.kill"), "1");
+        for path in stale(cg_mount) {
+            let _ = fs::write(path.join("cgroup.kill"), "1");
             let deadline = Instant::now() + Duration::from_secs(5);
-            while guard::kernel::cgroup::populated(&e.path()).unwrap_or(false)
+            while guard::kernel::cgroup::populated(&path).unwrap_or(false)
                 && Instant::now() < deadline
             {
                 thread::sleep(Duration::from_millis(20));
             }
-            match guard::kernel::cgroup::remove(&e.path()) {
-                Ok(()) => eprintln!("removed the stale test cgroup {}", e.path().display()),
-                Err(err) => eprintln!("warning: stale cgroup {}: {err}", e.path().display()),
+            match guard::kernel::cgroup::remove(&path) {
+                Ok(()) => eprintln!("removed the stale test cgroup {}", path.display()),
+                Err(err) => eprintln!("warning: stale cgroup {}: {err}", path.display()),
             }
         }
+        // Its pins too: links (the exec hooks are tracepoints, attached until unpinned), maps.
+        for path in stale(Path::new("/sys/fs/bpf")) {
+            let _ = guard::kernel::unpin_all(&path);
+        }
     });
+}
+
+/// Entries `guard-test-PID-N` of `dir` whose test process (PID) is gone.
+fn stale(dir: &Path) -> Vec<PathBuf> {
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix("guard-test-")
+                .and_then(|r| r.split('-').next())
+                .is_some_and(|pid| {
+                    pid.parse::<u32>().is_ok() && !Path::new("/proc").join(pid).exists()
+                })
+        })
+        .map(|e| e.path())
+        .collect()
 }
 
 impl Env {

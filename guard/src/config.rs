@@ -29,6 +29,26 @@ pub struct Config {
     pub guard: GuardSection,
     pub audit: AuditSection,
     pub metrics: MetricsSection,
+    /// Programs that are agents: whatever executes one is guarded from its first instruction,
+    /// without `guard exec` (README "Enrolment").
+    pub agents: Vec<AgentEntry>,
+}
+
+/// One `[[agents]]` entry.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    /// The agent's name: its cgroups (`agent-NAME-N`), grants and audit records use it.
+    pub name: String,
+    /// Absolute path globs of its executables (`*` matches any run of characters, `/` too).
+    pub exe: Vec<String>,
+    /// For interpreters: globs of which one of the arguments must match (`*/claude-code/*`).
+    #[serde(default)]
+    pub argv: Vec<String>,
+    /// The uids it applies to (empty: any). They are also the only uids that may
+    /// `guard exec --agent NAME`.
+    #[serde(default)]
+    pub uids: Vec<u32>,
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -619,6 +639,16 @@ pub fn line_col(text: &str, offset: usize) -> (usize, usize) {
 struct Located {
     #[serde(default)]
     scope: Option<LocatedScope>,
+    #[serde(default)]
+    agents: Option<Vec<LocatedAgent>>,
+}
+
+#[derive(Deserialize, Default)]
+struct LocatedAgent {
+    #[serde(default)]
+    name: Option<Spanned<String>>,
+    #[serde(default)]
+    exe: Option<Vec<Spanned<String>>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -736,6 +766,36 @@ impl Config {
         for u in scope.unix_allow.iter().flatten() {
             unix_name(u.get_ref())
                 .map_err(|m| at(u.span().start, format!("scope.unix_allow: {m}")))?;
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for a in located.agents.iter().flatten() {
+            if let Some(n) = &a.name {
+                let v = n.get_ref();
+                if !crate::daemon::valid_agent_name(v) {
+                    return Err(at(n.span().start, format!("agents.name: `{v}` is not an agent name: use 1-64 letters, digits, `_`, `.` or `-`, starting with a letter or digit")));
+                }
+                if !names.insert(v.clone()) {
+                    return Err(at(n.span().start, format!("agents.name: `{v}` is named by two [[agents]] entries; give each agent one entry")));
+                }
+            }
+            for e in a.exe.iter().flatten() {
+                if !e.get_ref().starts_with('/') {
+                    return Err(at(
+                        e.span().start,
+                        format!(
+                            "agents.exe: {:?} is not an absolute path (glob)",
+                            e.get_ref()
+                        ),
+                    ));
+                }
+            }
+            if a.exe.as_ref().is_some_and(|e| e.is_empty()) {
+                let offset = a.name.as_ref().map_or(0, |n| n.span().start);
+                return Err(at(
+                    offset,
+                    "agents.exe: an agent needs at least one executable".into(),
+                ));
+            }
         }
         let config: Config = toml::from_str(text).map_err(|e| {
             let offset = e.span().map_or(0, |s| s.start);
@@ -916,6 +976,39 @@ approvers_group = "sec"
         let e = err("[scope]\n  udp = \"quic\"\n");
         assert!(e.starts_with("guard.toml:2:9:"), "{e}");
         assert!(e.contains("dns-only"), "{e}");
+    }
+
+    #[test]
+    fn agents_are_named_once_by_absolute_executables() {
+        let ok = Config::parse(
+            "guard.toml",
+            "[[agents]]\nname = \"claude\"\nexe = [\"/usr/bin/claude\"]\nuids = [1000]\n",
+        )
+        .unwrap();
+        assert_eq!(ok.agents[0].name, "claude");
+        assert_eq!(ok.agents[0].uids, vec![1000]);
+        assert!(ok.agents[0].argv.is_empty());
+        let e = err("[[agents]]\nname = \"a/b\"\nexe = [\"/x\"]\n");
+        assert!(
+            e.starts_with("guard.toml:2:8:") && e.contains("not an agent name"),
+            "{e}"
+        );
+        let e = err("[[agents]]\nname = \"a\"\nexe = [\"x\"]\n");
+        assert!(
+            e.starts_with("guard.toml:3:8:") && e.contains("absolute"),
+            "{e}"
+        );
+        let e = err("[[agents]]\nname = \"a\"\nexe = []\n");
+        assert!(e.contains("at least one executable"), "{e}");
+        let e = err(
+            "[[agents]]\nname = \"a\"\nexe = [\"/x\"]\n[[agents]]\nname = \"a\"\nexe = [\"/y\"]\n",
+        );
+        assert!(
+            e.starts_with("guard.toml:5:8:") && e.contains("two [[agents]]"),
+            "{e}"
+        );
+        let e = err("[[agents]]\nname = \"a\"\n");
+        assert!(e.contains("exe"), "{e}");
     }
 
     #[test]

@@ -93,18 +93,43 @@ pub fn agent_key(agent: &Option<String>, uid: u32) -> String {
     }
 }
 
+/// What a connection of a process marked at exec (`[[agents]]`, not moved into its agent
+/// cgroup yet) is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Enrolled {
+    Agent(String),
+    /// Not an agent (an interpreter running something else): it passes through untouched.
+    NotAgent,
+    /// An agent that could not be enrolled yet: refused (fail closed).
+    Failed,
+}
+
+/// Who decides what a marked process is (the daemon's enrolment).
+pub trait Enrolments: Send + Sync + 'static {
+    /// `root`: the process marked at exec.
+    fn agent_of(&self, root: u32) -> Enrolled;
+}
+
 /// Agent cgroups created by `guard exec`, by cgroup id.
 #[derive(Default)]
 pub struct Agents {
     by_id: RwLock<HashMap<u64, AgentCgroup>>,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct AgentCgroup {
     pub name: String,
     /// Relative to the cgroup v2 mount.
     pub cgroup: String,
     pub id: u64,
+    /// The process that was enrolled (0: not known, for a cgroup found at start).
+    pub pid: u32,
+    /// Its executable then.
+    pub exe: Option<String>,
+    /// How it was enrolled: `guard-exec`, `exec-match`, or `adopted` (found at start).
+    pub how: String,
+    /// When (RFC 3339).
+    pub since: String,
 }
 
 impl Agents {
@@ -148,6 +173,7 @@ mod tests {
             name: "bot".into(),
             cgroup: "guard.slice/agent-bot-1".into(),
             id: 7,
+            ..Default::default()
         });
         assert_eq!(agents.get(7).unwrap().name, "bot");
         assert_eq!(

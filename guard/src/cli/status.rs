@@ -75,6 +75,31 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         guarded_cgroups(&g("guarded_cgroups"))
     );
     println!("guarded uids:    {}", g("guarded_uids"));
+    let enrol = g("enrolment");
+    match enrol["mode"].as_str() {
+        Some("exec") => println!(
+            "enrolment:       at exec, by the kernel ({} [[agents]]; {} processes being moved)",
+            enrol["agents"].as_array().map_or(0, Vec::len),
+            n(&enrol, "marked")
+        ),
+        Some("scan") => println!(
+            "enrolment:       SCANS ONLY, every second (an agent is not guarded until found): {}",
+            enrol["why_not"].as_str().unwrap_or("?")
+        ),
+        _ => {}
+    }
+    let agents = g("agents");
+    for a in agents.as_array().into_iter().flatten() {
+        println!(
+            "agent:           {} pid {} {} in /{} since {} ({})",
+            a["name"].as_str().unwrap_or("?"),
+            a["pid"],
+            a["exe"].as_str().unwrap_or("-"),
+            a["cgroup"].as_str().unwrap_or("?"),
+            a["since"].as_str().filter(|s| !s.is_empty()).unwrap_or("-"),
+            a["how"].as_str().unwrap_or("?"),
+        );
+    }
     println!(
         "counters:        redirected {}, passed through {}, origin missing {}, refused {}",
         n(&c, "redirected"),

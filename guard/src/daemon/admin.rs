@@ -68,6 +68,7 @@ impl Daemon {
             "guarded_cgroups": guarded,
             "guarded_uids": uids,
             "agents": agents,
+            "enrolment": self.enrol.status(),
             "containment": {
                 "state": self.containment.state,
                 "reason": self.containment.reason,

@@ -70,7 +70,7 @@ impl Daemon {
         }
     }
 
-    // Long (about 85 lines) on purpose: every check before the move, the move, and its undo
+    // Long (about 75 lines) on purpose: every check before the move, the move, and its undo
     // read in the order they must happen.
     pub(super) fn exec(&self, peer: Peer, agent: String) -> Result<serde_json::Value> {
         if !valid_agent_name(&agent) {
@@ -78,6 +78,21 @@ impl Daemon {
         }
         if self.disabled.load(Ordering::SeqCst) {
             bail!("guard is disabled on this host (guard disable); restart the daemon to enforce again");
+        }
+        if let Some(uids) = self.enrol.uids_of(&agent) {
+            if !uids.contains(&peer.uid) {
+                bail!(
+                    "uid {} may not start agent `{agent}`: its [[agents]] entry binds the name to uid{} {}",
+                    peer.uid,
+                    if uids.len() == 1 { "" } else { "s" },
+                    uids.iter().map(u32::to_string).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
+        if self.kernel.is_marked(peer.pid) {
+            // An [[agents]] process the daemon has not moved yet: it is that agent, and must
+            // not pick another name (and its grants) first.
+            bail!("this process is an agent's ([[agents]]) and is being enrolled; it cannot start an agent under a name of its choosing");
         }
         let caller_cgroup = peer.by_pid(cgroup::cgroup_of)?;
         let current = self.agents.containing(&caller_cgroup);
@@ -98,20 +113,16 @@ impl Daemon {
                 json!({"agent": agent, "cgroup": format!("/{}", current.cgroup), "moved": false}),
             );
         }
-        let n = self.next_agent.fetch_add(1, Ordering::SeqCst);
-        let dir = format!("agent-{agent}-{n}");
-        let rel = format!("{}/{dir}", self.attach_rel)
-            .trim_start_matches('/')
-            .to_string();
-        let path = self.attach_path.join(&dir);
-        cgroup::create(&path)?;
-        let id = cgroup::cgroup_id(&path)?;
+        let home = Home {
+            kernel: &self.kernel,
+            attach_path: &self.attach_path,
+            attach_rel: &self.attach_rel,
+            next: &self.next_agent,
+        };
+        let (path, rel, id) = home.create(&agent)?;
         // Guarded before the process arrives, so not one connect slips through. Moved by pid,
         // and only while the pidfd says the pid is still the caller's.
-        let moved = self
-            .kernel
-            .guard_cgroup(id)
-            .and_then(|()| peer.by_pid(|pid| cgroup::move_pid(&path, pid)));
+        let moved = peer.by_pid(|pid| cgroup::move_pid(&path, pid));
         if let Err(e) = moved {
             // Had the caller gone while it was moved, its pid might name another process now:
             // whatever arrived goes back to where the caller was.
@@ -119,8 +130,7 @@ impl Daemon {
             for pid in cgroup::procs(&path) {
                 let _ = cgroup::move_pid(&back, pid);
             }
-            let _ = self.kernel.unguard_cgroup(id);
-            let _ = cgroup::remove(&path);
+            home.undo(&path, id);
             let mut r = self.audit.record(Event::Control, Decision::Deny);
             r.actor_uid = Some(peer.uid);
             r.method = Some("exec".into());
@@ -128,30 +138,17 @@ impl Daemon {
             let _ = self.audit.write(&r);
             return Err(e);
         }
-        self.agents.insert(AgentCgroup {
-            name: agent.clone(),
-            cgroup: rel.clone(),
+        let who = (peer.pid, peer.uid, peer.gid);
+        started(
+            &self.audit,
+            &self.agents,
+            &agent,
+            &rel,
             id,
-        });
-        let mut r = self.audit.record(Event::AgentStart, Decision::Enforce);
-        r.actor_uid = Some(peer.uid);
-        r.agent = Some(AgentRef::from(&Identity {
-            pid: peer.pid,
-            tgid: peer.pid,
-            uid: peer.uid,
-            gid: peer.gid,
-            agent: Some(agent.clone()),
-            cgroup: Some(format!("/{rel}")),
-            exe: std::fs::read_link(format!("/proc/{}/exe", peer.pid))
-                .ok()
-                .map(|p| p.display().to_string()),
-            comm: std::fs::read_to_string(format!("/proc/{}/comm", peer.pid))
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-            ..Default::default()
-        }));
-        self.audit.write(&r)?;
+            who,
+            "guard-exec",
+            Some(peer.uid),
+        )?;
         Ok(
             json!({"agent": agent, "cgroup": format!("/{rel}"), "cgroup_id": id, "moved": true,
                   "ca_bundle": CaFiles::new(&self.config.paths.state_dir).bundle,
@@ -181,6 +178,87 @@ impl Daemon {
         }
         false
     }
+}
+
+/// Where agent cgroups are made: `agent-NAME-N` below the attach cgroup.
+pub(super) struct Home<'a> {
+    pub kernel: &'a crate::kernel::Kernel,
+    pub attach_path: &'a std::path::Path,
+    pub attach_rel: &'a str,
+    pub next: &'a std::sync::atomic::AtomicU64,
+}
+
+impl Home<'_> {
+    /// A new agent cgroup for `name`, guarded before anything is moved in: (path, path
+    /// relative to the mount, cgroup id).
+    pub fn create(&self, name: &str) -> Result<(std::path::PathBuf, String, u64)> {
+        let n = self.next.fetch_add(1, Ordering::SeqCst);
+        let dir = format!("agent-{name}-{n}");
+        let rel = format!("{}/{dir}", self.attach_rel)
+            .trim_start_matches('/')
+            .to_string();
+        let path = self.attach_path.join(&dir);
+        cgroup::create(&path)?;
+        let id = cgroup::cgroup_id(&path)?;
+        if let Err(e) = self.kernel.guard_cgroup(id) {
+            let _ = cgroup::remove(&path);
+            return Err(e);
+        }
+        Ok((path, rel, id))
+    }
+
+    /// Removes a cgroup [`Home::create`] made (nothing was moved in, or it was moved out).
+    pub fn undo(&self, path: &std::path::Path, id: u64) {
+        let _ = self.kernel.unguard_cgroup(id);
+        let _ = cgroup::remove(path);
+    }
+}
+
+/// Registers a new agent (`who`: its pid, uid and gid), then writes its `agent_start` record
+/// (`how` it was enrolled).
+#[allow(clippy::too_many_arguments)]
+pub(super) fn started(
+    audit: &crate::audit::Audit,
+    agents: &crate::identity::Agents,
+    name: &str,
+    rel: &str,
+    id: u64,
+    (pid, uid, gid): (u32, u32, u32),
+    how: &str,
+    actor: Option<u32>,
+) -> Result<AgentCgroup> {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe"))
+        .ok()
+        .map(|p| p.display().to_string());
+    let mut r = audit.record(Event::AgentStart, Decision::Enforce);
+    r.actor_uid = actor;
+    r.agent = Some(AgentRef::from(&Identity {
+        pid,
+        tgid: pid,
+        uid,
+        gid,
+        agent: Some(name.to_string()),
+        cgroup: Some(format!("/{rel}")),
+        exe: exe.clone(),
+        comm: std::fs::read_to_string(format!("/proc/{pid}/comm"))
+            .unwrap_or_default()
+            .trim()
+            .to_string(),
+        ..Default::default()
+    }));
+    r.detail = Some(json!({ "enrolled": how }));
+    let a = AgentCgroup {
+        name: name.to_string(),
+        cgroup: rel.to_string(),
+        id,
+        pid,
+        exe,
+        how: how.to_string(),
+        since: r.ts.clone(),
+    };
+    agents.insert(a.clone());
+    audit.write(&r)?;
+    Ok(a)
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@ use serde_json::json;
 use super::{
     agents::{parse_agent_dir, under},
     control,
+    enrol::{Enrolment, Mode, Place},
     metrics::Metrics,
     policies::{load_policies, policy_fingerprint, restore_rate_limits},
     Daemon,
@@ -26,7 +27,7 @@ use super::{
 use crate::{
     audit::{Audit, Decision, Event},
     config::{Config, UdpMode},
-    identity::{AgentCgroup, Agents},
+    identity::{AgentCgroup, Agents, Enrolments},
     kernel::{self, cgroup, Attached, Kernel, Settings},
     mcp::{self, pins::Pins, Engine},
     policy::PolicySet,
@@ -146,6 +147,9 @@ fn adopt_agents(
                     .trim_start_matches('/')
                     .to_string(),
                 id,
+                pid: cgroup::procs(&path).first().copied().unwrap_or(0),
+                how: "adopted".into(),
+                ..Default::default()
             });
         } else if let Err(e) = cgroup::remove(&path) {
             tracing::warn!("removing empty agent cgroup {}: {e}", path.display());
@@ -255,6 +259,38 @@ pub async fn assemble(
     })
 }
 
+/// Marking agents at exec, where `[[agents]]` names any: on where the kernel can (raw
+/// tracepoints, executables identified), else said loudly and left to the daemon's scans.
+/// Without `[[agents]]`, an earlier run's hooks are removed.
+fn start_enrolment(
+    kernel: &mut Kernel,
+    config: &Config,
+    at: &AttachPoint,
+) -> Result<(Mode, Option<String>)> {
+    if config.agents.is_empty() {
+        kernel.stop_enrol()?;
+        return Ok((Mode::Off, None));
+    }
+    let attach_id = cgroup::cgroup_id(&at.attach_path)?;
+    match kernel.start_enrol(attach_id, at.daemon_cgroup_id) {
+        Ok(()) => {
+            tracing::info!(
+                "[[agents]]: marked at exec by the kernel, guarded from their first instruction"
+            );
+            Ok((Mode::Exec, None))
+        }
+        Err(e) => {
+            let why = format!("{e:#}");
+            tracing::warn!(
+                "[[agents]] cannot be marked at exec on this kernel ({why}): the daemon scans for them every {} s instead, and an agent's connects in the time until it is found are NOT guarded",
+                super::enrol::SCAN_INTERVAL.as_secs()
+            );
+            let _ = kernel.stop_enrol();
+            Ok((Mode::Scan, Some(why)))
+        }
+    }
+}
+
 /// The daemon's Unix sockets, bound before anything is attached.
 pub(super) struct Sockets {
     pub control: tokio::net::UnixListener,
@@ -289,7 +325,28 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
     let containment = super::contain::start(&mut kernel, &config, &at.attach_path)?;
     let contained = kernel.take_contained();
     let done = kernel.attach(&at.attach_path)?;
+    // After the redirect, before the scan for agents already running: no exec in between goes
+    // unmarked.
+    let (enrol_mode, why_not) = start_enrolment(&mut kernel, &config, &at)?;
+    let enrol_events = kernel.take_enrol_events();
     let kernel = Arc::new(kernel);
+    let next_agent = Arc::new(AtomicU64::new(next_agent));
+    let enrol = Arc::new(Enrolment::new(
+        &config.agents,
+        enrol_mode,
+        why_not,
+        Place {
+            kernel: kernel.clone(),
+            agents: agents.clone(),
+            audit: audit.clone(),
+            cgroup_mount: at.cgroup_mount.clone(),
+            attach_path: at.attach_path.clone(),
+            attach_rel: at.attach_rel.clone(),
+            daemon_cgroup: at.daemon_cgroup.clone(),
+            next_agent: next_agent.clone(),
+        },
+    ));
+    enrol.publish()?;
     tracing::info!(
         attach = %at.attach_path.display(),
         newly_attached = done.attached,
@@ -300,10 +357,17 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
         "guard is enforcing"
     );
     audit_start(&audit, &config_source, &at, &done, &containment)?;
+    enrol.audit_mode();
+    if enrol_mode != Mode::Off {
+        // Agents that were running before the daemon, and marks an earlier run left.
+        enrol.sweep();
+        enrol.scan();
+    }
 
     let identify = Arc::new(KernelIdentify {
         kernel: kernel.clone(),
         agents: agents.clone(),
+        enrol: (enrol_mode != Mode::Off).then(|| enrol.clone() as Arc<dyn Enrolments>),
     });
     let Enforcement {
         engine,
@@ -331,7 +395,9 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
         audit,
         listen,
         disabled: AtomicBool::new(false),
-        next_agent: AtomicU64::new(next_agent),
+        next_agent,
+        enrol,
+        enrol_events: Mutex::new(enrol_events),
         started: Instant::now(),
         containment,
         contained: Mutex::new(contained),

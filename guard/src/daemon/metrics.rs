@@ -22,6 +22,8 @@ struct Inner {
     decisions: BTreeMap<(Event, String, String, Decision), u64>,
     /// (event) -> bucket counts, sum µs, count
     latency: BTreeMap<Event, ([u64; BUCKETS_US.len()], u64, u64)>,
+    /// how (`exec-match`, `guard-exec`) -> agents enrolled
+    enrolled: BTreeMap<String, u64>,
 }
 
 #[derive(Default)]
@@ -45,6 +47,15 @@ impl Metrics {
             .unwrap_or_default();
         let tool = r.tool.clone().unwrap_or_default();
         let mut inner = self.inner.lock().unwrap();
+        if r.event == Event::AgentStart {
+            let how = r
+                .detail
+                .as_ref()
+                .and_then(|d| d.get("enrolled"))
+                .and_then(|h| h.as_str())
+                .unwrap_or("unknown");
+            *inner.enrolled.entry(how.to_string()).or_default() += 1;
+        }
         *inner
             .decisions
             .entry((r.event, server, tool, r.decision))
@@ -107,6 +118,15 @@ impl Metrics {
                 out,
                 "guard_decision_latency_seconds_count{{event=\"{}\"}} {count}",
                 esc(event.as_str())
+            );
+        }
+        out.push_str("# HELP guard_agents_enrolled_total Agents enrolled, by how (exec-match: [[agents]] at exec; guard-exec).\n");
+        out.push_str("# TYPE guard_agents_enrolled_total counter\n");
+        for (how, n) in &inner.enrolled {
+            let _ = writeln!(
+                out,
+                "guard_agents_enrolled_total{{how=\"{}\"}} {n}",
+                esc(how)
             );
         }
         for (name, help, v) in counters {
@@ -291,6 +311,9 @@ mod tests {
         r.latency_us = Some(120);
         m.observe(&r);
         m.observe(&r);
+        let mut started = Record::new(Event::AgentStart, Decision::Enforce);
+        started.detail = Some(serde_json::json!({"enrolled": "exec-match"}));
+        m.observe(&started);
         let text = m.render(
             &[("guard_redirected_total", "Redirected connects.", 5)],
             &[],
@@ -298,6 +321,10 @@ mod tests {
         assert!(text.contains(
             "guard_decisions_total{event=\"tool_call\",server=\"files\",tool=\"rm \\\"x\\\"\",decision=\"deny\"} 2"
         ), "{text}");
+        assert!(
+            text.contains("guard_agents_enrolled_total{how=\"exec-match\"} 1"),
+            "{text}"
+        );
         assert!(
             text.contains(
                 "guard_decision_latency_seconds_bucket{event=\"tool_call\",le=\"0.00025\"} 2"

@@ -1,6 +1,6 @@
 //! `guard daemon`: started by [`bootstrap`] (kernel side, proxy, enforcement core), then it
 //! serves the control socket ([`control`], answered by [`admin`]) and the metrics ([`metrics`]),
-//! keeps agent cgroups tidy ([`agents`]), reloads policies and saves rate-limit state
+//! keeps agent cgroups tidy ([`agents`]), enrols `[[agents]]` at exec ([`enrol`]), reloads policies and saves rate-limit state
 //! ([`policies`]) until SIGTERM.
 
 mod admin;
@@ -8,6 +8,7 @@ mod agents;
 mod bootstrap;
 mod contain;
 pub mod control;
+mod enrol;
 mod metrics;
 mod policies;
 pub mod stdio;
@@ -58,7 +59,11 @@ pub struct Daemon {
     stats: Arc<Stats>,
     listen: Vec<SocketAddr>,
     disabled: AtomicBool,
-    next_agent: AtomicU64,
+    next_agent: Arc<AtomicU64>,
+    /// `[[agents]]`: processes enrolled at exec.
+    enrol: Arc<enrol::Enrolment>,
+    /// The exec hook's events, until [`Daemon::serve`] starts reading them.
+    enrol_events: Mutex<Option<aya::maps::RingBuf<aya::maps::MapData>>>,
     started: Instant,
     containment: contain::Containment,
     /// The containment programs' refusals, until [`Daemon::serve`] starts reading them.
@@ -133,6 +138,10 @@ impl Daemon {
         tokio::spawn(self.clone().reap());
         if let Some(ring) = self.contained.lock().unwrap().take() {
             tokio::spawn(self.clone().report_contained(ring));
+        }
+        if self.enrol.mode != enrol::Mode::Off {
+            let ring = self.enrol_events.lock().unwrap().take();
+            tokio::spawn(self.enrol.clone().run(ring));
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut int = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;

@@ -46,7 +46,8 @@ impl Kernel {
                 let path = entry?.path();
                 let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
                 let known = PROGRAMS.iter().any(|(p, _, _)| *p == name)
-                    || LSM_PROGRAMS.iter().any(|(p, _)| *p == name);
+                    || LSM_PROGRAMS.iter().any(|(p, _)| *p == name)
+                    || super::enrol::ENROL_PROGRAMS.iter().any(|(p, _)| *p == name);
                 if !known {
                     unpin_link(&path)
                         .with_context(|| format!("removing stale pin {}", path.display()))?;

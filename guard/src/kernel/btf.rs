@@ -169,7 +169,7 @@ pub fn exe_offsets_of(btf: &Btf) -> Result<ExeOffsets> {
         inode_sb: btf.offset("inode", "i_sb")?,
         sb_dev: btf.offset("super_block", "s_dev")?,
         known: 1,
-        _pad0: 0,
+        task_tgid: btf.offset("task_struct", "tgid")?,
     })
 }
 

@@ -1,6 +1,6 @@
 //! The kernel side, seen from the daemon: loading guard's eBPF programs ([`Kernel::load`]), the
 //! maps that say who is guarded and where their connections were going, attaching with pinned
-//! links ([`attach`]), the raw bpf calls ([`sys`]) and cgroupfs ([`cgroup`]). Nothing here knows
+//! links ([`attach`]), marking agents at exec ([`enrol`]), the raw bpf calls ([`sys`]) and cgroupfs ([`cgroup`]). Nothing here knows
 //! HTTP or MCP.
 
 mod attach;
@@ -8,6 +8,7 @@ pub mod btf;
 pub mod cgroup;
 pub mod confine;
 pub mod contain;
+pub mod enrol;
 pub mod sys;
 
 pub use attach::{attached_programs, unpin_all, Attached};
@@ -76,6 +77,7 @@ pub struct Kernel {
     unix_allow: Mutex<HashMap<MapData, [u8; guard_common::UNIX_PATH_MAX], u32>>,
     contain_counters: PerCpuArray<MapData, u64>,
     contained: Option<RingBuf<MapData>>,
+    enrol: enrol::EnrolMaps,
     /// Kept so the freshly loaded programs stay valid until attached and pinned.
     ebpf: Ebpf,
 }
@@ -215,6 +217,7 @@ impl Kernel {
             unix_allow: Mutex::new(take_map(&mut ebpf, guard_common::MAP_UNIX_ALLOW)?),
             contain_counters: take_map(&mut ebpf, guard_common::MAP_CONTAIN_COUNTERS)?,
             contained: Some(take_map(&mut ebpf, guard_common::MAP_CONTAINED)?),
+            enrol: enrol::EnrolMaps::take(&mut ebpf)?,
             ebpf,
         })
     }

@@ -93,7 +93,7 @@ impl Rules {
 
 /// Whether `text` matches `pattern`, where `*` matches any run of characters (also `/`) and
 /// everything else matches itself.
-pub(super) fn glob(pattern: &str, text: &str) -> bool {
+pub(crate) fn glob(pattern: &str, text: &str) -> bool {
     let (p, t) = (pattern.as_bytes(), text.as_bytes());
     let (mut pi, mut ti) = (0, 0);
     // The last `*` seen and where in `text` it started matching, to backtrack to.

@@ -146,6 +146,20 @@ impl Proxy {
         let _ = client.set_nodelay(true);
         let dst = conn.original_dst;
         let mut rec = ConnectionRecord::new(self, &conn, started);
+        if conn.pass {
+            // Not an agent after all (marked at exec, then classified): as if never redirected.
+            rec.record.rule = Some("enrol.not_an_agent".into());
+            let Some((mut client, mut upstream)) = self.go_on(client, None, dst, &mut rec).await
+            else {
+                return;
+            };
+            // Its place in proxy.max_connections is held while it lasts (descriptors).
+            let _permit = permit;
+            if let Err(e) = tcp::passthrough(&mut client, &mut upstream).await {
+                tracing::debug!(%peer, %dst, "passthrough ended: {e}");
+            }
+            return;
+        }
         let Some(slot) = self.per_agent.acquire(&conn.identity) else {
             self.stats.over_agent_limit.fetch_add(1, Ordering::Relaxed);
             rec.deny(

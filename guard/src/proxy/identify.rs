@@ -8,7 +8,7 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use crate::{
-    identity::{Agents, ExeFile, Identity},
+    identity::{Agents, Enrolled, Enrolments, ExeFile, Identity},
     kernel::{self, Kernel},
 };
 
@@ -18,6 +18,9 @@ pub struct Connection {
     pub client: SocketAddr,
     pub original_dst: SocketAddr,
     pub identity: Identity,
+    /// Redirected only because its process was marked at exec, and it is not an agent: passed
+    /// through untouched.
+    pub pass: bool,
 }
 
 /// The seam between the proxy and whatever knows where its connections were redirected from.
@@ -31,19 +34,26 @@ pub trait Identify: Send + Sync + 'static {
 pub struct KernelIdentify {
     pub kernel: Arc<Kernel>,
     pub agents: Arc<Agents>,
+    /// `[[agents]]` enrolment, where configured.
+    pub enrol: Option<Arc<dyn Enrolments>>,
 }
 
 impl Identify for KernelIdentify {
     fn identify(&self, client: SocketAddr, _local: SocketAddr) -> Option<Connection> {
-        identify(&self.kernel, &self.agents, client)
+        identify(&self.kernel, &self.agents, self.enrol.as_deref(), client)
     }
 }
 
 /// Takes the origin of `client` from the kernel. None: the connection did not come through the
 /// redirect (or its entry is gone), and must be closed.
-fn identify(kernel: &Kernel, agents: &Agents, client: SocketAddr) -> Option<Connection> {
+fn identify(
+    kernel: &Kernel,
+    agents: &Agents,
+    enrol: Option<&dyn Enrolments>,
+    client: SocketAddr,
+) -> Option<Connection> {
     let origin = kernel.take_origin(client)?;
-    let identity = Identity {
+    let mut identity = Identity {
         netns_cookie: origin.netns_cookie,
         exe_file: ExeFile::from_kernel(origin.exe_dev, origin.exe_ino),
         ..attributed(
@@ -59,10 +69,25 @@ fn identify(kernel: &Kernel, agents: &Agents, client: SocketAddr) -> Option<Conn
             },
         )
     };
+    let mut pass = false;
+    if origin.enrolling != 0 && identity.agent.is_none() {
+        // Marked at exec and not moved yet (or the move raced this connect).
+        match enrol.map(|e| e.agent_of(origin.enrolling)) {
+            Some(Enrolled::Agent(name)) => {
+                identity.agent = Some(name);
+                identity.cgroup = kernel::cgroup::cgroup_of(origin.tgid)
+                    .ok()
+                    .map(|c| format!("/{c}"));
+            }
+            Some(Enrolled::NotAgent) => pass = true,
+            Some(Enrolled::Failed) | None => return None,
+        }
+    }
     Some(Connection {
         client,
         original_dst: kernel::original_dst(&origin),
         identity,
+        pass,
     })
 }
 

@@ -1,0 +1,422 @@
+//! Enrolment without `guard exec` (`[[agents]]`): a process that executes an agent's program
+//! is marked by the kernel at exec (`kernel::enrol`), so its connects are redirected from its
+//! first instruction; here it is classified ([`crate::enrol::Rules`]: executable, arguments,
+//! uid), moved into an agent cgroup of its own with what it forked meanwhile, and unmarked.
+//! One that turns out not to be an agent (an interpreter running something else) is unmarked
+//! and its redirected connections pass through untouched.
+//!
+//! Where the kernel cannot mark at exec, the daemon scans for agents every
+//! [`SCAN_INTERVAL`] instead: the window until the scan finds a new agent is open (said at
+//! start, and in the README). Agents running when the daemon starts are found by the same scan.
+
+use std::{
+    collections::HashMap,
+    path::PathBuf,
+    sync::{atomic::AtomicU64, Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use anyhow::Result;
+use serde_json::json;
+
+use super::agents::{started, under, Home};
+use crate::{
+    audit::{Audit, Decision, Event},
+    config::AgentEntry,
+    enrol::{Process, Rules},
+    identity::{AgentCgroup, Agents, Enrolled, Enrolments},
+    kernel::{self, cgroup, Kernel},
+};
+
+/// How often the marks are swept (events lost to a full ring, processes gone) and, without
+/// the exec hook, how often running processes are scanned for agents.
+pub const SCAN_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the executables' globs are resolved again (a new version installed).
+const RESOLVE_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How processes are enrolled here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// No `[[agents]]`.
+    Off,
+    /// Marked by the kernel at exec.
+    Exec,
+    /// Found by the daemon's scans (the kernel cannot mark at exec).
+    Scan,
+}
+
+impl Mode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Off => "off",
+            Mode::Exec => "exec",
+            Mode::Scan => "scan",
+        }
+    }
+}
+
+/// What a marked process turned out to be, by the pid of the process that was marked at exec.
+#[derive(Debug, Clone)]
+enum Decided {
+    Agent(AgentCgroup),
+    NotAgent,
+    /// An agent that could not be moved (not remembered: tried again). It stays marked, so
+    /// guarded; its connections are refused meanwhile.
+    Failed,
+}
+
+pub struct Enrolment {
+    pub mode: Mode,
+    /// Why marking at exec is not on, when it is not.
+    pub why_not: Option<String>,
+    entries: Vec<AgentEntry>,
+    rules: RwLock<Rules>,
+    kernel: Arc<Kernel>,
+    agents: Arc<Agents>,
+    audit: Arc<Audit>,
+    cgroup_mount: PathBuf,
+    attach_path: PathBuf,
+    attach_rel: String,
+    daemon_cgroup: String,
+    next_agent: Arc<AtomicU64>,
+    decided: Mutex<HashMap<u32, Decided>>,
+}
+
+/// What [`Enrolment::new`] needs to know of the daemon.
+pub struct Place {
+    pub kernel: Arc<Kernel>,
+    pub agents: Arc<Agents>,
+    pub audit: Arc<Audit>,
+    pub cgroup_mount: PathBuf,
+    pub attach_path: PathBuf,
+    pub attach_rel: String,
+    pub daemon_cgroup: String,
+    pub next_agent: Arc<AtomicU64>,
+}
+
+impl Enrolment {
+    pub fn new(entries: &[AgentEntry], mode: Mode, why_not: Option<String>, at: Place) -> Self {
+        Enrolment {
+            mode,
+            why_not,
+            entries: entries.to_vec(),
+            rules: RwLock::new(Rules::resolve(entries)),
+            kernel: at.kernel,
+            agents: at.agents,
+            audit: at.audit,
+            cgroup_mount: at.cgroup_mount,
+            attach_path: at.attach_path,
+            attach_rel: at.attach_rel,
+            daemon_cgroup: at.daemon_cgroup,
+            next_agent: at.next_agent,
+            decided: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The uids that may start `name` with `guard exec` (None: any).
+    pub fn uids_of(&self, name: &str) -> Option<Vec<u32>> {
+        self.rules
+            .read()
+            .unwrap()
+            .uids_of(name)
+            .map(<[u32]>::to_vec)
+    }
+
+    /// Writes the executables the exec hook marks.
+    pub fn publish(&self) -> Result<()> {
+        if self.mode == Mode::Exec {
+            self.kernel
+                .set_agent_exes(&self.rules.read().unwrap().files())?;
+        }
+        Ok(())
+    }
+
+    /// Classifies `root` (once) and, for an agent, moves it into a new agent cgroup.
+    fn decide(&self, root: u32) -> Decided {
+        let mut decided = self.decided.lock().unwrap();
+        if let Some(d) = decided.get(&root) {
+            return d.clone();
+        }
+        let d = match Process::read(root) {
+            Some(p) => match self.rules.read().unwrap().classify(&p) {
+                Some(name) => match self.enrol(&p, name) {
+                    Ok(a) => Decided::Agent(a),
+                    Err(e) => {
+                        // It stays marked (guarded): tried again at the next sweep.
+                        tracing::warn!(pid = root, "enrolling agent {name}: {e:#}");
+                        return Decided::Failed;
+                    }
+                },
+                None => Decided::NotAgent,
+            },
+            None => Decided::NotAgent,
+        };
+        decided.insert(root, d.clone());
+        d
+    }
+
+    /// Moves `p` into a new cgroup for agent `name`, and says so in the audit trail.
+    fn enrol(&self, p: &Process, name: &str) -> Result<AgentCgroup> {
+        let home = Home {
+            kernel: &self.kernel,
+            attach_path: &self.attach_path,
+            attach_rel: &self.attach_rel,
+            next: &self.next_agent,
+        };
+        let (path, rel, id) = home.create(name)?;
+        if let Err(e) = cgroup::move_pid(&path, p.pid) {
+            home.undo(&path, id);
+            return Err(e);
+        }
+        let gid = std::fs::read_to_string(format!("/proc/{}/status", p.pid))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Gid:"))
+                    .and_then(|l| l.split_whitespace().next())
+                    .and_then(|g| g.parse().ok())
+            })
+            .unwrap_or(0);
+        started(
+            &self.audit,
+            &self.agents,
+            name,
+            &rel,
+            id,
+            (p.pid, p.uid, gid),
+            "exec-match",
+            None,
+        )
+    }
+
+    /// A marked process (`pid`, marked at exec as `root` or forked from it): into its agent's
+    /// cgroup when `root` is one, then unmarked — never unmarked before it is guarded there.
+    fn settle(&self, pid: u32, root: u32) {
+        match self.decide(root) {
+            Decided::Agent(a) if pid != root => {
+                let path = self.cgroup_mount.join(&a.cgroup);
+                if let Err(e) = cgroup::move_pid(&path, pid) {
+                    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                        tracing::warn!(pid, "moving into {}: {e:#}", a.cgroup);
+                        return;
+                    }
+                }
+                self.kernel.unmark(pid);
+            }
+            Decided::Failed => {}
+            Decided::Agent(_) | Decided::NotAgent => self.kernel.unmark(pid),
+        }
+    }
+
+    /// Every mark: settled (events a full ring lost), or removed when its process is gone;
+    /// decisions about processes that are gone are forgotten.
+    pub fn sweep(&self) {
+        for (pid, mark) in self.kernel.enrolling() {
+            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
+                self.settle(pid, mark.root);
+            } else {
+                self.kernel.unmark(pid);
+            }
+        }
+        self.decided
+            .lock()
+            .unwrap()
+            .retain(|root, _| std::path::Path::new(&format!("/proc/{root}")).exists());
+    }
+
+    /// Processes below the attach cgroup that are not guarded yet and run an agent's program:
+    /// enrolled, with their descendants. At start (agents that were running before), and every
+    /// [`SCAN_INTERVAL`] where the kernel cannot mark at exec.
+    pub fn scan(&self) {
+        let rules = self.rules.read().unwrap().clone();
+        let guarded_uids = self.kernel.guarded_uids();
+        let mut parents: HashMap<u32, u32> = HashMap::new();
+        let mut found = Vec::new();
+        for pid in all_pids() {
+            if let Some(ppid) = parent_of(pid) {
+                parents.insert(pid, ppid);
+            }
+            let Ok(rel) = cgroup::cgroup_of(pid) else {
+                continue;
+            };
+            if !under(&rel, &self.attach_rel)
+                || under(&rel, &self.daemon_cgroup)
+                || self.agents.containing(&rel).is_some()
+            {
+                continue;
+            }
+            let Some(p) = Process::read(pid) else {
+                continue;
+            };
+            if guarded_uids.contains(&p.uid) {
+                continue;
+            }
+            if let Some(name) = rules.classify(&p) {
+                found.push((p.clone(), name.to_string()));
+            }
+        }
+        for (p, name) in found {
+            // A descendant of an agent found here is moved with it, not enrolled on its own.
+            if self
+                .agents
+                .all()
+                .iter()
+                .any(|a| a.pid != 0 && descends(&parents, p.pid, a.pid))
+            {
+                continue;
+            }
+            match self.enrol(&p, &name) {
+                Ok(a) => {
+                    self.decided
+                        .lock()
+                        .unwrap()
+                        .insert(p.pid, Decided::Agent(a.clone()));
+                    let path = self.cgroup_mount.join(&a.cgroup);
+                    for (&child, _) in parents.iter() {
+                        if child != p.pid && descends(&parents, child, p.pid) {
+                            let _ = cgroup::move_pid(&path, child);
+                        }
+                    }
+                }
+                Err(e) => tracing::warn!(pid = p.pid, "enrolling agent {name}: {e:#}"),
+            }
+        }
+    }
+
+    /// Serves enrolment while the daemon runs: the exec hook's events, the sweep, the scan
+    /// where there is no hook, the executables' globs resolved again.
+    pub async fn run(self: Arc<Self>, ring: Option<aya::maps::RingBuf<aya::maps::MapData>>) {
+        let mut sweep = tokio::time::interval(SCAN_INTERVAL);
+        let mut resolve = tokio::time::interval(RESOLVE_INTERVAL);
+        let mut fd = ring.and_then(|r| {
+            // SAFETY: the ring buffer owns its map's descriptor, and the AsyncFd owns the ring
+            // buffer: the descriptor stays open and the same for the AsyncFd's whole life.
+            unsafe { tokio::io::unix::AsyncFd::register(r) }
+                .map_err(|e| {
+                    tracing::warn!(
+                        "reading enrolment events: {e}; marks are swept every second instead"
+                    )
+                })
+                .ok()
+        });
+        loop {
+            tokio::select! {
+                ready = async { fd.as_mut().unwrap().readable_mut().await }, if fd.is_some() => {
+                    let Ok(mut ready) = ready else {
+                        fd = None;
+                        continue;
+                    };
+                    let mut events = Vec::new();
+                    while let Some(item) = ready.get_inner_mut().next() {
+                        if let Some(e) = kernel::enrol::parse_event(&item) {
+                            events.push(e);
+                        }
+                    }
+                    ready.clear_ready();
+                    let me = self.clone();
+                    // Cgroup moves and /proc reads block: off the runtime's threads.
+                    let _ = tokio::task::spawn_blocking(move || {
+                        for e in events {
+                            me.settle(e.pid, e.root);
+                        }
+                    })
+                    .await;
+                }
+                _ = sweep.tick() => {
+                    let me = self.clone();
+                    let _ = tokio::task::spawn_blocking(move || {
+                        me.sweep();
+                        if me.mode == Mode::Scan {
+                            me.scan();
+                        }
+                    })
+                    .await;
+                }
+                _ = resolve.tick() => {
+                    let rules = Rules::resolve(&self.entries);
+                    let changed = rules.files() != self.rules.read().unwrap().files();
+                    *self.rules.write().unwrap() = rules;
+                    if changed {
+                        if let Err(e) = self.publish() {
+                            tracing::warn!("updating the agents' executables: {e:#}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The `agent_start` records' counterpart for status: how enrolment works here.
+    pub fn status(&self) -> serde_json::Value {
+        json!({
+            "mode": self.mode.as_str(),
+            "why_not": self.why_not,
+            "agents": self.entries.iter().map(|e| e.name.clone()).collect::<Vec<_>>(),
+            "marked": self.kernel.enrolling().len(),
+        })
+    }
+
+    /// Audits how enrolment runs (at start).
+    pub fn audit_mode(&self) {
+        if self.mode == Mode::Off {
+            return;
+        }
+        let mut r = self.audit.record(Event::Control, Decision::Enforce);
+        r.method = Some("enrolment".into());
+        r.detail = Some(self.status());
+        let _ = self.audit.write(&r);
+    }
+}
+
+impl Enrolments for Enrolment {
+    /// Decided now if the daemon has not yet: a connect can come before the exec event is read.
+    fn agent_of(&self, root: u32) -> Enrolled {
+        match self.decide(root) {
+            Decided::Agent(a) => Enrolled::Agent(a.name),
+            Decided::NotAgent => Enrolled::NotAgent,
+            Decided::Failed => Enrolled::Failed,
+        }
+    }
+}
+
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the command name, which may hold spaces and parentheses: state, then ppid.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// Whether `pid` descends from `ancestor` (in `parents`: pid -> parent pid).
+fn descends(parents: &HashMap<u32, u32>, mut pid: u32, ancestor: u32) -> bool {
+    for _ in 0..64 {
+        match parents.get(&pid) {
+            Some(&p) if p == ancestor => return true,
+            Some(&p) if p > 1 => pid = p,
+            _ => return false,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn descendants() {
+        let parents: HashMap<u32, u32> = [(10, 1), (11, 10), (12, 11), (20, 1)].into();
+        assert!(descends(&parents, 12, 10));
+        assert!(descends(&parents, 11, 10));
+        assert!(!descends(&parents, 20, 10));
+        assert!(!descends(&parents, 10, 10));
+    }
+}

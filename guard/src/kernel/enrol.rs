@@ -1,0 +1,166 @@
+//! Enrolment at exec, seen from the daemon: the scope and executables the exec hook marks by
+//! (`ENROL_SCOPE`, `ENROL_EXES`), the marks (`ENROLLING`), the events (`ENROL_EVENTS`), and
+//! the three tracepoint programs with links pinned beside the cgroup ones.
+
+use std::{collections::BTreeSet, fs, path::Path};
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use aya::{
+    maps::{Array, HashMap, MapData, RingBuf},
+    programs::{links::FdLink, RawTracePoint},
+};
+use guard_common::{EnrolEvent, EnrolScope, Enrolling, ExeKey};
+
+use super::{take_map, Kernel};
+
+/// Program, tracepoint.
+pub const ENROL_PROGRAMS: &[(&str, &str)] = &[
+    ("guard_enrol_exec", "sched_process_exec"),
+    ("guard_enrol_fork", "sched_process_fork"),
+    ("guard_enrol_exit", "sched_process_exit"),
+];
+
+/// The enrolment maps, taken from the object at load.
+pub(super) struct EnrolMaps {
+    scope: Array<MapData, EnrolScope>,
+    exes: std::sync::Mutex<HashMap<MapData, ExeKey, u32>>,
+    marks: std::sync::Mutex<HashMap<MapData, u32, Enrolling>>,
+    events: Option<RingBuf<MapData>>,
+}
+
+impl EnrolMaps {
+    pub(super) fn take(ebpf: &mut aya::Ebpf) -> Result<EnrolMaps> {
+        Ok(EnrolMaps {
+            scope: take_map(ebpf, guard_common::MAP_ENROL_SCOPE)?,
+            exes: std::sync::Mutex::new(take_map(ebpf, guard_common::MAP_ENROL_EXES)?),
+            marks: std::sync::Mutex::new(take_map(ebpf, guard_common::MAP_ENROLLING)?),
+            events: Some(take_map(ebpf, guard_common::MAP_ENROL_EVENTS)?),
+        })
+    }
+}
+
+impl Kernel {
+    /// Turns marking at exec on below the attach cgroup (`attach_cgroup_id` at `attach_level`):
+    /// the scope is written, then the hooks are attached with links pinned under the pin
+    /// directory (a restarted daemon attaches new ones, then lets the old ones go: the hooks
+    /// run twice for a moment, never not at all). Err: this kernel cannot do it (no raw
+    /// tracepoints, or executables cannot be identified).
+    pub fn start_enrol(&mut self, attach_cgroup_id: u64, daemon_cgroup_id: u64) -> Result<()> {
+        let cfg = self.config()?;
+        if cfg.exe.known == 0 {
+            bail!("the kernel's executables cannot be identified (no BTF offsets, or a kernel locked down for confidentiality)");
+        }
+        let scope = EnrolScope {
+            attach_cgroup_id,
+            daemon_cgroup_id,
+            attach_level: cfg.attach_level,
+            ready: 1,
+            exe: cfg.exe,
+        };
+        self.enrol
+            .scope
+            .set(0, scope, 0)
+            .context("writing the enrolment scope")?;
+        for (name, tracepoint) in ENROL_PROGRAMS {
+            let prog: &mut RawTracePoint = self
+                .ebpf
+                .program_mut(name)
+                .ok_or_else(|| anyhow!("the eBPF object has no program {name}"))?
+                .try_into()?;
+            match prog.load() {
+                Ok(()) | Err(aya::programs::ProgramError::AlreadyLoaded) => {}
+                Err(e) => return Err(e).with_context(|| format!("loading {name}")),
+            }
+            let id = prog
+                .attach(tracepoint)
+                .with_context(|| format!("attaching {name} to the {tracepoint} tracepoint"))?;
+            let link = FdLink::from(prog.take_link(id)?);
+            let pin = self.pin_dir.join("links").join(name);
+            // The new link runs already: the old one can go.
+            if pin.exists() {
+                super::attach::unpin_link(&pin)?;
+            }
+            link.pin(&pin)
+                .with_context(|| format!("pinning link {}", pin.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Turns marking at exec off: the hooks' links are removed, the marks and executables
+    /// cleared.
+    pub fn stop_enrol(&mut self) -> Result<()> {
+        for (name, _) in ENROL_PROGRAMS {
+            let pin = self.pin_dir.join("links").join(name);
+            if pin.exists() {
+                super::attach::unpin_link(&pin)?;
+            }
+        }
+        let mut scope = self.enrol.scope.get(&0, 0).unwrap_or_default();
+        if scope.ready != 0 {
+            scope.ready = 0;
+            let _ = self.enrol.scope.set(0, scope, 0);
+        }
+        self.set_agent_exes(&BTreeSet::new())?;
+        for (pid, _) in self.enrolling() {
+            self.unmark(pid);
+        }
+        Ok(())
+    }
+
+    /// Makes the executables the exec hook marks exactly `files`.
+    pub fn set_agent_exes(&self, files: &BTreeSet<ExeKey>) -> Result<()> {
+        if files.len() > guard_common::ENROL_EXE_ENTRIES as usize {
+            bail!(
+                "[[agents]] name {} executable files; at most {}",
+                files.len(),
+                guard_common::ENROL_EXE_ENTRIES
+            );
+        }
+        let mut map = self.enrol.exes.lock().unwrap();
+        let have: Vec<ExeKey> = map.keys().filter_map(|k| k.ok()).collect();
+        for k in have.iter().filter(|k| !files.contains(k)) {
+            map.remove(k)?;
+        }
+        for k in files {
+            map.insert(k, 1, 0)?;
+        }
+        Ok(())
+    }
+
+    /// Every marked process (pid, mark).
+    pub fn enrolling(&self) -> Vec<(u32, Enrolling)> {
+        let map = self.enrol.marks.lock().unwrap();
+        map.iter().filter_map(|e| e.ok()).collect()
+    }
+
+    /// Whether `pid` is marked (an agent's process not moved into its cgroup yet).
+    pub fn is_marked(&self, pid: u32) -> bool {
+        self.enrol.marks.lock().unwrap().get(&pid, 0).is_ok()
+    }
+
+    /// Removes the mark of `pid` (moved into its agent cgroup, or not an agent).
+    pub fn unmark(&self, pid: u32) {
+        let _ = self.enrol.marks.lock().unwrap().remove(&pid);
+    }
+
+    /// The ring buffer the hooks report marks on (taken once).
+    pub fn take_enrol_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.enrol.events.take()
+    }
+}
+
+/// An event as the hooks wrote it; None if it is not one.
+pub fn parse_event(bytes: &[u8]) -> Option<EnrolEvent> {
+    if bytes.len() < std::mem::size_of::<EnrolEvent>() {
+        return None;
+    }
+    // SAFETY: EnrolEvent is repr(C) plain data; the length was checked; read unaligned.
+    Some(unsafe { std::ptr::read_unaligned(bytes.as_ptr() as *const EnrolEvent) })
+}
+
+/// Whether the pinned hooks of an earlier run are there (`pin_dir`).
+pub fn pinned(pin_dir: &Path) -> bool {
+    ENROL_PROGRAMS
+        .iter()
+        .any(|(n, _)| fs::metadata(pin_dir.join("links").join(n)).is_ok())
+}

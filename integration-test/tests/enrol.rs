@@ -1,0 +1,323 @@
+//! Enrolment without `guard exec` (`[[agents]]`): programs started by a plain shell in the
+//! test's attach subtree are marked by the kernel at exec and redirected from their first
+//! connect, moved into agent cgroups with what they fork, and listed by `guard status`. Whether
+//! a connect went direct is decided by the server: under `proxy.other = "deny"` nothing a
+//! guarded process sends reaches it, so every connection it accepts came past guard.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    process::Command,
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
+    time::{Duration, Instant},
+};
+
+use guard_testkit::{peers::*, process::*, root::*};
+use serde_json::Value;
+
+/// A program whose first instruction is a connect (no interpreter start-up hides the race):
+/// `prog HOST PORT [once|tree|every]`; `tree` connects from a grandchild, `every` connects
+/// every 200 ms until killed.
+const PROGRAM: &str = r#"
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int hit(const char *host, int port) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, host, &a.sin_addr);
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    if (r == 0) {
+        char b;
+        /* Bytes no protocol guard reads starts with: classified at once. */
+        if (write(s, "\0\1\2\3", 4) == 4)
+            (void)read(s, &b, 1);
+    }
+    close(s);
+    return r;
+}
+
+static int waited(pid_t p) {
+    int st = 0;
+    waitpid(p, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
+
+int main(int argc, char **argv) {
+    const char *mode = argc > 3 ? argv[3] : "once";
+    int port = atoi(argv[2]);
+    if (!strcmp(mode, "tree")) {
+        pid_t c = fork();
+        if (c == 0) {
+            pid_t g = fork();
+            if (g == 0)
+                return hit(argv[1], port) == 0 ? 0 : 1;
+            return waited(g);
+        }
+        return waited(c);
+    }
+    if (!strcmp(mode, "every")) {
+        for (;;) {
+            hit(argv[1], port);
+            usleep(200000);
+        }
+    }
+    return hit(argv[1], port) == 0 ? 0 : 1;
+}
+"#;
+
+/// A TCP server on 127.0.0.3 that counts the connections whose bytes reached it. (Under
+/// `proxy.other = "deny"` guard may open its upstream connection while it waits for a
+/// redirected client's first bytes, but never passes them on: a connection that delivers the
+/// program's byte came past guard.)
+struct Counter {
+    port: u16,
+    seen: Arc<AtomicUsize>,
+}
+
+impl Counter {
+    fn start() -> Counter {
+        let l = TcpListener::bind("127.0.0.3:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(AtomicUsize::new(0));
+        let s = seen.clone();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || {
+                    let mut c = c;
+                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
+                    let mut b = [0u8; 1];
+                    if matches!(std::io::Read::read(&mut c, &mut b), Ok(1)) {
+                        s.fetch_add(1, Ordering::SeqCst);
+                    }
+                });
+            }
+        });
+        Counter { port, seen }
+    }
+
+    fn seen(&self) -> usize {
+        self.seen.load(Ordering::SeqCst)
+    }
+}
+
+/// An environment whose daemon refuses what it cannot read, with `[[agents]]` tables and the
+/// C program built at `dir/agent-prog` (and an identical copy at `dir/other-prog`, a different
+/// file, so not an agent).
+fn setup(agents: &str) -> (Env, PathBuf) {
+    let mut env = Env::configured("", "other = \"deny\"", "");
+    let src = env.dir.join("prog.c");
+    std::fs::write(&src, PROGRAM).unwrap();
+    let prog = env.dir.join("agent-prog");
+    run_ok(
+        Command::new("gcc")
+            .arg("-O2")
+            .arg("-o")
+            .arg(&prog)
+            .arg(&src),
+    );
+    std::fs::copy(&prog, env.dir.join("other-prog")).unwrap();
+    let agents = agents.replace("{dir}", &env.dir.display().to_string());
+    env.append_config(&format!(
+        "[audit]\nconnection_records_per_s = 100000\n\n{agents}"
+    ));
+    guard::kernel::cgroup::create(&env.attach_path().join("shell")).unwrap();
+    (env, prog)
+}
+
+/// `sh -c SCRIPT` in the unguarded `shell` cgroup below the attach cgroup: a person's terminal.
+fn shell(env: &Env, script: &str) -> Command {
+    let mut c = Command::new("sh");
+    c.arg("-c").arg(script).current_dir(&env.dir);
+    in_cgroup(&mut c, &env.attach_path().join("shell"));
+    c
+}
+
+fn agent_starts(env: &Env, name: &str) -> Vec<Value> {
+    env.audit_decisions()
+        .into_iter()
+        .filter(|r| r["event"] == "agent_start" && r["agent"]["name"] == name)
+        .collect()
+}
+
+fn connections_of(env: &Env, name: &str) -> usize {
+    env.audit_connections()
+        .iter()
+        .filter(|r| r["agent"]["name"] == name)
+        .count()
+}
+
+fn eventually(what: &str, wait: Duration, mut ok: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !ok() {
+        assert!(t.elapsed() < wait, "{what} within {wait:?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+const CPROG: &str = "[[agents]]\nname = \"cprog\"\nexe = [\"{dir}/agent-prog\"]\n";
+
+#[test]
+fn an_agent_started_by_a_plain_shell_is_redirected_on_its_first_connect_1000_times() {
+    let (mut env, _) = setup(CPROG);
+    env.start_daemon();
+    assert_eq!(
+        env.status()["enrolment"]["mode"],
+        "exec",
+        "{}",
+        env.status()
+    );
+    let server = Counter::start();
+    let redirected = env.kernel_counter("redirected");
+    let script = format!(
+        "i=0; while [ $i -lt 1000 ]; do ./agent-prog 127.0.0.3 {} || exit 1; i=$((i+1)); done",
+        server.port
+    );
+    run_ok(&mut shell(&env, &script));
+    // Not one of them reached the server directly.
+    assert_eq!(server.seen(), 0, "direct connects");
+    assert!(env.kernel_counter("redirected") >= redirected + 1000);
+    eventually("1000 connection records", Duration::from_secs(20), || {
+        connections_of(&env, "cprog") >= 1000
+    });
+    let starts = agent_starts(&env, "cprog");
+    assert_eq!(starts.len(), 1000);
+    assert!(starts
+        .iter()
+        .all(|r| r["detail"]["enrolled"] == "exec-match"));
+    // The same program at another path is another file: not an agent, straight through.
+    run_ok(&mut shell(
+        &env,
+        &format!("./other-prog 127.0.0.3 {}", server.port),
+    ));
+    eventually(
+        "the other program's connect",
+        Duration::from_secs(5),
+        || server.seen() == 1,
+    );
+}
+
+#[test]
+fn what_an_agent_forks_is_guarded_and_running_agents_are_enrolled_at_start() {
+    let (mut env, _) = setup(CPROG);
+    let server = Counter::start();
+    // Started before the daemon: its connects go straight to the server until it is found.
+    let mut early = shell(
+        &env,
+        &format!("exec ./agent-prog 127.0.0.3 {} every", server.port),
+    );
+    let mut early = spawn(&mut early).unwrap();
+    eventually(
+        "a direct connect before the daemon",
+        Duration::from_secs(5),
+        || server.seen() >= 1,
+    );
+    env.start_daemon();
+    let status = env.status();
+    let listed = status["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["pid"] == early.id())
+        .unwrap_or_else(|| panic!("the running agent is not listed: {status}"))
+        .clone();
+    assert_eq!(listed["name"], "cprog");
+    assert_eq!(listed["how"], "exec-match");
+    assert!(listed["cgroup"].as_str().unwrap().contains("/agent-cprog-"));
+    assert!(listed["exe"].as_str().unwrap().ends_with("/agent-prog"));
+    let before = server.seen();
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(
+        server.seen(),
+        before,
+        "the enrolled agent still connects directly"
+    );
+    assert!(
+        connections_of(&env, "cprog") >= 3,
+        "{:#}",
+        env.status()["counters"]
+    );
+    let _ = early.kill();
+    let _ = early.wait();
+    // A grandchild's connect, forked before the daemon could move anything: guarded.
+    let before = server.seen();
+    let conns = connections_of(&env, "cprog");
+    run_ok(&mut shell(
+        &env,
+        &format!("./agent-prog 127.0.0.3 {} tree", server.port),
+    ));
+    eventually(
+        "the grandchild's connection record",
+        Duration::from_secs(5),
+        || connections_of(&env, "cprog") > conns,
+    );
+    assert_eq!(server.seen(), before, "the grandchild connected directly");
+    // A sibling that is not an agent is not guarded.
+    run_ok(&mut shell(
+        &env,
+        &format!("./other-prog 127.0.0.3 {} tree", server.port),
+    ));
+    eventually(
+        "the sibling's direct connect",
+        Duration::from_secs(5),
+        || server.seen() == before + 1,
+    );
+}
+
+/// The interpreter the Python peers run, as a file (symbolic links resolved).
+fn python() -> PathBuf {
+    std::fs::canonicalize(peer_python()).unwrap()
+}
+
+fn connecting_script(dir: &Path, name: &str, port: u16) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(
+        &p,
+        format!(
+            "import socket\ns = socket.create_connection(('127.0.0.3', {port}))\ns.sendall(b'\\0\\1\\2\\3')\ntry:\n    s.recv(1)\nexcept OSError:\n    pass\n"
+        ),
+    )
+    .unwrap();
+    p
+}
+
+#[test]
+fn an_interpreter_is_an_agent_by_its_arguments_and_names_are_bound_to_uids() {
+    let agents = format!(
+        "[[agents]]\nname = \"pyagent\"\nexe = [\"{}\"]\nargv = [\"*agent_marker*\"]\n\n[[agents]]\nname = \"bound\"\nexe = [\"/nonexistent/bound\"]\nuids = [4242]\n",
+        python().display()
+    );
+    let (mut env, _) = setup(&agents);
+    env.start_daemon();
+    let server = Counter::start();
+    let marked = connecting_script(&env.dir, "agent_marker.py", server.port);
+    let plain = connecting_script(&env.dir, "plain.py", server.port);
+    let py = python().display().to_string();
+    run_ok(&mut shell(&env, &format!("{py} {}", marked.display())));
+    assert_eq!(server.seen(), 0, "the agent connected directly");
+    assert_eq!(agent_starts(&env, "pyagent").len(), 1);
+    // The same interpreter running something else: not enrolled, its connection goes through.
+    run_ok(&mut shell(&env, &format!("{py} {}", plain.display())));
+    eventually("the plain script's connect", Duration::from_secs(5), || {
+        server.seen() == 1
+    });
+    assert_eq!(agent_starts(&env, "pyagent").len(), 1);
+    // A name bound to uids: root may not take it with guard exec.
+    let out = env.exec("bound", &["true"]).output().unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("may not start agent `bound`"), "{err}");
+    assert!(agent_starts(&env, "bound").is_empty());
+}
