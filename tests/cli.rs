@@ -1,5 +1,5 @@
 //! The command line without a daemon (no root needed): configuration errors, `guard policy
-//! check | explain`, `guard audit tail`.
+//! check | explain`, `guard audit tail | verify`.
 
 use std::{fs, path::PathBuf, process::Command};
 
@@ -223,5 +223,67 @@ fn audit_tail_prints_recent_records() {
         lines[1]
             .contains("bot(uid 1000, pid 7) files tool=delete rule=tools.delete reason=\"never\""),
         "{stdout}"
+    );
+}
+
+#[test]
+fn audit_verify_finds_the_line_a_byte_was_changed_in_across_rotations() {
+    use guard::audit::{Audit, Decision, Event, Rotation, Settings};
+    let d = Dir::new("verify");
+    let log = d.0.join("audit.jsonl");
+    let mut settings = Settings::beside(&log);
+    settings.rotation = Rotation {
+        max_size: 600,
+        keep: 3,
+    };
+    let audit = Audit::open_with(&settings).unwrap();
+    for i in 0..20 {
+        let mut r = audit.record(Event::Control, Decision::Enforce);
+        r.method = Some(format!("step-{i}"));
+        audit.write(&r).unwrap();
+    }
+    let head = audit.health().head;
+    drop(audit);
+    // Reopened, the chain goes on from the last record.
+    let audit = Audit::open_with(&settings).unwrap();
+    let r = audit.record(Event::Control, Decision::Enforce);
+    audit.write(&r).unwrap();
+    let head2 = audit.health().head;
+    assert_ne!(head, head2);
+    drop(audit);
+    let cfg = d.write(
+        "guard.toml",
+        &format!("[paths]\naudit_log = \"{}\"\n", log.display()),
+    );
+    let verify = |extra: &[&str]| {
+        out(guard()
+            .arg("--config")
+            .arg(&cfg)
+            .args(["audit", "verify"])
+            .args(extra))
+    };
+    let (code, stdout, err) = verify(&[]);
+    assert_eq!(code, 0, "{stdout}{err}");
+    assert!(stdout.contains("ok:"), "{stdout}");
+    assert_eq!(verify(&["--head", &head2]).0, 0);
+    let (code, _, err) = verify(&["--head", &head]);
+    assert_eq!(code, 1, "a stale head must not pass");
+    assert!(err.contains("not"), "{err}");
+    // One byte of a rotated file: the chain breaks at that line.
+    let rotated = d.0.join("audit.jsonl.2");
+    let mut text = fs::read(&rotated).unwrap();
+    let second = text.iter().position(|b| *b == b'\n').unwrap() + 1;
+    let at = second
+        + text[second..]
+            .windows(5)
+            .position(|w| w == b"step-")
+            .unwrap();
+    text[at] = b'S';
+    fs::write(&rotated, &text).unwrap();
+    let (code, _, err) = verify(&[]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with(&format!("{}:2:", rotated.display())),
+        "{err}"
     );
 }

@@ -292,7 +292,8 @@ impl Bench<'_> {
         for round in ["on", "off", "off", "on"] {
             let want = round == "on";
             if mode != Some(want) {
-                self.env.restart_with_agents(want)?;
+                // The daemon's pid changes: what measures it later (RSS) follows.
+                self.daemon = self.env.restart_with_agents(want)?;
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 mode = Some(want);
             }
@@ -303,7 +304,7 @@ impl Bench<'_> {
                     .unwrap_or("?")
                     .to_string();
                 if m != "exec" {
-                    self.env.restart_with_agents(false)?;
+                    self.daemon = self.env.restart_with_agents(false)?;
                     let why = status["enrolment"]["why_not"].as_str().unwrap_or("?");
                     self.rep.row(
                         "enrolment: fork+exec median (non-agent)",
@@ -323,7 +324,7 @@ impl Bench<'_> {
                 off.add(&s)
             }
         }
-        self.env.restart_with_agents(false)?;
+        self.daemon = self.env.restart_with_agents(false)?;
         let (on, off) = (on.summary(), off.summary());
         self.rep.row(
             "enrolment: fork+exec median (non-agent)",
@@ -395,7 +396,7 @@ impl Bench<'_> {
         for &round in rounds {
             let mode = if round == "on" || !lsm { "auto" } else { "off" };
             if mode != running {
-                self.env.restart_with_containment(mode)?;
+                self.daemon = self.env.restart_with_containment(mode)?;
                 std::thread::sleep(std::time::Duration::from_secs(1));
                 running = mode;
             }
@@ -415,7 +416,7 @@ impl Bench<'_> {
             }
         }
         if running != "auto" {
-            self.env.restart_with_containment("auto")?;
+            self.daemon = self.env.restart_with_containment("auto")?;
         }
         let (oc, os, fc, fs) = (
             on_c.summary(),

@@ -125,6 +125,10 @@ pub struct Scope {
     /// Containment (BPF LSM per cgroup): `auto` turns it on where the kernel has it and says
     /// loudly where not; `require` refuses to start without it; `off`.
     pub containment: ContainmentMode,
+    /// How `[[agents]]` are found: `auto` marks them in the kernel at exec (the exec hooks),
+    /// else from the kernel's exec events (the proc connector); `events`, from the events only
+    /// (a window between exec and enrolment: README "Enrolment").
+    pub enrolment: EnrolmentMode,
     /// Unix sockets a guarded process may connect to: `allow-listed` (its own agent's
     /// listeners, guard's control socket, `unix_allow`) or `allow` (any).
     pub unix: UnixMode,
@@ -175,6 +179,13 @@ pub enum ContainmentMode {
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
+pub enum EnrolmentMode {
+    Auto,
+    Events,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
 pub enum UnixMode {
     AllowListed,
     Allow,
@@ -197,6 +208,7 @@ impl Default for Scope {
             udp: UdpMode::DnsOnly,
             dns_servers: vec![],
             containment: ContainmentMode::Auto,
+            enrolment: EnrolmentMode::Auto,
             unix: UnixMode::AllowListed,
             unix_allow: DEFAULT_UNIX_ALLOW.iter().map(|s| s.to_string()).collect(),
             userns: UsernsMode::Allow,

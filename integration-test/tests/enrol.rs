@@ -19,8 +19,8 @@ use guard_testkit::{peers::*, process::*, root::*};
 use serde_json::Value;
 
 /// A program whose first instruction is a connect (no interpreter start-up hides the race):
-/// `prog HOST PORT [once|tree|every]`; `tree` connects from a grandchild, `every` connects
-/// every 200 ms until killed.
+/// `prog HOST PORT [once|tree|late|every]`; `tree` connects from a grandchild, `late` after
+/// 300 ms, `every` every 200 ms until killed.
 const PROGRAM: &str = r#"
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -66,6 +66,10 @@ int main(int argc, char **argv) {
             return waited(g);
         }
         return waited(c);
+    }
+    if (!strcmp(mode, "late")) {
+        usleep(300000);
+        return hit(argv[1], port) == 0 ? 0 : 1;
     }
     if (!strcmp(mode, "every")) {
         for (;;) {
@@ -117,7 +121,12 @@ impl Counter {
 /// C program built at `dir/agent-prog` (and an identical copy at `dir/other-prog`, a different
 /// file, so not an agent).
 fn setup(agents: &str) -> (Env, PathBuf) {
-    let mut env = Env::configured("", "other = \"deny\"", "");
+    setup_with("", agents)
+}
+
+/// [`setup`] with lines for `[scope]`.
+fn setup_with(scope: &str, agents: &str) -> (Env, PathBuf) {
+    let mut env = Env::configured(scope, "other = \"deny\"", "");
     let src = env.dir.join("prog.c");
     std::fs::write(&src, PROGRAM).unwrap();
     let prog = env.dir.join("agent-prog");
@@ -320,4 +329,34 @@ fn an_interpreter_is_an_agent_by_its_arguments_and_names_are_bound_to_uids() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("may not start agent `bound`"), "{err}");
     assert!(agent_starts(&env, "bound").is_empty());
+}
+
+#[test]
+fn without_the_exec_hooks_agents_are_enrolled_from_exec_events() {
+    let (mut env, _) = setup_with("enrolment = \"events\"", CPROG);
+    env.start_daemon();
+    let status = env.status();
+    assert_eq!(status["enrolment"]["mode"], "events", "{status}");
+    let server = Counter::start();
+    // The window is the time to the daemon's move: a connect 300 ms after the exec is guarded.
+    run_ok(&mut shell(
+        &env,
+        &format!("./agent-prog 127.0.0.3 {} late", server.port),
+    ));
+    assert_eq!(server.seen(), 0, "the agent connected directly");
+    let starts = agent_starts(&env, "cprog");
+    assert_eq!(starts.len(), 1, "{starts:?}");
+    assert_eq!(starts[0]["detail"]["enrolled"], "exec-match");
+    eventually("its connection record", Duration::from_secs(5), || {
+        connections_of(&env, "cprog") == 1
+    });
+    run_ok(&mut shell(
+        &env,
+        &format!("./other-prog 127.0.0.3 {} late", server.port),
+    ));
+    eventually(
+        "the other program's direct connect",
+        Duration::from_secs(5),
+        || server.seen() == 1,
+    );
 }

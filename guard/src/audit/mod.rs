@@ -1,6 +1,7 @@
 //! The audit trail: one JSON object per line ([`Record`]), written and flushed before the
 //! decision it records takes effect on the wire, rotated by size.
 
+pub mod chain;
 mod record;
 
 pub use record::{clip, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_HOST, MAX_TEXT};
@@ -54,6 +55,8 @@ struct Sink {
 struct Open {
     file: File,
     size: u64,
+    /// The hash of the last line written (the chain's head; see [`chain`]).
+    last: [u8; 32],
 }
 
 /// Rotate when the log exceeds `max_size` bytes; keep `keep` old files (`audit.jsonl.1` newest).
@@ -123,6 +126,10 @@ pub struct HealthReport {
     pub connection_records_dropped: u64,
     /// Refusal records left out by the per-agent limit (counted in summaries).
     pub refusal_records_dropped: u64,
+    /// The hash chains' heads (the last line's SHA-256): kept elsewhere, they let
+    /// `guard audit verify` prove the newest records too.
+    pub head: String,
+    pub connections_head: String,
 }
 
 fn open_log(path: &Path) -> Result<Open> {
@@ -136,7 +143,11 @@ fn open_log(path: &Path) -> Result<Open> {
         .open(path)
         .with_context(|| format!("opening the audit log {}", path.display()))?;
     let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-    Ok(Open { file, size })
+    Ok(Open {
+        file,
+        size,
+        last: chain::head_of(path),
+    })
 }
 
 impl Sink {
@@ -160,23 +171,36 @@ impl Sink {
         } else {
             fs::remove_file(&self.path)?;
         }
+        // The chain goes on in the new file.
+        let last = open.last;
         *open = open_log(&self.path)?;
+        open.last = last;
         Ok(())
     }
 
-    /// Appends one line; returns once the kernel has it (one `write`).
-    fn append(&self, line: &[u8]) -> Result<()> {
+    /// Appends one record (`body`: its JSON object) as a line chained to the one before;
+    /// returns once the kernel has it (one `write`).
+    fn append(&self, body: &[u8]) -> Result<()> {
         let mut open = self.file.lock().unwrap();
+        let mut line = chain::chained(&open.last, body);
+        let hash = chain::hash(&line);
+        line.push(b'\n');
         if open.size > 0 && open.size + line.len() as u64 > self.rotation.max_size {
             if let Err(e) = self.rotate(&mut open) {
                 tracing::error!("rotating the audit log {}: {e:#}", self.path.display());
             }
         }
         open.file
-            .write_all(line)
+            .write_all(&line)
             .with_context(|| format!("writing the audit log {}", self.path.display()))?;
         open.size += line.len() as u64;
+        open.last = hash;
         Ok(())
+    }
+
+    /// The chain's head: the hash of the last line written (hex).
+    fn head(&self) -> String {
+        chain::hex(&self.file.lock().unwrap().last)
     }
 }
 
@@ -224,6 +248,8 @@ impl Audit {
             last_error,
             connection_records_dropped: self.flood.lock().unwrap().dropped_total(),
             refusal_records_dropped: self.refusals.lock().unwrap().dropped_total(),
+            head: self.decisions.head(),
+            connections_head: self.connections.head(),
         }
     }
 
@@ -266,8 +292,7 @@ impl Audit {
     fn append(&self, record: &Record) -> Result<()> {
         let clipped = record.clipped();
         let record = clipped.as_ref().unwrap_or(record);
-        let mut line = serde_json::to_vec(record)?;
-        line.push(b'\n');
+        let line = serde_json::to_vec(record)?;
         let sink = match record.event {
             Event::Connection | Event::ConnectionSummary => &self.connections,
             _ => &self.decisions,

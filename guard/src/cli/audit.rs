@@ -1,4 +1,5 @@
-//! `guard audit tail`: the recent decisions, human or JSON.
+//! `guard audit tail`: the recent decisions, human or JSON; `guard audit verify`: the hash
+//! chain.
 
 use anyhow::{Context as _, Result};
 use serde_json::Value;
@@ -97,4 +98,41 @@ pub(super) fn audit_tail(
         use std::io::Write as _;
         let _ = std::io::stdout().flush();
     }
+}
+
+/// `guard audit verify`: each chain (a log's files, oldest first) checked; 0 when all hold
+/// (and the last one's head is `head`, when given), 1 at the first broken link.
+pub(super) fn verify(logs: &[Vec<std::path::PathBuf>], head: Option<&str>) -> Result<i32> {
+    use crate::audit::chain::{self, Verdict};
+    let mut last = None;
+    for files in logs.iter().filter(|f| !f.is_empty()) {
+        match chain::verify(files).context("reading the audit trail")? {
+            Verdict::Intact { lines, head } => {
+                println!(
+                    "ok: {lines} records, {} to {}, head {head}",
+                    files[0].display(),
+                    files[files.len() - 1].display()
+                );
+                last = Some(head);
+            }
+            Verdict::Broken { file, line, why } => {
+                eprintln!(
+                    "{}:{line}: the hash chain breaks here: {why}",
+                    file.display()
+                );
+                return Ok(1);
+            }
+        }
+    }
+    let Some(have) = last else {
+        eprintln!("guard audit verify: no audit files to check");
+        return Ok(1);
+    };
+    if let Some(want) = head {
+        if have != want.trim().to_ascii_lowercase() {
+            eprintln!("the newest record's hash is {have}, not {want}: records at the end were changed, added or removed");
+            return Ok(1);
+        }
+    }
+    Ok(0)
 }

@@ -196,6 +196,17 @@ pub enum AuditCmd {
         #[arg(long)]
         connections: bool,
     },
+    /// Check the audit trail's hash chain (each record names the hash of the one before):
+    /// FILES in order, oldest first, or the audit log and the connection log with their
+    /// rotated files. Exit 1 at the first broken link, with its file and line.
+    Verify {
+        files: Vec<PathBuf>,
+        /// The head a copy kept elsewhere says the chain had (`guard status --json`:
+        /// audit.head): the newest record (of the audit log, or of the last FILE) must hash
+        /// to it.
+        #[arg(long)]
+        head: Option<String>,
+    },
 }
 
 /// Ends this process by `sig`, as the server it wrapped ended (its parent sees the same
@@ -295,6 +306,19 @@ pub fn main() -> i32 {
                 config.0.paths.audit_log.clone()
             };
             audit::audit_tail(&path, follow, json, lines).map(|()| 0)
+        }
+        Cmd::Audit(AuditCmd::Verify { files, head }) => {
+            let logs = if files.is_empty() {
+                let s = config.0.audit_settings();
+                // The decisions last: --head is the audit log's.
+                vec![
+                    crate::audit::chain::files_of(&s.connections),
+                    crate::audit::chain::files_of(&s.decisions),
+                ]
+            } else {
+                vec![files]
+            };
+            audit::verify(&logs, head.as_deref())
         }
     };
     match result {

@@ -82,6 +82,10 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
             enrol["agents"].as_array().map_or(0, Vec::len),
             n(&enrol, "marked")
         ),
+        Some("events") => println!(
+            "enrolment:       FROM EXEC EVENTS (an agent is not guarded between its exec and its enrolment): {}",
+            enrol["why_not"].as_str().unwrap_or("?")
+        ),
         Some("scan") => println!(
             "enrolment:       SCANS ONLY, every second (an agent is not guarded until found): {}",
             enrol["why_not"].as_str().unwrap_or("?")
@@ -120,9 +124,10 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
         );
     } else {
         println!(
-            "audit:           ok ({} failed writes, {} connection records summarised)",
+            "audit:           ok ({} failed writes, {} connection records summarised); chain head {}",
             n(&audit, "write_failures"),
-            n(&audit, "connection_records_dropped")
+            n(&audit, "connection_records_dropped"),
+            audit["head"].as_str().unwrap_or("?")
         );
     }
     Ok(())

@@ -26,7 +26,7 @@ use super::{
 };
 use crate::{
     audit::{Audit, Decision, Event},
-    config::{Config, UdpMode},
+    config::{Config, EnrolmentMode, UdpMode},
     identity::{AgentCgroup, Agents, Enrolments},
     kernel::{self, cgroup, Attached, Kernel, Settings},
     mcp::{self, pins::Pins, Engine},
@@ -272,20 +272,32 @@ fn start_enrolment(
         return Ok((Mode::Off, None));
     }
     let attach_id = cgroup::cgroup_id(&at.attach_path)?;
-    match kernel.start_enrol(attach_id, at.daemon_cgroup_id) {
-        Ok(()) => {
-            tracing::info!(
-                "[[agents]]: marked at exec by the kernel, guarded from their first instruction"
+    let why = match config.scope.enrolment {
+        EnrolmentMode::Events => "scope.enrolment = \"events\"".to_string(),
+        EnrolmentMode::Auto => match kernel.start_enrol(attach_id, at.daemon_cgroup_id) {
+            Ok(()) => {
+                tracing::info!(
+                    "[[agents]]: marked at exec by the kernel, guarded from their first instruction"
+                );
+                return Ok((Mode::Exec, None));
+            }
+            Err(e) => format!("the kernel cannot mark them at exec: {e:#}"),
+        },
+    };
+    let _ = kernel.stop_enrol();
+    match kernel::exec_events::ExecEvents::subscribe() {
+        Ok(_) => {
+            tracing::warn!(
+                "[[agents]] are enrolled from the kernel's exec events ({why}): an agent's connects between its exec and its enrolment (usually under a millisecond) are NOT guarded"
             );
-            Ok((Mode::Exec, None))
+            Ok((Mode::Events, Some(why)))
         }
         Err(e) => {
-            let why = format!("{e:#}");
+            let why = format!("{why}; no exec events either: {e:#}");
             tracing::warn!(
-                "[[agents]] cannot be marked at exec on this kernel ({why}): the daemon scans for them every {} s instead, and an agent's connects in the time until it is found are NOT guarded",
+                "[[agents]] are found by scans every {} s ({why}): an agent's connects until it is found are NOT guarded",
                 super::enrol::SCAN_INTERVAL.as_secs()
             );
-            let _ = kernel.stop_enrol();
             Ok((Mode::Scan, Some(why)))
         }
     }

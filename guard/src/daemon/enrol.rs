@@ -5,9 +5,10 @@
 //! One that turns out not to be an agent (an interpreter running something else) is unmarked
 //! and its redirected connections pass through untouched.
 //!
-//! Where the kernel cannot mark at exec, the daemon scans for agents every
-//! [`SCAN_INTERVAL`] instead: the window until the scan finds a new agent is open (said at
-//! start, and in the README). Agents running when the daemon starts are found by the same scan.
+//! Where the kernel cannot mark at exec (or `scope.enrolment = "events"`), the daemon enrols
+//! agents from the kernel's exec events instead, after the fact: the window between an agent's
+//! exec and its move is open (said at start, and in the README); without events, it scans
+//! every [`SCAN_INTERVAL`]. Agents running when the daemon starts are found by a scan.
 
 use std::{
     collections::HashMap,
@@ -25,7 +26,7 @@ use crate::{
     config::AgentEntry,
     enrol::{Process, Rules},
     identity::{AgentCgroup, Agents, Enrolled, Enrolments},
-    kernel::{self, cgroup, Kernel},
+    kernel::{self, cgroup, exec_events::ExecEvents, Kernel},
 };
 
 /// How often the marks are swept (events lost to a full ring, processes gone) and, without
@@ -41,7 +42,9 @@ pub enum Mode {
     Off,
     /// Marked by the kernel at exec.
     Exec,
-    /// Found by the daemon's scans (the kernel cannot mark at exec).
+    /// Enrolled by the daemon from the kernel's exec events (after the exec: a window).
+    Events,
+    /// Found by the daemon's scans (neither hooks nor events here).
     Scan,
 }
 
@@ -50,6 +53,7 @@ impl Mode {
         match self {
             Mode::Off => "off",
             Mode::Exec => "exec",
+            Mode::Events => "events",
             Mode::Scan => "scan",
         }
     }
@@ -80,6 +84,8 @@ pub struct Enrolment {
     daemon_cgroup: String,
     next_agent: Arc<AtomicU64>,
     decided: Mutex<HashMap<u32, Decided>>,
+    /// The exec events, until [`Enrolment::run`] reads them (`Mode::Events`).
+    events: Mutex<Option<ExecEvents>>,
 }
 
 /// What [`Enrolment::new`] needs to know of the daemon.
@@ -96,7 +102,14 @@ pub struct Place {
 
 impl Enrolment {
     pub fn new(entries: &[AgentEntry], mode: Mode, why_not: Option<String>, at: Place) -> Self {
+        let events = match mode {
+            Mode::Events => ExecEvents::subscribe()
+                .map_err(|e| tracing::warn!("{e:#}"))
+                .ok(),
+            _ => None,
+        };
         Enrolment {
+            events: Mutex::new(events),
             mode,
             why_not,
             entries: entries.to_vec(),
@@ -236,23 +249,8 @@ impl Enrolment {
             if let Some(ppid) = parent_of(pid) {
                 parents.insert(pid, ppid);
             }
-            let Ok(rel) = cgroup::cgroup_of(pid) else {
-                continue;
-            };
-            if !under(&rel, &self.attach_rel)
-                || under(&rel, &self.daemon_cgroup)
-                || self.agents.containing(&rel).is_some()
-            {
-                continue;
-            }
-            let Some(p) = Process::read(pid) else {
-                continue;
-            };
-            if guarded_uids.contains(&p.uid) {
-                continue;
-            }
-            if let Some(name) = rules.classify(&p) {
-                found.push((p.clone(), name.to_string()));
+            if let Some(hit) = self.candidate(&rules, &guarded_uids, pid) {
+                found.push(hit);
             }
         }
         for (p, name) in found {
@@ -265,20 +263,64 @@ impl Enrolment {
             {
                 continue;
             }
-            match self.enrol(&p, &name) {
-                Ok(a) => {
-                    self.decided
-                        .lock()
-                        .unwrap()
-                        .insert(p.pid, Decided::Agent(a.clone()));
-                    let path = self.cgroup_mount.join(&a.cgroup);
-                    for (&child, _) in parents.iter() {
-                        if child != p.pid && descends(&parents, child, p.pid) {
-                            let _ = cgroup::move_pid(&path, child);
-                        }
+            if let Some(a) = self.enrol_found(&p, &name) {
+                let path = self.cgroup_mount.join(&a.cgroup);
+                for (&child, _) in parents.iter() {
+                    if child != p.pid && descends(&parents, child, p.pid) {
+                        let _ = cgroup::move_pid(&path, child);
                     }
                 }
-                Err(e) => tracing::warn!(pid = p.pid, "enrolling agent {name}: {e:#}"),
+            }
+        }
+    }
+
+    /// `pid`, when it is below the attach cgroup, not guarded yet, and runs an agent's program:
+    /// the process and the agent's name.
+    fn candidate(
+        &self,
+        rules: &Rules,
+        guarded_uids: &[u32],
+        pid: u32,
+    ) -> Option<(Process, String)> {
+        let rel = cgroup::cgroup_of(pid).ok()?;
+        if !under(&rel, &self.attach_rel)
+            || under(&rel, &self.daemon_cgroup)
+            || self.agents.containing(&rel).is_some()
+        {
+            return None;
+        }
+        let p = Process::read(pid)?;
+        if guarded_uids.contains(&p.uid) {
+            return None;
+        }
+        let name = rules.classify(&p)?.to_string();
+        Some((p, name))
+    }
+
+    /// Enrols a process found by a scan or an exec event.
+    fn enrol_found(&self, p: &Process, name: &str) -> Option<AgentCgroup> {
+        match self.enrol(p, name) {
+            Ok(a) => {
+                self.decided
+                    .lock()
+                    .unwrap()
+                    .insert(p.pid, Decided::Agent(a.clone()));
+                Some(a)
+            }
+            Err(e) => {
+                tracing::warn!(pid = p.pid, "enrolling agent {name}: {e:#}");
+                None
+            }
+        }
+    }
+
+    /// Exec events (`Mode::Events`): each process that exec'd, enrolled if it is an agent's.
+    fn execs(&self, pids: Vec<u32>) {
+        let rules = self.rules.read().unwrap().clone();
+        let guarded_uids = self.kernel.guarded_uids();
+        for pid in pids {
+            if let Some((p, name)) = self.candidate(&rules, &guarded_uids, pid) {
+                self.enrol_found(&p, &name);
             }
         }
     }
@@ -299,8 +341,35 @@ impl Enrolment {
                 })
                 .ok()
         });
+        let events = self.events.lock().unwrap().take().and_then(|e| {
+            // SAFETY: the AsyncFd owns the subscription, whose socket stays open and the same
+            // for the AsyncFd's whole life.
+            unsafe { tokio::io::unix::AsyncFd::register(e) }
+                .map_err(|e| tracing::warn!("reading exec events: {e}; agents are found by scans"))
+                .ok()
+        });
+        let mut events = events;
         loop {
             tokio::select! {
+                ready = async { events.as_ref().unwrap().readable().await }, if events.is_some() => {
+                    let Ok(mut ready) = ready else {
+                        events = None;
+                        continue;
+                    };
+                    let pids = match ready.get_inner().drain() {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::warn!("exec events: {e}; agents are found by scans");
+                            events = None;
+                            continue;
+                        }
+                    };
+                    ready.clear_ready();
+                    if !pids.is_empty() {
+                        let me = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.execs(pids)).await;
+                    }
+                }
                 ready = async { fd.as_mut().unwrap().readable_mut().await }, if fd.is_some() => {
                     let Ok(mut ready) = ready else {
                         fd = None;
@@ -323,16 +392,24 @@ impl Enrolment {
                     .await;
                 }
                 _ = sweep.tick() => {
+                    let listening = events.is_some();
                     let me = self.clone();
                     let _ = tokio::task::spawn_blocking(move || {
                         me.sweep();
-                        if me.mode == Mode::Scan {
+                        // Without events (or with a subscription that failed), scans find
+                        // agents.
+                        if me.mode == Mode::Scan || (me.mode == Mode::Events && !listening) {
                             me.scan();
                         }
                     })
                     .await;
                 }
                 _ = resolve.tick() => {
+                    if self.mode == Mode::Events {
+                        // Events can be lost (an overrun): a scan now and then finds those.
+                        let me = self.clone();
+                        let _ = tokio::task::spawn_blocking(move || me.scan()).await;
+                    }
                     let rules = Rules::resolve(&self.entries);
                     let changed = rules.files() != self.rules.read().unwrap().files();
                     *self.rules.write().unwrap() = rules;

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod confine;
 pub mod contain;
 pub mod enrol;
+pub mod exec_events;
 pub mod sys;
 
 pub use attach::{attached_programs, unpin_all, Attached};
