@@ -319,6 +319,10 @@ pub struct EnrolScope {
     /// Non-zero once written; the hooks mark nothing before.
     pub ready: u32,
     pub exe: ExeOffsets,
+    /// `task_struct.signal` and `signal_struct.live`: the exit hook drops a mark only when
+    /// the last thread of the process is gone.
+    pub task_signal: u32,
+    pub signal_live: u32,
 }
 
 /// An executable as the exec hook looks it up: inode number and its filesystem's device
@@ -338,7 +342,10 @@ pub struct ExeKey {
 pub struct Enrolling {
     /// The process that ran the agent's executable (itself, for that one).
     pub root: u32,
-    pub _pad0: u32,
+    /// Its real uid at that exec.
+    pub uid: u32,
+    /// The executable it ran then: what it is decided on, whatever it runs or says later.
+    pub exe: ExeKey,
 }
 
 /// What the hooks tell the daemon (ring buffer `ENROL_EVENTS`).
@@ -350,6 +357,7 @@ pub struct EnrolEvent {
     pub pid: u32,
     pub root: u32,
     pub uid: u32,
+    pub exe: ExeKey,
 }
 
 #[cfg(feature = "user")]

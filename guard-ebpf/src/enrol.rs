@@ -12,7 +12,9 @@
 use aya_ebpf::{
     helpers::{
         bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
-        generated::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id},
+        generated::{
+            bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
+        },
     },
     macros::{map, raw_tracepoint},
     maps::{Array, HashMap, LruHashMap, RingBuf},
@@ -61,12 +63,13 @@ pub(crate) fn enrolling_root() -> Option<u32> {
 }
 
 #[inline(always)]
-fn tell(kind: u32, pid: u32, root: u32) {
+fn tell(kind: u32, pid: u32, mark: &Enrolling) {
     let ev = EnrolEvent {
         kind,
         pid,
-        root,
-        uid: bpf_get_current_uid_gid() as u32,
+        root: mark.root,
+        uid: mark.uid,
+        exe: mark.exe,
     };
     // A full ring loses the event, not the mark: the daemon also sweeps ENROLLING.
     let _ = ENROL_EVENTS.output::<EnrolEvent>(&ev, 0);
@@ -93,10 +96,11 @@ pub fn guard_enrol_exec(_ctx: RawTracePointContext) -> i32 {
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
     let mark = Enrolling {
         root: tgid,
-        _pad0: 0,
+        uid: bpf_get_current_uid_gid() as u32,
+        exe: key,
     };
     if ENROLLING.insert(&tgid, &mark, 0).is_ok() {
-        tell(ENROL_EXEC, tgid, tgid);
+        tell(ENROL_EXEC, tgid, &mark);
     }
     0
 }
@@ -104,7 +108,8 @@ pub fn guard_enrol_exec(_ctx: RawTracePointContext) -> i32 {
 /// `sched_process_fork(parent, child)`: current is the parent; the child has not run yet.
 #[raw_tracepoint(tracepoint = "sched_process_fork")]
 pub fn guard_enrol_fork(ctx: RawTracePointContext) -> i32 {
-    let Some(root) = enrolling_root() else {
+    let parent = (bpf_get_current_pid_tgid() >> 32) as u32;
+    let Some(mark) = (unsafe { ENROLLING.get(&parent) }).copied() else {
         return 0;
     };
     let Some(scope) = in_scope() else { return 0 };
@@ -118,25 +123,44 @@ pub fn guard_enrol_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     };
     let child_tgid = child_tgid as u32;
-    let parent_tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
-    if child_tgid == parent_tgid || child_tgid == 0 {
+    if child_tgid == parent || child_tgid == 0 {
         // A thread: its process is marked already.
         return 0;
     }
-    let mark = Enrolling { root, _pad0: 0 };
+    // The child is what its parent was marked as, whatever the parent does next.
     if ENROLLING.insert(&child_tgid, &mark, 0).is_ok() {
-        tell(ENROL_FORK, child_tgid, root);
+        tell(ENROL_FORK, child_tgid, &mark);
     }
     0
 }
 
-/// `sched_process_exit(task, ...)`: a process leader that ends takes its mark with it, so a
-/// later process with the same pid is not taken for it.
+/// `sched_process_exit(task, ...)`: a process whose last thread ends takes its mark with it,
+/// so a later process with the same pid is not taken for it. (Not its leader alone: the
+/// other threads, or one that exec'd, go on as the marked process.)
 #[raw_tracepoint(tracepoint = "sched_process_exit")]
 pub fn guard_enrol_exit(_ctx: RawTracePointContext) -> i32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let (tgid, pid) = ((pid_tgid >> 32) as u32, pid_tgid as u32);
-    if tgid == pid && unsafe { ENROLLING.get(&tgid) }.is_some() {
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { ENROLLING.get(&tgid) }.is_none() {
+        return 0;
+    }
+    let Some(scope) = ENROL_SCOPE.get(0) else {
+        return 0;
+    };
+    if scope.task_signal == 0 {
+        return 0;
+    }
+    let task = unsafe { bpf_get_current_task() };
+    let Ok(signal) =
+        (unsafe { bpf_probe_read_kernel((task + scope.task_signal as u64) as *const u64) })
+    else {
+        return 0;
+    };
+    if signal == 0 {
+        return 0;
+    }
+    // `signal->live` counts the threads still running (decremented before this tracepoint).
+    let live = unsafe { bpf_probe_read_kernel((signal + scope.signal_live as u64) as *const i32) };
+    if live == Ok(0) {
         let _ = ENROLLING.remove(&tgid);
     }
     0

@@ -122,6 +122,26 @@ impl Rules {
             .map(|r| r.entry.name.as_str())
     }
 
+    /// The agent a process is by its exec alone — the file it ran and its uid then: the
+    /// first entry without argument globs that names the file and the uid.
+    pub fn classify_exec(&self, exe: &ExeKey, uid: u32) -> Option<&str> {
+        self.rules
+            .iter()
+            .find(|r| {
+                r.entry.argv.is_empty()
+                    && r.files.contains(exe)
+                    && (r.entry.uids.is_empty() || r.entry.uids.contains(&uid))
+            })
+            .map(|r| r.entry.name.as_str())
+    }
+
+    /// Whether an entry with argument globs names `exe` (its processes must be read).
+    pub fn by_arguments(&self, exe: &ExeKey) -> bool {
+        self.rules
+            .iter()
+            .any(|r| !r.entry.argv.is_empty() && r.files.contains(exe))
+    }
+
     /// The uids that may start agent `name` with `guard exec` (None: any).
     pub fn uids_of(&self, name: &str) -> Option<&[u32]> {
         self.rules
@@ -276,6 +296,23 @@ mod tests {
             uid: 0,
         };
         assert_eq!(rules.classify(&p), Some("a"));
+        // By the exec alone: the file and the uid the kernel recorded.
+        let key = exe_key(&md);
+        assert_eq!(rules.classify_exec(&key, 1000), Some("a"));
+        assert!(!rules.by_arguments(&key));
+        let other = ExeKey {
+            ino: key.ino + 1,
+            ..key
+        };
+        assert_eq!(rules.classify_exec(&other, 1000), None);
+        let by_args = Rules {
+            rules: vec![Rule {
+                entry: entry("py", &["/x"], &["*agent*"], &[]),
+                files: [key].into(),
+            }],
+        };
+        assert_eq!(by_args.classify_exec(&key, 0), None);
+        assert!(by_args.by_arguments(&key));
         assert!(expand("/no/such/dir/*").is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }

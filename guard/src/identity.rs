@@ -106,8 +106,8 @@ pub enum Enrolled {
 
 /// Who decides what a marked process is (the daemon's enrolment).
 pub trait Enrolments: Send + Sync + 'static {
-    /// `root`: the process marked at exec.
-    fn agent_of(&self, root: u32) -> Enrolled;
+    /// `pid`: the connecting process; `root`: the process marked at exec it descends from.
+    fn agent_of(&self, pid: u32, root: u32) -> Enrolled;
 }
 
 /// Agent cgroups created by `guard exec`, by cgroup id.

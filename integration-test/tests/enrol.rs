@@ -4,19 +4,10 @@
 //! a connect went direct is decided by the server: under `proxy.other = "deny"` nothing a
 //! guarded process sends reaches it, so every connection it accepts came past guard.
 
-use std::{
-    net::TcpListener,
-    path::{Path, PathBuf},
-    process::Command,
-    sync::{
-        atomic::{AtomicUsize, Ordering},
-        Arc,
-    },
-    time::{Duration, Instant},
-};
+use std::{path::PathBuf, time::Duration};
 
-use guard_testkit::{peers::*, process::*, root::*};
-use serde_json::Value;
+use guard_integration::enrol::{self, *};
+use guard_testkit::{process::*, root::*};
 
 /// A program whose first instruction is a connect (no interpreter start-up hides the race):
 /// `prog HOST PORT [once|tree|late|every]`; `tree` connects from a grandchild, `late` after
@@ -81,99 +72,14 @@ int main(int argc, char **argv) {
 }
 "#;
 
-/// A TCP server on 127.0.0.3 that counts the connections whose bytes reached it. (Under
-/// `proxy.other = "deny"` guard may open its upstream connection while it waits for a
-/// redirected client's first bytes, but never passes them on: a connection that delivers the
-/// program's byte came past guard.)
-struct Counter {
-    port: u16,
-    seen: Arc<AtomicUsize>,
-}
-
-impl Counter {
-    fn start() -> Counter {
-        let l = TcpListener::bind("127.0.0.3:0").unwrap();
-        let port = l.local_addr().unwrap().port();
-        let seen = Arc::new(AtomicUsize::new(0));
-        let s = seen.clone();
-        std::thread::spawn(move || {
-            for c in l.incoming().flatten() {
-                let s = s.clone();
-                std::thread::spawn(move || {
-                    let mut c = c;
-                    let _ = c.set_read_timeout(Some(Duration::from_secs(5)));
-                    let mut b = [0u8; 1];
-                    if matches!(std::io::Read::read(&mut c, &mut b), Ok(1)) {
-                        s.fetch_add(1, Ordering::SeqCst);
-                    }
-                });
-            }
-        });
-        Counter { port, seen }
-    }
-
-    fn seen(&self) -> usize {
-        self.seen.load(Ordering::SeqCst)
-    }
-}
-
-/// An environment whose daemon refuses what it cannot read, with `[[agents]]` tables and the
-/// C program built at `dir/agent-prog` (and an identical copy at `dir/other-prog`, a different
-/// file, so not an agent).
 fn setup(agents: &str) -> (Env, PathBuf) {
     setup_with("", agents)
 }
 
-/// [`setup`] with lines for `[scope]`.
+/// [`setup`] with lines for `[scope]`; the copy is `other-prog`.
 fn setup_with(scope: &str, agents: &str) -> (Env, PathBuf) {
-    let mut env = Env::configured(scope, "other = \"deny\"", "");
-    let src = env.dir.join("prog.c");
-    std::fs::write(&src, PROGRAM).unwrap();
-    let prog = env.dir.join("agent-prog");
-    run_ok(
-        Command::new("gcc")
-            .arg("-O2")
-            .arg("-o")
-            .arg(&prog)
-            .arg(&src),
-    );
-    std::fs::copy(&prog, env.dir.join("other-prog")).unwrap();
-    let agents = agents.replace("{dir}", &env.dir.display().to_string());
-    env.append_config(&format!(
-        "[audit]\nconnection_records_per_s = 100000\n\n{agents}"
-    ));
-    guard::kernel::cgroup::create(&env.attach_path().join("shell")).unwrap();
+    let (env, prog, _) = enrol::setup(scope, PROGRAM, "other-prog", agents);
     (env, prog)
-}
-
-/// `sh -c SCRIPT` in the unguarded `shell` cgroup below the attach cgroup: a person's terminal.
-fn shell(env: &Env, script: &str) -> Command {
-    let mut c = Command::new("sh");
-    c.arg("-c").arg(script).current_dir(&env.dir);
-    in_cgroup(&mut c, &env.attach_path().join("shell"));
-    c
-}
-
-fn agent_starts(env: &Env, name: &str) -> Vec<Value> {
-    env.audit_decisions()
-        .into_iter()
-        .filter(|r| r["event"] == "agent_start" && r["agent"]["name"] == name)
-        .collect()
-}
-
-fn connections_of(env: &Env, name: &str) -> usize {
-    env.audit_connections()
-        .iter()
-        .filter(|r| r["agent"]["name"] == name)
-        .count()
-}
-
-fn eventually(what: &str, wait: Duration, mut ok: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !ok() {
-        assert!(t.elapsed() < wait, "{what} within {wait:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 const CPROG: &str = "[[agents]]\nname = \"cprog\"\nexe = [\"{dir}/agent-prog\"]\n";
@@ -285,35 +191,18 @@ fn what_an_agent_forks_is_guarded_and_running_agents_are_enrolled_at_start() {
     );
 }
 
-/// The interpreter the Python peers run, as a file (symbolic links resolved).
-fn python() -> PathBuf {
-    std::fs::canonicalize(peer_python()).unwrap()
-}
-
-fn connecting_script(dir: &Path, name: &str, port: u16) -> PathBuf {
-    let p = dir.join(name);
-    std::fs::write(
-        &p,
-        format!(
-            "import socket\ns = socket.create_connection(('127.0.0.3', {port}))\ns.sendall(b'\\0\\1\\2\\3')\ntry:\n    s.recv(1)\nexcept OSError:\n    pass\n"
-        ),
-    )
-    .unwrap();
-    p
-}
-
 #[test]
 fn an_interpreter_is_an_agent_by_its_arguments_and_names_are_bound_to_uids() {
     let agents = format!(
         "[[agents]]\nname = \"pyagent\"\nexe = [\"{}\"]\nargv = [\"*agent_marker*\"]\n\n[[agents]]\nname = \"bound\"\nexe = [\"/nonexistent/bound\"]\nuids = [4242]\n",
-        python().display()
+        python_file().display()
     );
     let (mut env, _) = setup(&agents);
     env.start_daemon();
     let server = Counter::start();
     let marked = connecting_script(&env.dir, "agent_marker.py", server.port);
     let plain = connecting_script(&env.dir, "plain.py", server.port);
-    let py = python().display().to_string();
+    let py = python_file().display().to_string();
     run_ok(&mut shell(&env, &format!("{py} {}", marked.display())));
     assert_eq!(server.seen(), 0, "the agent connected directly");
     assert_eq!(agent_starts(&env, "pyagent").len(), 1);

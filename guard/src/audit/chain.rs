@@ -44,13 +44,18 @@ pub fn chained(prev: &[u8; 32], body: &[u8]) -> Vec<u8> {
 pub fn last_line_hash(path: &Path) -> Option<[u8; 32]> {
     use std::io::{Read as _, Seek as _, SeekFrom};
     let mut f = fs::File::open(path).ok()?;
-    let len = f.metadata().ok()?.len();
+    let md = f.metadata().ok()?;
+    // A device (a test's /dev/full, /dev/null) has no lines: reading one may never end.
+    if !md.is_file() {
+        return None;
+    }
+    let len = md.len();
     let mut want = 64u64 << 10;
     loop {
         let from = len.saturating_sub(want);
         f.seek(SeekFrom::Start(from)).ok()?;
         let mut tail = Vec::new();
-        f.read_to_end(&mut tail).ok()?;
+        (&mut f).take(len - from).read_to_end(&mut tail).ok()?;
         let body = tail.strip_suffix(b"\n").unwrap_or(&tail);
         if body.is_empty() {
             return None;
@@ -208,6 +213,8 @@ mod tests {
         );
         fs::write(&long, [&b"{\"prev\":1}\n"[..], &big, b"\n"].concat()).unwrap();
         assert_eq!(last_line_hash(&long), Some(hash(&big)));
+        // Not a file: no lines (and no endless read).
+        assert_eq!(last_line_hash(Path::new("/dev/zero")), None);
         // One byte of the second line of the rotated `.1`.
         let rotated = dir.join("audit.jsonl.1");
         let mut text = fs::read(&rotated).unwrap();

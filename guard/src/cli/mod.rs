@@ -179,6 +179,18 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Re-decide the recorded tool calls of audit files under a draft policy set and list
+    /// what would change (by agent, server and tool).
+    Replay {
+        /// Audit files (JSONL, as the daemon writes them).
+        #[arg(long = "audit", required = true, num_args = 1..)]
+        audit: Vec<PathBuf>,
+        /// The draft policy directory (default: the running daemon's, else paths.policies).
+        #[arg(long)]
+        policies: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -269,6 +281,14 @@ pub fn main() -> i32 {
             };
             let dir = policies.unwrap_or_else(|| policy::policies_dir(&config.0));
             policy::policy_explain(&dir, &server, &tool, &caller, &args, json)
+        }
+        Cmd::Policy(PolicyCmd::Replay {
+            audit,
+            policies,
+            json,
+        }) => {
+            let dir = policies.unwrap_or_else(|| policy::policies_dir(&config.0));
+            policy::policy_replay(&config.0, &audit, &dir, json)
         }
         Cmd::Ca(cmd) => ca::ca(&config.0, cmd).map(|()| 0),
         Cmd::Approvals(cmd) => approvals::approvals(&config.0, cmd).map(|()| 0),

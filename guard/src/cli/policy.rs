@@ -1,4 +1,5 @@
-//! `guard policy check | explain`: validate policies and explain a decision, no daemon needed.
+//! `guard policy check | explain | replay`: validate policies, explain a decision, re-decide
+//! recorded calls under a draft; no daemon needed.
 
 use std::path::PathBuf;
 
@@ -117,4 +118,246 @@ pub(super) fn policy_explain(
         }
     }
     Ok(0)
+}
+
+/// How a `tool_call` was decided, or would be, as replay compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub(super) enum Outcome {
+    Allowed,
+    Denied,
+    /// Held for a person (`require_approval`).
+    Held,
+}
+
+/// One group of recorded calls whose outcome a draft changes (or cannot tell).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub(super) struct Change {
+    pub agent: String,
+    pub server: String,
+    pub tool: String,
+    /// None: undecidable (the rule reads arguments the audit did not keep).
+    pub then: Option<Outcome>,
+    pub now: Option<Outcome>,
+    pub rule: String,
+    pub calls: usize,
+}
+
+/// What replaying recorded calls under a draft found.
+#[derive(Debug, Default, PartialEq, Eq, serde::Serialize)]
+pub(super) struct Replay {
+    pub changed: Vec<Change>,
+    pub undecidable: Vec<Change>,
+    pub unchanged: usize,
+    /// Rate-limited or pin-blocked then: windows and pins are not replayed.
+    pub not_replayed: usize,
+}
+
+/// Re-decides the `tool_call` records among `records` under `set` (`unknown_allowed`: what
+/// `policy.unknown_servers` does with a server no draft policy names).
+pub(super) fn replay(set: &PolicySet, unknown_allowed: bool, records: &[Value]) -> Replay {
+    let mut out = Replay::default();
+    let mut groups: std::collections::BTreeMap<(String, String, String, String), Change> =
+        Default::default();
+    let limiter = RateLimiter::new();
+    let now = std::time::Instant::now();
+    for r in records.iter().filter(|r| r["event"] == "tool_call") {
+        let then = match r["decision"].as_str().unwrap_or("") {
+            "allow" | "approved" => Outcome::Allowed,
+            "deny" => Outcome::Denied,
+            "approval_denied" | "approval_timeout" => Outcome::Held,
+            _ => {
+                out.not_replayed += 1;
+                continue;
+            }
+        };
+        let s = |v: &Value| v.as_str().map(str::to_string);
+        let agent = &r["agent"];
+        let caller = Caller {
+            agent: s(&agent["name"]),
+            uid: agent["uid"].as_u64().unwrap_or(u64::MAX) as u32,
+            // Replayed as if it ran the file at the path recorded.
+            exes: s(&agent["exe"]).into_iter().collect(),
+            cgroup: s(&agent["cgroup"]),
+            instance: None,
+        };
+        let server = s(&r["server"]["name"]).unwrap_or_default();
+        let tool = s(&r["tool"]).unwrap_or_default();
+        let who = caller
+            .agent
+            .clone()
+            .unwrap_or_else(|| format!("uid {}", caller.uid));
+        let (now_is, rule) = match set.by_name(&server) {
+            None => (
+                Some(if unknown_allowed {
+                    Outcome::Allowed
+                } else {
+                    Outcome::Denied
+                }),
+                "policy.unknown_servers".to_string(),
+            ),
+            Some(sp) if r.get("arguments").is_none() && sp.reads_arguments(&tool, &caller) => {
+                (None, "conditions on the arguments".to_string())
+            }
+            Some(sp) => {
+                let args = r
+                    .get("arguments")
+                    .cloned()
+                    .unwrap_or(Value::Object(Default::default()));
+                match sp.explain(&tool, &args, &caller, &limiter, now) {
+                    Decision::Allow { rule } => (Some(Outcome::Allowed), rule),
+                    Decision::Deny { rule, .. } => (Some(Outcome::Denied), rule),
+                    Decision::RequireApproval { rule, .. } => (Some(Outcome::Held), rule),
+                    Decision::RateLimited { rule, .. } => (Some(Outcome::Denied), rule),
+                }
+            }
+        };
+        if now_is == Some(then) {
+            out.unchanged += 1;
+            continue;
+        }
+        let key = (
+            who.clone(),
+            server.clone(),
+            tool.clone(),
+            format!("{then:?}{now_is:?}"),
+        );
+        groups
+            .entry(key)
+            .or_insert_with(|| Change {
+                agent: who,
+                server,
+                tool,
+                then: Some(then),
+                now: now_is,
+                rule,
+                calls: 0,
+            })
+            .calls += 1;
+    }
+    for c in groups.into_values() {
+        match c.now {
+            Some(_) => out.changed.push(c),
+            None => out.undecidable.push(c),
+        }
+    }
+    out
+}
+
+pub(super) fn policy_replay(
+    config: &Config,
+    audit: &[PathBuf],
+    dir: &std::path::Path,
+    json: bool,
+) -> Result<i32> {
+    let set = daemon::load_policies(dir)?;
+    let mut records = Vec::new();
+    for f in audit {
+        let text =
+            std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        records.extend(
+            text.lines()
+                .filter_map(|l| serde_json::from_str::<Value>(l).ok()),
+        );
+    }
+    let unknown_allowed = config.policy.unknown_servers != crate::config::UnknownServers::Deny;
+    let r = replay(&set, unknown_allowed, &records);
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+        return Ok(0);
+    }
+    let word = |o: Option<Outcome>| match o {
+        Some(Outcome::Allowed) => "allowed",
+        Some(Outcome::Denied) => "denied",
+        Some(Outcome::Held) => "held for approval",
+        None => "?",
+    };
+    println!(
+        "{} calls would change under {}:",
+        r.changed.iter().map(|c| c.calls).sum::<usize>(),
+        dir.display()
+    );
+    for c in &r.changed {
+        println!(
+            "  {} {} / {}: {} -> {} ({} call{}, rule {})",
+            c.agent,
+            c.server,
+            c.tool,
+            word(c.then),
+            word(c.now),
+            c.calls,
+            if c.calls == 1 { "" } else { "s" },
+            c.rule
+        );
+    }
+    if !r.undecidable.is_empty() {
+        println!("undecidable (the draft's rule reads arguments the audit did not keep; audit.log_arguments):");
+        for c in &r.undecidable {
+            println!(
+                "  {} {} / {}: {} call(s)",
+                c.agent, c.server, c.tool, c.calls
+            );
+        }
+    }
+    println!(
+        "{} unchanged; {} not replayed (rate-limited or blocked by a pin then)",
+        r.unchanged, r.not_replayed
+    );
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn call(agent: &str, tool: &str, decision: &str, args: Option<Value>) -> Value {
+        let mut r = json!({"event": "tool_call", "agent": {"name": agent, "uid": 1000},
+                           "server": {"name": "files"}, "tool": tool, "decision": decision});
+        if let Some(a) = args {
+            r["arguments"] = a;
+        }
+        r
+    }
+
+    #[test]
+    fn a_stricter_draft_lists_exactly_the_calls_that_change() {
+        let set = PolicySet::from_files(&[(
+            "files.json".into(),
+            json!({"version": "1", "server": {"name": "files", "match": ["127.0.0.1:1"]},
+                   "default": "deny",
+                   "tools": {"read": {}, "write": {"action": "require_approval"},
+                             "search": {"when": [{"path": "q", "op": "max_length", "value": 3}]}}})
+            .to_string(),
+        )])
+        .unwrap();
+        let records = vec![
+            call("bot", "read", "allow", None),
+            call("bot", "delete", "allow", None),
+            call("bot", "delete", "allow", None),
+            call("bot", "write", "allow", None),
+            call("bot", "search", "allow", None),
+            call("bot", "search", "allow", Some(json!({"q": "long query"}))),
+            call("bot", "search", "allow", Some(json!({"q": "ok"}))),
+            call("bot", "read", "rate_limited", None),
+            json!({"event": "connection", "decision": "pass"}),
+        ];
+        let r = replay(&set, false, &records);
+        let changed: Vec<(&str, Option<Outcome>, usize)> = r
+            .changed
+            .iter()
+            .map(|c| (c.tool.as_str(), c.now, c.calls))
+            .collect();
+        assert_eq!(
+            changed,
+            vec![
+                ("delete", Some(Outcome::Denied), 2),
+                ("search", Some(Outcome::Denied), 1),
+                ("write", Some(Outcome::Held), 1),
+            ]
+        );
+        assert_eq!(r.undecidable.len(), 1);
+        assert_eq!(r.undecidable[0].tool, "search");
+        assert_eq!((r.unchanged, r.not_replayed), (2, 1));
+    }
 }

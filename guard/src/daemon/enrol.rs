@@ -21,6 +21,8 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::agents::{started, under, Home};
+use guard_common::Enrolling;
+
 use crate::{
     audit::{Audit, Decision, Event},
     config::AgentEntry,
@@ -144,32 +146,59 @@ impl Enrolment {
         Ok(())
     }
 
-    /// Classifies `root` (once) and, for an agent, moves it into a new agent cgroup.
-    fn decide(&self, root: u32) -> Decided {
+    /// What the process marked `mark` (as `root`, or forked from it) is, and for an agent its
+    /// cgroup: made now (`pid` moved into it: the root while it lives, else `pid`) unless an
+    /// earlier decision on `root` still holds. Decided on what the kernel recorded at the exec
+    /// — the file and the uid — not on what the process runs or says now; only entries with
+    /// argument globs read the process, and only while it still runs that file. An agent's
+    /// decision is kept; "not an agent" is not (a later exec is decided afresh).
+    fn decide(&self, pid: u32, mark: &Enrolling) -> Decided {
+        let root = mark.root;
         let mut decided = self.decided.lock().unwrap();
-        if let Some(d) = decided.get(&root) {
-            return d.clone();
+        if let Some(Decided::Agent(a)) = decided.get(&root) {
+            // Still that agent's process (a pid used again by another process is not).
+            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup))
+                || (pid != root && !alive(root));
+            if holds {
+                return Decided::Agent(a.clone());
+            }
+            decided.remove(&root);
         }
-        let d = match Process::read(root) {
-            Some(p) => match self.rules.read().unwrap().classify(&p) {
-                Some(name) => match self.enrol(&p, name) {
-                    Ok(a) => Decided::Agent(a),
-                    Err(e) => {
-                        // It stays marked (guarded): tried again at the next sweep.
-                        tracing::warn!(pid = root, "enrolling agent {name}: {e:#}");
-                        return Decided::Failed;
-                    }
-                },
-                None => Decided::NotAgent,
-            },
-            None => Decided::NotAgent,
+        let rules = self.rules.read().unwrap().clone();
+        let name = match rules.classify_exec(&mark.exe, mark.uid) {
+            Some(n) => n.to_string(),
+            None if rules.by_arguments(&mark.exe) => {
+                let now = [root, pid]
+                    .into_iter()
+                    .find_map(|q| Process::read(q).filter(|p| p.file == Some(mark.exe)));
+                let Some(p) = now else {
+                    // Gone, or running something else already: its arguments at the exec
+                    // cannot be read any more. Kept marked (guarded; its connections refused).
+                    return Decided::Failed;
+                };
+                match rules.classify(&p) {
+                    Some(n) => n.to_string(),
+                    None => return Decided::NotAgent,
+                }
+            }
+            None => return Decided::NotAgent,
         };
-        decided.insert(root, d.clone());
-        d
+        let target = if alive(root) { root } else { pid };
+        match self.enrol(target, mark.uid, &name) {
+            Ok(a) => {
+                decided.insert(root, Decided::Agent(a.clone()));
+                Decided::Agent(a)
+            }
+            Err(e) => {
+                // It stays marked (guarded): tried again at the next sweep.
+                tracing::warn!(pid = target, "enrolling agent {name}: {e:#}");
+                Decided::Failed
+            }
+        }
     }
 
-    /// Moves `p` into a new cgroup for agent `name`, and says so in the audit trail.
-    fn enrol(&self, p: &Process, name: &str) -> Result<AgentCgroup> {
+    /// Moves `pid` into a new cgroup for agent `name`, and says so in the audit trail.
+    fn enrol(&self, pid: u32, uid: u32, name: &str) -> Result<AgentCgroup> {
         let home = Home {
             kernel: &self.kernel,
             attach_path: &self.attach_path,
@@ -177,11 +206,11 @@ impl Enrolment {
             next: &self.next_agent,
         };
         let (path, rel, id) = home.create(name)?;
-        if let Err(e) = cgroup::move_pid(&path, p.pid) {
+        if let Err(e) = cgroup::move_pid(&path, pid) {
             home.undo(&path, id);
             return Err(e);
         }
-        let gid = std::fs::read_to_string(format!("/proc/{}/status", p.pid))
+        let gid = std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
                 s.lines()
@@ -196,28 +225,44 @@ impl Enrolment {
             name,
             &rel,
             id,
-            (p.pid, p.uid, gid),
+            (pid, uid, gid),
             "exec-match",
             None,
         )
     }
 
-    /// A marked process (`pid`, marked at exec as `root` or forked from it): into its agent's
-    /// cgroup when `root` is one, then unmarked — never unmarked before it is guarded there.
-    fn settle(&self, pid: u32, root: u32) {
-        match self.decide(root) {
-            Decided::Agent(a) if pid != root => {
-                let path = self.cgroup_mount.join(&a.cgroup);
-                if let Err(e) = cgroup::move_pid(&path, pid) {
-                    if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                        tracing::warn!(pid, "moving into {}: {e:#}", a.cgroup);
-                        return;
+    /// A marked process (`pid`, marked as `mark`): into its agent's cgroup when it is one,
+    /// then unmarked — never unmarked before it is guarded there.
+    fn settle(&self, pid: u32, mark: &Enrolling) {
+        match self.decide(pid, mark) {
+            Decided::Agent(a) => {
+                if !cgroup::cgroup_of(pid).is_ok_and(|c| under(&c, &a.cgroup)) {
+                    let path = self.cgroup_mount.join(&a.cgroup);
+                    if let Err(e) = cgroup::move_pid(&path, pid) {
+                        if !alive(pid) {
+                            self.kernel.unmark(pid);
+                            return;
+                        }
+                        // Its agent's cgroup is gone (the agent ended): one of its own.
+                        tracing::debug!(pid, "moving into {}: {e:#}", a.cgroup);
+                        match self.enrol(pid, mark.uid, &a.name) {
+                            Ok(own) => {
+                                self.decided
+                                    .lock()
+                                    .unwrap()
+                                    .insert(pid, Decided::Agent(own));
+                            }
+                            Err(e) => {
+                                tracing::warn!(pid, "enrolling agent {}: {e:#}", a.name);
+                                return;
+                            }
+                        }
                     }
                 }
                 self.kernel.unmark(pid);
             }
             Decided::Failed => {}
-            Decided::Agent(_) | Decided::NotAgent => self.kernel.unmark(pid),
+            Decided::NotAgent => self.kernel.unmark(pid),
         }
     }
 
@@ -225,8 +270,8 @@ impl Enrolment {
     /// decisions about processes that are gone are forgotten.
     pub fn sweep(&self) {
         for (pid, mark) in self.kernel.enrolling() {
-            if std::path::Path::new(&format!("/proc/{pid}")).exists() {
-                self.settle(pid, mark.root);
+            if alive(pid) {
+                self.settle(pid, &mark);
             } else {
                 self.kernel.unmark(pid);
             }
@@ -299,7 +344,7 @@ impl Enrolment {
 
     /// Enrols a process found by a scan or an exec event.
     fn enrol_found(&self, p: &Process, name: &str) -> Option<AgentCgroup> {
-        match self.enrol(p, name) {
+        match self.enrol(p.pid, p.uid, name) {
             Ok(a) => {
                 self.decided
                     .lock()
@@ -386,7 +431,8 @@ impl Enrolment {
                     // Cgroup moves and /proc reads block: off the runtime's threads.
                     let _ = tokio::task::spawn_blocking(move || {
                         for e in events {
-                            me.settle(e.pid, e.root);
+                            let mark = Enrolling { root: e.root, uid: e.uid, exe: e.exe };
+                            me.settle(e.pid, &mark);
                         }
                     })
                     .await;
@@ -447,13 +493,25 @@ impl Enrolment {
 
 impl Enrolments for Enrolment {
     /// Decided now if the daemon has not yet: a connect can come before the exec event is read.
-    fn agent_of(&self, root: u32) -> Enrolled {
-        match self.decide(root) {
+    fn agent_of(&self, pid: u32, root: u32) -> Enrolled {
+        let Some(mark) = self.kernel.mark_of(pid) else {
+            // Settled since it connected: an agent's process sits in its cgroup (and was
+            // attributed by it), so this one was found not to be an agent.
+            return match self.decided.lock().unwrap().get(&root) {
+                Some(Decided::Agent(a)) => Enrolled::Agent(a.name.clone()),
+                _ => Enrolled::NotAgent,
+            };
+        };
+        match self.decide(pid, &mark) {
             Decided::Agent(a) => Enrolled::Agent(a.name),
             Decided::NotAgent => Enrolled::NotAgent,
             Decided::Failed => Enrolled::Failed,
         }
     }
+}
+
+fn alive(pid: u32) -> bool {
+    std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 fn all_pids() -> Vec<u32> {

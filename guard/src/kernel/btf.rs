@@ -173,6 +173,17 @@ pub fn exe_offsets_of(btf: &Btf) -> Result<ExeOffsets> {
     })
 }
 
+/// `task_struct.signal` and `signal_struct.live`, for the enrolment exit hook.
+pub fn signal_offsets() -> Result<(u32, u32)> {
+    let path = "/sys/kernel/btf/vmlinux";
+    let bytes = std::fs::read(path).with_context(|| format!("reading {path}"))?;
+    let btf = Btf::parse(&bytes).with_context(|| format!("parsing {path}"))?;
+    Ok((
+        btf.offset("task_struct", "signal")?,
+        btf.offset("signal_struct", "live")?,
+    ))
+}
+
 /// The containment programs' offsets of this kernel.
 pub fn contain_offsets() -> Result<ContainOffsets> {
     let path = "/sys/kernel/btf/vmlinux";

@@ -50,12 +50,15 @@ impl Kernel {
         if cfg.exe.known == 0 {
             bail!("the kernel's executables cannot be identified (no BTF offsets, or a kernel locked down for confidentiality)");
         }
+        let (task_signal, signal_live) = super::btf::signal_offsets()?;
         let scope = EnrolScope {
             attach_cgroup_id,
             daemon_cgroup_id,
             attach_level: cfg.attach_level,
             ready: 1,
             exe: cfg.exe,
+            task_signal,
+            signal_live,
         };
         self.enrol
             .scope
@@ -135,7 +138,12 @@ impl Kernel {
 
     /// Whether `pid` is marked (an agent's process not moved into its cgroup yet).
     pub fn is_marked(&self, pid: u32) -> bool {
-        self.enrol.marks.lock().unwrap().get(&pid, 0).is_ok()
+        self.mark_of(pid).is_some()
+    }
+
+    /// The mark of `pid`, if it has one.
+    pub fn mark_of(&self, pid: u32) -> Option<Enrolling> {
+        self.enrol.marks.lock().unwrap().get(&pid, 0).ok()
     }
 
     /// Removes the mark of `pid` (moved into its agent cgroup, or not an agent).

@@ -397,6 +397,18 @@ impl ServerPolicy {
         self.evaluate(Subject::Tool(tool), args, caller, limiter, now, false)
     }
 
+    /// Whether the decision on `tool` for `caller` reads the call's arguments (a rule with
+    /// conditions that is not a plain deny): without them it cannot be made again.
+    pub fn reads_arguments(&self, tool: &str, caller: &Caller) -> bool {
+        if self.hides(Subject::Tool(tool)) {
+            return false;
+        }
+        match self.resolve(Subject::Tool(tool), caller) {
+            Resolved::Rule(r) => r.action != Action::Deny && !r.when.is_empty(),
+            Resolved::Default(..) => false,
+        }
+    }
+
     /// Whether `tools/list` should show `tool` to this caller: not hidden, and (with
     /// `hide_denied`) not denied to them outright.
     pub fn visible(&self, tool: &str, caller: &Caller) -> bool {

@@ -72,7 +72,7 @@ fn identify(
     let mut pass = false;
     if origin.enrolling != 0 && identity.agent.is_none() {
         // Marked at exec and not moved yet (or the move raced this connect).
-        match enrol.map(|e| e.agent_of(origin.enrolling)) {
+        match enrol.map(|e| e.agent_of(origin.tgid, origin.enrolling)) {
             Some(Enrolled::Agent(name)) => {
                 identity.agent = Some(name);
                 identity.cgroup = kernel::cgroup::cgroup_of(origin.tgid)
