@@ -215,8 +215,25 @@ listen = "127.0.0.1:{metrics}"
         self.cg_mount.join(&self.attach_rel)
     }
 
-    /// Starts the daemon in the test's `daemon` cgroup and waits until it answers.
+    /// Starts the daemon in the test's `daemon` cgroup and waits until it answers. A port
+    /// picked free may be taken by another test's connection before the daemon binds it
+    /// (ephemeral ports churn while tests connect by the thousand): then with new ports.
     pub fn start_daemon(&mut self) {
+        for _ in 0..3 {
+            match self.try_start_daemon() {
+                Ok(()) => return,
+                Err(log) if log.contains("Address already in use") => {
+                    self.port = free_port();
+                    self.metrics_port = free_port();
+                    self.write_config();
+                }
+                Err(log) => panic!("guard daemon exited at start:\n{log}"),
+            }
+        }
+        panic!("no free ports for the daemon:\n{}", self.daemon_log());
+    }
+
+    fn try_start_daemon(&mut self) -> Result<(), String> {
         assert!(self.daemon.is_none(), "daemon already running");
         let log = fs::OpenOptions::new()
             .create(true)
@@ -238,13 +255,14 @@ listen = "127.0.0.1:{metrics}"
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.daemon.as_mut().unwrap().try_wait().unwrap() {
-                panic!(
-                    "guard daemon exited with {status} at start:\n{}",
-                    self.daemon_log()
-                );
+                self.daemon = None;
+                let log = self.daemon_log();
+                // The next attempt's log starts afresh.
+                let _ = fs::remove_file(self.dir.join("daemon.log"));
+                return Err(format!("(exit {status})\n{log}"));
             }
             if self.try_status().is_some() {
-                return;
+                return Ok(());
             }
             assert!(
                 Instant::now() < deadline,
