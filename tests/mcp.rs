@@ -681,3 +681,68 @@ call(b"PROPFIND /x HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
     let v: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(v["error"]["code"], -32005, "{out}");
 }
+
+/// `guard policy replay` on a session this guard recorded, against a stricter draft: exactly
+/// the calls the draft decides otherwise are listed, and an argument condition on arguments the
+/// audit did not keep is undecidable.
+#[test]
+fn policy_replay_lists_exactly_the_calls_a_stricter_draft_changes() {
+    let s = setup(&["--transport", "streamable-http", "--json-response"]);
+    client(
+        &s.env,
+        "bot",
+        &s.server.url,
+        "streamable-http",
+        false,
+        &[
+            ("echo", r#"{"text":"a"}"#),
+            ("echo", r#"{"text":"b"}"#),
+            ("add", r#"{"a":1,"b":2}"#),
+            ("delete_file", r#"{"path":"/x"}"#),
+            ("tool_01", "{}"),
+        ],
+    );
+    let draft = s.env.dir.join("draft");
+    std::fs::create_dir_all(&draft).unwrap();
+    let mut strict: Value = serde_json::from_str(&policy("testserver", s.server.port)).unwrap();
+    // add is now denied, tool_01 needs a person, echo gets a condition on its argument.
+    strict["tools"]["add"] = json!({ "action": "deny" });
+    strict["tools"]["tool_01"] = json!({ "action": "require_approval" });
+    strict["tools"]["echo"] =
+        json!({ "when": [ { "path": "text", "op": "max_length", "value": 5 } ] });
+    std::fs::write(draft.join("testserver.json"), strict.to_string()).unwrap();
+    let out = run_ok(
+        std::process::Command::new(env!("CARGO_BIN_EXE_guard"))
+            .arg("--config")
+            .arg(s.env.config_file())
+            .args(["policy", "replay", "--json", "--audit"])
+            .arg(&s.env.audit_log)
+            .arg("--policies")
+            .arg(&draft),
+    );
+    let r: Value = serde_json::from_str(&out).unwrap();
+    let changed: Vec<(String, String, u64)> = r["changed"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["tool"].as_str().unwrap().to_string(),
+                c["now"].as_str().unwrap().to_string(),
+                c["calls"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        changed,
+        vec![
+            ("add".to_string(), "denied".to_string(), 1),
+            ("tool_01".to_string(), "held".to_string(), 1)
+        ],
+        "{r:#}"
+    );
+    assert_eq!(r["undecidable"][0]["tool"], "echo", "{r:#}");
+    assert_eq!(r["undecidable"][0]["calls"], 2, "{r:#}");
+    // delete_file: denied then and now.
+    assert_eq!(r["unchanged"], 1, "{r:#}");
+}
