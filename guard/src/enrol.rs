@@ -31,19 +31,12 @@ impl Process {
     pub fn read(pid: u32) -> Option<Process> {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
         let md = std::fs::metadata(format!("/proc/{pid}/exe")).ok();
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
-        let argv = cmdline
-            .split(|b| *b == 0)
+        let argv = crate::kernel::procfs::argv(pid)
+            .ok()?
+            .into_iter()
             .filter(|a| !a.is_empty())
-            .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-        // The real uid: who started it.
-        let uid = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Uid:"))
-            .and_then(|l| l.split_whitespace().next())
-            .and_then(|u| u.parse().ok())?;
+        let (uid, _) = crate::kernel::procfs::ids(pid).ok()?;
         Some(Process {
             pid,
             exe,

@@ -52,6 +52,43 @@ impl Counter {
     }
 }
 
+/// What the C test programs share: `connect_send(host, port)` connects, sends bytes no
+/// protocol guard reads starts with (classified at once), waits for the peer, closes; the
+/// connect's result. `waited(pid)`: the child's exit status. A program puts its own
+/// `#define`s before it.
+pub const CONNECT_C: &str = r#"
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+static int connect_send(const char *host, int port) {
+    int s = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a;
+    memset(&a, 0, sizeof a);
+    a.sin_family = AF_INET;
+    a.sin_port = htons(port);
+    inet_pton(AF_INET, host, &a.sin_addr);
+    int r = connect(s, (struct sockaddr *)&a, sizeof a);
+    if (r == 0) {
+        char b;
+        if (write(s, "\0\1\2\3", 4) == 4)
+            (void)read(s, &b, 1);
+    }
+    close(s);
+    return r;
+}
+
+static int waited(pid_t p) {
+    int st = 0;
+    waitpid(p, &st, 0);
+    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
+}
+"#;
+
 /// An environment whose daemon refuses what it cannot read, with the C program `source` built
 /// at `dir/agent-prog` (gcc, with threads) and an identical copy at `dir/COPY` (another file:
 /// not an agent), and `agents` (`{dir}`: the test's directory) appended.

@@ -13,37 +13,7 @@ use guard_testkit::{process::*, root::*};
 /// `prog HOST PORT [once|tree|late|every]`; `tree` connects from a grandchild, `late` after
 /// 300 ms, `every` every 200 ms until killed.
 const PROGRAM: &str = r#"
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/wait.h>
-#include <unistd.h>
-
-static int hit(const char *host, int port) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    inet_pton(AF_INET, host, &a.sin_addr);
-    int r = connect(s, (struct sockaddr *)&a, sizeof a);
-    if (r == 0) {
-        char b;
-        /* Bytes no protocol guard reads starts with: classified at once. */
-        if (write(s, "\0\1\2\3", 4) == 4)
-            (void)read(s, &b, 1);
-    }
-    close(s);
-    return r;
-}
-
-static int waited(pid_t p) {
-    int st = 0;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
-}
+static int hit(const char *host, int port) { return connect_send(host, port); }
 
 int main(int argc, char **argv) {
     const char *mode = argc > 3 ? argv[3] : "once";
@@ -78,7 +48,12 @@ fn setup(agents: &str) -> (Env, PathBuf) {
 
 /// [`setup`] with lines for `[scope]`; the copy is `other-prog`.
 fn setup_with(scope: &str, agents: &str) -> (Env, PathBuf) {
-    let (env, prog, _) = enrol::setup(scope, PROGRAM, "other-prog", agents);
+    let (env, prog, _) = enrol::setup(
+        scope,
+        &format!("{CONNECT_C}{PROGRAM}"),
+        "other-prog",
+        agents,
+    );
     (env, prog)
 }
 

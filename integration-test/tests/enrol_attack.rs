@@ -13,49 +13,16 @@ use guard_testkit::{process::*, root::*};
 
 /// `prog HOST PORT MODE [ARGS...]`: the attacks. `plain-prog` is a copy (another file: not an
 /// agent) that the agent execs into.
-const PROGRAM: &str = r#"
-#define _GNU_SOURCE
-#include <arpa/inet.h>
-#include <linux/sched.h>
-#include <netinet/in.h>
-#include <pthread.h>
-#include <signal.h>
-#include <stdint.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <sys/socket.h>
-#include <sys/syscall.h>
-#include <sys/wait.h>
-#include <unistd.h>
+/// What the attacks need beyond [`CONNECT_C`] (first: `_GNU_SOURCE` goes before any include).
+const PRELUDE: &str = "#define _GNU_SOURCE\n#include <linux/sched.h>\n#include <pthread.h>\n#include <signal.h>\n#include <stdint.h>\n#include <stdio.h>\n#include <sys/syscall.h>\n";
 
+const PROGRAM: &str = r#"
 static const char *host;
 static int port;
 static char portstr[16];
 static char **args;
 
-static int hit(void) {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_port = htons(port);
-    inet_pton(AF_INET, host, &a.sin_addr);
-    int r = connect(s, (struct sockaddr *)&a, sizeof a);
-    if (r == 0) {
-        char b;
-        if (write(s, "\0\1\2\3", 4) == 4)
-            (void)read(s, &b, 1);
-    }
-    close(s);
-    return r == 0 ? 0 : 1;
-}
-
-static int waited(pid_t p) {
-    int st = 0;
-    waitpid(p, &st, 0);
-    return WIFEXITED(st) ? WEXITSTATUS(st) : 1;
-}
+static int hit(void) { return connect_send(host, port) == 0 ? 0 : 1; }
 
 static void *late_hit(void *x) {
     (void)x;
@@ -214,7 +181,12 @@ int main(int argc, char **argv) {
 
 /// The agent `agent-prog` and its copy `plain-prog` (another file: not an agent).
 fn setup(agents: &str) -> (Env, PathBuf, PathBuf) {
-    enrol::setup("", PROGRAM, "plain-prog", agents)
+    enrol::setup(
+        "",
+        &format!("{PRELUDE}{CONNECT_C}{PROGRAM}"),
+        "plain-prog",
+        agents,
+    )
 }
 
 fn not_agent_passes(env: &Env) -> usize {

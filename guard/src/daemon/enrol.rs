@@ -28,7 +28,7 @@ use crate::{
     config::AgentEntry,
     enrol::{Process, Rules},
     identity::{AgentCgroup, Agents, Enrolled, Enrolments},
-    kernel::{self, cgroup, exec_events::ExecEvents, Kernel},
+    kernel::{self, cgroup, exec_events::ExecEvents, procfs, Kernel},
 };
 
 /// How often the marks are swept (events lost to a full ring, processes gone) and, without
@@ -164,7 +164,7 @@ impl Enrolment {
             }
             decided.remove(&root);
         }
-        let rules = self.rules.read().unwrap().clone();
+        let rules = self.rules.read().unwrap();
         let name = match rules.classify_exec(&mark.exe, mark.uid) {
             Some(n) => n.to_string(),
             None if rules.by_arguments(&mark.exe) => {
@@ -183,6 +183,7 @@ impl Enrolment {
             }
             None => return Decided::NotAgent,
         };
+        drop(rules);
         let target = if alive(root) { root } else { pid };
         match self.enrol(target, mark.uid, &name) {
             Ok(a) => {
@@ -210,15 +211,7 @@ impl Enrolment {
             home.undo(&path, id);
             return Err(e);
         }
-        let gid = std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find_map(|l| l.strip_prefix("Gid:"))
-                    .and_then(|l| l.split_whitespace().next())
-                    .and_then(|g| g.parse().ok())
-            })
-            .unwrap_or(0);
+        let gid = procfs::ids(pid).map_or(0, |(_, g)| g);
         started(
             &self.audit,
             &self.agents,
@@ -291,7 +284,7 @@ impl Enrolment {
         let mut parents: HashMap<u32, u32> = HashMap::new();
         let mut found = Vec::new();
         for pid in all_pids() {
-            if let Some(ppid) = parent_of(pid) {
+            if let Ok((ppid, _)) = procfs::stat(pid) {
                 parents.insert(pid, ppid);
             }
             if let Some(hit) = self.candidate(&rules, &guarded_uids, pid) {
@@ -521,13 +514,6 @@ fn all_pids() -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse().ok())
         .collect()
-}
-
-fn parent_of(pid: u32) -> Option<u32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // After the command name, which may hold spaces and parentheses: state, then ppid.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(1)?.parse().ok()
 }
 
 /// Whether `pid` descends from `ancestor` (in `parents`: pid -> parent pid).

@@ -22,7 +22,7 @@ use super::control::Peer;
 use crate::{
     config::UnknownServers,
     identity::{Agents, ExeFile, Identity},
-    kernel::cgroup,
+    kernel::{cgroup, procfs},
     mcp::Engine,
     proxy::identify::{attributed, Seen},
     stdio::{
@@ -184,15 +184,8 @@ impl Stdio {
 /// are the agent's (wrap runs where the agent started it); its executable is guard's own, so
 /// the executable grants are decided on is the one of the process that started it.
 fn wrapper(agents: &Agents, peer: &Peer, pid: u32) -> Result<(Identity, Vec<String>)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let (open, close) = (stat.find('(').unwrap_or(0), stat.rfind(')').unwrap_or(0));
-    let name = stat.get(open + 1..close).unwrap_or_default().as_bytes();
-    let ppid: u32 = stat
-        .get(close + 2..)
-        .and_then(|rest| rest.split(' ').nth(1))
-        .and_then(|p| p.parse().ok())
-        .ok_or_else(|| anyhow!("/proc/{pid}/stat has no parent pid"))?;
+    let (ppid, name) = procfs::stat(pid).with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let name = name.as_bytes();
     let mut comm = [0u8; 16];
     let n = name.len().min(15);
     comm[..n].copy_from_slice(&name[..n]);
@@ -218,13 +211,6 @@ fn wrapper(agents: &Agents, peer: &Peer, pid: u32) -> Result<(Identity, Vec<Stri
         dev: m.dev(),
         ino: m.ino(),
     });
-    let argv = std::fs::read(format!("/proc/{pid}/cmdline"))
-        .with_context(|| format!("reading /proc/{pid}/cmdline"))?;
-    let argv = argv
-        .strip_suffix(&[0])
-        .unwrap_or(&argv)
-        .split(|b| *b == 0)
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
+    let argv = procfs::argv(pid).with_context(|| format!("reading /proc/{pid}/cmdline"))?;
     Ok((who, argv))
 }

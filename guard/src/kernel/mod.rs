@@ -10,6 +10,7 @@ pub mod confine;
 pub mod contain;
 pub mod enrol;
 pub mod exec_events;
+pub mod procfs;
 pub mod sys;
 
 pub use attach::{attached_programs, unpin_all, Attached};
