@@ -298,6 +298,13 @@ pub struct PolicySection {
     pub denial: Denial,
     /// The fields of a tool definition its pin covers.
     pub pin_fields: PinFields,
+    /// Where signed policy bundles come from (`https://.../bundle.tar.gz`, `http://...`, a
+    /// bundle file or an unpacked bundle directory); `paths.policies` is then not read.
+    pub source: Option<String>,
+    /// The minisign public key bundles must be signed with: its `RW...` line or a `.pub` file.
+    pub verify_key: Option<String>,
+    /// How often the source is asked for a new bundle (seconds).
+    pub poll_s: u64,
 }
 
 impl Default for PolicySection {
@@ -306,6 +313,9 @@ impl Default for PolicySection {
             unknown_servers: UnknownServers::Deny,
             denial: Denial::Error,
             pin_fields: PinFields::default(),
+            source: None,
+            verify_key: None,
+            poll_s: 60,
         }
     }
 }
@@ -813,6 +823,28 @@ impl Config {
             let offset = e.span().map_or(0, |s| s.start);
             at(offset, e.message().trim_end().to_string())
         })?;
+        if let Some(src) = &config.policy.source {
+            let offset = text.find("source").unwrap_or(0);
+            if config.policy.verify_key.is_none() {
+                return Err(at(offset, "policy.source: a source needs policy.verify_key (the minisign public key bundles are signed with; `guard policy keygen` makes a pair)".into()));
+            }
+            let remote = src.starts_with("https://") || src.starts_with("http://");
+            if !remote && !src.starts_with('/') {
+                return Err(at(
+                    offset,
+                    format!(
+                        "policy.source: {src:?} is neither an http(s):// URL nor an absolute path"
+                    ),
+                ));
+            }
+        }
+        if config.policy.poll_s == 0 {
+            let offset = text.find("poll_s").unwrap_or(0);
+            return Err(at(
+                offset,
+                "policy.poll_s: must be at least 1 (seconds)".into(),
+            ));
+        }
         if !config.metrics.listen.is_empty() {
             let ok = config
                 .metrics
@@ -948,6 +980,28 @@ approvers_group = "sec"
 
     fn err(text: &str) -> String {
         Config::parse("guard.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn a_policy_source_needs_a_key_and_a_url_or_path() {
+        let e = err("[policy]\nsource = \"https://p.example/b.tar.gz\"\n");
+        assert!(
+            e.starts_with("guard.toml:2:1: policy.source: a source needs policy.verify_key"),
+            "{e}"
+        );
+        let e = err("[policy]\nsource = \"ftp://x\"\nverify_key = \"RW\"\n");
+        assert!(
+            e.contains("neither an http(s):// URL nor an absolute path"),
+            "{e}"
+        );
+        let e = err("[policy]\npoll_s = 0\n");
+        assert!(e.starts_with("guard.toml:2:1: policy.poll_s"), "{e}");
+        let c = Config::parse(
+            "guard.toml",
+            "[policy]\nsource = \"/srv/bundle.tar.gz\"\nverify_key = \"RW\"\npoll_s = 5\n",
+        )
+        .unwrap();
+        assert_eq!(c.policy.poll_s, 5);
     }
 
     #[test]

@@ -160,6 +160,9 @@ pub struct Record {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub arguments: Option<serde_json::Value>,
     pub decision: Decision,
+    /// The hash of the policy set that decided (decision records): drift between hosts shows.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub policy: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rule: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -304,6 +307,7 @@ impl Record {
             method: None,
             tool: None,
             args_sha256: None,
+            policy: None,
             arguments: None,
             decision,
             rule: None,
@@ -360,6 +364,7 @@ mod tests {
             method: Some("tools/call".into()),
             tool: Some("echo".into()),
             args_sha256: None,
+            policy: None,
             arguments: None,
             decision: Decision::Deny,
             rule: None,

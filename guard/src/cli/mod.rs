@@ -191,6 +191,19 @@ pub enum PolicyCmd {
         #[arg(long)]
         json: bool,
     },
+    /// Make a signed policy bundle (`policy.source`) of a directory's *.json files, after
+    /// checking they load. The key is a minisign secret key (GUARD_KEY_PASSWORD if encrypted).
+    Sign {
+        dir: PathBuf,
+        #[arg(long)]
+        key: PathBuf,
+        /// Where the bundle goes (default: bundle.tar.gz).
+        #[arg(long, short = 'o', default_value = "bundle.tar.gz")]
+        out: PathBuf,
+    },
+    /// Make a minisign key pair for signing bundles: PREFIX.key (secret, mode 0600) and
+    /// PREFIX.pub (its last line is policy.verify_key).
+    Keygen { prefix: PathBuf },
 }
 
 #[derive(Subcommand, Debug)]
@@ -290,6 +303,8 @@ pub fn main() -> i32 {
             let dir = policies.unwrap_or_else(|| policy::policies_dir(&config.0));
             policy::policy_replay(&config.0, &audit, &dir, json)
         }
+        Cmd::Policy(PolicyCmd::Sign { dir, key, out }) => policy::policy_sign(&dir, &key, &out),
+        Cmd::Policy(PolicyCmd::Keygen { prefix }) => policy::policy_keygen(&prefix),
         Cmd::Ca(cmd) => ca::ca(&config.0, cmd).map(|()| 0),
         Cmd::Approvals(cmd) => approvals::approvals(&config.0, cmd).map(|()| 0),
         Cmd::Reload => control::call(&config.0.paths.control_socket, Request::Reload).map(|_| {

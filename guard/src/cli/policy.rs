@@ -24,6 +24,82 @@ pub(super) fn policies_dir(config: &Config) -> PathBuf {
         .unwrap_or_else(|| config.paths.policies.clone())
 }
 
+/// `guard policy sign DIR --key K --out FILE`: the directory's `*.json`, checked, as a bundle.
+pub(super) fn policy_sign(
+    dir: &std::path::Path,
+    key: &std::path::Path,
+    out: &std::path::Path,
+) -> Result<i32> {
+    if let Err(errors) = PolicySet::load_dir(dir) {
+        for e in &errors {
+            eprintln!("{e}");
+        }
+        eprintln!(
+            "{}: {} errors; no bundle was made",
+            dir.display(),
+            errors.len()
+        );
+        return Ok(1);
+    }
+    let mut files = Vec::new();
+    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let e = e?;
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with('.') || !name.ends_with(".json") || !e.path().is_file() {
+            continue;
+        }
+        let text = std::fs::read_to_string(e.path())
+            .with_context(|| format!("reading {}", e.path().display()))?;
+        files.push((name, text));
+    }
+    let sk = std::fs::read_to_string(key)
+        .with_context(|| format!("reading the secret key {}", key.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let password = std::env::var("GUARD_KEY_PASSWORD").ok();
+    let bundle = crate::policy::bundle::pack(&files, &sk, password, now)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", key.display()))?;
+    let tmp = out.with_extension("tmp");
+    std::fs::write(&tmp, &bundle)
+        .and_then(|()| std::fs::rename(&tmp, out))
+        .with_context(|| format!("writing {}", out.display()))?;
+    println!(
+        "{}: {} policy files signed, sha256 {}",
+        out.display(),
+        files.len(),
+        crate::policy::bundle::digest(&files)
+    );
+    Ok(0)
+}
+
+/// `guard policy keygen PREFIX`: PREFIX.key (0600; encrypted with GUARD_KEY_PASSWORD if set)
+/// and PREFIX.pub.
+pub(super) fn policy_keygen(prefix: &std::path::Path) -> Result<i32> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let (sk, pk) =
+        crate::policy::bundle::keygen(&std::env::var("GUARD_KEY_PASSWORD").unwrap_or_default())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let key = prefix.with_extension("key");
+    let public = prefix.with_extension("pub");
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .and_then(|mut f| f.write_all(sk.as_bytes()))
+        .with_context(|| {
+            format!(
+                "writing {} (an existing key is never overwritten)",
+                key.display()
+            )
+        })?;
+    std::fs::write(&public, &pk).with_context(|| format!("writing {}", public.display()))?;
+    let line = pk.lines().last().unwrap_or_default();
+    println!("{}: secret key (keep it off agent hosts)\n{}: public key\n\n[policy]\nverify_key = \"{line}\"", key.display(), public.display());
+    Ok(0)
+}
+
 pub(super) fn policy_check(config: &Config, path: Option<PathBuf>) -> Result<i32> {
     let path = path.unwrap_or_else(|| policies_dir(config));
     let result = if path.is_dir() {

@@ -58,6 +58,7 @@ impl Daemon {
             "daemon_cgroup": format!("/{}", self.daemon_cgroup),
             "pin_dir": self.config.paths.bpffs.display().to_string(),
             "policies": self.config.paths.policies.display().to_string(),
+            "policy": self.policy_status(),
             "programs": programs,
             "programs_attached": attached,
             "proxy": self.listen.iter().map(|a| a.to_string()).collect::<Vec<_>>(),

@@ -319,8 +319,20 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
     let counted = metrics.clone();
     let audit =
         Arc::new(Audit::open_with(&config.audit_settings())?.observe(move |r| counted.observe(r)));
-    // Invalid policies stop the start, before anything is attached.
-    let policies = load_policies(&config.paths.policies)?;
+    // Invalid policies stop the start, before anything is attached. With policy.source the
+    // last good bundle kept is in force until the source answers (none: no server is known).
+    let source = super::policies::Source::new(&config)?;
+    let (policies, signed_at, policy_source) = match &source {
+        None => (
+            load_policies(&config.paths.policies)?,
+            None,
+            config.paths.policies.display().to_string(),
+        ),
+        Some(src) => match src.load_kept() {
+            Some((set, at)) => (set, Some(at), src.url.clone()),
+            None => (crate::policy::PolicySet::empty(), None, src.url.clone()),
+        },
+    };
     let listeners = proxy::bind(config.proxy.listen_port)?;
     let listen: Vec<SocketAddr> = listeners
         .iter()
@@ -396,6 +408,14 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
         named,
         metrics,
         policies_fingerprint: Mutex::new(policy_fingerprint(&config.paths.policies)),
+        policy_state: Mutex::new(super::policies::PolicyState {
+            source: policy_source,
+            applied_at: std::time::SystemTime::now(),
+            signed_at,
+            etag: None,
+            last_error: None,
+        }),
+        source: source.map(Arc::new),
         config,
         config_source,
         cgroup_mount: at.cgroup_mount,

@@ -276,6 +276,21 @@ impl Daemon {
                 ),
             ],
         );
+        {
+            let st = self.policy_state.lock().unwrap();
+            let age = st.applied_at.elapsed().map_or(0, |d| d.as_secs());
+            out.push_str("# HELP guard_policy_info The policy set in force: its hash (the manifest's SHA-256) and source.\n# TYPE guard_policy_info gauge\n");
+            let _ = writeln!(
+                out,
+                "guard_policy_info{{sha256=\"{}\",source=\"{}\"}} 1",
+                self.engine.policies().sha256(),
+                st.source
+                    .replace('\\', "\\\\")
+                    .replace('"', "\\\"")
+                    .replace('\n', "\\n")
+            );
+            let _ = writeln!(out, "# HELP guard_policy_age_seconds Seconds since the policy set in force was applied.\n# TYPE guard_policy_age_seconds gauge\nguard_policy_age_seconds {age}");
+        }
         out.push_str("# HELP guard_containment 1 for the containment state in force (on; partial: guard exec confines its agents itself; off: see guard status for why).\n");
         out.push_str("# TYPE guard_containment gauge\n");
         for state in ["on", "partial", "off"] {

@@ -6,6 +6,7 @@
 mod admin;
 mod agents;
 mod bootstrap;
+mod bundle;
 mod contain;
 pub mod control;
 mod enrol;
@@ -47,6 +48,9 @@ pub struct Daemon {
     metrics: Arc<metrics::Metrics>,
     saved_generation: AtomicU64,
     policies_fingerprint: Mutex<Vec<(String, u64, i64)>>,
+    policy_state: Mutex<policies::PolicyState>,
+    /// `policy.source`: signed bundles instead of `paths.policies`.
+    source: Option<Arc<policies::Source>>,
     config: Config,
     config_source: String,
     cgroup_mount: PathBuf,
@@ -136,6 +140,9 @@ impl Daemon {
         // Control last: a daemon that answers `status` serves everything else already.
         tokio::spawn(control::serve(listeners.control, self.clone()));
         tokio::spawn(self.clone().reap());
+        if self.source.is_some() {
+            tokio::spawn(self.clone().poll_source());
+        }
         if let Some(ring) = self.contained.lock().unwrap().take() {
             tokio::spawn(self.clone().report_contained(ring));
         }
@@ -165,7 +172,7 @@ impl Daemon {
                         self.save_rate_limits();
                     }
                 }
-                _ = watch.tick() => {
+                _ = watch.tick(), if self.source.is_none() => {
                     let fp = policy_fingerprint(&self.config.paths.policies);
                     let changed = *self.policies_fingerprint.lock().unwrap() != fp;
                     if changed {

@@ -181,6 +181,7 @@ impl Engine {
         t: &Target,
     ) -> Record {
         let mut r = self.audit.record(event, decision);
+        r.policy = Some(self.policies.read().unwrap().sha256().to_string());
         r.agent = Some(AgentRef::from(caller));
         r.server = Some(ServerRef {
             name: t.server.clone(),

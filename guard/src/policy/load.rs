@@ -66,7 +66,10 @@ impl PolicySet {
     /// Builds a set from (file name, text) pairs, in that order. The file name is used in errors
     /// and, through its stem, as the default server name.
     pub fn from_files(files: &[(String, String)]) -> Result<PolicySet, Vec<PolicyError>> {
-        let mut set = PolicySet::default();
+        let mut set = PolicySet {
+            sha256: super::bundle::digest(files),
+            ..PolicySet::default()
+        };
         let mut errors = Vec::new();
         // Where each matcher was first seen: (server index, entry).
         let mut seen_matchers: Vec<(usize, Matcher)> = Vec::new();

@@ -72,6 +72,7 @@
 //! Evaluation order: hide -> deny -> conditions -> rate limit -> approval -> allow. Only a call
 //! that passes the rate-limit step is counted (also when it then waits for approval).
 
+pub mod bundle;
 mod compile;
 mod cond;
 mod limiter;
@@ -559,16 +560,26 @@ pub enum Among<'a> {
 pub struct PolicySet {
     servers: Vec<ServerPolicy>,
     by_name: HashMap<String, usize>,
+    /// [`bundle::digest`] of the files it was loaded from: what hosts compare.
+    sha256: String,
 }
 
 impl PolicySet {
     /// A set with no policy (every MCP server is unknown).
     pub fn empty() -> PolicySet {
-        PolicySet::default()
+        PolicySet {
+            sha256: bundle::digest(&[]),
+            ..PolicySet::default()
+        }
     }
 
     pub fn servers(&self) -> &[ServerPolicy] {
         &self.servers
+    }
+
+    /// The hash of the files this set was loaded from (the manifest's SHA-256).
+    pub fn sha256(&self) -> &str {
+        &self.sha256
     }
 
     pub fn is_empty(&self) -> bool {
