@@ -29,6 +29,7 @@ pub struct Config {
     pub guard: GuardSection,
     pub audit: AuditSection,
     pub metrics: MetricsSection,
+    pub approvals: ApprovalsSection,
     /// Programs that are agents: whatever executes one is guarded from its first instruction,
     /// without `guard exec` (README "Enrolment").
     pub agents: Vec<AgentEntry>,
@@ -407,6 +408,32 @@ impl Default for Tls {
 pub enum Intercept {
     Mcp,
     All,
+}
+
+/// `[approvals]`: who hears that a call waits.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApprovalsSection {
+    pub notify: Vec<NotifyEntry>,
+}
+
+/// One `[[approvals.notify]]`: a webhook (a JSON POST Slack's and Teams' incoming webhooks
+/// accept) and/or a command, told of every held call.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyEntry {
+    pub webhook: Option<String>,
+    /// argv; an argument that is exactly `{id}`, `{agent}`, `{server}`, `{tool}` or `{text}`
+    /// is replaced (never inside a longer argument: no shell injection), and the environment
+    /// has GUARD_APPROVAL_ID, GUARD_AGENT, GUARD_SERVER, GUARD_TOOL, GUARD_TEXT.
+    pub exec: Option<Vec<String>>,
+    /// Tries per notification (with backoff) before the failure is audited.
+    #[serde(default = "default_attempts")]
+    pub attempts: u32,
+}
+
+fn default_attempts() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -838,6 +865,33 @@ impl Config {
                 ));
             }
         }
+        for n in &config.approvals.notify {
+            let offset = text.find("notify").unwrap_or(0);
+            if n.webhook.is_none() && n.exec.is_none() {
+                return Err(at(
+                    offset,
+                    "approvals.notify: an entry needs `webhook = URL` or `exec = [argv]`".into(),
+                ));
+            }
+            if let Some(w) = &n.webhook {
+                if !(w.starts_with("https://") || w.starts_with("http://"))
+                    || w.parse::<http::Uri>().is_err()
+                {
+                    return Err(at(
+                        offset,
+                        format!("approvals.notify.webhook: {w:?} is not an http(s):// URL"),
+                    ));
+                }
+            }
+            if let Some(argv) = &n.exec {
+                if !argv.first().is_some_and(|a| a.starts_with('/')) {
+                    return Err(at(offset, "approvals.notify.exec: the first element must be an absolute path (the daemon runs it as root, not through a shell or PATH)".into()));
+                }
+            }
+            if n.attempts == 0 || n.attempts > 10 {
+                return Err(at(offset, "approvals.notify.attempts: 1 to 10".into()));
+            }
+        }
         if config.policy.poll_s == 0 {
             let offset = text.find("poll_s").unwrap_or(0);
             return Err(at(
@@ -980,6 +1034,26 @@ approvers_group = "sec"
 
     fn err(text: &str) -> String {
         Config::parse("guard.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn notify_entries_are_checked() {
+        let e = err("[[approvals.notify]]\nattempts = 2\n");
+        assert!(
+            e.contains("needs `webhook = URL` or `exec = [argv]`"),
+            "{e}"
+        );
+        let e = err("[[approvals.notify]]\nwebhook = \"hooks.slack.com/x\"\n");
+        assert!(e.contains("not an http(s):// URL"), "{e}");
+        let e = err("[[approvals.notify]]\nexec = [\"notify-send\", \"{text}\"]\n");
+        assert!(e.contains("absolute path"), "{e}");
+        let c = Config::parse(
+            "guard.toml",
+            "[[approvals.notify]]\nwebhook = \"https://hooks.example/x\"\n[[approvals.notify]]\nexec = [\"/usr/bin/notify-send\", \"guard\", \"{text}\"]\n",
+        )
+        .unwrap();
+        assert_eq!(c.approvals.notify.len(), 2);
+        assert_eq!(c.approvals.notify[0].attempts, 3);
     }
 
     #[test]

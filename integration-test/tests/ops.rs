@@ -14,8 +14,17 @@ use serde_json::{json, Value};
 const OUTSIDER: u32 = 65533;
 
 fn setup() -> (Env, Server) {
+    setup_with("")
+}
+
+/// [`setup`] with more configuration tables.
+fn setup_with(tables: &str) -> (Env, Server) {
     // The approvers group is `nogroup` (gid 65534), so uid 65534 (nobody) is an approver.
-    let mut env = Env::configured("", "", "[guard]\napprovers_group = \"nogroup\"\n");
+    let mut env = Env::configured(
+        "",
+        "",
+        &format!("[guard]\napprovers_group = \"nogroup\"\n\n{tables}"),
+    );
     let server = python_server(
         &env.dir.join("calls.jsonl"),
         &["--host", "127.0.0.3", "--port", "0", "--json-response"],
@@ -195,6 +204,221 @@ fn as_uid(env: &Env, uid: u32, args: &[&str]) -> std::process::Output {
     cmd.args(args).current_dir("/");
     as_user(&mut cmd, uid, uid);
     run(&mut cmd, Duration::from_secs(20))
+}
+
+/// A webhook receiver: logs each POST body as a line of `log`, answers 200.
+const HOOK: &str = r#"
+import http.server, sys
+log = sys.argv[1]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+        with open(log, 'ab') as f:
+            f.write(body + b'\n')
+        self.send_response(200); self.send_header('Content-Length', '2'); self.end_headers()
+        self.wfile.write(b'ok')
+    def log_message(self, *a): pass
+s = http.server.HTTPServer(('127.0.0.1', 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+"#;
+
+struct Hook(std::process::Child);
+
+impl Drop for Hook {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn approvers_are_told_of_held_calls_by_webhook_and_command() {
+    use std::io::BufRead as _;
+    let dir = std::env::temp_dir().join(format!("guard-hook-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("hook.py"), HOOK).unwrap();
+    let mut child = spawn(
+        Command::new("python3")
+            .arg(dir.join("hook.py"))
+            .arg(dir.join("hook.log"))
+            .stdout(std::process::Stdio::piped()),
+    )
+    .unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let hook = Hook(child);
+    let port: u16 = line.trim().parse().unwrap();
+    let closed = free_port();
+    let (env, server) = setup_with(&format!(
+        r#"[[approvals.notify]]
+webhook = "http://127.0.0.1:{port}/hook"
+exec = ["/bin/sh", "-c", 'printf "%s %s\n" "$GUARD_APPROVAL_ID" "$GUARD_TOOL" >> {out}', "{{tool}}"]
+
+[[approvals.notify]]
+webhook = "http://127.0.0.1:{closed}/nobody"
+attempts = 2
+"#,
+        out = dir.join("exec.log").display()
+    ));
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/<!channel>"}"#)]);
+    let h = wait_held(&env, 1);
+    let id = h[0]["id"].as_str().unwrap().to_string();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        let got = std::fs::read_to_string(dir.join("hook.log")).unwrap_or_default();
+        if let Some(l) = got.lines().next() {
+            break serde_json::from_str::<Value>(l).unwrap();
+        }
+        assert!(Instant::now() < deadline, "the webhook heard nothing");
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(body["guard"]["approval_id"], id.as_str());
+    assert_eq!(body["guard"]["tool"], "delete_file");
+    assert_eq!(body["guard"]["agent"], "held-bot");
+    let text = body["text"].as_str().unwrap();
+    assert!(
+        text.contains(&format!("guard approvals approve {id}")),
+        "{text}"
+    );
+    assert!(
+        text.contains("&lt;!channel&gt;") && !text.contains("<!channel>"),
+        "{text}"
+    );
+    let exec_log = loop {
+        let got = std::fs::read_to_string(dir.join("exec.log")).unwrap_or_default();
+        if !got.is_empty() {
+            break got;
+        }
+        assert!(Instant::now() < deadline, "the command did not run");
+        thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(exec_log, format!("{id} delete_file\n"));
+    // Being told did not decide anything: the call waits until an approver answers.
+    assert_eq!(held(&env).len(), 1);
+    assert!(server.tools_called().is_empty());
+    run_ok(env.guard().args(["approvals", "approve", &id]));
+    assert_eq!(c.join().unwrap().text(0), "deleted /tmp/<!channel>");
+    // The unreachable webhook: tried twice, the failure audited.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let notes: Vec<Value> = env
+            .audit()
+            .into_iter()
+            .filter(|r| r["event"] == "approval_notify")
+            .collect();
+        let failed = notes.iter().find(|r| r["decision"] == "error");
+        if let Some(f) = failed {
+            assert_eq!(f["detail"]["approval_id"], id.as_str());
+            assert!(
+                f["reason"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("after 2 attempts"),
+                "{f}"
+            );
+            let ok = notes.iter().filter(|r| r["decision"] == "applied").count();
+            assert_eq!(ok, 2, "the webhook and the command delivered: {notes:#?}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no failed notification audited: {notes:#?}"
+        );
+        thread::sleep(Duration::from_millis(100));
+    }
+    drop(hook);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A tmux server of the test's own (its own socket), killed at the end.
+struct Tmux(String);
+
+impl Tmux {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new("tmux");
+        c.args(["-L", &self.0]);
+        c
+    }
+
+    fn screen(&self) -> String {
+        let out = self
+            .cmd()
+            .args(["capture-pane", "-p", "-t", "watch"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &[&str]) {
+        run_ok(self.cmd().args(["send-keys", "-t", "watch"]).args(keys));
+    }
+
+    fn wait_for(&self, what: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let s = self.screen();
+            if s.contains(what) {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "`{what}` not on the screen:\n{s}"
+            );
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd().arg("kill-server").status();
+    }
+}
+
+#[test]
+fn approvals_watch_approves_and_denies_held_calls_in_a_terminal() {
+    let (env, server) = setup();
+    let tmux = Tmux(format!("guard-test-{}", std::process::id()));
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/tmp/watched"}"#)]);
+    wait_held(&env, 1);
+    run_ok(
+        tmux.cmd()
+            .args(["new-session", "-d", "-s", "watch", "-x", "160", "-y", "40"])
+            .arg(format!(
+                "{} --config {} approvals watch",
+                env.bin.display(),
+                env.config_path.display()
+            )),
+    );
+    let screen = tmux.wait_for("delete_file");
+    assert!(
+        screen.contains("held-bot") && screen.contains("/tmp/watched"),
+        "{screen}"
+    );
+    tmux.keys(&["a"]);
+    assert_eq!(c.join().unwrap().text(0), "deleted /tmp/watched");
+    tmux.wait_for("approved");
+
+    // `d` with a reason typed at the prompt.
+    let c = client_bg(&env, &[("delete_file", r#"{"path":"/etc"}"#)]);
+    tmux.wait_for("/etc");
+    tmux.keys(&["d"]);
+    tmux.wait_for("reason");
+    tmux.keys(&["-l", "not etc"]);
+    tmux.keys(&["Enter"]);
+    let run2 = c.join().unwrap();
+    assert_eq!(run2.error(0)["code"], -32003);
+    assert_eq!(run2.error(0)["data"]["guard"]["reason"], "not etc");
+    tmux.wait_for("no calls are waiting");
+    tmux.keys(&["q"]);
+    assert_eq!(
+        server.tools_called(),
+        vec!["delete_file"],
+        "only the approved call ran"
+    );
 }
 
 #[test]

@@ -141,12 +141,14 @@ fn host_components() -> Result<()> {
     Ok(())
 }
 
-/// Step 4 of setup: the peers the integration tests drive (curl, unshare, python3).
+/// Step 4 of setup: the peers the integration tests drive (curl, unshare, python3, tmux).
 fn system_packages() -> Result<()> {
     let missing: Vec<&str> = [
         ("curl", "curl"),
         ("unshare", "util-linux"),
         ("python3", "python3"),
+        // `guard approvals watch` is driven in a terminal by the tests.
+        ("tmux", "tmux"),
     ]
     .iter()
     .filter(|(bin, _)| which(bin).is_none() && !Path::new("/usr/bin").join(bin).exists())

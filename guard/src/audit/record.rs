@@ -25,6 +25,8 @@ pub enum Event {
     ToolChanged,
     /// A held call: pending, approved, denied, timed out.
     Approval,
+    /// An approver told of a held call (`[[approvals.notify]]`): applied, or error.
+    ApprovalNotify,
     /// The server could not be reached or answered badly.
     UpstreamError,
     /// A request over a size limit.
@@ -54,6 +56,7 @@ impl Event {
             Event::McpRequest => "mcp_request",
             Event::ToolChanged => "tool_changed",
             Event::Approval => "approval",
+            Event::ApprovalNotify => "approval_notify",
             Event::UpstreamError => "upstream_error",
             Event::Limit => "limit",
             Event::PolicyReload => "policy_reload",

@@ -1,4 +1,4 @@
-//! `guard approvals list | approve | deny`.
+//! `guard approvals list | approve | deny | watch`.
 
 use anyhow::Result;
 use serde_json::Value;
@@ -68,6 +68,7 @@ pub(super) fn approvals(config: &Config, cmd: ApprovalsCmd) -> Result<()> {
                     .unwrap_or_default()
             );
         }
+        ApprovalsCmd::Watch => super::watch::watch(socket)?,
         ApprovalsCmd::Deny { id, reason } => {
             let v = control::call(
                 socket,

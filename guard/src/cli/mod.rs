@@ -11,6 +11,7 @@ mod exec;
 mod mcp_config;
 mod policy;
 mod status;
+mod watch;
 
 use crate::{
     config::Config,
@@ -135,6 +136,9 @@ pub enum ApprovalsCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+    /// The held calls in an interactive terminal view: arrow keys choose, `a` approves, `d`
+    /// denies with a reason, `f` approves for a duration, `q` quits.
+    Watch,
 }
 
 #[derive(Subcommand, Debug)]

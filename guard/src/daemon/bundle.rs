@@ -4,7 +4,6 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use http_body_util::{BodyExt as _, Empty, Limited};
 use hyper::body::Bytes;
 
 use crate::policy::bundle::{self, MAX_BUNDLE};
@@ -27,9 +26,7 @@ pub(super) async fn fetch(
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Fetched, String> {
     if source.starts_with("https://") || source.starts_with("http://") {
-        return tokio::time::timeout(FETCH_TIMEOUT, get(source, etag, tls))
-            .await
-            .unwrap_or_else(|_| Err(format!("no answer within {}s", FETCH_TIMEOUT.as_secs())));
+        return get(source, etag, tls).await;
     }
     let path = Path::new(source).to_path_buf();
     tokio::task::spawn_blocking(move || read_local(&path))
@@ -79,70 +76,32 @@ async fn get(
     etag: Option<&str>,
     tls: Arc<rustls::ClientConfig>,
 ) -> Result<Fetched, String> {
-    let uri: http::Uri = url.parse().map_err(|e| format!("policy.source: {e}"))?;
-    let https = uri.scheme_str() == Some("https");
-    let host = uri.host().ok_or("policy.source: no host")?.to_string();
-    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
-    let bare = host
-        .trim_start_matches('[')
-        .trim_end_matches(']')
-        .to_string();
-    let tcp = tokio::net::TcpStream::connect((bare.as_str(), port))
-        .await
-        .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-    let mut req = http::Request::get(uri.path_and_query().map_or("/", |p| p.as_str()))
-        .header(http::header::HOST, uri.authority().unwrap().as_str())
-        .header(
-            http::header::USER_AGENT,
-            concat!("guard/", env!("CARGO_PKG_VERSION")),
-        );
-    if let Some(tag) = etag {
-        req = req.header(http::header::IF_NONE_MATCH, tag);
-    }
-    let req = req.body(Empty::<Bytes>::new()).map_err(|e| e.to_string())?;
-    let resp = if https {
-        let name = rustls::pki_types::ServerName::try_from(bare.clone())
-            .map_err(|e| format!("policy.source host `{host}`: {e}"))?;
-        let tls = tokio_rustls::TlsConnector::from(tls)
-            .connect(name, tcp)
-            .await
-            .map_err(|e| format!("TLS with {host}:{port}: {e}"))?;
-        send(hyper_util::rt::TokioIo::new(tls), req).await?
-    } else {
-        send(hyper_util::rt::TokioIo::new(tcp), req).await?
-    };
-    let status = resp.status();
-    if status == http::StatusCode::NOT_MODIFIED {
+    let headers: Vec<(http::HeaderName, String)> = etag
+        .map(|t| (http::header::IF_NONE_MATCH, t.to_string()))
+        .into_iter()
+        .collect();
+    let a = super::outbound::request(
+        http::Method::GET,
+        url,
+        &headers,
+        Bytes::new(),
+        tls,
+        FETCH_TIMEOUT,
+        MAX_BUNDLE,
+    )
+    .await?;
+    if a.status == http::StatusCode::NOT_MODIFIED {
         return Ok(Fetched::Unchanged);
     }
-    if status != http::StatusCode::OK {
-        return Err(format!("{url} answered HTTP {status}"));
+    if a.status != http::StatusCode::OK {
+        return Err(format!("{url} answered HTTP {}", a.status));
     }
-    let tag = resp
-        .headers()
+    let tag = a
+        .headers
         .get(http::header::ETAG)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let body = Limited::new(resp.into_body(), MAX_BUNDLE)
-        .collect()
-        .await
-        .map_err(|e| format!("reading {url}: {e}"))?
-        .to_bytes();
-    Ok(Fetched::Entries(bundle::unpack(&body)?, tag))
-}
-
-async fn send<T>(
-    io: T,
-    req: http::Request<Empty<Bytes>>,
-) -> Result<http::Response<hyper::body::Incoming>, String>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut tx, conn) = hyper::client::conn::http1::handshake(io)
-        .await
-        .map_err(|e| format!("HTTP: {e}"))?;
-    tokio::spawn(conn);
-    tx.send_request(req).await.map_err(|e| format!("HTTP: {e}"))
+    Ok(Fetched::Entries(bundle::unpack(&a.body)?, tag))
 }
 
 /// Writes a verified bundle's entries as a directory (`dir`, replaced atomically): the last

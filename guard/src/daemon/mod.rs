@@ -11,6 +11,8 @@ mod contain;
 pub mod control;
 mod enrol;
 mod metrics;
+mod notify;
+mod outbound;
 mod policies;
 pub mod stdio;
 
@@ -140,6 +142,17 @@ impl Daemon {
         // Control last: a daemon that answers `status` serves everything else already.
         tokio::spawn(control::serve(listeners.control, self.clone()));
         tokio::spawn(self.clone().reap());
+        match crate::proxy::tls::upstream_config(&self.config.tls.extra_roots) {
+            Ok(tls) => notify::start(
+                self.config.approvals.notify.clone(),
+                &self.engine,
+                self.audit.clone(),
+                Arc::new(tls),
+            ),
+            Err(e) => tracing::error!(
+                "approvals.notify: no TLS settings, nobody is told of held calls: {e:#}"
+            ),
+        }
         if self.source.is_some() {
             tokio::spawn(self.clone().poll_source());
         }

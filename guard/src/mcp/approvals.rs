@@ -80,8 +80,12 @@ pub const MAX_HELD_BYTES: usize = 64 << 20;
 /// ... and of one agent.
 pub const MAX_HELD_BYTES_PER_AGENT: usize = 8 << 20;
 
+/// Told of every call held (approval notifications); must not block.
+pub type OnHold = Box<dyn Fn(&Held) + Send + Sync>;
+
 #[derive(Default)]
 pub struct Approvals {
+    on_hold: std::sync::OnceLock<OnHold>,
     next: AtomicU64,
     pending: Mutex<HashMap<String, Pending>>,
     standing: Mutex<Vec<Standing>>,
@@ -146,8 +150,18 @@ impl Approvals {
             .unwrap_or(0);
         held.created = Some(Instant::now());
         let (tx, rx) = oneshot::channel();
+        let told = self.on_hold.get().map(|_| held.clone());
         pending.insert(id.clone(), Pending { held, tx, size });
+        drop(pending);
+        if let (Some(f), Some(h)) = (self.on_hold.get(), told) {
+            f(&h);
+        }
         Ok((id, rx))
+    }
+
+    /// Sets what is told of every held call (once; the daemon's notifications).
+    pub fn on_hold(&self, f: OnHold) {
+        let _ = self.on_hold.set(f);
     }
 
     /// The uid of the agent whose call is held under `id`.
