@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 /// If-None-Match is that ETag, and logs `path if-none-match status` per request.
 const SERVER: &str = r#"
 import hashlib, http.server, os, ssl, sys
-root, cert, key, log = sys.argv[1:5]
+root, cert, key, log, port = sys.argv[1:6]
 class H(http.server.BaseHTTPRequestHandler):
     def do_GET(self):
         p = os.path.join(root, self.path.lstrip('/'))
@@ -37,7 +37,7 @@ class H(http.server.BaseHTTPRequestHandler):
         with open(log, 'a') as f:
             f.write('%s %s %d\n' % (self.path, self.headers.get('If-None-Match') or '-', status))
     def log_message(self, *a): pass
-s = http.server.HTTPServer(('127.0.0.1', 0), H)
+s = http.server.HTTPServer(('127.0.0.1', int(port)), H)
 ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER); ctx.load_cert_chain(cert, key)
 s.socket = ctx.wrap_socket(s.socket, server_side=True)
 print(s.server_address[1], flush=True)
@@ -56,7 +56,8 @@ impl Drop for Https {
     }
 }
 
-fn https(dir: &Path, cert: &(PathBuf, PathBuf)) -> Https {
+/// The server on `port` (0: any).
+fn https(dir: &Path, cert: &(PathBuf, PathBuf), port: u16) -> Https {
     let script = dir.join("bundle_server.py");
     fs::write(&script, SERVER).unwrap();
     let mut child = spawn(
@@ -66,6 +67,7 @@ fn https(dir: &Path, cert: &(PathBuf, PathBuf)) -> Https {
             .arg(&cert.0)
             .arg(&cert.1)
             .arg(dir.join("www.log"))
+            .arg(port.to_string())
             .stdout(Stdio::piped()),
     )
     .unwrap();
@@ -160,7 +162,7 @@ fn signed_bundles_are_applied_and_bad_ones_keep_the_set_in_force() {
     );
     let sha_a = out.trim().rsplit(' ').next().unwrap().to_string();
     let bundle_a = fs::read(env.dir.join("www/bundle.tar.gz")).unwrap();
-    let srv = https(&env.dir, &cert);
+    let srv = https(&env.dir, &cert, 0);
     env.append_config(&format!(
         "[policy]\nsource = \"https://127.0.0.1:{}/bundle.tar.gz\"\nverify_key = \"{}\"\npoll_s = 1\n\n[tls]\nextra_roots = [\"{}\"]\n",
         srv.port,
@@ -292,6 +294,7 @@ fn signed_bundles_are_applied_and_bad_ones_keep_the_set_in_force() {
     });
     assert_eq!(sha(&env), sha_b);
 
+    let port = srv.port;
     // The source goes away: refused (audited once), B stays; a restart starts from B, kept.
     drop(srv);
     eventually("the unreachable source audited", || {
@@ -320,4 +323,23 @@ fn signed_bundles_are_applied_and_bad_ones_keep_the_set_in_force() {
         sha_b,
         "the kept bundle is in force after a restart"
     );
+
+    // The kept bundle lost (the state directory keeps only the newest signing time): the old
+    // bundle A served again is still refused.
+    env.stop_daemon();
+    fs::remove_dir_all(env.dir.join("state/policy-bundle")).unwrap();
+    fs::write(env.dir.join("www/bundle.tar.gz"), &bundle_a).unwrap();
+    let _srv = https(&env.dir, &cert, port);
+    env.start_daemon();
+    assert_eq!(
+        env.status()["policy"]["servers"],
+        0,
+        "nothing kept: no server known"
+    );
+    eventually("the old bundle refused after the kept one was lost", || {
+        env.status()["policy"]["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("an old bundle is not applied again"))
+    });
+    assert_ne!(sha(&env), sha_a);
 }

@@ -44,6 +44,8 @@ pub struct App {
     selected: usize,
     prompt: Prompt,
     input: String,
+    /// The chosen call went away: nothing is chosen until a move.
+    lost: bool,
     pub message: String,
 }
 
@@ -56,10 +58,16 @@ fn text(v: &Value, k: &str) -> String {
 }
 
 /// Agent-chosen text without control characters: an escape sequence in a tool name or an
-/// argument must not reach the approver's terminal.
+/// argument must not reach the approver's terminal, nor a bidi override reorder what it shows.
 fn clean(s: &str) -> String {
     s.chars()
-        .map(|c| if c.is_control() { '·' } else { c })
+        .map(|c| {
+            if c.is_control() || crate::daemon::misleading(c) {
+                '·'
+            } else {
+                c
+            }
+        })
         .collect()
 }
 
@@ -70,23 +78,39 @@ impl App {
             selected: 0,
             prompt: Prompt::None,
             input: String::new(),
+            lost: false,
             message: String::new(),
         }
     }
 
     /// New list from the daemon; the selection follows the call it was on.
+    /// When the chosen call is gone (answered, timed out) and others wait, nothing is chosen
+    /// until the approver moves: a key pressed just then never answers a call they were not
+    /// looking at.
     pub fn set_held(&mut self, held: Vec<Value>) {
         let current = self.selected_id();
         self.held = held;
         if let Some(id) = current {
-            if let Some(i) = self.held.iter().position(|h| text(h, "id") == id) {
-                self.selected = i;
+            match self.held.iter().position(|h| text(h, "id") == id) {
+                Some(i) => self.selected = i,
+                None if !self.held.is_empty() => {
+                    self.lost = true;
+                    self.message = format!("call {id} is no longer waiting; choose again");
+                }
+                None => {}
             }
+        }
+        if self.held.is_empty() {
+            // The screen says nothing waits: whatever comes next is seen arriving.
+            self.lost = false;
         }
         self.selected = self.selected.min(self.held.len().saturating_sub(1));
     }
 
     fn selected_id(&self) -> Option<String> {
+        if self.lost {
+            return None;
+        }
         self.held.get(self.selected).map(|h| text(h, "id"))
     }
 
@@ -142,6 +166,8 @@ impl App {
         }
         match code {
             KeyCode::Char('q') | KeyCode::Esc => return Some(Action::Quit),
+            KeyCode::Up | KeyCode::Char('k') if self.lost => self.lost = false,
+            KeyCode::Down | KeyCode::Char('j') if self.lost => self.lost = false,
             KeyCode::Up | KeyCode::Char('k') => self.selected = self.selected.saturating_sub(1),
             KeyCode::Down | KeyCode::Char('j') => {
                 self.selected = (self.selected + 1).min(self.held.len().saturating_sub(1))
@@ -214,7 +240,7 @@ impl App {
             .highlight_symbol("> ")
             .block(Block::new().borders(Borders::TOP | Borders::BOTTOM));
         let mut state = TableState::default();
-        if !self.held.is_empty() {
+        if !self.held.is_empty() && !self.lost {
             state.select(Some(self.selected));
         }
         f.render_stateful_widget(t, table, &mut state);
@@ -380,8 +406,14 @@ mod tests {
         a.key(KeyCode::Down, false);
         a.set_held(vec![json!({"id": "2", "tool": "t2"})]);
         assert_eq!(a.selected_id().as_deref(), Some("2"));
+        // The chosen call goes; another arrives: `a` answers nothing until the approver moves.
+        a.set_held(vec![json!({"id": "3", "tool": "t3"})]);
+        assert_eq!(a.key(KeyCode::Char('a'), false), None);
+        a.key(KeyCode::Down, false);
+        assert_eq!(a.selected_id().as_deref(), Some("3"));
         a.set_held(vec![]);
         assert_eq!(a.key(KeyCode::Char('a'), false), None);
         assert!(!clean("t2\u{1b}[2J").contains('\u{1b}'));
+        assert!(!clean("abc\u{202e}fed").contains('\u{202e}'));
     }
 }

@@ -114,6 +114,12 @@ pub fn run(config: Config, config_source: String) -> Result<()> {
     })
 }
 
+/// Characters that change how text around them is shown (bidi overrides and isolates,
+/// zero-width ones): agent text shown to approvers goes without them.
+pub fn misleading(c: char) -> bool {
+    matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}' | '\u{feff}')
+}
+
 /// How often the policy directory is checked for changes (SIGHUP reloads at once).
 const POLICY_POLL: Duration = Duration::from_secs(2);
 /// How often changed rate-limit counters are saved (also on a clean stop).

@@ -16,6 +16,8 @@ use crate::{
 
 /// Held calls waiting to be told, all entries together.
 const QUEUE: usize = 256;
+/// Deliveries one entry has in flight at once.
+const IN_FLIGHT: usize = 8;
 /// One try's time limit (webhook answer, command exit).
 const TRY_LIMIT: Duration = Duration::from_secs(5);
 /// Arguments shown in a notification, at most.
@@ -44,12 +46,26 @@ pub(super) fn start(
             let _ = on_full.write(&r);
         }
     }));
+    // Deliveries in flight per entry: when they are all busy the queue fills and further
+    // notifications are dropped (and audited), so a flood of held calls cannot start
+    // unbounded tasks, connections or processes.
+    let slots: Vec<Arc<tokio::sync::Semaphore>> = entries
+        .iter()
+        .map(|_| Arc::new(tokio::sync::Semaphore::new(IN_FLIGHT)))
+        .collect();
     let entries = Arc::new(entries);
     tokio::spawn(async move {
         while let Some(h) = rx.recv().await {
             let h = Arc::new(h);
             for (i, e) in entries.iter().enumerate() {
-                tokio::spawn(deliver(e.clone(), i, h.clone(), audit.clone(), tls.clone()));
+                let Ok(permit) = slots[i].clone().acquire_owned().await else {
+                    return;
+                };
+                let (e, h, audit, tls) = (e.clone(), h.clone(), audit.clone(), tls.clone());
+                tokio::spawn(async move {
+                    deliver(e, i, h, audit, tls).await;
+                    drop(permit);
+                });
             }
         }
     });
@@ -128,7 +144,11 @@ fn safe(s: &str, max: usize) -> String {
             '>' => out.push_str("&gt;"),
             '&' => out.push_str("&amp;"),
             '`' => out.push('\''),
-            c if c.is_control() => out.push(' '),
+            // No Markdown link or emphasis a chat client would render (Teams: [text](url)).
+            '[' => out.push('('),
+            ']' => out.push(')'),
+            '*' | '_' | '~' => out.push(' '),
+            c if c.is_control() || super::misleading(c) => out.push(' '),
             c => out.push(c),
         }
     }
@@ -200,20 +220,40 @@ async fn exec(argv: &[String], h: &Held, text: &str) -> Result<(), String> {
     let agent = h.agent.clone().unwrap_or_else(|| format!("uid {}", h.uid));
     // Whole arguments only: a placeholder inside a longer argument stays as written, so agent
     // text never becomes part of a shell script.
+    // Agent-chosen values: no control characters, and never read as an option.
+    let value = |v: &str| {
+        let v: String = v
+            .chars()
+            .map(|c| {
+                if c.is_control() || super::misleading(c) {
+                    ' '
+                } else {
+                    c
+                }
+            })
+            .collect();
+        if v.starts_with('-') {
+            format!(" {v}")
+        } else {
+            v
+        }
+    };
     let arg = |a: &str| match a {
         "{id}" => h.id.clone(),
-        "{agent}" => agent.clone(),
-        "{server}" => h.server.clone(),
-        "{tool}" => h.tool.clone(),
-        "{text}" => text.to_string(),
+        "{agent}" => value(&agent),
+        "{server}" => value(&h.server),
+        "{tool}" => value(&h.tool),
+        "{text}" => value(text),
         a => a.to_string(),
     };
     let mut cmd = tokio::process::Command::new(&argv[0]);
     cmd.args(argv[1..].iter().map(|a| arg(a)))
+        .env_clear()
+        .env("PATH", "/usr/local/bin:/usr/bin:/bin")
         .env("GUARD_APPROVAL_ID", &h.id)
-        .env("GUARD_AGENT", &agent)
-        .env("GUARD_SERVER", &h.server)
-        .env("GUARD_TOOL", &h.tool)
+        .env("GUARD_AGENT", value(&agent))
+        .env("GUARD_SERVER", value(&h.server))
+        .env("GUARD_TOOL", value(&h.tool))
         .env("GUARD_TEXT", text)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null())
@@ -261,5 +301,7 @@ mod tests {
         assert_eq!(b["guard"]["approval_id"], "7");
         assert!(b["text"].as_str().unwrap().contains("&lt;!channel&gt;"));
         assert_eq!(safe(&"x".repeat(400), 300).chars().count(), 301);
+        assert!(!safe("rm \u{202e}fdp.exe", 50).contains('\u{202e}'));
+        assert!(!safe("[approve](https://evil)", 50).contains('['));
     }
 }

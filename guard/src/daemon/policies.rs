@@ -38,6 +38,9 @@ pub(super) struct Source {
     pub key: minisign::PublicKey,
     pub tls: Arc<rustls::ClientConfig>,
     pub kept: PathBuf,
+    /// The signing time of the newest bundle ever applied, kept apart from the bundle: even
+    /// when the kept bundle is lost, an older one is not applied again.
+    pub newest: PathBuf,
     /// Wakes the poll loop at once (SIGHUP, `guard reload`).
     pub now: tokio::sync::Notify,
 }
@@ -62,6 +65,7 @@ impl Source {
             key,
             tls,
             kept: config.paths.state_dir.join("policy-bundle"),
+            newest: config.paths.state_dir.join("policy-bundle.signed-at"),
             now: tokio::sync::Notify::new(),
         }))
     }
@@ -87,6 +91,22 @@ impl Source {
                 );
                 None
             }
+        }
+    }
+
+    /// The newest signing time applied on this host (none: never).
+    pub fn newest_applied(&self) -> Option<u64> {
+        std::fs::read_to_string(&self.newest)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+    }
+
+    fn set_newest_applied(&self, at: u64) {
+        let tmp = self.newest.with_extension("tmp");
+        let r =
+            std::fs::write(&tmp, at.to_string()).and_then(|()| std::fs::rename(&tmp, &self.newest));
+        if let Err(e) = r {
+            tracing::error!("writing {}: {e}", self.newest.display());
         }
     }
 
@@ -224,7 +244,11 @@ impl Daemon {
     async fn fetch_bundle(&self, src: &Source, why: &str) {
         let etag = self.policy_state.lock().unwrap().etag.clone();
         let outcome = match super::bundle::fetch(&src.url, etag.as_deref(), src.tls.clone()).await {
-            Ok(super::bundle::Fetched::Unchanged) => Ok(None),
+            Ok(super::bundle::Fetched::Unchanged) if etag.is_some() => Ok(None),
+            Ok(super::bundle::Fetched::Unchanged) => Err(format!(
+                "fetching {}: 304 Not Modified to a request without If-None-Match",
+                src.url
+            )),
             Ok(super::bundle::Fetched::Entries(entries, tag)) => {
                 self.check_bundle(src, entries).map(|x| x.map(|x| (x, tag)))
             }
@@ -239,6 +263,7 @@ impl Daemon {
                     tracing::error!("keeping the policy bundle in {}: {e}", src.kept.display());
                 }
                 self.engine.set_policies(set);
+                src.set_newest_applied(signed_at);
                 {
                     let mut st = self.policy_state.lock().unwrap();
                     st.applied_at = SystemTime::now();
@@ -285,10 +310,11 @@ impl Daemon {
         if v.sha256 == self.engine.policies().sha256() {
             return Ok(None);
         }
-        if let Some(active) = self.policy_state.lock().unwrap().signed_at {
+        let in_force = self.policy_state.lock().unwrap().signed_at;
+        if let Some(active) = in_force.max(src.newest_applied()) {
             if v.signed_at < active {
                 return Err(format!(
-                    "the bundle was signed at {} (Unix time), before the one in force ({active}): an old bundle is not applied again",
+                    "the bundle was signed at {} (Unix time), before the newest applied here ({active}): an old bundle is not applied again",
                     v.signed_at
                 ));
             }

@@ -234,6 +234,9 @@ pub fn verify(
         let (hash, name) = line
             .split_once("  ")
             .ok_or_else(|| format!("MANIFEST line `{line}` is not `SHA256  NAME`"))?;
+        if named.iter().any(|(_, n)| *n == name) {
+            return Err(format!("MANIFEST names `{name}` twice"));
+        }
         named.push((hash, name));
     }
     if named.len() != files.len() {
