@@ -118,6 +118,13 @@ fn a_stdio_server_under_guard_wrap_is_decided_like_an_http_one() {
         .expect("the refusal is audited");
     assert_eq!(refused["decision"], "deny");
     assert_eq!(refused["transport"], "stdio");
+    // What the client's `initialize` asked for (the SDK's newest version: a date).
+    assert!(
+        refused["protocol_version"]
+            .as_str()
+            .is_some_and(|v| v.len() == 10 && v.starts_with("20")),
+        "{refused}"
+    );
     assert_eq!(refused["server"]["name"], "files");
     assert!(
         refused["server"]["command"]

@@ -30,6 +30,7 @@ pub struct Config {
     pub audit: AuditSection,
     pub metrics: MetricsSection,
     pub approvals: ApprovalsSection,
+    pub otel: OtelSection,
     /// Programs that are agents: whatever executes one is guarded from its first instruction,
     /// without `guard exec` (README "Enrolment").
     pub agents: Vec<AgentEntry>,
@@ -436,6 +437,58 @@ fn default_attempts() -> u32 {
     3
 }
 
+/// `[otel]`: OTLP export of audit records (logs) and decided requests (spans). Off (no
+/// endpoint) by default.
+#[derive(Debug, Clone, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OtelSection {
+    /// `http(s)://host:port` of the collector (gRPC: as is; HTTP: the base URL, each signal
+    /// under `/v1/traces` and `/v1/logs`); "" turns export off.
+    pub endpoint: String,
+    pub protocol: OtelProtocol,
+    /// Records waiting for export at most; more are dropped (`guard_otel_dropped_total`).
+    pub queue: usize,
+    /// One export request's time limit.
+    pub timeout_s: u64,
+    /// Sent with every export (e.g. the collector's `authorization`).
+    pub headers: std::collections::BTreeMap<String, String>,
+    /// Resource attributes beside service.name, service.version and host.name (e.g.
+    /// `"deployment.environment.name" = "prod"`).
+    pub resource: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for OtelSection {
+    fn default() -> Self {
+        OtelSection {
+            endpoint: String::new(),
+            protocol: OtelProtocol::Grpc,
+            queue: 4096,
+            timeout_s: 5,
+            headers: Default::default(),
+            resource: Default::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum OtelProtocol {
+    /// OTLP/gRPC (port 4317 by convention).
+    #[default]
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (port 4318 by convention).
+    Http,
+}
+
+impl OtelProtocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OtelProtocol::Grpc => "grpc",
+            OtelProtocol::Http => "http",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct GuardSection {
@@ -716,6 +769,62 @@ struct LocatedScope {
     guarded_uids: Option<Vec<Spanned<i64>>>,
 }
 
+fn check_otel(o: &OtelSection) -> Result<(), (&'static str, String)> {
+    if o.endpoint.is_empty() {
+        return Ok(());
+    }
+    let uri = o
+        .endpoint
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|u| matches!(u.scheme_str(), Some("http" | "https")) && u.host().is_some());
+    let Some(uri) = uri else {
+        return Err((
+            "endpoint",
+            format!(
+                "otel.endpoint: {:?} is not an http(s)://host:port URL",
+                o.endpoint
+            ),
+        ));
+    };
+    if uri.authority().is_some_and(|a| a.as_str().contains('@')) {
+        return Err((
+            "endpoint",
+            "otel.endpoint: no credentials in the URL (guard status shows it to every user); use otel.headers".into(),
+        ));
+    }
+    if o.protocol == OtelProtocol::Grpc && uri.path().len() > 1 {
+        return Err(("endpoint", format!("otel.endpoint: {:?}: a gRPC endpoint has no path (OTLP/HTTP does: protocol = \"http\")", o.endpoint)));
+    }
+    if o.queue == 0 || o.queue > 1_000_000 {
+        return Err(("queue", "otel.queue: 1 to 1000000 records".into()));
+    }
+    if o.timeout_s == 0 || o.timeout_s > 120 {
+        return Err(("timeout_s", "otel.timeout_s: 1 to 120 seconds".into()));
+    }
+    for (k, v) in &o.headers {
+        if http::HeaderName::from_bytes(k.as_bytes()).is_err() {
+            return Err((
+                "headers",
+                format!("otel.headers: {k:?} is not a header name"),
+            ));
+        }
+        if http::HeaderValue::from_str(v).is_err() {
+            return Err((
+                "headers",
+                format!("otel.headers.{k}: not a valid header value"),
+            ));
+        }
+    }
+    if o.resource.keys().any(|k| k.is_empty()) {
+        return Err((
+            "resource",
+            "otel.resource: an attribute needs a name".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// A `scope.unix_allow` entry as the kernel holds a bound name: a path's bytes, or for `@name`
 /// a NUL then the name's; None with why it cannot be one.
 pub fn unix_name(entry: &str) -> Result<Vec<u8>, String> {
@@ -892,6 +1001,11 @@ impl Config {
                 return Err(at(offset, "approvals.notify.attempts: 1 to 10".into()));
             }
         }
+        check_otel(&config.otel).map_err(|(key, m)| {
+            let section = text.find("[otel]").unwrap_or(0);
+            let offset = text[section..].find(key).map_or(section, |o| section + o);
+            at(offset, m)
+        })?;
         if config.policy.poll_s == 0 {
             let offset = text.find("poll_s").unwrap_or(0);
             return Err(at(
@@ -1034,6 +1148,28 @@ approvers_group = "sec"
 
     fn err(text: &str) -> String {
         Config::parse("guard.toml", text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn otel_is_checked() {
+        let e = err("[otel]\nendpoint = \"collector:4317\"\n");
+        assert!(e.contains("otel.endpoint") && e.contains(":2:"), "{e}");
+        let e = err("[otel]\nendpoint = \"http://c:4317/v1\"\n");
+        assert!(e.contains("gRPC endpoint has no path"), "{e}");
+        let e = err("[otel]\nendpoint = \"https://u:secret@c:4317\"\n");
+        assert!(e.contains("no credentials"), "{e}");
+        let e = err("[otel]\nendpoint = \"http://c:4317\"\nqueue = 0\n");
+        assert!(e.contains("otel.queue") && e.contains(":3:"), "{e}");
+        let e = err("[otel]\nendpoint = \"http://c:4318\"\nprotocol = \"thrift\"\n");
+        assert!(e.contains("`thrift`") && e.contains(":3:"), "{e}");
+        let c = Config::parse(
+            "t",
+            "[otel]\nendpoint = \"http://c:4318\"\nprotocol = \"http\"\nheaders = { authorization = \"Bearer x\" }\n",
+        )
+        .unwrap();
+        assert_eq!(c.otel.protocol, OtelProtocol::Http);
+        assert_eq!(c.otel.queue, 4096);
+        assert_eq!(Config::default().otel.endpoint, "");
     }
 
     #[test]

@@ -5,7 +5,7 @@
                          (URL `stdio`: [--stdio-command JSON_ARRAY | --stdio-config FILE
                           --stdio-server NAME] [--stdio-env K=V]...)
                          [--ca FILE] [--timeout SECONDS] [--header 'Name: value']... [--print-init]
-                         [--sampling TEXT]
+                         [--sampling TEXT] [--meta JSON_OBJECT]
                          [--skip-output-validation]
 
 Self-contained: needs only the venv that `cargo xtask setup` builds (see README.md beside this
@@ -17,6 +17,7 @@ line to stdout per step:
     --call TOOL ARGS   {"call": TOOL, "result": <CallToolResult, model_dump(by_alias, exclude_none)>}
                        or, on a JSON-RPC error: {"call": TOOL, "error": {"code", "message", "data"}}
     --print-init       (first) {"initialize": {"protocolVersion", "serverInfo", "sessionId"}}
+    --meta OBJECT      sent as `params._meta` of every tools/call (e.g. a `traceparent`)
     --sampling TEXT    offers sampling; each sampling/createMessage the server sends prints
                        {"sampling": <its first message's text>} and is answered with TEXT
 
@@ -147,7 +148,7 @@ async def run(args: argparse.Namespace) -> None:
                         await list_all(session)
                     else:
                         try:
-                            result = await session.call_tool(tool, arguments)
+                            result = await session.call_tool(tool, arguments, meta=args.meta)
                         except McpError as e:
                             emit({"call": tool, "error": error_dict(e)})
                         else:
@@ -266,6 +267,9 @@ def main() -> int:
         help="do not let the SDK send its own tools/list after a call to validate the output",
     )
     p.add_argument("--print-init", action="store_true", help="print the initialize result first")
+    p.add_argument(
+        "--meta", type=json.loads, help="a JSON object sent as params._meta of every tools/call"
+    )
     p.add_argument(
         "--sampling",
         metavar="TEXT",

@@ -4,7 +4,10 @@
 pub mod chain;
 mod record;
 
-pub use record::{clip, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_HOST, MAX_TEXT};
+pub use record::{
+    clip, parse_traceparent, rfc3339, AgentRef, Decision, Event, Record, ServerRef, MAX_HOST,
+    MAX_TEXT,
+};
 
 use std::{
     fs::{self, File, OpenOptions},
@@ -24,8 +27,9 @@ mod flood;
 
 use self::flood::Flood;
 
-/// What [`Audit::observe`] calls with every record written.
-type Observer = Box<dyn Fn(&Record) + Send + Sync>;
+/// What [`Audit::observe`] calls with every record written: the record, and the line written
+/// for it (its JSON object with `prev`, no newline).
+type Observer = Box<dyn Fn(&Record, &[u8]) + Send + Sync>;
 
 /// The audit trail: decision records (everything but `connection`) in the audit log, and
 /// connection records in a log of their own, each with its own rotation. A flood of cheap
@@ -41,8 +45,9 @@ pub struct Audit {
     /// Records of requests guard refused, per agent and second (the rest counted likewise).
     refusals: Mutex<Flood>,
     health: Health,
-    /// Called with every record written (the daemon's metrics count them there).
-    observer: Option<Observer>,
+    /// Called with every record written (the daemon's metrics count them there; OTLP export
+    /// queues them).
+    observers: Vec<Observer>,
 }
 
 /// One append-only JSONL file, rotated by size.
@@ -179,8 +184,8 @@ impl Sink {
     }
 
     /// Appends one record (`body`: its JSON object) as a line chained to the one before;
-    /// returns once the kernel has it (one `write`).
-    fn append(&self, body: &[u8]) -> Result<()> {
+    /// returns once the kernel has it (one `write`), with the line (no newline).
+    fn append(&self, body: &[u8]) -> Result<Vec<u8>> {
         let mut open = self.file.lock().unwrap();
         let mut line = chain::chained(&open.last, body);
         let hash = chain::hash(&line);
@@ -195,7 +200,8 @@ impl Sink {
             .with_context(|| format!("writing the audit log {}", self.path.display()))?;
         open.size += line.len() as u64;
         open.last = hash;
-        Ok(())
+        line.pop();
+        Ok(line)
     }
 
     /// The chain's head: the hash of the last line written (hex).
@@ -220,13 +226,14 @@ impl Audit {
             flood: Mutex::new(Flood::new(s.connection_records_per_s)),
             refusals: Mutex::new(Flood::new(s.refusal_records_per_s)),
             health: Health::default(),
-            observer: None,
+            observers: Vec::new(),
         })
     }
 
-    /// Calls `f` with every record once it is written.
-    pub fn observe(mut self, f: impl Fn(&Record) + Send + Sync + 'static) -> Audit {
-        self.observer = Some(Box::new(f));
+    /// Calls `f` with every record once it is written, and the line written for it. `f` runs
+    /// on the decision path: it must not block.
+    pub fn observe(mut self, f: impl Fn(&Record, &[u8]) + Send + Sync + 'static) -> Audit {
+        self.observers.push(Box::new(f));
         self
     }
 
@@ -298,7 +305,10 @@ impl Audit {
             _ => &self.decisions,
         };
         match sink.append(&line) {
-            Ok(()) => {
+            Ok(written) => {
+                for f in &self.observers {
+                    f(record, &written);
+                }
                 if self.health.last_error.lock().unwrap().take().is_some() {
                     tracing::info!("the audit log is written again");
                 }
@@ -308,9 +318,6 @@ impl Audit {
                 *self.health.last_error.lock().unwrap() = Some(format!("{e:#}"));
                 return Err(e);
             }
-        }
-        if let Some(f) = &self.observer {
-            f(record);
         }
         Ok(())
     }

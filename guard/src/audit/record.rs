@@ -151,6 +151,13 @@ pub struct Record {
     pub transport: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub session_id: Option<String>,
+    /// The MCP protocol version the client speaks (`MCP-Protocol-Version`, or `initialize`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub protocol_version: Option<String>,
+    /// The W3C trace context the client sent (`traceparent` header or `params._meta`),
+    /// validated: the exported span of this request joins that trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub jsonrpc_id: Option<serde_json::Value>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -213,6 +220,7 @@ impl Record {
             &self.session_id,
             &self.client,
             &self.rule,
+            &self.protocol_version,
         ];
         let host_long = self.server.as_ref().is_some_and(|s| {
             s.host.len() > MAX_HOST || s.command.as_ref().is_some_and(|c| c.len() > MAX_TEXT)
@@ -228,6 +236,7 @@ impl Record {
         r.session_id = cut(&self.session_id);
         r.client = cut(&self.client);
         r.rule = cut(&self.rule);
+        r.protocol_version = cut(&self.protocol_version);
         if let Some(server) = r.server.as_mut() {
             // From `Host` or SNI, which the agent writes.
             server.host = clip(&server.host, MAX_HOST).into_owned();
@@ -306,6 +315,8 @@ impl Record {
             client: None,
             transport: None,
             session_id: None,
+            protocol_version: None,
+            traceparent: None,
             jsonrpc_id: None,
             method: None,
             tool: None,
@@ -320,6 +331,29 @@ impl Record {
             detail: None,
         }
     }
+}
+
+/// A W3C `traceparent` (`00-<trace id>-<parent id>-<flags>`, lowercase hex) as its trace id,
+/// parent span id and flags; None when `s` is not one, or names the invalid all-zero ids.
+pub fn parse_traceparent(s: &str) -> Option<(u128, u64, u8)> {
+    let b = s.as_bytes();
+    if b.len() != 55 || b[2] != b'-' || b[35] != b'-' || b[52] != b'-' {
+        return None;
+    }
+    let hex = |r: std::ops::Range<usize>| {
+        let part = &s[r];
+        part.bytes()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+            .then_some(part)
+    };
+    // Version ff is forbidden; the fields of later versions begin as version 00's do.
+    if hex(0..2)? == "ff" {
+        return None;
+    }
+    let trace = u128::from_str_radix(hex(3..35)?, 16).ok()?;
+    let parent = u64::from_str_radix(hex(36..52)?, 16).ok()?;
+    let flags = u8::from_str_radix(hex(53..55)?, 16).ok()?;
+    (trace != 0 && parent != 0).then_some((trace, parent, flags))
 }
 
 /// `YYYY-MM-DDTHH:MM:SS.ffffffZ` without a date library (civil-from-days, Howard Hinnant).
@@ -363,6 +397,8 @@ mod tests {
             client: None,
             transport: None,
             session_id: None,
+            protocol_version: None,
+            traceparent: None,
             jsonrpc_id: Some(serde_json::json!("1")),
             method: Some("tools/call".into()),
             tool: Some("echo".into()),

@@ -130,6 +130,22 @@ pub(super) fn status(config: &Config, json: bool) -> Result<()> {
             audit["head"].as_str().unwrap_or("?")
         );
     }
+    let otel = g("otel");
+    if otel.is_object() {
+        println!(
+            "otel:            {} over {}: {} log records and {} spans exported, {} and {} dropped{}",
+            otel["endpoint"].as_str().unwrap_or("?"),
+            otel["protocol"].as_str().unwrap_or("?"),
+            n(&otel["exported"], "logs"),
+            n(&otel["exported"], "spans"),
+            n(&otel["dropped"], "logs"),
+            n(&otel["dropped"], "spans"),
+            otel["last_error"]
+                .as_str()
+                .map(|e| format!("; last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     Ok(())
 }
 

@@ -66,6 +66,7 @@ impl Daemon {
             "connections_log": self.audit.connections_path().display().to_string(),
             // No record, no call: while this is not ok, every decision is refused.
             "audit": self.audit.health(),
+            "otel": self.otel.as_ref().map(|o| o.status()),
             "guarded_cgroups": guarded,
             "guarded_uids": uids,
             "agents": agents,

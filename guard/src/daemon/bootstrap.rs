@@ -317,8 +317,13 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
         .with_context(|| format!("creating the state directory {}", state_dir.display()))?;
     let metrics = Arc::new(Metrics::default());
     let counted = metrics.clone();
-    let audit =
-        Arc::new(Audit::open_with(&config.audit_settings())?.observe(move |r| counted.observe(r)));
+    let otel = super::otel::Otel::start(&config.otel, &config.tls.extra_roots)?;
+    let mut audit =
+        Audit::open_with(&config.audit_settings())?.observe(move |r, _| counted.observe(r));
+    if let Some(o) = otel.clone() {
+        audit = audit.observe(move |r, line| o.queue(r, line));
+    }
+    let audit = Arc::new(audit);
     // Invalid policies stop the start, before anything is attached. With policy.source the
     // last good bundle kept is in force until the source answers (none: no server is known).
     let source = super::policies::Source::new(&config)?;
@@ -407,6 +412,7 @@ pub(super) async fn start(config: Config, config_source: String) -> Result<(Daem
         engine,
         named,
         metrics,
+        otel,
         policies_fingerprint: Mutex::new(policy_fingerprint(&config.paths.policies)),
         policy_state: Mutex::new(super::policies::PolicyState {
             source: policy_source,

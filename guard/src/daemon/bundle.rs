@@ -111,8 +111,13 @@ pub(super) fn keep(dir: &Path, entries: &[(String, Vec<u8>)]) -> std::io::Result
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir_all(&tmp)?;
     for (name, data) in entries {
-        std::fs::write(tmp.join(name), data)?;
+        let mut f = std::fs::File::create(tmp.join(name))?;
+        std::io::Write::write_all(&mut f, data)?;
+        // On disk before the rename makes it the kept bundle: a crash leaves the old one or
+        // the whole new one.
+        f.sync_all()?;
     }
+    std::fs::File::open(&tmp)?.sync_all()?;
     let old = dir.with_extension("old");
     let _ = std::fs::remove_dir_all(&old);
     if dir.exists() {
@@ -120,5 +125,23 @@ pub(super) fn keep(dir: &Path, entries: &[(String, Vec<u8>)]) -> std::io::Result
     }
     std::fs::rename(&tmp, dir)?;
     let _ = std::fs::remove_dir_all(&old);
-    Ok(())
+    sync_parent(dir)
+}
+
+/// Writes `data` to `path` durably: a temporary file synced, renamed over `path`, the
+/// directory synced (the newest signing time must survive a crash, or rollback reopens).
+pub(super) fn write_durably(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    sync_parent(path)
+}
+
+fn sync_parent(path: &Path) -> std::io::Result<()> {
+    match path.parent() {
+        Some(d) => std::fs::File::open(d)?.sync_all(),
+        None => Ok(()),
+    }
 }

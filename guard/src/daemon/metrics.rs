@@ -178,6 +178,34 @@ pub(super) async fn serve(daemon: Arc<Daemon>, listener: tokio::net::TcpListener
 }
 
 impl Daemon {
+    /// The OTLP export's counters (zero while `[otel]` is off), by signal.
+    fn render_otel(&self, out: &mut String) {
+        type Counter = fn(&super::otel::Stats) -> &std::sync::atomic::AtomicU64;
+        type Family = (&'static str, &'static str, [(&'static str, Counter); 2]);
+        let families: [Family; 2] = [
+            (
+                "guard_otel_dropped_total",
+                "Records not exported over OTLP (queue full or export failed); the audit log has them.",
+                [("logs", |s| &s.logs_dropped), ("spans", |s| &s.spans_dropped)],
+            ),
+            (
+                "guard_otel_exported_total",
+                "Records the OTLP collector accepted.",
+                [("logs", |s| &s.logs_exported), ("spans", |s| &s.spans_exported)],
+            ),
+        ];
+        for (name, help, signals) in families {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (signal, counter) in signals {
+                let n = self
+                    .otel
+                    .as_ref()
+                    .map_or(0, |o| counter(&o.stats).load(Ordering::Relaxed));
+                let _ = writeln!(out, "{name}{{signal=\"{signal}\"}} {n}");
+            }
+        }
+    }
+
     // Long (about 90 lines) on purpose: a flat list, one metric after another, in the order
     // the /metrics page shows them.
     fn render_metrics(&self) -> String {
@@ -289,6 +317,7 @@ impl Daemon {
                     .replace('"', "\\\"")
                     .replace('\n', "\\n")
             );
+            self.render_otel(&mut out);
             let _ = writeln!(out, "# HELP guard_policy_age_seconds Seconds since the policy set in force was applied.\n# TYPE guard_policy_age_seconds gauge\nguard_policy_age_seconds {age}");
         }
         out.push_str("# HELP guard_containment 1 for the containment state in force (on; partial: guard exec confines its agents itself; off: see guard status for why).\n");

@@ -12,6 +12,7 @@ pub mod control;
 mod enrol;
 mod metrics;
 mod notify;
+mod otel;
 mod outbound;
 mod policies;
 pub mod stdio;
@@ -48,6 +49,8 @@ pub struct Daemon {
     engine: Arc<Engine>,
     named: Arc<Named>,
     metrics: Arc<metrics::Metrics>,
+    /// `[otel]`: the export, when an endpoint is configured.
+    otel: Option<Arc<otel::Otel>>,
     saved_generation: AtomicU64,
     policies_fingerprint: Mutex<Vec<(String, u64, i64)>>,
     policy_state: Mutex<policies::PolicyState>,
@@ -213,6 +216,10 @@ impl Daemon {
         let mut r = self.audit.record(Event::DaemonStop, Decision::Enforce);
         r.reason = Some(sig.into());
         let _ = self.audit.write(&r);
+        if let Some(o) = &self.otel {
+            // What is queued (daemon_stop included) goes out, within a bound.
+            o.flush(Duration::from_secs(3)).await;
+        }
         let _ = std::fs::remove_file(&self.config.paths.control_socket);
         let _ = std::fs::remove_file(&self.config.paths.stdio_socket);
         Ok(())

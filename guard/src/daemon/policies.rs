@@ -102,10 +102,7 @@ impl Source {
     }
 
     fn set_newest_applied(&self, at: u64) {
-        let tmp = self.newest.with_extension("tmp");
-        let r =
-            std::fs::write(&tmp, at.to_string()).and_then(|()| std::fs::rename(&tmp, &self.newest));
-        if let Err(e) = r {
+        if let Err(e) = super::bundle::write_durably(&self.newest, at.to_string().as_bytes()) {
             tracing::error!("writing {}: {e}", self.newest.display());
         }
     }
@@ -250,7 +247,12 @@ impl Daemon {
                 src.url
             )),
             Ok(super::bundle::Fetched::Entries(entries, tag)) => {
-                self.check_bundle(src, entries).map(|x| x.map(|x| (x, tag)))
+                let checked = self.check_bundle(src, entries);
+                if matches!(checked, Ok(None)) {
+                    // The set in force, verified: the next poll asks with its ETag.
+                    self.policy_state.lock().unwrap().etag = tag.clone();
+                }
+                checked.map(|x| x.map(|x| (x, tag)))
             }
             Err(e) => Err(format!("fetching {}: {e}", src.url)),
         };

@@ -75,6 +75,11 @@ pub struct Target {
     /// for others).
     pub pin_scope: Option<String>,
     pub session: Option<String>,
+    /// The client's `MCP-Protocol-Version` (stdio: what its `initialize` asked for).
+    pub protocol_version: Option<String>,
+    /// The request's W3C `traceparent` header, validated (a message's `params._meta`
+    /// one wins).
+    pub traceparent: Option<String>,
     /// A stdio server's command line (arguments joined by spaces).
     pub command: Option<String>,
     pub transport: Transport,
@@ -192,6 +197,8 @@ impl Engine {
         r.original_dst = t.original_dst.map(|d| d.to_string());
         r.transport = Some(t.transport.as_str().into());
         r.session_id = t.session.clone();
+        r.protocol_version = t.protocol_version.clone();
+        r.traceparent = t.traceparent.clone();
         r
     }
 
@@ -347,6 +354,9 @@ impl Engine {
         r.method = m.method.clone();
         r.tool = Some(asked.name.clone());
         r.jsonrpc_id = Some(id);
+        if let Some(tp) = m.meta_traceparent() {
+            r.traceparent = Some(tp.to_string());
+        }
         r.args_sha256 = Some(wire::sha256_hex(&args));
         if self.settings.log_arguments {
             r.arguments = Some(args.clone());

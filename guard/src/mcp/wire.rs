@@ -52,6 +52,15 @@ impl Message {
         self.params.get("name").and_then(Value::as_str)
     }
 
+    /// `params._meta.traceparent` (how MCP carries W3C trace context), when it is a valid one.
+    pub fn meta_traceparent(&self) -> Option<&str> {
+        self.params
+            .get("_meta")
+            .and_then(|m| m.get("traceparent"))
+            .and_then(Value::as_str)
+            .filter(|v| crate::audit::parse_traceparent(v).is_some())
+    }
+
     pub fn arguments(&self) -> Value {
         self.params
             .get("arguments")

@@ -37,6 +37,8 @@ pub struct Session {
     /// answers from the agent that reach the server (once each). An agent does not answer a
     /// request it was never shown (one held for approval, say).
     pub asked: std::sync::Mutex<std::collections::HashSet<String>>,
+    /// The protocol version the agent's `initialize` asked for (audit and spans).
+    pub protocol: std::sync::Mutex<Option<String>>,
 }
 
 /// Answers queued for a session's socket; beyond, its frames are not read until it reads.
@@ -83,6 +85,7 @@ impl Session {
             command,
             max_body,
             asked: Default::default(),
+            protocol: Default::default(),
         }
     }
 
@@ -104,6 +107,8 @@ impl Session {
             at_destination: true,
             pin_scope: Some(format!("stdio-{}", self.caller.agent_key())),
             session: None,
+            protocol_version: self.protocol.lock().unwrap().clone(),
+            traceparent: None,
             command: Some(self.command.clone()),
             transport: Transport::Stdio,
             received: Instant::now(),
@@ -139,6 +144,14 @@ impl Session {
                 return to_agent(seq, &answer);
             }
         };
+        if let Some(v) = body
+            .messages
+            .iter()
+            .filter(|m| m.method.as_deref() == Some("initialize"))
+            .find_map(|m| m.params.get("protocolVersion").and_then(Value::as_str))
+        {
+            *self.protocol.lock().unwrap() = Some(crate::audit::clip(v, 64).into_owned());
+        }
         if let Some(why) = self.unasked_answer(&body) {
             engine.audit_refused(Event::McpRequest, &self.caller, t, None, "protocol", &why);
             return encode(Kind::Drop, seq, format!("guard: {why}").as_bytes());

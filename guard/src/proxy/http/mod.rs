@@ -237,6 +237,11 @@ impl Ctx {
             at_destination,
             pin_scope: None,
             session,
+            protocol_version: header_str(req.headers(), "mcp-protocol-version")
+                .map(|v| crate::audit::clip(v, 64).into_owned()),
+            traceparent: header_str(req.headers(), "traceparent")
+                .filter(|v| crate::audit::parse_traceparent(v).is_some())
+                .map(str::to_string),
             command: None,
             transport: Transport::StreamableHttp,
             received,
