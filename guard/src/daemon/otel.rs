@@ -50,7 +50,14 @@ const MAX_BATCH_BYTES: usize = 1 << 20;
 /// within about this, plus the export).
 const LINGER: Duration = Duration::from_millis(200);
 
-/// One audit record as the observer saw it.
+/// What the decision path queues: the line written (the record is read back from it by the
+/// export task, off the decision path) and when.
+struct Queued {
+    line: Vec<u8>,
+    at: SystemTime,
+}
+
+/// One audit record to export.
 struct Item {
     record: Record,
     line: Vec<u8>,
@@ -100,7 +107,7 @@ pub struct Otel {
     pub endpoint: String,
     pub protocol: OtelProtocol,
     pub stats: Arc<Stats>,
-    tx: mpsc::Sender<Item>,
+    tx: mpsc::Sender<Queued>,
 }
 
 impl Otel {
@@ -162,8 +169,7 @@ impl Otel {
     /// Queues `record` (called by the audit log with every record written): never waits; a
     /// full queue drops it, counted.
     pub fn queue(&self, record: &Record, line: &[u8]) {
-        let item = Item {
-            record: record.clone(),
+        let item = Queued {
             line: line.to_vec(),
             at: SystemTime::now(),
         };
@@ -346,7 +352,7 @@ fn is_span(e: Event) -> bool {
 }
 
 async fn run(
-    mut rx: mpsc::Receiver<Item>,
+    mut rx: mpsc::Receiver<Queued>,
     mut spans: opentelemetry_otlp::SpanExporter,
     mut logs: opentelemetry_otlp::LogExporter,
     resource: Resource,
@@ -383,7 +389,18 @@ async fn run(
         }
         let mut span_data = Vec::new();
         let mut records = Vec::with_capacity(batch.len());
-        for item in batch.drain(..) {
+        for q in batch.drain(..) {
+            // The line is guard's own serialization of a Record (plus `prev`): it reads back.
+            let Ok(record) = serde_json::from_slice::<Record>(&q.line) else {
+                stats.logs_dropped.fetch_add(1, Ordering::Relaxed);
+                stats.pending.fetch_sub(1, Ordering::Relaxed);
+                continue;
+            };
+            let item = Item {
+                record,
+                line: q.line,
+                at: q.at,
+            };
             let span = is_span(item.record.event).then(|| span_of(&item, &ids, &scope));
             records.push(log_of(
                 &logger,
@@ -761,6 +778,15 @@ mod tests {
         assert_ne!(s.span_context.trace_id(), TraceId::INVALID);
         assert_eq!(s.status, Status::Unset);
         assert!(attr(&s, "error.type").is_none());
+    }
+
+    #[test]
+    fn a_written_line_reads_back_as_its_record() {
+        let mut r = Record::new(Event::ToolCall, Decision::Deny);
+        r.tool = Some("rm".into());
+        r.traceparent = Some("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into());
+        let line = crate::audit::chain::chained(&[3; 32], &serde_json::to_vec(&r).unwrap());
+        assert_eq!(serde_json::from_slice::<Record>(&line).unwrap(), r);
     }
 
     #[test]
