@@ -44,13 +44,13 @@ pub fn interrupted() -> bool {
     INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst)
 }
 
-fn track(pid: u32) {
+pub(crate) fn track(pid: u32) {
     if let Some(t) = TEARDOWN.lock().unwrap().as_mut() {
         t.pids.push(pid);
     }
 }
 
-fn untrack(pid: u32) {
+pub(crate) fn untrack(pid: u32) {
     if let Some(t) = TEARDOWN.lock().unwrap().as_mut() {
         t.pids.retain(|p| *p != pid);
     }
@@ -210,6 +210,7 @@ impl BenchEnv {
             "daemon",
             "direct",
             "peers",
+            "nginx",
             "guard.slice/bench",
             "guard.slice/plain",
         ] {

@@ -9,6 +9,7 @@
 mod env;
 mod machine;
 mod measure;
+mod nginx;
 mod policy;
 mod report;
 mod run;

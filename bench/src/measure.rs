@@ -13,6 +13,7 @@ use serde_json::{json, Map, Value};
 use crate::{
     env::{self, BenchEnv, Holder},
     machine::cpu_ns,
+    nginx::Nginx,
     report::{added_us, mib, us, Report, Verdict},
     servers::Servers,
     stats::Summary,
@@ -29,12 +30,14 @@ enum Side {
     /// `guard.slice/plain`: below the attach point but not guarded (the programs run and let
     /// the connect through).
     Plain,
+    /// In `direct/` too, calling the nginx hop (`Bench::nginx`) instead of the upstream.
+    Nginx,
 }
 
 impl Side {
     fn cgroup(self) -> &'static str {
         match self {
-            Side::Direct => "direct",
+            Side::Direct | Side::Nginx => "direct",
             Side::Guard => "guard.slice/bench",
             Side::Plain => "guard.slice/plain",
         }
@@ -98,6 +101,26 @@ pub struct Bench<'a> {
     pub daemon: u32,
     pub quick: bool,
     pub rep: Report,
+    /// The plain reverse-proxy hop in front of the fast upstream, when it started.
+    pub nginx: Option<Nginx>,
+}
+
+/// One concurrency level of [`Bench::mcp`]: each side's merged rounds (direct, guard, then
+/// nginx when measured) and the proxies' CPU time over them (ns).
+struct Level {
+    m: Vec<Merged>,
+    daemon_cpu: u64,
+    nginx_cpu: u64,
+}
+
+/// What the levels of [`Bench::mcp`] add up to.
+#[derive(Default)]
+struct Totals {
+    daemon_cpu: u64,
+    guard_calls: u64,
+    guard_secs: f64,
+    nginx_cpu: u64,
+    nginx_calls: u64,
 }
 
 impl Bench<'_> {
@@ -136,7 +159,7 @@ impl Bench<'_> {
             Side::Guard if redirected < conns => bail!(
                 "only {redirected} of the guarded worker's {conns} connections were redirected"
             ),
-            Side::Direct | Side::Plain if redirected != 0 => bail!(
+            Side::Direct | Side::Plain | Side::Nginx if redirected != 0 => bail!(
                 "{redirected} connections of the {side:?} worker were redirected: not a direct path"
             ),
             _ => {}
@@ -456,7 +479,8 @@ impl Bench<'_> {
 
     /// `tools/call` round trips on keep-alive connections, at each concurrency of `levels`
     /// (clients, timed calls or none, seconds); the latency targets apply to one client when
-    /// `targets`.
+    /// `targets`. Where `up.via_nginx` and nginx runs, the same calls go through nginx as well,
+    /// and `targets` also holds guard against nginx.
     pub fn mcp(
         &mut self,
         key: &str,
@@ -466,55 +490,102 @@ impl Bench<'_> {
         tls: bool,
         targets: Option<Targets>,
     ) -> Result<()> {
+        let nginx = if up.via_nginx {
+            self.nginx.as_ref().map(|n| n.addr)
+        } else {
+            None
+        };
         let mut out = Map::new();
-        let (mut cpu_total, mut guarded_calls, mut guarded_secs) = (0u64, 0u64, 0f64);
+        let mut t = Totals::default();
         // With one client every call finds the daemon asleep (and wakes it twice): its CPU per
         // call is the one that shows in that latency; with more, wake-ups are shared.
-        let mut one_client_cpu = None;
+        let mut one_client = None;
         for &(conc, calls, secs) in levels {
             self.progress(&format!("tools/call, {label}, {conc} client(s)"));
-            let (mut m, daemon_cpu) = self.mcp_level(up, conc, calls, secs, tls, targets)?;
-            cpu_total += daemon_cpu;
-            let cpu_per_call = daemon_cpu as f64 / 1000.0 / m[1].calls.max(1) as f64;
+            let mut lv = self.mcp_level(up, nginx, conc, calls, secs, tls, targets)?;
+            let per = |cpu: u64, calls: u64| cpu as f64 / 1000.0 / calls.max(1) as f64;
+            let cpu = per(lv.daemon_cpu, lv.m[1].calls);
+            let ncpu = lv.m.get(2).map(|n| per(lv.nginx_cpu, n.calls));
             if conc == 1 {
-                one_client_cpu = Some(cpu_per_call);
+                one_client = Some((cpu, ncpu));
             }
-            guarded_calls += m[1].calls;
-            guarded_secs += m[1].secs;
-            let level = self.mcp_level_rows(label, conc, &mut m, targets, cpu_per_call);
+            t.daemon_cpu += lv.daemon_cpu;
+            t.guard_calls += lv.m[1].calls;
+            t.guard_secs += lv.m[1].secs;
+            t.nginx_cpu += lv.nginx_cpu;
+            t.nginx_calls += lv.m.get(2).map_or(0, |n| n.calls);
+            let level = self.mcp_level_rows(label, conc, &mut lv.m, targets, cpu, ncpu);
             out.insert(format!("c{conc}"), level);
         }
-        let per_call = cpu_total as f64 / 1000.0 / guarded_calls.max(1) as f64;
-        if guarded_calls as f64 > 1000.0 * guarded_secs {
-            // (With a slow upstream the daemon's idle housekeeping would dominate the figure.)
-            self.rep.row(
-                format!("daemon CPU per tools/call (1 client / all), {label}"),
-                "-",
-                match one_client_cpu {
-                    Some(one) => format!("{one:.0} / {per_call:.1} µs"),
-                    None => format!("{per_call:.1} µs"),
-                },
-                "",
-                "",
-                Verdict::Info,
-            );
-        }
+        let per_call = t.daemon_cpu as f64 / 1000.0 / t.guard_calls.max(1) as f64;
         out.insert("daemon_cpu_us_per_call".into(), json!(per_call));
+        if t.guard_calls as f64 > 1000.0 * t.guard_secs {
+            // (With a slow upstream the daemon's idle housekeeping would dominate the figure.)
+            self.cpu_row(label, &t, per_call, one_client, targets.is_some(), &mut out);
+        }
         self.rep.results.insert(key.into(), Value::Object(out));
         Ok(())
     }
 
-    /// One concurrency level of [`Bench::mcp`] on both sides: their merged rounds and the
-    /// daemon's CPU time over them (ns).
+    /// The proxies' CPU per call: guard's daemon, and nginx's workers where measured (against
+    /// which the target holds guard when `target`).
+    fn cpu_row(
+        &mut self,
+        label: &str,
+        t: &Totals,
+        per_call: f64,
+        one_client: Option<(f64, Option<f64>)>,
+        target: bool,
+        out: &mut Map<String, Value>,
+    ) {
+        let both = |all: f64, one: Option<f64>| match one {
+            Some(one) => format!("{one:.1} / {all:.1} µs"),
+            None => format!("{all:.1} µs"),
+        };
+        let guard = both(per_call, one_client.map(|o| o.0));
+        if t.nginx_calls == 0 {
+            self.rep.row(
+                format!("daemon CPU per tools/call (1 client / all), {label}"),
+                "-",
+                guard,
+                "",
+                "",
+                Verdict::Info,
+            );
+            return;
+        }
+        let nginx_per_call = t.nginx_cpu as f64 / 1000.0 / t.nginx_calls as f64;
+        out.insert("nginx_cpu_us_per_call".into(), json!(nginx_per_call));
+        let ratio = per_call / nginx_per_call.max(0.001);
+        out.insert("cpu_ratio_to_nginx".into(), json!(ratio));
+        let (goal, verdict) = if target {
+            ("<= 1.2x nginx".to_string(), Verdict::of(ratio <= 1.2))
+        } else {
+            (String::new(), Verdict::Info)
+        };
+        self.rep.row_nginx(
+            format!("proxy CPU per tools/call (1 client / all), {label}"),
+            "-",
+            both(nginx_per_call, one_client.and_then(|o| o.1)),
+            guard,
+            format!("{ratio:.2}x"),
+            goal,
+            verdict,
+        );
+    }
+
+    /// One concurrency level of [`Bench::mcp`] on every side.
+    #[allow(clippy::too_many_arguments)]
     fn mcp_level(
         &self,
         up: &Upstream,
+        nginx: Option<SocketAddr>,
         conc: u64,
         calls: Option<u64>,
         secs: f64,
         tls: bool,
         targets: Option<Targets>,
-    ) -> Result<(Vec<Merged>, u64)> {
+    ) -> Result<Level> {
         // Real servers are slow (FastMCP: 44 ms a call): a short warm-up there.
         let warmup = match (conc, targets.is_some()) {
             (1, true) => 100,
@@ -529,11 +600,23 @@ impl Bench<'_> {
         if let Some(c) = calls {
             spec["calls"] = json!(self.n(c));
         }
-        let specs = self.two_specs(&spec, tls.then_some(true));
-        let cpu0 = cpu_ns(self.daemon);
-        let m = self.abba_specs(&[Side::Direct, Side::Guard], &specs, conc)?;
-        let daemon_cpu = cpu_ns(self.daemon).saturating_sub(cpu0);
-        Ok((m, daemon_cpu))
+        let [d, g] = self.two_specs(&spec, tls.then_some(true));
+        let mut sides = vec![Side::Direct, Side::Guard];
+        let mut specs = vec![d.clone(), g];
+        if let Some(n) = nginx {
+            let mut ns = d;
+            ns["addr"] = json!(n.to_string());
+            sides.push(Side::Nginx);
+            specs.push(ns);
+        }
+        let nginx_cpu = || self.nginx.as_ref().map_or(0, Nginx::cpu_ns);
+        let (cpu0, ncpu0) = (cpu_ns(self.daemon), nginx_cpu());
+        let m = self.abba_specs(&sides, &specs, conc)?;
+        Ok(Level {
+            m,
+            daemon_cpu: cpu_ns(self.daemon).saturating_sub(cpu0),
+            nginx_cpu: nginx_cpu().saturating_sub(ncpu0),
+        })
     }
 
     /// The rows of one concurrency level of [`Bench::mcp`] (latency for one client, calls/s for
@@ -545,24 +628,44 @@ impl Bench<'_> {
         m: &mut [Merged],
         targets: Option<Targets>,
         cpu_per_call: f64,
+        nginx_cpu_per_call: Option<f64>,
     ) -> Value {
         let (d, g) = (m[0].summary(), m[1].summary());
         let (dr, gr) = (m[0].rate(), m[1].rate());
+        let n = m.get_mut(2).map(|n| (n.summary(), n.rate()));
         if conc == 1 {
-            self.mcp_latency_rows(label, &d, &g, targets);
+            self.mcp_latency_rows(label, &d, &g, n.as_ref().map(|n| &n.0), targets);
         }
-        self.rep.row(
-            format!(
-                "tools/call calls/s, {label}, {conc} client{}",
-                if conc == 1 { "" } else { "s" }
-            ),
-            format!("{dr:.0}"),
-            format!("{gr:.0}"),
-            format!("{:.0} %", gr / dr * 100.0),
-            "",
-            Verdict::Info,
+        let metric = format!(
+            "tools/call calls/s, {label}, {conc} client{}",
+            if conc == 1 { "" } else { "s" }
         );
-        json!({
+        match &n {
+            None => self.rep.row(
+                metric,
+                format!("{dr:.0}"),
+                format!("{gr:.0}"),
+                format!("{:.0} %", gr / dr * 100.0),
+                "",
+                Verdict::Info,
+            ),
+            Some((_, nr)) => {
+                let (goal, verdict) = match targets {
+                    Some(_) if conc > 1 => (">= 0.9x nginx".into(), Verdict::of(gr >= 0.9 * nr)),
+                    _ => (String::new(), Verdict::Info),
+                };
+                self.rep.row_nginx(
+                    metric,
+                    format!("{dr:.0}"),
+                    format!("{nr:.0} ({:.0} %)", nr / dr * 100.0),
+                    format!("{gr:.0} ({:.0} %)", gr / dr * 100.0),
+                    format!("{:.2}x nginx", gr / nr),
+                    goal,
+                    verdict,
+                );
+            }
+        }
+        let mut level = json!({
             "concurrency": conc,
             "direct": { "latency": d.to_json(), "calls": m[0].calls, "secs": m[0].secs,
                         "calls_per_s": dr },
@@ -570,18 +673,33 @@ impl Bench<'_> {
                        "calls_per_s": gr },
             "added_median_us": (g.p50 as f64 - d.p50 as f64) / 1000.0,
             "added_p99_us": (g.p99 as f64 - d.p99 as f64) / 1000.0,
+            "added_p999_us": (g.p999 as f64 - d.p999 as f64) / 1000.0,
             "p50_us_by_quarter": { "direct": m[0].quarters, "guard": m[1].quarters },
             "calls_per_s_ratio": gr / dr,
             "daemon_cpu_us_per_call": cpu_per_call,
-        })
+        });
+        if let (Some((ns, nr)), Some(nm)) = (&n, m.get(2)) {
+            level["nginx"] = json!({
+                "latency": ns.to_json(), "calls": nm.calls, "secs": nm.secs, "calls_per_s": nr,
+                "added_median_us": (ns.p50 as f64 - d.p50 as f64) / 1000.0,
+                "added_p99_us": (ns.p99 as f64 - d.p99 as f64) / 1000.0,
+                "added_p999_us": (ns.p999 as f64 - d.p999 as f64) / 1000.0,
+                "cpu_us_per_call": nginx_cpu_per_call,
+            });
+            level["p50_us_by_quarter"]["nginx"] = json!(nm.quarters);
+            level["calls_per_s_ratio_to_nginx"] = json!(gr / nr);
+        }
+        level
     }
 
-    /// One client's median and p99 rows, checked against `targets` where there are any.
+    /// One client's median, p99 and p99.9 rows, checked against `targets` where there are any
+    /// (and against nginx's, where it was measured).
     fn mcp_latency_rows(
         &mut self,
         label: &str,
         d: &Summary,
         g: &Summary,
+        n: Option<&Summary>,
         targets: Option<Targets>,
     ) {
         let check = |limit_us: Option<u64>, guard_ns: u64, direct_ns: u64| match limit_us {
@@ -593,21 +711,57 @@ impl Bench<'_> {
         };
         let (t50, v50) = check(targets.map(|t| t.median_us), g.p50, d.p50);
         let (t99, v99) = check(targets.and_then(|t| t.p99_us), g.p99, d.p99);
-        self.rep.row(
+        let nginx = |f: fn(&Summary) -> u64| n.map_or(String::new(), |n| us(f(n)));
+        self.rep.row_nginx(
             format!("tools/call median, {label}, 1 client"),
             us(d.p50),
+            nginx(|s| s.p50),
             us(g.p50),
             added_us(g.p50, d.p50),
             t50,
             v50,
         );
-        self.rep.row(
+        self.rep.row_nginx(
             format!("tools/call p99, {label}, 1 client"),
             us(d.p99),
+            nginx(|s| s.p99),
             us(g.p99),
             added_us(g.p99, d.p99),
             t99,
             v99,
+        );
+        let Some(n) = n else { return };
+        let added = |s: &Summary, f: fn(&Summary) -> u64| f(s) as i64 - f(d) as i64;
+        let (g50, n50) = (added(g, |s| s.p50), added(n, |s| s.p50));
+        let (goal, verdict) = match targets {
+            Some(_) => ("<= nginx +10 µs".into(), Verdict::of(g50 <= n50 + 10_000)),
+            None => (String::new(), Verdict::Info),
+        };
+        self.rep.row_nginx(
+            format!("added median against nginx's, {label}, 1 client"),
+            "",
+            format!("{:+.1} µs", n50 as f64 / 1000.0),
+            format!("{:+.1} µs", g50 as f64 / 1000.0),
+            format!("{:+.1} µs", (g50 - n50) as f64 / 1000.0),
+            goal,
+            verdict,
+        );
+        let g999 = added(g, |s| s.p999);
+        let (goal, verdict) = match targets {
+            Some(_) => (
+                "added <= 3x added median".into(),
+                Verdict::of(g999 <= 3 * g50.max(0)),
+            ),
+            None => (String::new(), Verdict::Info),
+        };
+        self.rep.row_nginx(
+            format!("tools/call p99.9, {label}, 1 client"),
+            us(d.p999),
+            us(n.p999),
+            us(g.p999),
+            added_us(g.p999, d.p999),
+            goal,
+            verdict,
         );
     }
 

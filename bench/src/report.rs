@@ -1,4 +1,5 @@
-//! The table (`metric | direct | guard | added/ratio | target | result`) and the JSON document.
+//! The table (`metric | direct | nginx | guard | added/ratio | target | result`) and the JSON
+//! document. The nginx column is the plain reverse-proxy hop, where it was measured.
 
 use serde_json::{json, Map, Value};
 
@@ -34,6 +35,8 @@ impl Verdict {
 pub struct Row {
     pub metric: String,
     pub direct: String,
+    /// The same through nginx (empty where nginx was not measured).
+    pub nginx: String,
     pub guard: String,
     pub delta: String,
     pub target: String,
@@ -103,11 +106,30 @@ impl Report {
         self.rows.push(Row {
             metric: metric.into(),
             direct: direct.into(),
+            nginx: String::new(),
             guard: guard.into(),
             delta: delta.into(),
             target: target.into(),
             verdict,
         });
+    }
+
+    /// A row with the nginx column filled.
+    #[allow(clippy::too_many_arguments)]
+    pub fn row_nginx(
+        &mut self,
+        metric: impl Into<String>,
+        direct: impl Into<String>,
+        nginx: impl Into<String>,
+        guard: impl Into<String>,
+        delta: impl Into<String>,
+        target: impl Into<String>,
+        verdict: Verdict,
+    ) {
+        self.row(metric, direct, guard, delta, target, verdict);
+        if let Some(r) = self.rows.last_mut() {
+            r.nginx = nginx.into();
+        }
     }
 
     /// The report as text: the machine, the table, the targets met and missed, the notes.
@@ -137,18 +159,20 @@ impl Report {
         let header = [
             "metric",
             "direct",
+            "nginx",
             "guard",
             "added/ratio",
             "target",
             "result",
         ];
-        let cells: Vec<[&str; 6]> = self
+        let cells: Vec<[&str; 7]> = self
             .rows
             .iter()
             .map(|r| {
                 [
                     r.metric.as_str(),
                     r.direct.as_str(),
+                    r.nginx.as_str(),
                     r.guard.as_str(),
                     r.delta.as_str(),
                     r.target.as_str(),
@@ -207,7 +231,7 @@ impl Report {
             .iter()
             .map(|r| {
                 json!({
-                    "metric": r.metric, "direct": r.direct, "guard": r.guard,
+                    "metric": r.metric, "direct": r.direct, "nginx": r.nginx, "guard": r.guard,
                     "added_or_ratio": r.delta, "target": r.target, "result": r.verdict.as_str(),
                 })
             })
@@ -222,7 +246,7 @@ impl Report {
 }
 
 /// One table line: the cells padded to `width`, the metric and the result on the left.
-fn line(cols: [&str; 6], width: [usize; 6]) -> String {
+fn line(cols: [&str; 7], width: [usize; 7]) -> String {
     let mut s = String::new();
     for (i, (c, w)) in cols.iter().zip(width).enumerate() {
         let pad = w - c.chars().count();
@@ -231,7 +255,7 @@ fn line(cols: [&str; 6], width: [usize; 6]) -> String {
             s.push_str(&" ".repeat(pad));
         } else {
             s.push_str(" | ");
-            if i == 5 {
+            if i == cols.len() - 1 {
                 s.push_str(c);
                 s.push_str(&" ".repeat(pad));
             } else {

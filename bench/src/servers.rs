@@ -1,5 +1,5 @@
 //! The far ends, run by the parent (unguarded, outside the benchmark's attach point): a fast MCP
-//! responder (the latency floor), the same over TLS (certificate from a CA made for this run),
+//! responder (the latency floor; JSON at `/mcp`, one SSE event at `/mcp-sse`), the same over TLS (certificate from a CA made for this run),
 //! a listener that accepts and drops (connect), a sink that counts bytes (throughput) and an echo
 //! server (held connections). The same servers answer the direct and the guarded side.
 
@@ -231,11 +231,42 @@ async fn mcp_conn<S>(s: S)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let service =
-        hyper::service::service_fn(|req| async move { Ok::<_, Infallible>(mcp_answer(req).await) });
+    let service = hyper::service::service_fn(|req: Request<Incoming>| async move {
+        let sse = req.uri().path() == "/mcp-sse";
+        let r = mcp_answer(req).await;
+        Ok::<_, Infallible>(if sse { as_sse(r).await } else { r })
+    });
     let _ = hyper::server::conn::http1::Builder::new()
         .serve_connection(TokioIo::new(s), service)
         .await;
+}
+
+/// A JSON answer as Streamable HTTP's other form: `text/event-stream` with the message as its
+/// one event (`/mcp-sse`; what SDK servers such as server-everything send).
+async fn as_sse(r: Response<Full<Bytes>>) -> Response<Full<Bytes>> {
+    let json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v == "application/json");
+    if !json {
+        return r;
+    }
+    let (mut parts, body) = r.into_parts();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let mut event = Vec::with_capacity(body.len() + 24);
+    event.extend_from_slice(b"event: message\ndata: ");
+    event.extend_from_slice(&body);
+    event.extend_from_slice(b"\n\n");
+    parts.headers.insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/event-stream"),
+    );
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, Full::new(Bytes::from(event)))
 }
 
 static SESSIONS: AtomicU64 = AtomicU64::new(1);

@@ -31,6 +31,8 @@ pub struct Upstream {
     pub addr: SocketAddr,
     pub path: String,
     pub args: Value,
+    /// Also measured through the nginx hop (`Bench::nginx`).
+    pub via_nginx: bool,
 }
 
 /// The `echo` tool's arguments: the text under `key` (servers name the argument differently).
@@ -40,11 +42,21 @@ fn echo_args(key: &str) -> Value {
 
 impl Upstream {
     /// One of the in-process servers (`Servers`), at `/mcp`.
+    /// The same at `path`, compared with the nginx hop too.
+    pub fn local_via_nginx(addr: SocketAddr, path: &str) -> Upstream {
+        Upstream {
+            path: path.into(),
+            via_nginx: true,
+            ..Upstream::local(addr)
+        }
+    }
+
     pub fn local(addr: SocketAddr) -> Upstream {
         Upstream {
             addr,
             path: "/mcp".into(),
             args: echo_args("text"),
+            via_nginx: false,
         }
     }
 }
@@ -84,6 +96,7 @@ fn start_peer(
             addr,
             path: format!("/{path}"),
             args: echo_args,
+            via_nginx: false,
         },
     ))
 }

@@ -243,7 +243,7 @@ impl McpClient {
                 String::from_utf8_lossy(&bytes)
             );
         }
-        let v: Value = serde_json::from_slice(&bytes).context("initialize answer")?;
+        let v: Value = message(&bytes).context("initialize answer")?;
         if v.get("result").is_none() {
             bail!("initialize refused: {v}");
         }
@@ -267,8 +267,8 @@ impl McpClient {
         let id = self.id();
         let body = json!({ "jsonrpc": "2.0", "id": id, "method": "tools/list", "params": {} });
         let (status, _, bytes) = self.post(body.to_string()).await?;
-        let v: Value = serde_json::from_slice(&bytes)
-            .with_context(|| format!("tools/list: HTTP {status}: not JSON"))?;
+        let v: Value =
+            message(&bytes).with_context(|| format!("tools/list: HTTP {status}: not JSON"))?;
         let tools = v["result"]["tools"]
             .as_array()
             .ok_or_else(|| anyhow!("tools/list failed: {v}"))?;
@@ -289,7 +289,7 @@ impl McpClient {
             return Ok(());
         }
         // Servers that leave `isError` out (server-everything): a result that is not an error.
-        let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        let v: Value = message(&bytes).unwrap_or(Value::Null);
         if status == StatusCode::OK
             && v["result"].is_object()
             && v["result"]["isError"] != json!(true)
@@ -728,4 +728,19 @@ pub fn stdio_server() -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// The JSON-RPC message of an answer: the body, or the data of its SSE events (a
+/// `text/event-stream` answer).
+fn message(bytes: &[u8]) -> serde_json::Result<Value> {
+    if !(bytes.starts_with(b"event:") || bytes.starts_with(b"data:")) {
+        return serde_json::from_slice(bytes);
+    }
+    let text = String::from_utf8_lossy(bytes);
+    let data: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .map(|d| d.strip_prefix(' ').unwrap_or(d))
+        .collect();
+    serde_json::from_str(&data.join("\n"))
 }

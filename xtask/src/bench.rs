@@ -14,6 +14,7 @@ pub fn bench(args: &[String]) -> Result<()> {
         );
     }
     super::setup()?;
+    super::setup::bench_peers()?;
     let root = super::repo_root();
     super::status(Command::new("cargo").current_dir(&root).args([
         "build",

@@ -395,3 +395,36 @@ fn install_packages(pkgs: &[&str]) -> Result<()> {
             .env("DEBIAN_FRONTEND", "noninteractive"),
     )
 }
+
+/// What `cargo xtask bench` needs beyond the test peers: Debian's nginx, the plain
+/// reverse-proxy hop guard is compared with, and perf for profiles. Installing nginx would start
+/// the system's nginx on port 80; a `policy-rc.d` that refuses keeps it from starting (the bench
+/// runs its own, on loopback, with a config of its own).
+pub fn bench_peers() -> Result<()> {
+    let mut missing = Vec::new();
+    if !Path::new("/usr/sbin/nginx").exists() {
+        missing.push("nginx-light");
+    }
+    if which("perf").is_none() {
+        missing.push("linux-perf");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    // Someone else's policy-rc.d stays as it is (and decides).
+    let ours = !policy.exists();
+    if ours && is_root() {
+        use std::os::unix::fs::PermissionsExt as _;
+        fs::write(
+            policy,
+            "#!/bin/sh\n# guard xtask: no service starts while it installs\nexit 101\n",
+        )?;
+        fs::set_permissions(policy, fs::Permissions::from_mode(0o755))?;
+    }
+    let installed = install_packages(&missing);
+    if ours {
+        let _ = fs::remove_file(policy);
+    }
+    installed
+}
