@@ -1,7 +1,8 @@
 //! The far ends, run by the parent (unguarded, outside the benchmark's attach point): a fast MCP
 //! responder (the latency floor; JSON at `/mcp`, one SSE event at `/mcp-sse`), the same over
 //! TLS (certificate from a CA made for this run), a listener that accepts and drops (connect),
-//! a sink that counts bytes (throughput) and an echo server (held connections). The same servers answer the direct and the guarded side.
+//! a sink that counts bytes (throughput) and an echo server (held connections). The same
+//! servers answer the direct and the guarded side.
 
 use std::{
     convert::Infallible,

@@ -56,12 +56,15 @@ impl Daemon {
                 if cgroup::populated(&path).unwrap_or(false) {
                     continue;
                 }
+                // Removed before it is unguarded: a process moved in meanwhile (what an agent
+                // forked, settled late) keeps the cgroup, and the cgroup stays guarded.
+                if let Err(e) = cgroup::remove(&path) {
+                    tracing::debug!("removing {}: {e}", path.display());
+                    continue;
+                }
                 self.agents.remove(a.id);
                 if let Err(e) = self.kernel.unguard_cgroup(a.id) {
                     tracing::warn!("unguarding {}: {e:#}", a.cgroup);
-                }
-                if let Err(e) = cgroup::remove(&path) {
-                    tracing::warn!("removing {}: {e}", path.display());
                 }
                 let mut r = self.audit.record(Event::AgentExit, Decision::Enforce);
                 r.detail = Some(json!({"agent": a.name, "cgroup": format!("/{}", a.cgroup)}));
@@ -208,9 +211,11 @@ impl Home<'_> {
     }
 
     /// Removes a cgroup [`Home::create`] made (nothing was moved in, or it was moved out).
+    /// One that something got into after all stays, guarded.
     pub fn undo(&self, path: &std::path::Path, id: u64) {
-        let _ = self.kernel.unguard_cgroup(id);
-        let _ = cgroup::remove(path);
+        if cgroup::remove(path).is_ok() {
+            let _ = self.kernel.unguard_cgroup(id);
+        }
     }
 }
 

@@ -156,9 +156,10 @@ impl Enrolment {
         let root = mark.root;
         let mut decided = self.decided.lock().unwrap();
         if let Some(Decided::Agent(a)) = decided.get(&root) {
-            // Still that agent's process (a pid used again by another process is not).
-            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup))
-                || (pid != root && !alive(root));
+            // Still that agent's process (a pid used again by another process is not), or it
+            // has ended: a pid is not used again while its zombie is there, and what it forked
+            // stays the agent's.
+            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup)) || !alive(root);
             if holds {
                 return Decided::Agent(a.clone());
             }
@@ -185,6 +186,10 @@ impl Enrolment {
         };
         drop(rules);
         let target = if alive(root) { root } else { pid };
+        if !alive(target) {
+            // Ended before it was decided: nothing left to move (its mark is swept).
+            return Decided::Failed;
+        }
         match self.enrol(target, mark.uid, &name) {
             Ok(a) => {
                 decided.insert(root, Decided::Agent(a.clone()));
@@ -210,6 +215,12 @@ impl Enrolment {
         if let Err(e) = cgroup::move_pid(&path, pid) {
             home.undo(&path, id);
             return Err(e);
+        }
+        // The kernel takes an exiting process's pid without moving it: one that has ended
+        // is no agent started here (and its cgroup goes unless something got into it).
+        if !alive(pid) {
+            home.undo(&path, id);
+            anyhow::bail!("process {pid} ended before it could be moved");
         }
         let gid = procfs::ids(pid).map_or(0, |(_, g)| g);
         started(
@@ -503,8 +514,10 @@ impl Enrolments for Enrolment {
     }
 }
 
+/// Still running: a zombie is not (it cannot be moved into a cgroup, and its `/proc/PID/cgroup`
+/// names a removed cgroup once its agent's is gone).
 fn alive(pid: u32) -> bool {
-    std::path::Path::new(&format!("/proc/{pid}")).exists()
+    procfs::running(pid)
 }
 
 fn all_pids() -> Vec<u32> {

@@ -29,6 +29,23 @@ fn parse_stat(stat: &str) -> Option<(u32, String)> {
     Some((ppid, name))
 }
 
+/// Whether `pid` is a process that still runs: there, and neither a zombie nor dead. A zombie
+/// keeps its `/proc` entry until it is reaped, but it can no longer be moved between cgroups.
+pub fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| parse_state(&s))
+        .is_some_and(|c| !matches!(c, 'Z' | 'X' | 'x'))
+}
+
+fn parse_state(stat: &str) -> Option<char> {
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .next()?
+        .chars()
+        .next()
+}
+
 /// The arguments `/proc/PID/cmdline` holds, as exec'd (`argv[0]` first).
 pub fn argv(pid: u32) -> io::Result<Vec<String>> {
     Ok(split_argv(&std::fs::read(format!("/proc/{pid}/cmdline"))?))
@@ -75,6 +92,8 @@ mod tests {
             Some((7, "a b) c)".to_string()))
         );
         assert_eq!(parse_stat("42 (x"), None);
+        assert_eq!(parse_state("42 (a) b) Z 7 42"), Some('Z'));
+        assert_eq!(parse_state("42 (a)"), None);
     }
 
     #[test]
