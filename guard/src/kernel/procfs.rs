@@ -29,13 +29,21 @@ fn parse_stat(stat: &str) -> Option<(u32, String)> {
     Some((ppid, name))
 }
 
-/// Whether `pid` is a process that still runs: there, and neither a zombie nor dead. A zombie
-/// keeps its `/proc` entry until it is reaped, but it can no longer be moved between cgroups.
+/// Whether `pid` is a process that still runs: one of its threads is neither a zombie nor dead.
+/// A zombie keeps its `/proc` entry until it is reaped, but it can no longer be moved between
+/// cgroups; a leader that ended while its other threads run shows as a zombie too, and its
+/// process does run.
 pub fn running(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| parse_state(&s))
-        .is_some_and(|c| !matches!(c, 'Z' | 'X' | 'x'))
+    let live = |stat: &str| parse_state(stat).is_some_and(|c| !matches!(c, 'Z' | 'X' | 'x'));
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => false,
+        Ok(s) if live(&s) => true,
+        Ok(_) => std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|t| std::fs::read_to_string(t.path().join("stat")).is_ok_and(|s| live(&s))),
+    }
 }
 
 fn parse_state(stat: &str) -> Option<char> {
@@ -94,6 +102,8 @@ mod tests {
         assert_eq!(parse_stat("42 (x"), None);
         assert_eq!(parse_state("42 (a) b) Z 7 42"), Some('Z'));
         assert_eq!(parse_state("42 (a)"), None);
+        assert!(running(std::process::id()));
+        assert!(!running(u32::MAX));
     }
 
     #[test]
