@@ -156,10 +156,11 @@ impl Enrolment {
         let root = mark.root;
         let mut decided = self.decided.lock().unwrap();
         if let Some(Decided::Agent(a)) = decided.get(&root) {
-            // Still that agent's process (a pid used again by another process is not), or it
-            // has ended: a pid is not used again while its zombie is there, and what it forked
-            // stays the agent's.
-            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup)) || !alive(root);
+            // Still that agent's process (a pid used again by another process is not), or a
+            // child of a root that is gone (reaped: a zombie root is still there, so a pid used
+            // again that leaves a zombie cannot take the earlier agent's decision).
+            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup))
+                || (pid != root && !std::path::Path::new(&format!("/proc/{root}")).exists());
             if holds {
                 return Decided::Agent(a.clone());
             }
