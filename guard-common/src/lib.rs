@@ -20,7 +20,11 @@ pub const MAP_DNS_SERVERS: &str = "DNS_SERVERS";
 pub const MAP_DNS_RESTRICT: &str = "DNS_RESTRICT";
 pub const MAP_ENROL_SCOPE: &str = "ENROL_SCOPE";
 pub const MAP_ENROL_EXES: &str = "ENROL_EXES";
-pub const MAP_ENROLLING: &str = "ENROLLING";
+/// The marks (`Enrolling` by pid). Named anew when its value's layout changed: a pinned map of
+/// an earlier build is never reused with another layout (see [`STALE_MAPS`]).
+pub const MAP_ENROLLING: &str = "ENROL_MARKS";
+/// Pinned maps earlier builds had and this one does not: removed at load.
+pub const STALE_MAPS: &[&str] = &["ENROLLING"];
 pub const MAP_ENROL_EVENTS: &str = "ENROL_EVENTS";
 
 /// Executables (`[[agents]] exe`) the exec hook marks, by file.
@@ -335,7 +339,7 @@ pub struct ExeKey {
     pub _pad0: u32,
 }
 
-/// A process marked at exec, or forked from one, until the daemon moved it (`ENROLLING`, by
+/// A process marked at exec, or forked from one, until the daemon moved it (`ENROL_MARKS`, by
 /// its pid).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -346,6 +350,10 @@ pub struct Enrolling {
     pub uid: u32,
     /// The executable it ran then: what it is decided on, whatever it runs or says later.
     pub exe: ExeKey,
+    /// When that exec was (kernel monotonic ns): with `root`, which exec this mark stems from.
+    /// A pid is used again once its process is reaped; a mark of the later process never has
+    /// the earlier one's `(root, at)`.
+    pub at: u64,
 }
 
 /// What the hooks tell the daemon (ring buffer `ENROL_EVENTS`).
@@ -358,6 +366,7 @@ pub struct EnrolEvent {
     pub root: u32,
     pub uid: u32,
     pub exe: ExeKey,
+    pub at: u64,
 }
 
 #[cfg(feature = "user")]

@@ -1,5 +1,5 @@
 //! Enrolment at exec: a process below the attach cgroup that executes one of the `[[agents]]`
-//! executables is marked in `ENROLLING` by the `sched_process_exec` tracepoint, which runs in
+//! executables is marked in `ENROL_MARKS` by the `sched_process_exec` tracepoint, which runs in
 //! the exec itself, before the new program's first instruction. From then on the redirect
 //! treats it as guarded (its connects go to the proxy, with the mark in their origin) until the
 //! daemon has moved it into an agent cgroup of its own; what it forks in between is marked
@@ -11,7 +11,7 @@
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_probe_read_kernel,
+        bpf_get_current_pid_tgid, bpf_get_current_uid_gid, bpf_ktime_get_ns, bpf_probe_read_kernel,
         generated::{
             bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_current_task,
         },
@@ -28,7 +28,7 @@ use crate::programs::{config, current_exe, guard_of_current};
 static ENROL_SCOPE: Array<EnrolScope> = Array::pinned(1, 0);
 #[map]
 static ENROL_EXES: HashMap<ExeKey, u32> = HashMap::pinned(ENROL_EXE_ENTRIES, 0);
-#[map]
+#[map(name = "ENROL_MARKS")]
 pub(crate) static ENROLLING: LruHashMap<u32, Enrolling> = LruHashMap::pinned(ENROLLING_ENTRIES, 0);
 #[map]
 static ENROL_EVENTS: RingBuf = RingBuf::pinned(ENROL_RING_BYTES, 0);
@@ -70,8 +70,9 @@ fn tell(kind: u32, pid: u32, mark: &Enrolling) {
         root: mark.root,
         uid: mark.uid,
         exe: mark.exe,
+        at: mark.at,
     };
-    // A full ring loses the event, not the mark: the daemon also sweeps ENROLLING.
+    // A full ring loses the event, not the mark: the daemon also sweeps the marks.
     let _ = ENROL_EVENTS.output::<EnrolEvent>(&ev, 0);
 }
 
@@ -98,6 +99,8 @@ pub fn guard_enrol_exec(_ctx: RawTracePointContext) -> i32 {
         root: tgid,
         uid: bpf_get_current_uid_gid() as u32,
         exe: key,
+        // Which exec this is: a later process with this pid is another root.
+        at: unsafe { bpf_ktime_get_ns() },
     };
     if ENROLLING.insert(&tgid, &mark, 0).is_ok() {
         tell(ENROL_EXEC, tgid, &mark);

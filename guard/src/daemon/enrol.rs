@@ -61,7 +61,14 @@ impl Mode {
     }
 }
 
-/// What a marked process turned out to be, by the pid of the process that was marked at exec.
+/// Which exec a mark stems from: the root's pid and when it exec'd.
+type Lineage = (u32, u64);
+
+fn lineage(mark: &Enrolling) -> Lineage {
+    (mark.root, mark.at)
+}
+
+/// What a marked process turned out to be, by the exec its mark stems from.
 #[derive(Debug, Clone)]
 enum Decided {
     Agent(AgentCgroup),
@@ -85,7 +92,7 @@ pub struct Enrolment {
     attach_rel: String,
     daemon_cgroup: String,
     next_agent: Arc<AtomicU64>,
-    decided: Mutex<HashMap<u32, Decided>>,
+    decided: Mutex<HashMap<Lineage, Decided>>,
     /// The exec events, until [`Enrolment::run`] reads them (`Mode::Events`).
     events: Mutex<Option<ExecEvents>>,
 }
@@ -154,17 +161,13 @@ impl Enrolment {
     /// decision is kept; "not an agent" is not (a later exec is decided afresh).
     fn decide(&self, pid: u32, mark: &Enrolling) -> Decided {
         let root = mark.root;
+        let key = lineage(mark);
         let mut decided = self.decided.lock().unwrap();
-        if let Some(Decided::Agent(a)) = decided.get(&root) {
-            // Still that agent's process (a pid used again by another process is not), or a
-            // child of a root that is gone (reaped: a zombie root is still there, so a pid used
-            // again that leaves a zombie cannot take the earlier agent's decision).
-            let holds = cgroup::cgroup_of(root).is_ok_and(|c| under(&c, &a.cgroup))
-                || (pid != root && !std::path::Path::new(&format!("/proc/{root}")).exists());
-            if holds {
-                return Decided::Agent(a.clone());
-            }
-            decided.remove(&root);
+        // Marks that stem from the same exec share its decision, whether its root still runs
+        // or not; a process that got the root's pid after it was reaped was marked at an exec
+        // of its own, so it and its children are decided afresh.
+        if let Some(Decided::Agent(a)) = decided.get(&key) {
+            return Decided::Agent(a.clone());
         }
         let rules = self.rules.read().unwrap();
         let name = match rules.classify_exec(&mark.exe, mark.uid) {
@@ -186,14 +189,20 @@ impl Enrolment {
             None => return Decided::NotAgent,
         };
         drop(rules);
-        let target = if alive(root) { root } else { pid };
+        // The root, while it is still the process marked at that exec (its pid may be another
+        // process's by now, unmarked or marked at an exec of its own: not moved for this one).
+        let root_is_it = self
+            .kernel
+            .mark_of(root)
+            .is_some_and(|m| lineage(&m) == key);
+        let target = if root_is_it && alive(root) { root } else { pid };
         if !alive(target) {
             // Ended before it was decided: nothing left to move (its mark is swept).
             return Decided::Failed;
         }
         match self.enrol(target, mark.uid, &name) {
             Ok(a) => {
-                decided.insert(root, Decided::Agent(a.clone()));
+                decided.insert(key, Decided::Agent(a.clone()));
                 Decided::Agent(a)
             }
             Err(e) => {
@@ -252,10 +261,11 @@ impl Enrolment {
                         tracing::debug!(pid, "moving into {}: {e:#}", a.cgroup);
                         match self.enrol(pid, mark.uid, &a.name) {
                             Ok(own) => {
+                                // The rest of its lineage joins it there.
                                 self.decided
                                     .lock()
                                     .unwrap()
-                                    .insert(pid, Decided::Agent(own));
+                                    .insert(lineage(mark), Decided::Agent(own));
                             }
                             Err(e) => {
                                 tracing::warn!(pid, "enrolling agent {}: {e:#}", a.name);
@@ -274,17 +284,21 @@ impl Enrolment {
     /// Every mark: settled (events a full ring lost), or removed when its process is gone;
     /// decisions about processes that are gone are forgotten.
     pub fn sweep(&self) {
-        for (pid, mark) in self.kernel.enrolling() {
-            if alive(pid) {
-                self.settle(pid, &mark);
+        let marks = self.kernel.enrolling();
+        for (pid, mark) in &marks {
+            if alive(*pid) {
+                self.settle(*pid, mark);
             } else {
-                self.kernel.unmark(pid);
+                self.kernel.unmark(*pid);
             }
         }
-        self.decided
-            .lock()
-            .unwrap()
-            .retain(|root, _| std::path::Path::new(&format!("/proc/{root}")).exists());
+        // A decision is kept while a process of its lineage may still be settled or connect:
+        // its root is there, or something is still marked as of that exec.
+        let live: std::collections::HashSet<Lineage> =
+            marks.iter().map(|(_, m)| lineage(m)).collect();
+        self.decided.lock().unwrap().retain(|key, _| {
+            live.contains(key) || std::path::Path::new(&format!("/proc/{}", key.0)).exists()
+        });
     }
 
     /// Processes below the attach cgroup that are not guarded yet and run an agent's program:
@@ -351,10 +365,14 @@ impl Enrolment {
     fn enrol_found(&self, p: &Process, name: &str) -> Option<AgentCgroup> {
         match self.enrol(p.pid, p.uid, name) {
             Ok(a) => {
-                self.decided
-                    .lock()
-                    .unwrap()
-                    .insert(p.pid, Decided::Agent(a.clone()));
+                // Found while marked at an exec of its own: what it forked since (marked as of
+                // that exec) joins it.
+                if let Some(m) = self.kernel.mark_of(p.pid).filter(|m| m.root == p.pid) {
+                    self.decided
+                        .lock()
+                        .unwrap()
+                        .insert(lineage(&m), Decided::Agent(a.clone()));
+                }
                 Some(a)
             }
             Err(e) => {
@@ -436,7 +454,7 @@ impl Enrolment {
                     // Cgroup moves and /proc reads block: off the runtime's threads.
                     let _ = tokio::task::spawn_blocking(move || {
                         for e in events {
-                            let mark = Enrolling { root: e.root, uid: e.uid, exe: e.exe };
+                            let mark = Enrolling { root: e.root, uid: e.uid, exe: e.exe, at: e.at };
                             me.settle(e.pid, &mark);
                         }
                     })
@@ -502,9 +520,20 @@ impl Enrolments for Enrolment {
         let Some(mark) = self.kernel.mark_of(pid) else {
             // Settled since it connected: an agent's process sits in its cgroup (and was
             // attributed by it), so this one was found not to be an agent.
-            return match self.decided.lock().unwrap().get(&root) {
-                Some(Decided::Agent(a)) => Enrolled::Agent(a.name.clone()),
-                _ => Enrolled::NotAgent,
+            // Which decision on `root` it was settled by: the one whose cgroup it is in. One
+            // that cannot be told (gone, or moved on) is refused while `root` has an agent
+            // decision: it may stem from that exec.
+            let cg = cgroup::cgroup_of(pid).ok();
+            let decided = self.decided.lock().unwrap();
+            let mut agents = decided.iter().filter_map(|(k, d)| match d {
+                Decided::Agent(a) if k.0 == root => Some(a),
+                _ => None,
+            });
+            let any = agents.clone().next().is_some();
+            return match agents.find(|a| cg.as_deref().is_some_and(|c| under(c, &a.cgroup))) {
+                Some(a) => Enrolled::Agent(a.name.clone()),
+                None if any => Enrolled::Failed,
+                None => Enrolled::NotAgent,
             };
         };
         match self.decide(pid, &mark) {
