@@ -20,11 +20,10 @@ pub const MAP_DNS_SERVERS: &str = "DNS_SERVERS";
 pub const MAP_DNS_RESTRICT: &str = "DNS_RESTRICT";
 pub const MAP_ENROL_SCOPE: &str = "ENROL_SCOPE";
 pub const MAP_ENROL_EXES: &str = "ENROL_EXES";
-/// The marks (`Enrolling` by pid). Named anew when its value's layout changed: a pinned map of
-/// an earlier build is never reused with another layout (see [`STALE_MAPS`]).
-pub const MAP_ENROLLING: &str = "ENROL_MARKS";
-/// Pinned maps earlier builds had and this one does not: removed at load.
-pub const STALE_MAPS: &[&str] = &["ENROLLING"];
+pub const MAP_ENROLLING: &str = "ENROLLING";
+/// When the exec a mark stems from was, by the marked pid (`u64`, kernel monotonic ns): with
+/// the mark's root, which exec that is. A map beside `ENROLLING` (whose pinned layout stays).
+pub const MAP_ENROL_AT: &str = "ENROL_AT";
 pub const MAP_ENROL_EVENTS: &str = "ENROL_EVENTS";
 
 /// Executables (`[[agents]] exe`) the exec hook marks, by file.
@@ -339,7 +338,7 @@ pub struct ExeKey {
     pub _pad0: u32,
 }
 
-/// A process marked at exec, or forked from one, until the daemon moved it (`ENROL_MARKS`, by
+/// A process marked at exec, or forked from one, until the daemon moved it (`ENROLLING`, by
 /// its pid).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -350,10 +349,6 @@ pub struct Enrolling {
     pub uid: u32,
     /// The executable it ran then: what it is decided on, whatever it runs or says later.
     pub exe: ExeKey,
-    /// When that exec was (kernel monotonic ns): with `root`, which exec this mark stems from.
-    /// A pid is used again once its process is reaped; a mark of the later process never has
-    /// the earlier one's `(root, at)`.
-    pub at: u64,
 }
 
 /// What the hooks tell the daemon (ring buffer `ENROL_EVENTS`).
@@ -366,8 +361,12 @@ pub struct EnrolEvent {
     pub root: u32,
     pub uid: u32,
     pub exe: ExeKey,
+    /// See [`MAP_ENROL_AT`] (0: an event of an earlier build, which had none).
     pub at: u64,
 }
+
+/// The size of an [`EnrolEvent`] of builds before `at`.
+pub const ENROL_EVENT_V1_BYTES: usize = 32;
 
 #[cfg(feature = "user")]
 mod user {

@@ -1,5 +1,5 @@
 //! Enrolment at exec: a process below the attach cgroup that executes one of the `[[agents]]`
-//! executables is marked in `ENROL_MARKS` by the `sched_process_exec` tracepoint, which runs in
+//! executables is marked in `ENROLLING` by the `sched_process_exec` tracepoint, which runs in
 //! the exec itself, before the new program's first instruction. From then on the redirect
 //! treats it as guarded (its connects go to the proxy, with the mark in their origin) until the
 //! daemon has moved it into an agent cgroup of its own; what it forks in between is marked
@@ -28,8 +28,10 @@ use crate::programs::{config, current_exe, guard_of_current};
 static ENROL_SCOPE: Array<EnrolScope> = Array::pinned(1, 0);
 #[map]
 static ENROL_EXES: HashMap<ExeKey, u32> = HashMap::pinned(ENROL_EXE_ENTRIES, 0);
-#[map(name = "ENROL_MARKS")]
+#[map]
 pub(crate) static ENROLLING: LruHashMap<u32, Enrolling> = LruHashMap::pinned(ENROLLING_ENTRIES, 0);
+#[map]
+static ENROL_AT: LruHashMap<u32, u64> = LruHashMap::pinned(ENROLLING_ENTRIES, 0);
 #[map]
 static ENROL_EVENTS: RingBuf = RingBuf::pinned(ENROL_RING_BYTES, 0);
 
@@ -63,16 +65,16 @@ pub(crate) fn enrolling_root() -> Option<u32> {
 }
 
 #[inline(always)]
-fn tell(kind: u32, pid: u32, mark: &Enrolling) {
+fn tell(kind: u32, pid: u32, mark: &Enrolling, at: u64) {
     let ev = EnrolEvent {
         kind,
         pid,
         root: mark.root,
         uid: mark.uid,
         exe: mark.exe,
-        at: mark.at,
+        at,
     };
-    // A full ring loses the event, not the mark: the daemon also sweeps the marks.
+    // A full ring loses the event, not the mark: the daemon also sweeps ENROLLING.
     let _ = ENROL_EVENTS.output::<EnrolEvent>(&ev, 0);
 }
 
@@ -99,11 +101,13 @@ pub fn guard_enrol_exec(_ctx: RawTracePointContext) -> i32 {
         root: tgid,
         uid: bpf_get_current_uid_gid() as u32,
         exe: key,
-        // Which exec this is: a later process with this pid is another root.
-        at: unsafe { bpf_ktime_get_ns() },
     };
+    // Which exec this is: a later process with this pid is another root. Written first: a
+    // mark is never without it (but for a full map: then 0, an exec of no time).
+    let at = unsafe { bpf_ktime_get_ns() };
+    let _ = ENROL_AT.insert(&tgid, &at, 0);
     if ENROLLING.insert(&tgid, &mark, 0).is_ok() {
-        tell(ENROL_EXEC, tgid, &mark);
+        tell(ENROL_EXEC, tgid, &mark, at);
     }
     0
 }
@@ -131,8 +135,10 @@ pub fn guard_enrol_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     // The child is what its parent was marked as, whatever the parent does next.
+    let at = unsafe { ENROL_AT.get(&parent) }.copied().unwrap_or(0);
+    let _ = ENROL_AT.insert(&child_tgid, &at, 0);
     if ENROLLING.insert(&child_tgid, &mark, 0).is_ok() {
-        tell(ENROL_FORK, child_tgid, &mark);
+        tell(ENROL_FORK, child_tgid, &mark, at);
     }
     0
 }
@@ -165,6 +171,7 @@ pub fn guard_enrol_exit(_ctx: RawTracePointContext) -> i32 {
     let live = unsafe { bpf_probe_read_kernel((signal + scope.signal_live as u64) as *const i32) };
     if live == Ok(0) {
         let _ = ENROLLING.remove(&tgid);
+        let _ = ENROL_AT.remove(&tgid);
     }
     0
 }

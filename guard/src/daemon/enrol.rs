@@ -21,14 +21,13 @@ use anyhow::Result;
 use serde_json::json;
 
 use super::agents::{started, under, Home};
-use guard_common::Enrolling;
 
 use crate::{
     audit::{Audit, Decision, Event},
     config::AgentEntry,
     enrol::{Process, Rules},
     identity::{AgentCgroup, Agents, Enrolled, Enrolments},
-    kernel::{self, cgroup, exec_events::ExecEvents, procfs, Kernel},
+    kernel::{self, cgroup, enrol::Mark, exec_events::ExecEvents, procfs, Kernel},
 };
 
 /// How often the marks are swept (events lost to a full ring, processes gone) and, without
@@ -64,7 +63,7 @@ impl Mode {
 /// Which exec a mark stems from: the root's pid and when it exec'd.
 type Lineage = (u32, u64);
 
-fn lineage(mark: &Enrolling) -> Lineage {
+fn lineage(mark: &Mark) -> Lineage {
     (mark.root, mark.at)
 }
 
@@ -154,12 +153,12 @@ impl Enrolment {
     }
 
     /// What the process marked `mark` (as `root`, or forked from it) is, and for an agent its
-    /// cgroup: made now (`pid` moved into it: the root while it lives, else `pid`) unless an
-    /// earlier decision on `root` still holds. Decided on what the kernel recorded at the exec
+    /// cgroup: made now (`pid` moved into it: the root while it is still the process marked at
+    /// that exec, else `pid`) unless that exec was decided already. Decided on what the kernel recorded at the exec
     /// — the file and the uid — not on what the process runs or says now; only entries with
     /// argument globs read the process, and only while it still runs that file. An agent's
     /// decision is kept; "not an agent" is not (a later exec is decided afresh).
-    fn decide(&self, pid: u32, mark: &Enrolling) -> Decided {
+    fn decide(&self, pid: u32, mark: &Mark) -> Decided {
         let root = mark.root;
         let key = lineage(mark);
         let mut decided = self.decided.lock().unwrap();
@@ -169,12 +168,20 @@ impl Enrolment {
         if let Some(Decided::Agent(a)) = decided.get(&key) {
             return Decided::Agent(a.clone());
         }
+        // The root, while it is still the process marked at that exec (its pid may be another
+        // process's by now, unmarked or marked at an exec of its own: neither read nor moved
+        // for this one).
+        let root_is_it = self
+            .kernel
+            .mark_of(root)
+            .is_some_and(|m| lineage(&m) == key);
         let rules = self.rules.read().unwrap();
         let name = match rules.classify_exec(&mark.exe, mark.uid) {
             Some(n) => n.to_string(),
             None if rules.by_arguments(&mark.exe) => {
                 let now = [root, pid]
                     .into_iter()
+                    .filter(|&q| q != root || root_is_it)
                     .find_map(|q| Process::read(q).filter(|p| p.file == Some(mark.exe)));
                 let Some(p) = now else {
                     // Gone, or running something else already: its arguments at the exec
@@ -189,12 +196,6 @@ impl Enrolment {
             None => return Decided::NotAgent,
         };
         drop(rules);
-        // The root, while it is still the process marked at that exec (its pid may be another
-        // process's by now, unmarked or marked at an exec of its own: not moved for this one).
-        let root_is_it = self
-            .kernel
-            .mark_of(root)
-            .is_some_and(|m| lineage(&m) == key);
         let target = if root_is_it && alive(root) { root } else { pid };
         if !alive(target) {
             // Ended before it was decided: nothing left to move (its mark is swept).
@@ -247,7 +248,13 @@ impl Enrolment {
 
     /// A marked process (`pid`, marked as `mark`): into its agent's cgroup when it is one,
     /// then unmarked — never unmarked before it is guarded there.
-    fn settle(&self, pid: u32, mark: &Enrolling) {
+    fn settle(&self, pid: u32, mark: &Mark) {
+        // An event (or a sweep's snapshot) can be older than the pid's present: a process that
+        // got the pid since, or one that exec'd again, has a mark of its own, settled by its
+        // own event; one with none is no agent's to move.
+        if self.kernel.mark_of(pid) != Some(*mark) {
+            return;
+        }
         match self.decide(pid, mark) {
             Decided::Agent(a) => {
                 if !cgroup::cgroup_of(pid).is_ok_and(|c| under(&c, &a.cgroup)) {
@@ -292,12 +299,16 @@ impl Enrolment {
                 self.kernel.unmark(*pid);
             }
         }
-        // A decision is kept while a process of its lineage may still be settled or connect:
-        // its root is there, or something is still marked as of that exec.
+        // A decision is kept while a process of its lineage may still be settled: something
+        // is still marked as of that exec (in this snapshot), or the agent's cgroup is still
+        // there (a decision made since the snapshot has moved one there). Not by the root's
+        // pid: another process may hold it by now. So at most one per agent cgroup, and the
+        // marks.
         let live: std::collections::HashSet<Lineage> =
             marks.iter().map(|(_, m)| lineage(m)).collect();
-        self.decided.lock().unwrap().retain(|key, _| {
-            live.contains(key) || std::path::Path::new(&format!("/proc/{}", key.0)).exists()
+        let mount = &self.cgroup_mount;
+        self.decided.lock().unwrap().retain(|key, d| {
+            live.contains(key) || matches!(d, Decided::Agent(a) if mount.join(&a.cgroup).exists())
         });
     }
 
@@ -454,8 +465,7 @@ impl Enrolment {
                     // Cgroup moves and /proc reads block: off the runtime's threads.
                     let _ = tokio::task::spawn_blocking(move || {
                         for e in events {
-                            let mark = Enrolling { root: e.root, uid: e.uid, exe: e.exe, at: e.at };
-                            me.settle(e.pid, &mark);
+                            me.settle(e.pid, &Mark::of_event(&e));
                         }
                     })
                     .await;
@@ -524,6 +534,10 @@ impl Enrolments for Enrolment {
             // that cannot be told (gone, or moved on) is refused while `root` has an agent
             // decision: it may stem from that exec.
             let cg = cgroup::cgroup_of(pid).ok();
+            // An agent's cgroup says whose it is, whatever was decided (or forgotten).
+            if let Some(a) = cg.as_deref().and_then(|c| self.agents.containing(c)) {
+                return Enrolled::Agent(a.name);
+            }
             let decided = self.decided.lock().unwrap();
             let mut agents = decided.iter().filter_map(|(k, d)| match d {
                 Decided::Agent(a) if k.0 == root => Some(a),

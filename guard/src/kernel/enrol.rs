@@ -25,7 +25,39 @@ pub(super) struct EnrolMaps {
     scope: Array<MapData, EnrolScope>,
     exes: std::sync::Mutex<HashMap<MapData, ExeKey, u32>>,
     marks: std::sync::Mutex<HashMap<MapData, u32, Enrolling>>,
+    at: std::sync::Mutex<HashMap<MapData, u32, u64>>,
     events: Option<RingBuf<MapData>>,
+}
+
+/// A mark as the daemon reads it: [`Enrolling`], and when its root's exec was (`ENROL_AT`; 0
+/// when the hooks wrote none: an earlier build's mark, or a full map).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Mark {
+    pub root: u32,
+    pub uid: u32,
+    pub exe: ExeKey,
+    pub at: u64,
+}
+
+impl Mark {
+    fn new(e: Enrolling, at: u64) -> Mark {
+        Mark {
+            root: e.root,
+            uid: e.uid,
+            exe: e.exe,
+            at,
+        }
+    }
+
+    /// The mark an event tells of.
+    pub fn of_event(e: &EnrolEvent) -> Mark {
+        Mark {
+            root: e.root,
+            uid: e.uid,
+            exe: e.exe,
+            at: e.at,
+        }
+    }
 }
 
 impl EnrolMaps {
@@ -34,6 +66,7 @@ impl EnrolMaps {
             scope: take_map(ebpf, guard_common::MAP_ENROL_SCOPE)?,
             exes: std::sync::Mutex::new(take_map(ebpf, guard_common::MAP_ENROL_EXES)?),
             marks: std::sync::Mutex::new(take_map(ebpf, guard_common::MAP_ENROLLING)?),
+            at: std::sync::Mutex::new(take_map(ebpf, guard_common::MAP_ENROL_AT)?),
             events: Some(take_map(ebpf, guard_common::MAP_ENROL_EVENTS)?),
         })
     }
@@ -131,9 +164,16 @@ impl Kernel {
     }
 
     /// Every marked process (pid, mark).
-    pub fn enrolling(&self) -> Vec<(u32, Enrolling)> {
+    pub fn enrolling(&self) -> Vec<(u32, Mark)> {
         let map = self.enrol.marks.lock().unwrap();
-        map.iter().filter_map(|e| e.ok()).collect()
+        map.iter()
+            .filter_map(|e| e.ok())
+            .map(|(pid, e)| (pid, Mark::new(e, self.at_of(pid))))
+            .collect()
+    }
+
+    fn at_of(&self, pid: u32) -> u64 {
+        self.enrol.at.lock().unwrap().get(&pid, 0).unwrap_or(0)
     }
 
     /// Whether `pid` is marked (an agent's process not moved into its cgroup yet).
@@ -142,13 +182,20 @@ impl Kernel {
     }
 
     /// The mark of `pid`, if it has one.
-    pub fn mark_of(&self, pid: u32) -> Option<Enrolling> {
-        self.enrol.marks.lock().unwrap().get(&pid, 0).ok()
+    pub fn mark_of(&self, pid: u32) -> Option<Mark> {
+        // Both read under the marks' lock, which `unmark` holds while it removes both: never
+        // a mark read whole whose time was removed in between (it would be another exec's).
+        let marks = self.enrol.marks.lock().unwrap();
+        let e = marks.get(&pid, 0).ok()?;
+        Some(Mark::new(e, self.at_of(pid)))
     }
 
     /// Removes the mark of `pid` (moved into its agent cgroup, or not an agent).
     pub fn unmark(&self, pid: u32) {
-        let _ = self.enrol.marks.lock().unwrap().remove(&pid);
+        let mut marks = self.enrol.marks.lock().unwrap();
+        let _ = marks.remove(&pid);
+        // Under the marks' lock (see `mark_of`).
+        let _ = self.enrol.at.lock().unwrap().remove(&pid);
     }
 
     /// The ring buffer the hooks report marks on (taken once).
@@ -160,6 +207,13 @@ impl Kernel {
 /// An event as the hooks wrote it; None if it is not one.
 pub fn parse_event(bytes: &[u8]) -> Option<EnrolEvent> {
     if bytes.len() < std::mem::size_of::<EnrolEvent>() {
+        // An earlier build's hooks (still attached while this daemon starts) wrote no time.
+        if bytes.len() >= guard_common::ENROL_EVENT_V1_BYTES {
+            let mut whole = [0u8; std::mem::size_of::<EnrolEvent>()];
+            whole[..guard_common::ENROL_EVENT_V1_BYTES]
+                .copy_from_slice(&bytes[..guard_common::ENROL_EVENT_V1_BYTES]);
+            return parse_event(&whole);
+        }
         return None;
     }
     // SAFETY: EnrolEvent is repr(C) plain data; the length was checked; read unaligned.
@@ -171,4 +225,46 @@ pub fn pinned(pin_dir: &Path) -> bool {
     ENROL_PROGRAMS
         .iter()
         .any(|(n, _)| fs::metadata(pin_dir.join("links").join(n)).is_ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bytes(e: &EnrolEvent) -> Vec<u8> {
+        // SAFETY: EnrolEvent is repr(C) plain data with explicit padding.
+        unsafe {
+            std::slice::from_raw_parts(
+                (e as *const EnrolEvent).cast::<u8>(),
+                std::mem::size_of::<EnrolEvent>(),
+            )
+        }
+        .to_vec()
+    }
+
+    #[test]
+    fn events_of_this_build_and_the_one_before_are_read() {
+        let e = EnrolEvent {
+            kind: guard_common::ENROL_FORK,
+            pid: 41,
+            root: 40,
+            uid: 1000,
+            exe: ExeKey {
+                ino: 7,
+                dev: 8,
+                _pad0: 0,
+            },
+            at: 123_456_789,
+        };
+        let whole = bytes(&e);
+        assert_eq!(parse_event(&whole), Some(e));
+        // The build before had no `at`: its events are read with none.
+        let before = &whole[..guard_common::ENROL_EVENT_V1_BYTES];
+        assert_eq!(parse_event(before), Some(EnrolEvent { at: 0, ..e }));
+        assert_eq!(Mark::of_event(&e).at, 123_456_789);
+        assert_eq!(
+            parse_event(&whole[..guard_common::ENROL_EVENT_V1_BYTES - 1]),
+            None
+        );
+    }
 }

@@ -154,20 +154,6 @@ impl Kernel {
     /// run), and writes `settings`. Programs are not attached yet: see [`Kernel::attach`].
     pub fn load(pin_dir: &Path, settings: Settings) -> Result<Kernel> {
         ensure_bpffs(pin_dir)?;
-        // A pinned map is reused as it is, whatever this build's layout for it: one whose
-        // layout changed has a new name, and the earlier build's pin goes (its programs keep
-        // the map until their links are switched to this build's).
-        for stale in guard_common::STALE_MAPS {
-            match std::fs::remove_file(pin_dir.join(stale)) {
-                Ok(()) => tracing::info!(map = stale, "pinned map of an earlier build removed"),
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("removing pinned map {}", pin_dir.join(stale).display())
-                    })
-                }
-            }
-        }
         // Executables are identified by the kernel (inode and device, read at connect) unless
         // the kernel cannot tell the offsets or refuses reading its memory.
         let exe = match btf::exe_offsets() {
