@@ -13,6 +13,7 @@ pub mod config;
 pub mod daemon;
 pub mod enrol;
 pub mod fold;
+pub mod hex;
 pub mod identity;
 pub mod kernel;
 pub mod mcp;

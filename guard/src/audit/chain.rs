@@ -20,25 +20,14 @@ pub fn hash(line: &[u8]) -> [u8; 32] {
 }
 
 pub fn hex(h: &[u8; 32]) -> String {
-    let mut s = Vec::with_capacity(64);
-    push_hex(&mut s, h);
-    String::from_utf8(s).unwrap_or_default()
-}
-
-/// `h` in lowercase hex, appended to `out` (every record's line takes one: no allocation).
-fn push_hex(out: &mut Vec<u8>, h: &[u8; 32]) {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    for b in h {
-        out.push(DIGITS[usize::from(b >> 4)]);
-        out.push(DIGITS[usize::from(b & 15)]);
-    }
+    crate::hex::lower(h)
 }
 
 /// `body` (one serialized record, a JSON object) as the line that chains to `prev`.
 pub fn chained(prev: &[u8; 32], body: &[u8]) -> Vec<u8> {
     let mut line = Vec::with_capacity(body.len() + 76);
     line.extend_from_slice(b"{\"prev\":\"");
-    push_hex(&mut line, prev);
+    crate::hex::push(&mut line, prev);
     line.push(b'"');
     match body.get(1..) {
         Some(rest) if rest.first() != Some(&b'}') => {

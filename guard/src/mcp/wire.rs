@@ -225,11 +225,27 @@ impl<'de> serde::de::Visitor<'de> for Strict {
     fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
         use serde::de::Error as _;
         let mut out = Map::new();
-        // A set: an object of 400,000 keys must not cost 10^11 comparisons.
-        let mut folded = std::collections::HashSet::new();
+        // Small objects (nearly all) are checked against their keys so far, with no set and
+        // no folded copies; larger ones by a set: an object of 400,000 keys must not cost
+        // 10^11 comparisons.
+        const SMALL: usize = 16;
+        let mut folded: Option<std::collections::HashSet<String>> = None;
         while let Some(k) = map.next_key::<String>()? {
-            let f = fold_key(&k).into_owned();
-            if !folded.insert(f) {
+            let f = fold_key(&k);
+            let twice = match &mut folded {
+                Some(set) => !set.insert(f.into_owned()),
+                None => {
+                    let twice = out.keys().any(|e| fold_key(e) == f);
+                    if !twice && out.len() + 1 >= SMALL {
+                        let mut set: std::collections::HashSet<String> =
+                            out.keys().map(|e| fold_key(e).into_owned()).collect();
+                        set.insert(f.into_owned());
+                        folded = Some(set);
+                    }
+                    twice
+                }
+            };
+            if twice {
                 return Err(A::Error::custom(format!(
                     "key `{}` appears twice in an object (parsers disagree on which one counts)",
                     k.escape_debug()
@@ -410,36 +426,54 @@ pub fn filter_list(
 /// SHA-256 of a JSON value in a canonical form (object keys sorted), as hex.
 pub fn sha256_hex(v: &Value) -> String {
     use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
+    let mut h = Hashing(Sha256::new());
     canonical_json(v, &mut h);
-    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+    crate::hex::lower(&h.0.finalize())
 }
 
-/// Feeds `v` to `h` with object keys sorted, so equal values hash equally.
-fn canonical_json(v: &Value, h: &mut sha2::Sha256) {
+/// Serialises straight into the hash: no string is built for a key or a scalar.
+struct Hashing(sha2::Sha256);
+
+impl std::io::Write for Hashing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        sha2::Digest::update(&mut self.0, buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Feeds `v` to `h` with object keys sorted, so equal values hash equally (keys and scalars
+/// as serde_json writes them).
+fn canonical_json(v: &Value, h: &mut Hashing) {
     use sha2::Digest;
     match v {
         Value::Object(m) => {
             let mut keys: Vec<&String> = m.keys().collect();
             keys.sort();
-            h.update(b"{");
+            h.0.update(b"{");
             for k in keys {
-                h.update(serde_json::to_string(k).unwrap().as_bytes());
-                h.update(b":");
+                // Writing into a hash cannot fail.
+                let _ = serde_json::to_writer(&mut *h, k);
+                h.0.update(b":");
                 canonical_json(&m[k], h);
-                h.update(b",");
+                h.0.update(b",");
             }
-            h.update(b"}");
+            h.0.update(b"}");
         }
         Value::Array(a) => {
-            h.update(b"[");
+            h.0.update(b"[");
             for x in a {
                 canonical_json(x, h);
-                h.update(b",");
+                h.0.update(b",");
             }
-            h.update(b"]");
+            h.0.update(b"]");
         }
-        other => h.update(other.to_string().as_bytes()),
+        other => {
+            let _ = serde_json::to_writer(&mut *h, other);
+        }
     }
 }
 
@@ -613,5 +647,10 @@ mod tests {
             sha256_hex(&json!({"b":[1,2],"a":1}))
         );
         assert_ne!(sha256_hex(&json!({"a":1})), sha256_hex(&json!({"a":2})));
+        // The canonical form audit trails already hold: `{"a":1,"b":[1,2,],"c":{...,},}`.
+        assert_eq!(
+            sha256_hex(&json!({"c":{"d\n":"x\"y"},"b":[1,2],"a":1})),
+            "a8208a0b67559f1c0f79abb83d111940b2bedc3ae32f7997cc984163a4e72a4b"
+        );
     }
 }
