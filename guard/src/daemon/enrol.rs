@@ -154,10 +154,11 @@ impl Enrolment {
 
     /// What the process marked `mark` (as `root`, or forked from it) is, and for an agent its
     /// cgroup: made now (`pid` moved into it: the root while it is still the process marked at
-    /// that exec, else `pid`) unless that exec was decided already. Decided on what the kernel recorded at the exec
-    /// — the file and the uid — not on what the process runs or says now; only entries with
-    /// argument globs read the process, and only while it still runs that file. An agent's
-    /// decision is kept; "not an agent" is not (a later exec is decided afresh).
+    /// that exec, else `pid`) unless that exec was decided already. Decided on what the kernel
+    /// recorded at the exec — the file and the uid — not on what the process runs or says now;
+    /// only entries with argument globs read the process, and only while it still runs that
+    /// file. An agent's decision is kept; "not an agent" is not (a later exec is decided
+    /// afresh).
     fn decide(&self, pid: u32, mark: &Mark) -> Decided {
         let root = mark.root;
         let key = lineage(mark);
@@ -181,7 +182,8 @@ impl Enrolment {
             None if rules.by_arguments(&mark.exe) => {
                 let now = [root, pid]
                     .into_iter()
-                    .filter(|&q| q != root || root_is_it)
+                    // `pid` carries (or carried, a moment ago) this mark itself.
+                    .filter(|&q| q == pid || root_is_it)
                     .find_map(|q| Process::read(q).filter(|p| p.file == Some(mark.exe)));
                 let Some(p) = now else {
                     // Gone, or running something else already: its arguments at the exec
@@ -289,7 +291,7 @@ impl Enrolment {
     }
 
     /// Every mark: settled (events a full ring lost), or removed when its process is gone;
-    /// decisions about processes that are gone are forgotten.
+    /// decisions nothing can be settled by any more are forgotten.
     pub fn sweep(&self) {
         let marks = self.kernel.enrolling();
         for (pid, mark) in &marks {
@@ -528,26 +530,24 @@ impl Enrolments for Enrolment {
     /// Decided now if the daemon has not yet: a connect can come before the exec event is read.
     fn agent_of(&self, pid: u32, root: u32) -> Enrolled {
         let Some(mark) = self.kernel.mark_of(pid) else {
-            // Settled since it connected: an agent's process sits in its cgroup (and was
-            // attributed by it), so this one was found not to be an agent.
-            // Which decision on `root` it was settled by: the one whose cgroup it is in. One
-            // that cannot be told (gone, or moved on) is refused while `root` has an agent
-            // decision: it may stem from that exec.
+            // Settled since it connected. An agent's process sits in its agent's cgroup: that
+            // says whose it is, whatever was decided (or forgotten since).
             let cg = cgroup::cgroup_of(pid).ok();
-            // An agent's cgroup says whose it is, whatever was decided (or forgotten).
             if let Some(a) = cg.as_deref().and_then(|c| self.agents.containing(c)) {
                 return Enrolled::Agent(a.name);
             }
-            let decided = self.decided.lock().unwrap();
-            let mut agents = decided.iter().filter_map(|(k, d)| match d {
-                Decided::Agent(a) if k.0 == root => Some(a),
-                _ => None,
-            });
-            let any = agents.clone().next().is_some();
-            return match agents.find(|a| cg.as_deref().is_some_and(|c| under(c, &a.cgroup))) {
-                Some(a) => Enrolled::Agent(a.name.clone()),
-                None if any => Enrolled::Failed,
-                None => Enrolled::NotAgent,
+            // Elsewhere: found not to be an agent — unless `root` has an agent decision, which
+            // it may stem from (gone, or moved on since): then it cannot be told, and is refused.
+            let agent_root = self
+                .decided
+                .lock()
+                .unwrap()
+                .iter()
+                .any(|(k, d)| k.0 == root && matches!(d, Decided::Agent(_)));
+            return if agent_root {
+                Enrolled::Failed
+            } else {
+                Enrolled::NotAgent
             };
         };
         match self.decide(pid, &mark) {
