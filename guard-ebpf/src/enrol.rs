@@ -97,6 +97,12 @@ pub fn guard_enrol_exec(_ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if unsafe { ENROLLING.get(&tgid) }.is_some() {
+        // Marked already: it stays what it was marked as. An agent's process not moved yet
+        // that runs another agent's program (or an interpreter with other arguments) must not
+        // become that agent, or no agent at all, by a new mark.
+        return 0;
+    }
     let mark = Enrolling {
         root: tgid,
         uid: bpf_get_current_uid_gid() as u32,
@@ -135,7 +141,12 @@ pub fn guard_enrol_fork(ctx: RawTracePointContext) -> i32 {
         return 0;
     }
     // The child is what its parent was marked as, whatever the parent does next.
-    let at = unsafe { ENROL_AT.get(&parent) }.copied().unwrap_or(0);
+    // A parent whose time is missing (an earlier build's mark, a full map) gives the child one
+    // of its own: a lineage of its own, decided on its own, rather than one without a time.
+    let at = match unsafe { ENROL_AT.get(&parent) }.copied() {
+        Some(at) if at != 0 => at,
+        _ => unsafe { bpf_ktime_get_ns() },
+    };
     let _ = ENROL_AT.insert(&child_tgid, &at, 0);
     if ENROLLING.insert(&child_tgid, &mark, 0).is_ok() {
         tell(ENROL_FORK, child_tgid, &mark, at);

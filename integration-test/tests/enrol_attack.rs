@@ -258,6 +258,50 @@ fn an_agent_that_execs_another_program_at_once_stays_guarded() {
     none_direct("execplain", "{plain}", 5, Duration::from_millis(100));
 }
 
+/// `plain-prog` is an agent too, by its arguments, which the exec below does not give it.
+const CPROG_AND_INTERP: &str = "[[agents]]\nname = \"cprog\"\nexe = [\"{dir}/agent-prog\"]\n\n[[agents]]\nname = \"interp\"\nexe = [\"{dir}/plain-prog\"]\nargv = [\"*agent_marker*\"]\n";
+
+#[test]
+fn an_agent_that_execs_another_agents_interpreter_at_once_stays_that_agent() {
+    // Before its move, an agent runs a program that is another entry's executable, with
+    // arguments that make it no agent: a new mark there would have it decided "not an agent"
+    // and let go. It stays marked as what it was, and becomes that agent.
+    let (mut env, _, plain) = setup(CPROG_AND_INTERP);
+    env.start_daemon();
+    let server = Counter::start();
+    let runs = 10;
+    for _ in 0..runs {
+        direct(
+            &env,
+            &server,
+            &format!(
+                "./agent-prog 127.0.0.3 {} execplain {}",
+                server.port,
+                plain.display()
+            ),
+            Duration::from_millis(100),
+        );
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        server.seen(),
+        0,
+        "direct connects of {runs}: {}",
+        evidence(&env)
+    );
+    assert_eq!(
+        agent_starts(&env, "cprog").len(),
+        runs,
+        "{}",
+        evidence(&env)
+    );
+    assert!(
+        agent_starts(&env, "interp").is_empty(),
+        "{}",
+        evidence(&env)
+    );
+}
+
 #[test]
 fn an_agent_whose_thread_execs_another_program_stays_guarded() {
     none_direct("threadexec", "{plain}", 10, Duration::from_millis(100));

@@ -166,8 +166,19 @@ impl Enrolment {
         // Marks that stem from the same exec share its decision, whether its root still runs
         // or not; a process that got the root's pid after it was reaped was marked at an exec
         // of its own, so it and its children are decided afresh.
-        if let Some(Decided::Agent(a)) = decided.get(&key) {
+        // A mark without a time (an earlier build's, or one whose time the map lost) cannot
+        // say which exec it stems from: decided on its own, its decision not kept.
+        let timed = mark.at != 0;
+        if let Some(Decided::Agent(a)) = decided.get(&key).filter(|_| timed) {
             return Decided::Agent(a.clone());
+        }
+        if !timed {
+            // Moved by an earlier decision on this same mark (one at connect, one from its
+            // event): that agent's, not a second one's.
+            let now = cgroup::cgroup_of(pid).ok();
+            if let Some(a) = now.and_then(|c| self.agents.containing(&c)) {
+                return Decided::Agent(a);
+            }
         }
         // The root, while it is still the process marked at that exec (its pid may be another
         // process's by now, unmarked or marked at an exec of its own: neither read nor moved
@@ -205,7 +216,9 @@ impl Enrolment {
         }
         match self.enrol(target, mark.uid, &name) {
             Ok(a) => {
-                decided.insert(key, Decided::Agent(a.clone()));
+                if timed {
+                    decided.insert(key, Decided::Agent(a.clone()));
+                }
                 Decided::Agent(a)
             }
             Err(e) => {
@@ -263,19 +276,20 @@ impl Enrolment {
                     let path = self.cgroup_mount.join(&a.cgroup);
                     if let Err(e) = cgroup::move_pid(&path, pid) {
                         if !alive(pid) {
-                            self.kernel.unmark(pid);
+                            self.kernel.unmark_if(pid, mark);
                             return;
                         }
                         // Its agent's cgroup is gone (the agent ended): one of its own.
                         tracing::debug!(pid, "moving into {}: {e:#}", a.cgroup);
                         match self.enrol(pid, mark.uid, &a.name) {
-                            Ok(own) => {
+                            Ok(own) if mark.at != 0 => {
                                 // The rest of its lineage joins it there.
                                 self.decided
                                     .lock()
                                     .unwrap()
                                     .insert(lineage(mark), Decided::Agent(own));
                             }
+                            Ok(_) => {}
                             Err(e) => {
                                 tracing::warn!(pid, "enrolling agent {}: {e:#}", a.name);
                                 return;
@@ -283,10 +297,10 @@ impl Enrolment {
                         }
                     }
                 }
-                self.kernel.unmark(pid);
+                self.kernel.unmark_if(pid, mark);
             }
             Decided::Failed => {}
-            Decided::NotAgent => self.kernel.unmark(pid),
+            Decided::NotAgent => self.kernel.unmark_if(pid, mark),
         }
     }
 
@@ -298,7 +312,7 @@ impl Enrolment {
             if alive(*pid) {
                 self.settle(*pid, mark);
             } else {
-                self.kernel.unmark(*pid);
+                self.kernel.unmark_if(*pid, mark);
             }
         }
         // A decision is kept while a process of its lineage may still be settled: something
@@ -380,7 +394,11 @@ impl Enrolment {
             Ok(a) => {
                 // Found while marked at an exec of its own: what it forked since (marked as of
                 // that exec) joins it.
-                if let Some(m) = self.kernel.mark_of(p.pid).filter(|m| m.root == p.pid) {
+                if let Some(m) = self
+                    .kernel
+                    .mark_of(p.pid)
+                    .filter(|m| m.root == p.pid && m.at != 0)
+                {
                     self.decided
                         .lock()
                         .unwrap()
@@ -530,6 +548,11 @@ impl Enrolments for Enrolment {
     /// Decided now if the daemon has not yet: a connect can come before the exec event is read.
     fn agent_of(&self, pid: u32, root: u32) -> Enrolled {
         let Some(mark) = self.kernel.mark_of(pid) else {
+            // Gone (or ending) since it connected: what it was cannot be told any more, and
+            // what it left the connection to (a child) is refused with it.
+            if !alive(pid) {
+                return Enrolled::Failed;
+            }
             // Settled since it connected. An agent's process sits in its agent's cgroup: that
             // says whose it is, whatever was decided (or forgotten since).
             let cg = cgroup::cgroup_of(pid).ok();

@@ -183,18 +183,44 @@ impl Kernel {
 
     /// The mark of `pid`, if it has one.
     pub fn mark_of(&self, pid: u32) -> Option<Mark> {
-        // Both read under the marks' lock, which `unmark` holds while it removes both: never
-        // a mark read whole whose time was removed in between (it would be another exec's).
         let marks = self.enrol.marks.lock().unwrap();
+        Self::read_mark(&marks, || self.at_of(pid), pid)
+    }
+
+    /// The mark of `pid` and its time, read together. Under the marks' lock, which `unmark`
+    /// holds while it removes both; the exit hook removes the mark before the time, so a time
+    /// missing beside a mark still there is one the hooks never wrote (0), never one taken
+    /// away by an exit in between (then the mark is gone too: None).
+    fn read_mark(
+        marks: &HashMap<MapData, u32, Enrolling>,
+        at: impl Fn() -> u64,
+        pid: u32,
+    ) -> Option<Mark> {
         let e = marks.get(&pid, 0).ok()?;
-        Some(Mark::new(e, self.at_of(pid)))
+        let at = at();
+        if at == 0 {
+            let again = marks.get(&pid, 0).ok()?;
+            return Some(Mark::new(again, 0));
+        }
+        Some(Mark::new(e, at))
     }
 
     /// Removes the mark of `pid` (moved into its agent cgroup, or not an agent).
     pub fn unmark(&self, pid: u32) {
         let mut marks = self.enrol.marks.lock().unwrap();
         let _ = marks.remove(&pid);
-        // Under the marks' lock (see `mark_of`).
+        // Under the marks' lock (see `read_mark`).
+        let _ = self.enrol.at.lock().unwrap().remove(&pid);
+    }
+
+    /// Removes the mark of `pid` if it is still `mark`: not a later process's that got the
+    /// pid since.
+    pub fn unmark_if(&self, pid: u32, mark: &Mark) {
+        let mut marks = self.enrol.marks.lock().unwrap();
+        if Self::read_mark(&marks, || self.at_of(pid), pid).as_ref() != Some(mark) {
+            return;
+        }
+        let _ = marks.remove(&pid);
         let _ = self.enrol.at.lock().unwrap().remove(&pid);
     }
 
