@@ -184,42 +184,38 @@ impl Kernel {
     /// The mark of `pid`, if it has one.
     pub fn mark_of(&self, pid: u32) -> Option<Mark> {
         let marks = self.enrol.marks.lock().unwrap();
-        Self::read_mark(&marks, || self.at_of(pid), pid)
+        self.read_mark(&marks, pid)
     }
 
-    /// The mark of `pid` and its time, read together. Under the marks' lock, which `unmark`
-    /// holds while it removes both; the exit hook removes the mark before the time, so a time
-    /// missing beside a mark still there is one the hooks never wrote (0), never one taken
-    /// away by an exit in between (then the mark is gone too: None).
-    fn read_mark(
-        marks: &HashMap<MapData, u32, Enrolling>,
-        at: impl Fn() -> u64,
-        pid: u32,
-    ) -> Option<Mark> {
+    /// The mark of `pid` and its time, read together. Under the marks' lock (`marks`), which
+    /// `unmark` holds while it removes both; the exit hook removes the mark before the time, so
+    /// a time missing beside a mark still there is one the hooks never wrote (0), never one
+    /// taken away by an exit in between (then the mark is gone too: None).
+    fn read_mark(&self, marks: &HashMap<MapData, u32, Enrolling>, pid: u32) -> Option<Mark> {
         let e = marks.get(&pid, 0).ok()?;
-        let at = at();
-        if at == 0 {
-            let again = marks.get(&pid, 0).ok()?;
-            return Some(Mark::new(again, 0));
+        match self.at_of(pid) {
+            0 => Some(Mark::new(marks.get(&pid, 0).ok()?, 0)),
+            at => Some(Mark::new(e, at)),
         }
-        Some(Mark::new(e, at))
     }
 
     /// Removes the mark of `pid` (moved into its agent cgroup, or not an agent).
     pub fn unmark(&self, pid: u32) {
         let mut marks = self.enrol.marks.lock().unwrap();
-        let _ = marks.remove(&pid);
-        // Under the marks' lock (see `read_mark`).
-        let _ = self.enrol.at.lock().unwrap().remove(&pid);
+        self.remove_mark(&mut marks, pid);
     }
 
     /// Removes the mark of `pid` if it is still `mark`: not a later process's that got the
     /// pid since.
     pub fn unmark_if(&self, pid: u32, mark: &Mark) {
         let mut marks = self.enrol.marks.lock().unwrap();
-        if Self::read_mark(&marks, || self.at_of(pid), pid).as_ref() != Some(mark) {
-            return;
+        if self.read_mark(&marks, pid).as_ref() == Some(mark) {
+            self.remove_mark(&mut marks, pid);
         }
+    }
+
+    /// The mark and its time, both under the marks' lock (see `read_mark`).
+    fn remove_mark(&self, marks: &mut HashMap<MapData, u32, Enrolling>, pid: u32) {
         let _ = marks.remove(&pid);
         let _ = self.enrol.at.lock().unwrap().remove(&pid);
     }
