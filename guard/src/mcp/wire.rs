@@ -545,6 +545,32 @@ mod tests {
     }
 
     #[test]
+    fn keys_that_fold_alike_are_found_in_small_and_large_objects() {
+        // Objects up to 16 keys are checked against the keys so far, larger ones by a set: the
+        // same answer on both sides of that switch, wherever the pair sits.
+        let object = |n: usize, dup: Option<(usize, usize)>| {
+            let keys: Vec<String> = (0..n)
+                .map(|i| match dup {
+                    Some((_, b)) if i == b => "K\u{212A}".to_string(),
+                    Some((a, _)) if i == a => "kk".to_string(),
+                    _ => format!("key{i}"),
+                })
+                .collect();
+            let body: Vec<String> = keys.iter().map(|k| format!("\"{k}\":{n}")).collect();
+            format!("{{{}}}", body.join(","))
+        };
+        for n in [2, 15, 16, 17, 40] {
+            assert!(read_json(object(n, None).as_bytes()).is_ok(), "{n} keys");
+            let pairs = [(0, 1), (0, n - 1), (n / 2, n - 1), (n - 2, n - 1)];
+            for (a, b) in pairs.into_iter().filter(|(a, b)| a < b) {
+                let text = object(n, Some((a, b)));
+                let e = read_json(text.as_bytes()).unwrap_err();
+                assert!(e.contains("appears twice"), "{n} keys, pair {a},{b}: {e}");
+            }
+        }
+    }
+
+    #[test]
     fn keys_fold_as_case_insensitive_decoders_fold_them() {
         assert_eq!(fold_key("method"), "method");
         assert_eq!(fold_key("METHOD"), "method");
